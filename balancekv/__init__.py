@@ -1,0 +1,17 @@
+"""balancekv: KV-cache compression for transformer attention with provable error bounds.
+
+Quick start::
+
+    import balancekv
+    ckv = balancekv.compress(K, V, 0.05)          # BalanceKV, <= 5% error on probe queries
+    out = ckv.attend(Q)                           # estimated attention
+    ckv.nbytes, ckv.ratio, ckv.diagnostics
+
+See ``balancekv.compress`` for methods and options, ``proofs/`` for the theorems.
+"""
+from .api import attention, compress
+from .compressed import CompressedKV
+from .methods import available_methods, get_method
+
+__all__ = ["CompressedKV", "attention", "available_methods", "compress", "get_method"]
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from balancekv.cli import main
+
+raise SystemExit(main())

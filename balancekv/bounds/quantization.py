@@ -1,0 +1,2 @@
+"""Bounds for the quantization results (see proofs/). Filled in by the quantization issue."""
+__all__: list[str] = []

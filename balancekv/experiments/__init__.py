@@ -1,0 +1,1 @@
+"""Reproduction scripts behind ``balancekv reproduce ...`` and ``balancekv demo``."""

@@ -1,0 +1,50 @@
+"""``balancekv demo``: compress one KV cache with every available method and print a table.
+
+Columns: method, tokens kept per head (min..max), bytes, ratio to the fp16
+cache, and the mean relative attention error on held-out queries (not the
+probes the ``eps`` search used). Synthetic data by default; real SmolLM2 keys
+and values when the ``hf`` extra is installed (see ``balancekv.models``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import balancekv
+from balancekv.reference.softmax_attention import attention, relative_error
+from balancekv.synthetic import make_kv
+
+
+def load_demo_data(source: str, n: int, seed: int):
+    """``(K, V, Q, description)``: a real SmolLM2 layer if asked for and installed, else synthetic."""
+    if source in ("auto", "smollm2"):
+        try:
+            from balancekv.experiments.real_data import demo_capture  # noqa: PLC0415
+
+            return demo_capture(n=n)
+        except ImportError as err:
+            if source == "smollm2":
+                raise
+            print(f"(real data unavailable: {err}; using synthetic data)")
+    K, V, Q = make_kv("llm", heads=4, n=n, d=64, q=64, seed=seed)
+    return K, V, Q, f"synthetic 'llm' family, 4 heads, n={n}, d=64"
+
+
+def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0, source: str = "auto") -> list[dict]:
+    K, V, Q, desc = load_demo_data(source, n, seed)
+    exact = attention(Q, K, V)
+    rows = []
+    print(f"data: {desc}")
+    print(f"{'method':<16} {'mode':<12} {'kept/head':>11} {'bytes':>10} {'ratio':>7} {'error':>8}")
+    for name in balancekv.available_methods():
+        meth = balancekv.get_method(name)
+        mode = {"keep": keep} if meth.selects_tokens and name != "exact" else {"eps": eps}
+        if name == "exact":
+            mode = {"keep": 1.0}
+        ckv = balancekv.compress(K, V, method=name, seed=seed, **mode)
+        err = float(relative_error(ckv.attend(Q), exact).mean())
+        kept = ckv.kept()
+        row = {"method": name, "mode": ", ".join(f"{k}={v}" for k, v in mode.items()),
+               "kept": f"{kept.min()}..{kept.max()}", "nbytes": ckv.nbytes, "ratio": ckv.ratio, "error": err}
+        rows.append(row)
+        print(f"{name:<16} {row['mode']:<12} {row['kept']:>11} {ckv.nbytes:>10} {ckv.ratio:>7.3f} {err:>8.4f}")
+    return rows

@@ -1,0 +1,109 @@
+"""What a compression method provides to :func:`balancekv.compress`.
+
+A method is a small class with a name, its options and their defaults, and
+four hooks. It works on NumPy float64 arrays with the leading (batch, head)
+dims flattened into one head axis: keys ``(H, n, d)``, values ``(H, n, s)``.
+
+- ``levels(n, opts)``: the method's compression levels, least to most
+  compressed (halving rounds, sample counts, bits, budgets). The empirical
+  ``eps`` search picks, per head, the most compressed level that meets
+  ``eps``; a head that meets it at no level is stored exactly.
+- ``level_for_keep(keep, n, opts)``: the level for a kept fraction of tokens.
+- ``build(K, V, level, ctx)``: the compressed segments at one level.
+- ``theorem_level(K, V, eps, ctx)``: the level a theorem certifies for ``eps``
+  (``None``: only the exact cache is certified); methods without a theorem
+  leave ``has_theorem = False``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..storage import Segment
+
+
+@dataclass
+class Context:
+    """Everything a method needs besides the data: scale, randomness, probes, options."""
+
+    scale: float
+    rng: np.random.Generator
+    probes: np.ndarray          # (H, p, d) probe queries (for query-aware methods)
+    delta: float
+    opts: dict
+    queries_given: bool = False
+    backend: str = "reference"
+
+
+@dataclass
+class Built:
+    """A method's output at one level: segments over ``(H, …)`` and an optional stream."""
+
+    segments: list[Segment]
+    stream: Any = None
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict] = {}
+    has_theorem: ClassVar[bool] = False
+    #: False for methods that always keep every token (quantization): ``keep < 1`` is refused.
+    selects_tokens: ClassVar[bool] = True
+
+    def resolve_options(self, options: dict) -> dict:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"method {self.name!r} got unknown option(s) {unknown}; "
+                            f"its options are {sorted(self.defaults)}")
+        opts = {**self.defaults, **options}
+        self.check_options(opts)
+        return opts
+
+    def check_options(self, opts: dict) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the option for a bad value."""
+
+    def levels(self, n: int, opts: dict) -> list[dict]:
+        raise NotImplementedError
+
+    def level_for_keep(self, keep: float, n: int, opts: dict) -> dict:
+        raise NotImplementedError
+
+    def build(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
+        raise NotImplementedError
+
+    def theorem_level(self, K: np.ndarray, V: np.ndarray, eps: float, ctx: Context) -> dict | None:
+        raise ValueError(f"method {self.name!r} has no theorem; use guarantee='empirical'")
+
+
+def halving_levels(n: int, min_kept: int = 1) -> list[dict]:
+    """Kept fractions ``1/2, 1/4, …`` while at least ``min_kept`` tokens remain."""
+    out, j = [], 1
+    while n >= min_kept * 2 ** j:
+        out.append({"keep": 2.0 ** -j})
+        j += 1
+    return out
+
+
+def kept_count(keep: float, n: int) -> int:
+    """``round(keep * n)``, at least one token."""
+    return max(1, min(n, int(round(keep * n))))
+
+
+def check_int_option(opts: dict, name: str, minimum: int = 0) -> None:
+    v = opts[name]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"option {name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"option {name} must be >= {minimum}, got {v}")
+
+
+def check_float_option(opts: dict, name: str, lo: float = -np.inf, hi: float = np.inf,
+                       lo_open: bool = False) -> None:
+    v = opts[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise TypeError(f"option {name} must be a real number, got {type(v).__name__}")
+    if not np.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"option {name} must lie in {'(' if lo_open else '['}{lo}, {hi}], got {v}")

@@ -1,0 +1,28 @@
+"""``uniform``: keep ``m`` tokens uniformly without replacement, each with weight ``n/m`` (SPEC 4c)."""
+from __future__ import annotations
+
+import numpy as np
+
+from balancekv.reference.sampling import uniform_sample_indices
+
+from ..storage import dense_segment, gather_tokens
+from .base import Built, Method, halving_levels, kept_count
+
+
+class Uniform(Method):
+    name = "uniform"
+    defaults: dict = {}
+
+    def levels(self, n, opts):
+        return halving_levels(n)
+
+    def level_for_keep(self, keep, n, opts):
+        return {"keep": float(keep)}
+
+    def build(self, K, V, level, ctx):
+        H, n, _ = K.shape
+        m = kept_count(level["keep"], n)
+        idx = uniform_sample_indices(n, m, H, ctx.rng)
+        logw = np.full((H, m), np.log(n / m))
+        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), logw, logw.copy(), idx, "uniform")
+        return Built([seg], info={"kept": m})
