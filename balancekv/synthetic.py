@@ -9,8 +9,8 @@ Each family returns ``(K, V, Q)`` NumPy float64 arrays of shapes
 - ``clustered``: keys near ``clusters`` centres (SubGen's ``(m, delta)``-clusterable
   streams), queries near the centres;
 - ``llm``: a crude imitation of real post-RoPE keys: a shared offset, a few
-  large "outlier" channels, heavy-tailed value norms and queries correlated
-  with the keys.
+  large "outlier" channels, values with a shared mean and heavy-tailed
+  spread, and queries correlated with the keys.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def make_kv(family: str = "gaussian", heads: int = 2, n: int = 256, d: int = 32,
         chan = np.ones(d)
         chan[rng.choice(d, size=max(1, d // 16), replace=False)] = 6.0
         K = offset + rng.normal(size=(heads, n, d)) * chan
-        V = rng.normal(size=(heads, n, s)) * rng.lognormal(0.0, 0.5, size=(heads, n, 1))
+        # real values share a large common component (it cancels in the softmax ratio)
+        V = rng.normal(size=(heads, 1, s)) + rng.normal(size=(heads, n, s)) * rng.lognormal(0.0, 0.5, size=(heads, n, 1))
         Q = 0.5 * K[:, rng.integers(0, n, size=q)] + rng.normal(size=(heads, q, d))
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

@@ -1,0 +1,222 @@
+"""The weighted-token data model of SPEC section 1 and its estimator.
+
+Properties checked (each follows from the definition
+``z(q) = sum exp(a_i + num_logw_i) v_i / sum exp(a_i + den_logw_i)``):
+exact tokens reproduce attention, weight log 2 equals a duplicated token,
+translation of keys changes nothing, -inf padding changes nothing, large norms
+do not overflow, reference and torch agree, to_dense reproduces attend.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import balancekv
+from balancekv._arrays import Kind
+from balancekv.compressed import CompressedKV
+from balancekv.reference.softmax_attention import attention, weighted_attention
+from balancekv.storage import dense_segment, exact_segment
+from conftest import naive_attention
+
+
+def make_ckv(K, V, num_logw, den_logw, scale=None, kind=None):
+    lead, (m, d), s = K.shape[:-2], K.shape[-2:], V.shape[-1]
+    seg = dense_segment(K, V, num_logw, den_logw, np.broadcast_to(np.arange(m), num_logw.shape).copy())
+    kind = kind or Kind("numpy", np.float64)
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    return CompressedKV([seg], lead=lead, d=d, s=s, n_seen=m, scale=scale, kind=kind, method="manual")
+
+
+finite = st.floats(-3, 3, allow_nan=False, width=64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_all_tokens_weight_zero_is_exact_attention(h, n, d, q, seed):
+    rng = np.random.default_rng(seed)
+    K, V, Q = rng.normal(size=(h, n, d)) * 2, rng.normal(size=(h, n, d + 1)), rng.normal(size=(h, q, d)) * 2
+    ckv = balancekv.compress(K, V, keep=1.0, method="exact")
+    expected = naive_attention(Q, K, V, 1 / np.sqrt(d))
+    np.testing.assert_allclose(ckv.attend(Q), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(balancekv.attention(Q, K, V), expected, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 30), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_log2_weight_equals_duplicated_token(n, d, seed):
+    rng = np.random.default_rng(seed)
+    K, V, Q = rng.normal(size=(1, n, d)), rng.normal(size=(1, n, d)), rng.normal(size=(1, 3, d))
+    j = int(rng.integers(n))
+    w = np.zeros((1, n))
+    w[0, j] = np.log(2.0)
+    weighted = make_ckv(K, V, w, w.copy()).attend(Q)
+    Kd = np.concatenate([K, K[:, j:j + 1]], axis=1)
+    Vd = np.concatenate([V, V[:, j:j + 1]], axis=1)
+    np.testing.assert_allclose(weighted, naive_attention(Q, Kd, Vd, 1 / np.sqrt(d)), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**31 - 1), st.floats(-50, 50))
+def test_translating_keys_changes_nothing(n, d, seed, shift_scale):
+    """SPEC 0: a common key translation t adds scale*<q,t> to every logit of q; z is invariant."""
+    rng = np.random.default_rng(seed)
+    K, V, Q = rng.normal(size=(2, n, d)), rng.normal(size=(2, n, d)), rng.normal(size=(2, 3, d))
+    nl = np.log(rng.uniform(0.5, 4, size=(2, n)))
+    dl = np.log(rng.uniform(0.5, 4, size=(2, n)))
+    t = shift_scale * rng.normal(size=(2, 1, d))
+    base = make_ckv(K, V, nl, dl).attend(Q)
+    shifted = make_ckv(K + t, V, nl, dl).attend(Q)
+    np.testing.assert_allclose(shifted, base, rtol=1e-8, atol=1e-10)
+    # and through compress: same seed, translated keys -> same uniform sample, same estimate
+    a = balancekv.compress(K, V, keep=0.5, method="uniform", seed=3).attend(Q)
+    b = balancekv.compress(K + t, V, keep=0.5, method="uniform", seed=3).attend(Q)
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 10), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_padding_slots_change_nothing(n, pad, d, seed):
+    rng = np.random.default_rng(seed)
+    K, V, Q = rng.normal(size=(2, n, d)), rng.normal(size=(2, n, d)), rng.normal(size=(2, 4, d))
+    nl, dl = rng.normal(size=(2, n)), rng.normal(size=(2, n))
+    Kp = np.concatenate([K, 1e3 * rng.normal(size=(2, pad, d))], axis=1)
+    Vp = np.concatenate([V, 1e3 * rng.normal(size=(2, pad, d))], axis=1)
+    ninf = np.full((2, pad), -np.inf)
+    a = make_ckv(K, V, nl, dl).attend(Q)
+    b = make_ckv(Kp, Vp, np.concatenate([nl, ninf], 1), np.concatenate([dl, ninf], 1)).attend(Q)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [1e2, 1e3, 1e4])
+def test_huge_norms_do_not_overflow(norm):
+    rng = np.random.default_rng(0)
+    K = rng.normal(size=(2, 50, 16))
+    K = norm * K / np.linalg.norm(K, axis=-1, keepdims=True)
+    V = rng.normal(size=(2, 50, 16))
+    Q = norm * rng.normal(size=(2, 5, 16)) / 4
+    out = balancekv.compress(K, V, keep=1.0, method="exact").attend(Q)
+    assert np.isfinite(out).all()
+    # scipy's softmax also shifts by the max: an independent stable computation
+    np.testing.assert_allclose(out, naive_attention(Q, K, V, 1 / 4), rtol=1e-9, atol=1e-9)
+    tout = balancekv.compress(torch.tensor(K), torch.tensor(V), keep=1.0, method="exact").attend(torch.tensor(Q))
+    assert torch.isfinite(tout).all()
+    uni = balancekv.compress(K, V, keep=0.5, method="uniform", seed=0)
+    assert np.isfinite(uni.attend(Q)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_reference_and_torch_estimators_agree(h, n, d, seed):
+    rng = np.random.default_rng(seed)
+    K, V, Q = rng.normal(size=(h, n, d)), rng.normal(size=(h, n, d)), rng.normal(size=(h, 3, d))
+    nl = np.where(rng.random((h, n)) < 0.2, -np.inf, rng.normal(size=(h, n)))
+    dl = np.where(rng.random((h, n)) < 0.2, -np.inf, rng.normal(size=(h, n)))
+    dl[:, 0] = 0.0  # at least one denominator slot
+    ref = weighted_attention(Q, K, V, nl, dl, 0.3)
+    from balancekv.fast.softmax_attention import weighted_attention as fast_wa
+
+    t = lambda x: torch.tensor(x)
+    out64 = fast_wa(t(Q), t(K), t(V), t(nl), t(dl), 0.3)
+    torch.testing.assert_close(out64, t(ref), rtol=1e-10, atol=1e-12)
+    f = lambda x: torch.tensor(x, dtype=torch.float32)
+    out32 = fast_wa(f(Q), f(K), f(V), t(nl), t(dl), 0.3)
+    torch.testing.assert_close(out32, f(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out(small_kv):
+    K, V, Q = small_kv
+    c = balancekv.compress(K.astype(np.float32), V.astype(np.float32), keep=0.5, method="uniform", seed=1)
+    assert isinstance(c.keys, np.ndarray) and c.keys.dtype == np.float32
+    out = c.attend(Q.astype(np.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    ct = balancekv.compress(torch.tensor(K, dtype=torch.float32), torch.tensor(V, dtype=torch.float32),
+                            keep=0.5, method="uniform", seed=1)
+    assert isinstance(ct.keys, torch.Tensor) and ct.keys.dtype == torch.float32
+    outt = ct.attend(torch.tensor(Q, dtype=torch.float32))
+    assert isinstance(outt, torch.Tensor) and outt.dtype == torch.float32
+    np.testing.assert_allclose(outt.numpy(), out, rtol=1e-4, atol=1e-5)  # same seed, same sample
+
+
+def test_arbitrary_leading_dims():
+    rng = np.random.default_rng(0)
+    K, V, Q = rng.normal(size=(2, 3, 2, 40, 8)), rng.normal(size=(2, 3, 2, 40, 4)), rng.normal(size=(2, 3, 2, 5, 8))
+    c = balancekv.compress(K, V, keep=0.5, method="uniform", seed=0)
+    assert c.keys.shape == (2, 3, 2, 20, 8) and c.values.shape == (2, 3, 2, 20, 4)
+    assert c.attend(Q).shape == (2, 3, 2, 5, 4)
+    # each head is an independent problem: compressing one head alone at the same level gives
+    # a cache of the same size whose estimate is of the same quality
+    assert c.diagnostics["error_per_head"].shape == (2, 3, 2)
+
+
+def test_same_seed_same_result(small_kv):
+    K, V, _ = small_kv
+    for method in ("uniform", "streaming"):
+        a = balancekv.compress(K, V, 0.3, method=method, seed=5)
+        b = balancekv.compress(K, V, 0.3, method=method, seed=5)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.num_logw, b.num_logw)
+    a = balancekv.compress(K, V, keep=0.25, method="uniform", seed=5)
+    c = balancekv.compress(K, V, keep=0.25, method="uniform", seed=6)
+    assert not np.array_equal(a.positions, c.positions)
+    unseeded = balancekv.compress(K, V, keep=0.25, method="uniform")
+    again = balancekv.compress(K, V, keep=0.25, method="uniform", seed=unseeded.diagnostics["seed"])
+    np.testing.assert_array_equal(unseeded.positions, again.positions)
+
+
+def test_to_dense_bias_reproduces_attend(small_kv):
+    K, V, Q = small_kv
+    c = balancekv.compress(K, V, keep=0.5, method="uniform", seed=2)
+    keys, values, bias = c.to_dense()
+    np.testing.assert_allclose(naive_attention(Q, keys, values, c.scale, bias), c.attend(Q), rtol=1e-10)
+
+
+def test_to_dense_augmented_handles_two_sets(small_kv):
+    K, V, Q = small_kv
+    rng = np.random.default_rng(0)
+    nl = np.where(rng.random(K.shape[:-1]) < 0.5, np.log(2.0), -np.inf)
+    dl = np.where(np.isfinite(nl), -np.inf, np.log(2.0))
+    dl[:, 0] = 0.0
+    c = make_ckv(K, V, nl, dl)
+    assert not c.single_set
+    with pytest.raises(ValueError, match="augmented"):
+        c.to_dense()
+    keys, values, bias = c.to_dense(augmented=True)
+    o = naive_attention(Q, keys, values, c.scale, bias)
+    np.testing.assert_allclose(o[..., :-1] / o[..., -1:], c.attend(Q), rtol=1e-10)
+
+
+def test_append_exact_equals_attention_over_concatenation(small_kv):
+    K, V, Q = small_kv
+    c = balancekv.compress(K[:, :60], V[:, :60], keep=1.0, method="exact")
+    c.append(K[:, 60:70], V[:, 60:70]).append(K[:, 70:], V[:, 70:])
+    assert c.n_seen == K.shape[1]
+    np.testing.assert_allclose(c.attend(Q), attention(Q, K, V), rtol=1e-10)
+    assert c.ratio == pytest.approx(1.0)
+
+
+def test_causal_positions_mask_later_tokens(small_kv):
+    K, V, Q = small_kv
+    n = K.shape[1]
+    c = balancekv.compress(K, V, keep=1.0, method="exact")
+    pos = np.arange(n - Q.shape[1], n)
+    np.testing.assert_allclose(c.attend(Q, positions=pos), attention(Q, K, V, causal=True), rtol=1e-10)
+    # query at position p sees exactly tokens 0..p
+    p = 10
+    np.testing.assert_allclose(c.attend(Q[:, :1], positions=np.array([p])), attention(Q[:, :1], K[:, :p + 1], V[:, :p + 1]), rtol=1e-10)
+
+
+def test_nbytes_accounting(small_kv):
+    K, V, _ = small_kv
+    h, n, d = K.shape
+    exact = balancekv.compress(K, V, keep=1.0, method="exact")
+    assert exact.nbytes == h * n * (d + V.shape[-1]) * 2 and exact.ratio == 1.0
+    uni = balancekv.compress(K, V, keep=0.25, method="uniform", seed=0)
+    m = n // 4
+    # fp16 keys and values of the kept tokens + one fp32 weight per kept token
+    assert uni.nbytes == h * m * (d + V.shape[-1]) * 2 + h * m * 4
+    stream = balancekv.compress(K, V, keep=0.25, method="streaming")
+    assert stream.nbytes == h * m * (d + V.shape[-1]) * 2  # eviction stores no weights
