@@ -42,7 +42,7 @@ class CompressedKV:
     def __init__(self, segments: list[Segment], *, lead: tuple[int, ...], d: int, s: int,
                  n_seen: int, scale: float, kind: Kind, method: str,
                  diagnostics: dict | None = None, stream: Any = None):
-        self._segments = [seg.to_kind(kind) for seg in segments] if kind.is_torch else list(segments)
+        self._segments = list(segments)  # already in the cache's kind (see compress)
         self.lead, self.d, self.s = tuple(lead), int(d), int(s)
         self.n_seen = int(n_seen)
         self.scale = float(scale)
