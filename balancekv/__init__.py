@@ -9,6 +9,7 @@ Quick start::
 
 See ``balancekv.compress`` for methods and options, ``proofs/`` for the theorems.
 """
+from . import synthetic
 from .api import attention, compress
 from .compressed import CompressedKV
 from .methods import available_methods, get_method

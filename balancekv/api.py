@@ -148,11 +148,15 @@ def compress(K, V, eps: float | None = None, *, keep: float | None = None, metho
         probes = Kn[:, -min(MAX_PROBES, n):]
     entropy = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
     exact_probe = ra.attention(probes, Kn, Vn, scale)
+    # auto: Triton for CUDA tensors, torch for CPU tensors, the NumPy reference for NumPy input
+    method_backend = backend
+    if backend == "auto":
+        method_backend = ("triton" if str(kind.device).startswith("cuda") else "torch") if kind.is_torch else "reference"
 
     def build(level):
         ctx = Context(scale=scale, rng=level_rng(entropy, method, level), probes=probes, delta=delta,
                       opts=opts, queries_given=queries is not None,
-                      backend="reference" if backend == "auto" else backend)
+                      backend=method_backend)
         if level is None:
             return Built([exact_segment(Kn.copy(), Vn.copy(), np.arange(n))], info={"exact": True})
         return meth.build(Kn, Vn, level, ctx)

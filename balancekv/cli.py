@@ -25,7 +25,56 @@ def _add_demo(sub):
     p.set_defaults(func=_demo)
 
 
-COMMANDS = [_add_demo]
+def _reproduce_fig1(args):
+    from balancekv.experiments.fig1 import main as fig1_main  # noqa: PLC0415
+
+    return fig1_main(args)
+
+
+def _add_reproduce_fig1(rsub):
+    from balancekv.experiments.fig1 import DEFAULT_LAYERS, DEFAULT_METHODS  # noqa: PLC0415
+
+    p = rsub.add_parser("fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)")
+    p.add_argument("--n", type=int, default=2048, help="tokens of the text to capture")
+    p.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="unregistered ones are skipped with a note")
+    p.add_argument("--text", default="python-docs", help="a name from balancekv.texts.TEXTS")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..seeds-1) averaged per point")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    p.add_argument("--synthetic", action="store_true", help="seeded synthetic caches instead of a real model")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the markdown table, JSON and plots")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_reproduce_fig1)
+
+
+def _reproduce_bounds(args):
+    from balancekv.experiments.bounds_table import main as bounds_main  # noqa: PLC0415
+
+    return bounds_main(args)
+
+
+def _add_reproduce_bounds(rsub):
+    p = rsub.add_parser("bounds", help="one row per theorem in proofs/: bound, worst observed value, ratio")
+    p.add_argument("--seeds", type=int, default=3, help="seeded instances per check")
+    p.add_argument("--only", nargs="+", default=None, help="names of the checks to run (default: all)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bounds.md and bounds.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_reproduce_bounds)
+
+
+#: ``balancekv reproduce <name>`` subcommands, one entry each.
+REPRODUCE = [_add_reproduce_fig1, _add_reproduce_bounds]
+
+
+def _add_reproduce(sub):
+    p = sub.add_parser("reproduce", help="reproduce a paper's experiment or the bounds table")
+    rsub = p.add_subparsers(dest="experiment", required=True)
+    for add in REPRODUCE:
+        add(rsub)
+
+
+COMMANDS = [_add_demo, _add_reproduce]
 
 
 def main(argv=None) -> int:
@@ -34,6 +83,7 @@ def main(argv=None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args) or 0
 
 

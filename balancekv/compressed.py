@@ -122,6 +122,17 @@ class CompressedKV:
                 raise ValueError(f"positions must be integers with last dim {Q.shape[-2]} (one per query), got shape {qpos.shape} dtype {qpos.dtype}")
             mask = self.positions[..., None, :] <= qpos[..., :, None]
         use_torch = backend in ("torch", "triton") or (backend == "auto" and self.kind.is_torch)
+        if backend in ("triton", "auto") and is_torch(Q):
+            # Triton split-K decode kernel (packed stores read in place): CUDA tensors, or
+            # backend="triton" under TRITON_INTERPRET=1; otherwise the torch estimator below.
+            from balancekv.fast import _triton as ft  # noqa: PLC0415
+
+            if ft.can_run(Q) if backend == "triton" else ft.use_triton("auto", Q):
+                from balancekv.fast.decode_attention import attend_compressed  # noqa: PLC0415
+
+                out = attend_compressed(self, Q, query_positions=None if positions is None else qpos,
+                                        backend="triton")
+                return out.to(Q.dtype)
         if use_torch:
             from balancekv.fast import softmax_attention as fa  # noqa: PLC0415
 

@@ -12,7 +12,16 @@ from .base import Method
 REGISTRY: dict[str, str] = {
     "exact": "balancekv.methods.exact:Exact",
     "uniform": "balancekv.methods.uniform:Uniform",
+    "subgen": "balancekv.methods.subgen:SubGen",
     "streaming": "balancekv.methods.streaming:Streaming",
+    "balance": "balancekv.methods.balance:Balance",
+    "uniform-halving": "balancekv.methods.balance:UniformHalving",
+    "balance-stream": "balancekv.methods.balance_stream:BalanceStream",
+    "quant": "balancekv.methods.quant:Quant",
+    "h2o": "balancekv.methods.h2o:H2O",
+    "snapkv": "balancekv.methods.snapkv:SnapKV",
+    "minikv": "balancekv.methods.minikv:MiniKV",
+    "balance+quant": "balancekv.methods.balance_quant:BalanceQuant",
     # further methods are added by their issues, one line each
 }
 

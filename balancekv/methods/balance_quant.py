@@ -1,0 +1,82 @@
+"""``balance+quant``: BalanceKV selection, then low-bit storage of the kept tokens (SPEC section 8).
+
+More tokens at lower precision: the practical BalanceKV of SPEC 4b
+(:class:`balancekv.methods.balance.Balance`, built through the registry) picks the
+kept tokens and their weights; their keys and values are then stored as
+``bits``-bit codes (keys per channel in groups of ``group`` tokens, values per
+token in groups of ``group`` channels, fp16 scale and zero) by a
+:class:`balancekv.quantized.QuantizedStream`. With ``policy="minikv"`` (default)
+every kept token is quantized except the remainder ``m % group``; with
+``policy="kivi"`` the last ``residual`` tokens stay in full precision. Weights
+(``log 2^T`` for the compressed middle) are single-set and billed as usual.
+
+Only the consistent estimator is offered (quantized single-set storage). The
+logit and attention bounds of :mod:`balancekv.bounds.quantization` compare this
+cache with the unquantized BalanceKV cache it came from (Theorem Q3 holds for
+any single-set weights).
+
+Levels for ``eps``: BalanceKV halving rounds times bits 8, 4, 2, ordered by
+estimated size ``kept_fraction * (bits + 32/group) / 16``.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..quantized import QuantizedStream, check_policy_options
+from . import get_method
+from .base import Built, Method
+
+QUANT_OPTIONS = {"bits": 4, "group": 32, "residual": 128, "policy": "minikv", "scale_dtype": "float16"}
+
+
+def _balance():
+    return get_method("balance")
+
+
+class BalanceQuant(Method):
+    name = "balance+quant"
+
+    @property
+    def defaults(self):
+        bal = {k: v for k, v in _balance().defaults.items() if k != "estimator"}
+        return {**bal, **QUANT_OPTIONS}
+
+    def split(self, opts):
+        return ({k: v for k, v in opts.items() if k not in QUANT_OPTIONS},
+                {k: opts[k] for k in QUANT_OPTIONS})
+
+    def check_options(self, opts):
+        bopts, q = self.split(opts)
+        _balance().check_options({**bopts, "estimator": "consistent"})
+        check_policy_options(q["bits"], q["group"], q["residual"], q["policy"], q["scale_dtype"])
+
+    def balance_opts(self, opts):
+        return {**self.split(opts)[0], "estimator": "consistent"}
+
+    def kept_fraction(self, n, itrs, opts) -> float:
+        s0 = min(opts["sink"], n)
+        w0 = min(opts["window"], n - s0)
+        return (s0 + w0 + (n - s0 - w0) / 2 ** itrs) / n
+
+    def levels(self, n, opts):
+        est = lambda lv: self.kept_fraction(n, lv["itrs"], opts) * (lv["bits"] + 32.0 / opts["group"])
+        out = [{"itrs": lv["itrs"], "bits": b} for lv in _balance().levels(n, self.balance_opts(opts))
+               for b in (8, 4, 2)]
+        return sorted(out, key=est, reverse=True)
+
+    def level_for_keep(self, keep, n, opts):
+        lv = _balance().level_for_keep(keep, n, self.balance_opts(opts))
+        return {"itrs": lv["itrs"], "bits": int(opts["bits"])}
+
+    def build(self, K, V, level, ctx):
+        bopts, q = self.split(ctx.opts)
+        built = _balance().build(K, V, {"itrs": level["itrs"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
+        (seg,) = built.segments
+        lw = np.asarray(seg.num_logw, np.float64)
+        stream = QuantizedStream(np.asarray(seg.keys.dense()), np.asarray(seg.values.dense()), seg.positions, lw,
+                                 bits=level["bits"], group=q["group"], residual=q["residual"], policy=q["policy"],
+                                 scale_dtype=q["scale_dtype"], label=f"balance+quant{level['bits']}")
+        return Built(stream.segments(), stream=stream,
+                     info={**built.info, "bits": level["bits"], "quantized_keys": stream.nk})

@@ -1,0 +1,183 @@
+"""Practical blocked BalanceKV (SPEC section 4b), vectorised over heads and blocks (torch / Triton).
+
+Same names and semantics as :mod:`balancekv.reference.blocked_balance` (the
+definition). All blocks of all heads run in one batch: the kernel matrices come
+from one batched matmul, and the sequential sign loop does one vector step per
+token position for every block at once (torch), or one Triton program per block
+with the Gram tile and running dots in registers (CUDA, or the interpreter).
+
+Equivalence (SPEC section 11): fed the same uniforms, signs equal the reference's
+in float64 except at genuine ties; :func:`blocked_balance` draws its uniforms
+from the given NumPy generator exactly as the reference does, so the same
+generator state gives the same kept tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from balancekv.reference.blocked_balance import EXP_CLIP, halving_sizes
+
+from . import _triton as T
+from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
+
+__all__ = ["blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
+
+
+def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_centering):
+    """``kappa (B, blk, blk)`` of SPEC 4b step 3 (float dtype of ``K``), as in the reference."""
+    okf = valid.to(K.dtype)
+    nv = okf.sum(-1).clamp_min(1.0)
+    kbar = torch.einsum("bi,bid->bd", okf, K) / nv[:, None]
+    Kc = (K - kbar[:, None, :]) * okf[..., None]
+    if value_centering:
+        wv = weights * okf
+        vbar = torch.einsum("bi,bis->bs", wv, V) / wv.sum(-1).clamp_min(torch.finfo(K.dtype).tiny)[:, None]
+        Vp = weights[..., None] * (V - vbar[:, None, :])
+    else:
+        Vp = weights[..., None] * V
+    Vp = Vp * okf[..., None]
+    # in place on one (B, blk, blk) buffer: the kernel matrix is the memory-bound part
+    kappa = torch.baddbmm(torch.full((), -float(beta), dtype=K.dtype, device=K.device).expand(Kc.shape[0], Kc.shape[1], Kc.shape[1]),
+                          Kc, Kc.transpose(-1, -2), alpha=float(temp * scale))
+    kappa.clamp_(max=EXP_CLIP).exp_()
+    vv = torch.baddbmm(torch.full((), float(a2), dtype=K.dtype, device=K.device).expand_as(kappa),
+                       Vp, Vp.transpose(-1, -2))
+    return kappa.mul_(vv)
+
+
+def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float, gamma: float = 4.0,
+                       temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
+                       backend: str = "auto"):
+    """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
+
+    Accepts NumPy arrays (returned as NumPy) or torch tensors (returned as torch on the
+    same device). Computes in float64 for float64 keys, else float32.
+    """
+    numpy_in = not isinstance(K, torch.Tensor)
+    Kt = _as_tensor(K, "K")
+    if Kt.ndim != 3:
+        raise ValueError(f"K must have shape (B, blk, d), got {tuple(Kt.shape)}")
+    if not torch.is_floating_point(Kt):
+        raise TypeError(f"K must be floating, got {Kt.dtype}")
+    dt = torch.float64 if Kt.dtype == torch.float64 else torch.float32
+    dev = Kt.device
+    Kt = Kt.to(dt)
+    Vt = _as_tensor(V, "V", dtype=dt, device=dev)
+    if Vt.ndim != 3 or Vt.shape[:2] != Kt.shape[:2]:
+        raise ValueError(f"K and V must have shapes (B, blk, d) and (B, blk, s), got {tuple(Kt.shape)} and {tuple(Vt.shape)}")
+    B, blk, d = Kt.shape
+    s = Vt.shape[-1]
+    r = _as_tensor(uniforms, "uniforms", dtype=dt, device=dev)
+    if tuple(r.shape) != (B, blk):
+        raise ValueError(f"uniforms must have shape {(B, blk)}, got {tuple(r.shape)}")
+    w = torch.ones((B, blk), dtype=dt, device=dev) if weights is None else _as_tensor(weights, "weights", dtype=dt, device=dev)
+    ok = torch.ones((B, blk), dtype=torch.bool, device=dev) if valid is None else _as_tensor(valid, "valid", device=dev).to(torch.bool)
+    if tuple(w.shape) != (B, blk) or tuple(ok.shape) != (B, blk):
+        raise ValueError(f"weights and valid must have shape {(B, blk)}")
+    if blk <= MAX_TRITON_BLOCK and T.use_triton(backend, Kt):
+        ker = T.kernels("kernels_walk")
+        X = torch.empty((B, blk), dtype=torch.int8, device=dev)
+        ker.blocked_walk_kernel[(B,)](
+            Kt, Vt, r.contiguous(), w.contiguous(), ok.to(torch.int8).contiguous(), X,
+            blk, d, s, float(temp * scale), float(beta), float(gamma), float(a2), float(EXP_CLIP),
+            Kt.stride(0), Kt.stride(1), Kt.stride(2), Vt.stride(0), Vt.stride(1), Vt.stride(2),
+            CENTER_V=bool(value_centering), F64=dt == torch.float64,
+            BLOCK=max(16, T.next_pow2(blk)), BLOCK_D=max(16, T.next_pow2(d)), BLOCK_S=max(16, T.next_pow2(s)))
+        x = X
+    else:
+        kappa = blocked_kernel_matrix(Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2,
+                                      value_centering=value_centering)
+        first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
+        xf, _ = walk_loop(kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None),
+                          forced_first=first, valid=ok)
+        x = xf.to(torch.int8)
+    return x.cpu().numpy() if numpy_in else x
+
+
+def fixed_size_halving(signs, valid=None):
+    """SPEC 4b step 5 in torch: ``(keep, doubled)`` bool ``(B, blk)``; see the reference."""
+    x = signs
+    ok = (x != 0) if valid is None else valid.to(torch.bool)
+    B, blk = x.shape
+    nv = ok.sum(-1)
+    h = (nv + 1) // 2
+    cp = torch.cumsum((x == 1) & ok, dim=-1)
+    cm = torch.cumsum((x == -1) & ok, dim=-1)
+    hit = ((cp == h[:, None]) | (cm == h[:, None])) & ok
+    anyhit = hit.any(-1)
+    c = torch.where(anyhit, hit.to(torch.int8).argmax(-1), torch.full_like(nv, blk))
+    full = x.gather(1, c.clamp_max(blk - 1)[:, None])[:, 0]
+    pos = torch.arange(blk, device=x.device)[None, :]
+    prefix = pos <= c[:, None]
+    doubled = ok & prefix & (x != full[:, None])
+    keep = doubled | (ok & ~prefix)
+    single = (nv == 1)[:, None]
+    keep = torch.where(single, ok, keep)
+    doubled = doubled & ~single
+    return keep, doubled
+
+
+def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
+                    rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
+                    temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
+                    walk_signs=None, backend: str = "auto", dtype=None):
+    """The SPEC 4b procedure on ``H`` heads, on torch tensors; see the reference for the contract.
+
+    ``K (H, n, d)``, ``V (H, n, s)`` (NumPy or torch). Uniforms come from ``rng`` in the
+    reference's order (round ``r``: ``rng.random((H, nblocks_r, blk_r))``) or are given.
+    ``dtype`` (default: float64 for NumPy/float64 input, else float32) is the compute dtype.
+    Returns ``(indices, log_weights)`` as NumPy arrays ``(H, m)``, like the reference.
+    """
+    if (rng is None) == (uniforms is None):
+        raise ValueError("give exactly one of rng and uniforms")
+    Kt = _as_tensor(K, "K")
+    if dtype is None:
+        dtype = torch.float64 if (not isinstance(K, torch.Tensor) or Kt.dtype == torch.float64) else torch.float32
+    Kt = Kt.to(dtype)
+    Vt = _as_tensor(V, "V", dtype=dtype, device=Kt.device)
+    dev = Kt.device
+    H, n, _ = Kt.shape
+    s0 = min(sink, n)
+    w0 = min(window, n - s0)
+    cur = torch.arange(s0, n - w0, device=dev).expand(H, n - s0 - w0).clone()
+    logw = torch.zeros(cur.shape, dtype=torch.float64, device=dev)
+    heads = torch.arange(H, device=dev)[:, None]
+    log2 = float(np.log(2.0))
+    for rnd in range(itrs):
+        m = cur.shape[1]
+        if m < 2:
+            continue
+        blk = min(block, m)
+        nb = -(-m // blk)
+        pad = nb * blk - m
+        idx = torch.cat([cur, torch.zeros((H, pad), dtype=cur.dtype, device=dev)], dim=1)
+        ok = (torch.arange(nb * blk, device=dev) < m).expand(H, nb * blk)
+        wts = torch.cat([torch.exp(logw), torch.ones((H, pad), dtype=logw.dtype, device=dev)], dim=1).to(dtype)
+        r = rng.random((H, nb, blk)) if uniforms is None else np.asarray(uniforms[rnd], np.float64)
+        if r.shape != (H, nb, blk):
+            raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {r.shape}")
+        rt = torch.from_numpy(np.ascontiguousarray(r)).to(device=dev, dtype=dtype)
+        Kb = Kt[heads, idx].reshape(H * nb, blk, -1)
+        Vb = Vt[heads, idx].reshape(H * nb, blk, -1)
+        okb = ok.reshape(H * nb, blk)
+        if walk_signs is None:
+            signs = blocked_walk_signs(Kb, Vb, rt.reshape(H * nb, blk), weights=wts.reshape(H * nb, blk), valid=okb,
+                                       scale=scale, gamma=gamma, temp=temp, beta=beta, a2=a2,
+                                       value_centering=value_centering, backend=backend)
+        else:
+            signs = walk_signs(Kb, Vb, rt.reshape(H * nb, blk), weights=wts.reshape(H * nb, blk), valid=okb,
+                               scale=scale, gamma=gamma, temp=temp, beta=beta, a2=a2, value_centering=value_centering)
+            signs = _as_tensor(signs, "signs", device=dev)
+        keep, dbl = fixed_size_halving(signs, okb)
+        keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
+        lw = torch.cat([logw, torch.zeros((H, pad), dtype=logw.dtype, device=dev)], dim=1) + dbl.to(logw.dtype) * log2
+        new_m = int(keep[0].sum())
+        cur = idx[keep].reshape(H, new_m)
+        logw = lw[keep].reshape(H, new_m)
+    head = torch.arange(s0, device=dev).expand(H, s0)
+    tail = torch.arange(n - w0, n, device=dev).expand(H, w0)
+    out_idx = torch.cat([head, cur, tail], dim=1)
+    out_lw = torch.cat([torch.zeros((H, s0), dtype=torch.float64, device=dev), logw,
+                        torch.zeros((H, w0), dtype=torch.float64, device=dev)], dim=1)
+    return out_idx.cpu().numpy(), out_lw.cpu().numpy()

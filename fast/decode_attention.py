@@ -1,0 +1,352 @@
+"""Decode attention over a compressed cache: the estimator of SPEC section 1, fast.
+
+``decode_attention`` computes, for queries ``Q``, the weighted-token estimator of
+:func:`balancekv.reference.softmax_attention.weighted_attention` (its definition)::
+
+    z(q) = sum_i exp(a_i + num_logw_i) v_i / sum_i exp(a_i + den_logw_i),   a_i = scale <q, k_i>
+
+with four things a decode kernel needs (SPEC section 10):
+
+- the log-weights act as an additive logit bias (two of them for two-set methods);
+- keys/values may be :class:`Packed` low-bit codes (keys packed along tokens,
+  values along channels, SPEC section 6), dequantized inside the kernel;
+- grouped-query attention: ``Q (..., Hq, mq, d)`` with ``Hq`` a multiple of the
+  cache's ``Hkv`` (query head ``h`` reads KV head ``h // (Hq // Hkv)``);
+- split-K (flash-decoding): the token axis is cut into splits that run as separate
+  programs; every split returns max-shifted partial sums, combined on the host.
+
+A cache made of several parts (exact sinks, a weighted middle, a quantized block,
+decode-time tokens) is handled part by part: every part returns partial sums and
+one combine gives the estimate (:func:`attend_parts`). Triton runs on CUDA tensors
+(or on CPU under ``TRITON_INTERPRET=1``); the torch path computes the same partial
+sums with dense tensor algebra and serves CPU tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _triton as T
+
+__all__ = ["Packed", "attend_compressed", "attend_parts", "combine_partials", "compressed_parts", "decode_attention"]
+
+
+@dataclass
+class Packed:
+    """Low-bit codes with their group scales and zeros (SPEC section 6 layouts).
+
+    ``axis="tokens"`` (keys, per-channel quantization): ``words (L, f, ceil(n*b/32))``,
+    ``scale``/``zero`` ``(L, ceil(n/group), f)``; token ``t`` of channel ``c`` is bits
+    ``[(t % (32/b)) b, ...)`` of word ``t // (32/b)``, its group ``t // group``.
+    ``axis="channels"`` (values, per-token): ``words (L, n, ceil(f*b/32))``,
+    ``scale``/``zero`` ``(L, n, ceil(f/group))``. ``L`` is the flattened leading dims.
+    Dequantized value: ``code * scale + zero`` (float32 arithmetic). ``offset`` (keys only):
+    the part starts at token ``offset`` of the packed store and spans ``n`` tokens.
+    """
+
+    words: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group: int
+    axis: str
+    n: int
+    f: int
+    offset: int = 0
+
+    def dense(self, dtype=torch.float32) -> torch.Tensor:
+        """The dequantized ``(L, n, f)`` tensor (torch path)."""
+        per = 32 // self.bits
+        mask = (1 << self.bits) - 1
+        shifts = (torch.arange(per, device=self.words.device, dtype=torch.int32) * self.bits)
+        codes = (self.words[..., None] >> shifts) & mask  # (L, a, w, per)
+        codes = codes.reshape(*self.words.shape[:-1], -1)
+        if self.axis == "tokens":
+            a, b = self.offset, self.offset + self.n
+            codes = codes[..., a:b].transpose(-1, -2)  # (L, n, f)
+            sc = self.scale.repeat_interleave(self.group, dim=-2)[..., a:b, :]
+            ze = self.zero.repeat_interleave(self.group, dim=-2)[..., a:b, :]
+        else:
+            codes = codes[..., : self.f]
+            sc = self.scale.repeat_interleave(self.group, dim=-1)[..., : self.f]
+            ze = self.zero.repeat_interleave(self.group, dim=-1)[..., : self.f]
+        return (codes.to(torch.float32) * sc.to(torch.float32) + ze.to(torch.float32)).to(dtype)
+
+
+def _compute_dtype(*xs) -> torch.dtype:
+    return torch.float64 if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+# ---------------------------------------------------------------------------- partial sums
+def _partials_torch(Qr, K, V, nl, dl, kpos, qpos, scale, dt):
+    """``(MN, MD, SN, SD)`` with a single split: shapes ``(L,1,R)``, ``(L,1,R)``, ``(L,1,R,s)``, ``(L,1,R)``."""
+    Kd = K.dense(dt) if isinstance(K, Packed) else K.to(dt)
+    Vd = V.dense(dt) if isinstance(V, Packed) else V.to(dt)
+    a = scale * (Qr.to(dt) @ Kd.transpose(-1, -2))
+    if kpos is not None:
+        a = a.masked_fill(~(kpos[:, None, :] <= qpos[:, :, None]), float("-inf"))
+    an = a + nl.to(dt)[:, None, :]
+    ad = a + dl.to(dt)[:, None, :]
+    mn, md = an.amax(-1), ad.amax(-1)
+    zero = torch.zeros((), dtype=dt, device=a.device)
+    mn_s = torch.where(torch.isfinite(mn), mn, zero)
+    md_s = torch.where(torch.isfinite(md), md, zero)
+    sn = torch.exp(an - mn_s[..., None]) @ Vd
+    sd = torch.exp(ad - md_s[..., None]).sum(-1)
+    return mn[:, None], md[:, None], sn[:, None], sd[:, None]
+
+
+def _split_plan(n: int, L: int, block_n: int, num_splits: int | None, device) -> tuple[int, int]:
+    tiles = max(1, math.ceil(n / block_n))
+    if num_splits is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_splits = max(1, min(tiles, math.ceil(4 * sms / max(L, 1))))
+        else:  # interpreter: every program costs milliseconds; keep grids tiny
+            num_splits = min(tiles, 2)
+    num_splits = max(1, min(int(num_splits), tiles))
+    per = math.ceil(tiles / num_splits) * block_n
+    return math.ceil(n / per), per
+
+
+def _packed_args(P: Packed, dense_strides_axis: str):
+    """(pointer, scale, zero, strides, scale strides, bits, group) for the kernel."""
+    w = P.words.contiguous()
+    sc = P.scale.contiguous()
+    ze = P.zero.contiguous()
+    if P.axis != dense_strides_axis:
+        raise ValueError(f"packed {'keys' if dense_strides_axis == 'tokens' else 'values'} must be packed along "
+                         f"{dense_strides_axis}, got axis={P.axis!r}")
+    if P.axis == "tokens":  # words (L, f, W): token -> word axis, channel -> middle axis
+        strides = (w.stride(0), w.stride(2), w.stride(1))
+        sstrides = (sc.stride(0), sc.stride(1), sc.stride(2))
+    else:  # words (L, n, W): token -> middle axis, channel -> word axis
+        strides = (w.stride(0), w.stride(1), w.stride(2))
+        sstrides = (sc.stride(0), sc.stride(1), sc.stride(2))
+    return w, sc, ze, strides, sstrides, P.bits, P.group
+
+
+def _partials_triton(Qr, K, V, nl, dl, kpos, qpos, scale, dt, num_splits=None, block_n=None):
+    ker = T.kernels("kernels_attention")
+    L, R, d = Qr.shape
+    n = K.n if isinstance(K, Packed) else K.shape[-2]
+    s = V.f if isinstance(V, Packed) else V.shape[-1]
+    dev = Qr.device
+    if block_n is None:
+        block_n = 64 if dev.type == "cuda" else 16
+    low = 0
+    if dev.type == "cuda" and Qr.dtype in (torch.float16, torch.bfloat16):
+        low = 1 if Qr.dtype == torch.float16 else 2
+    S, per = _split_plan(n, L, block_n, num_splits, dev)
+    MN = torch.empty((L, S, R), dtype=dt, device=dev)
+    MD = torch.empty_like(MN)
+    SD = torch.empty_like(MN)
+    SN = torch.empty((L, S, R, s), dtype=dt, device=dev)
+    dummy = torch.zeros(1, dtype=dt, device=dev)
+    koff = 0
+    if isinstance(K, Packed):
+        Kp, KS, KZ, ks, kss, KB, KG = _packed_args(K, "tokens")
+        koff = K.offset
+    else:
+        Kp, KS, KZ, ks, kss, KB, KG = K, dummy, dummy, (K.stride(0), K.stride(1), K.stride(2)), (0, 0, 0), 0, 1
+    if isinstance(V, Packed):
+        Vp, VS, VZ, vs, vss, VB, VG = _packed_args(V, "channels")
+    else:
+        Vp, VS, VZ, vs, vss, VB, VG = V, dummy, dummy, (V.stride(0), V.stride(1), V.stride(2)), (0, 0, 0), 0, 1
+    has_pos = kpos is not None
+    kp = kpos.contiguous() if has_pos else torch.zeros(1, dtype=torch.int64, device=dev)
+    qp = qpos.contiguous() if has_pos else kp
+    ker.decode_split_kernel[(L, S)](
+        Qr, Kp, KS, KZ, Vp, VS, VZ, nl.to(dt).contiguous(), dl.to(dt).contiguous(), kp, qp,
+        MN, MD, SN, SD,
+        n, R, d, s, per, S, float(scale), koff,
+        Qr.stride(0), Qr.stride(1), Qr.stride(2),
+        *ks, *kss, *vs, *vss,
+        KB=KB, KG=KG, VB=VB, VG=VG, HAS_POS=has_pos, LOW_PREC_DOT=low, F64=dt == torch.float64,
+        BLOCK_R=max(16, T.next_pow2(R)), BLOCK_N=block_n,
+        BLOCK_D=max(16, T.next_pow2(d)), BLOCK_S=max(16, T.next_pow2(s)),
+    )
+    return MN, MD, SN, SD
+
+
+def combine_partials(parts) -> torch.Tensor:
+    """The estimate ``(L, R, s)`` from partial sums of every part and split (max-shift merge)."""
+    MN = torch.cat([p[0] for p in parts], dim=1)
+    MD = torch.cat([p[1] for p in parts], dim=1)
+    SN = torch.cat([p[2] for p in parts], dim=1)
+    SD = torch.cat([p[3] for p in parts], dim=1)
+    mn, md = MN.amax(1), MD.amax(1)
+    zero = torch.zeros((), dtype=MN.dtype, device=MN.device)
+    mn_s = torch.where(torch.isfinite(mn), mn, zero)
+    md_s = torch.where(torch.isfinite(md), md, zero)
+    sn = (torch.exp(MN - mn_s[:, None])[..., None] * SN).sum(1)
+    sd = (torch.exp(MD - md_s[:, None]) * SD).sum(1)
+    if bool((~torch.isfinite(md)).any()) or bool((sd <= 0).any()):
+        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
+    rel = torch.where(torch.isfinite(mn), mn - md, torch.full_like(mn, float("-inf")))
+    out = torch.exp(rel)[..., None] * sn / sd[..., None]
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("the estimate overflowed (numerator weights far exceed denominator weights)")
+    return out
+
+
+# ---------------------------------------------------------------------------- public entry points
+def _flatten_lead(x, lead_len):
+    return x.reshape((-1,) + tuple(x.shape[lead_len:]))
+
+
+def attend_parts(Q, parts, scale=None, *, query_positions=None, backend: str = "auto",
+                 num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """The estimator over a cache made of ``parts``; each part is ``(K, V, num_logw, den_logw, key_positions)``.
+
+    ``K`` is a tensor ``(..., Hkv, n, d)`` or a :class:`Packed` (flattened leading dims ``L``),
+    ``V`` likewise, log-weights ``(..., Hkv, n)``, ``key_positions`` ``None`` or ints ``(..., Hkv, n)``
+    (or ``(n,)``). ``Q (..., Hq, mq, d)``: leading dims equal to the cache's except ``Hq``, a multiple
+    of ``Hkv`` (GQA). ``query_positions`` ``(mq,)`` or ``(..., Hq, mq)`` masks slots of later tokens
+    (needs every part's key positions). Returns ``(..., Hq, mq, s)`` in the compute dtype
+    (float64 if any input is float64, else float32).
+    """
+    if not isinstance(Q, torch.Tensor):
+        raise TypeError(f"Q must be a torch tensor, got {type(Q).__name__}")
+    if Q.ndim < 2:
+        raise ValueError(f"Q must have shape (..., mq, d), got {tuple(Q.shape)}")
+    if not parts:
+        raise ValueError("parts must hold at least one (K, V, num_logw, den_logw, key_positions) part")
+    qlead, (mq, d) = tuple(Q.shape[:-2]), tuple(Q.shape[-2:])
+    nl0 = parts[0][2]
+    klead = tuple(nl0.shape[:-1])
+    if len(klead) != len(qlead) or klead[:-1] != qlead[:-1] or (klead and qlead[-1] % klead[-1]):
+        raise ValueError(f"Q's leading dims {qlead} must equal the cache's {klead}, except the head count, "
+                         "which must be a multiple of the cache's (grouped-query attention)")
+    G = qlead[-1] // klead[-1] if klead else 1
+    L = int(math.prod(klead)) if klead else 1
+    R = G * mq
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dt = _compute_dtype(Q, *[x for p in parts for x in p[:4]])
+    Qr = Q.reshape(L, R, d)
+    qpos = None
+    if query_positions is not None:
+        qp = torch.as_tensor(query_positions, device=Q.device).to(torch.int64)
+        qpos = torch.broadcast_to(qp, qlead + (mq,)).reshape(L, R).contiguous()
+    outs = []
+    for K, V, nl, dl, kpos in parts:
+        n = nl.shape[-1]
+        nlr = nl.reshape(L, n)
+        dlr = dl.reshape(L, n)
+        Kr = K if isinstance(K, Packed) else _flatten_lead(K, len(klead))
+        Vr = V if isinstance(V, Packed) else _flatten_lead(V, len(klead))
+        if not isinstance(Kr, Packed) and Kr.shape[-1] != d:
+            raise ValueError(f"Q has d={d} but the cache's keys have d={Kr.shape[-1]}")
+        kp = None
+        if qpos is not None:
+            if kpos is None:
+                raise ValueError("query_positions needs the key positions of every part")
+            kp = torch.broadcast_to(torch.as_tensor(kpos, device=Q.device).to(torch.int64), klead + (n,)).reshape(L, n)
+        tensors = [t for t in (Qr, Kr, Vr) if isinstance(t, torch.Tensor)]
+        if T.use_triton(backend, *tensors):
+            outs.append(_partials_triton(Qr, Kr, Vr, nlr, dlr, kp, qpos, scale, dt, num_splits, block_n))
+        else:
+            outs.append(_partials_torch(Qr, Kr, Vr, nlr, dlr, kp, qpos, scale, dt))
+    out = combine_partials(outs)
+    return out.reshape(qlead + (mq, out.shape[-1]))
+
+
+def decode_attention(Q, K, V, num_logw, den_logw, scale=None, *, key_positions=None, query_positions=None,
+                     backend: str = "auto", num_splits: int | None = None, block_n: int | None = None):
+    """``z(q)`` for ``Q (..., Hq, mq, d)`` over one weighted token set (dense or :class:`Packed`).
+
+    The Triton split-K kernel on CUDA tensors (or with ``backend="triton"`` under the
+    interpreter), the torch path otherwise; both match the reference
+    ``weighted_attention`` (per query head, after expanding GQA groups).
+    """
+    return attend_parts(Q, [(K, V, num_logw, den_logw, key_positions)], scale, query_positions=query_positions,
+                        backend=backend, num_splits=num_splits, block_n=block_n)
+
+
+# ---------------------------------------------------------------------------- CompressedKV
+def _store_pieces(store):
+    """``[(start, stop, store)]``: the runs of slots of a (possibly concatenated) store."""
+    from balancekv.quantized import TokenConcatStore  # noqa: PLC0415
+
+    parts = store.parts if isinstance(store, TokenConcatStore) else [store]
+    out, a = [], 0
+    for p in parts:
+        m = p.shape[-2]
+        out.append((a, a + m, p))
+        a += m
+    return out
+
+
+def _torch_of(x, device):
+    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(device)
+
+
+def _slice_store(piece, a: int, b: int, role: str, L: int, device, dtype):
+    """Slots ``[a, b)`` (local to the piece) as a dense ``(L, b-a, f)`` tensor or a :class:`Packed`."""
+    from balancekv.quantized import QuantStore  # noqa: PLC0415
+
+    if isinstance(piece, QuantStore):
+        f = piece.f
+        if role == "keys" and piece.axis == -2:
+            words = _torch_of(piece.packed, device).reshape(L, f, -1)
+            sc = _torch_of(piece.scale, device).reshape(L, -1, f)
+            ze = _torch_of(piece.zero, device).reshape(L, -1, f)
+            return Packed(words, sc, ze, piece.bits, piece.group, "tokens", b - a, f, offset=a)
+        if role == "values" and piece.axis == -1:
+            words = _torch_of(piece.packed, device).reshape(L, piece.m, -1)[:, a:b]
+            sc = _torch_of(piece.scale, device).reshape(L, piece.m, -1)[:, a:b]
+            ze = _torch_of(piece.zero, device).reshape(L, piece.m, -1)[:, a:b]
+            return Packed(words, sc, ze, piece.bits, piece.group, "channels", b - a, f)
+    x = _torch_of(piece.dense(), device)
+    return x.reshape((L,) + tuple(x.shape[-2:]))[:, a:b].to(dtype)
+
+
+def compressed_parts(cache, device, dtype) -> list:
+    """The parts of :func:`attend_parts` for a :class:`~balancekv.CompressedKV` (flattened heads).
+
+    Each segment is cut where its key store or its value store changes representation
+    (packed codes vs dense floats), so every part is uniform for the kernel.
+    """
+    L = int(math.prod(cache.lead)) if cache.lead else 1
+    parts = []
+    for seg in cache.segments:
+        m = seg.m
+        if m == 0:
+            continue
+        kp, vp = _store_pieces(seg.keys), _store_pieces(seg.values)
+        cuts = sorted({0, m} | {a for a, _, _ in kp} | {a for a, _, _ in vp})
+        nl = _torch_of(seg.num_logw, device).reshape(L, m)
+        dl = _torch_of(seg.den_logw, device).reshape(L, m)
+        pos = torch.from_numpy(np.ascontiguousarray(seg.positions)).to(device).reshape(L, m)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b <= a:
+                continue
+            ka, _, kpiece = next(p for p in kp if p[0] <= a < p[1])
+            va, _, vpiece = next(p for p in vp if p[0] <= a < p[1])
+            K = _slice_store(kpiece, a - ka, b - ka, "keys", L, device, dtype)
+            V = _slice_store(vpiece, a - va, b - va, "values", L, device, dtype)
+            parts.append((K, V, nl[:, a:b], dl[:, a:b], pos[:, a:b]))
+    return parts
+
+
+def attend_compressed(cache, Q, *, query_positions=None, backend: str = "triton",
+                      num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """:meth:`CompressedKV.attend` through :func:`attend_parts` (packed stores stay packed).
+
+    ``Q`` is a torch tensor with the cache's leading dims. Returns the compute-dtype result ``(..., mq, s)``.
+    """
+    dt = torch.float64 if Q.dtype == torch.float64 else torch.float32
+    parts = compressed_parts(cache, Q.device, dt)
+    L = int(math.prod(cache.lead)) if cache.lead else 1
+    mq, d = Q.shape[-2:]
+    Ql = Q.reshape(L, mq, d)
+    qpos = None
+    if query_positions is not None:
+        qp = torch.as_tensor(np.asarray(query_positions), device=Q.device).to(torch.int64)
+        qpos = torch.broadcast_to(qp, tuple(Q.shape[:-1])).reshape(L, mq)
+    out = attend_parts(Ql, parts, cache.scale, query_positions=qpos, backend=backend,
+                       num_splits=num_splits, block_n=block_n)
+    return out.reshape(tuple(Q.shape[:-1]) + (out.shape[-1],))

@@ -1,0 +1,208 @@
+"""Practical blocked BalanceKV, the variant the [BKV] authors ran on real models (SPEC section 4b).
+
+Per head the first ``sink`` and last ``window`` tokens stay exact; the middle is
+compressed by ``itrs`` halving rounds. One round:
+
+1. split the current middle tokens (in stream order) into blocks of ``block``
+   tokens, padding the last block (padding is never kept);
+2. centre the keys of each block: ``k~ = k - mean_block(k)`` (softmax is invariant
+   to a common key translation, so this only conditions the kernel);
+3. build the kernel ``kappa_ij = exp(temp * scale * <k~_i, k~_j> - beta) * (<v'_i, v'_j> + a2)``
+   where ``v'_i = w_i v_i`` (``w_i`` the token's current weight) or, with
+   ``value_centering``, ``v'_i = w_i (v_i - vbar)`` with ``vbar = sum w_i v_i / sum w_i``
+   over the block's valid tokens; ``a2`` is the joint-balancing constant;
+4. walk: ``x = +1`` for the first valid token; then
+   ``p_i = clip(1/2 - gamma * sum_{j<i} kappa_ij x_j, 0, 1)`` and ``x_i = +1`` iff ``r_i < p_i``;
+5. fixed-size halving: keep exactly half of the block (see :func:`fixed_size_halving`).
+
+Kept tokens of the halved prefix double their weight, so after ``itrs`` rounds
+the weights lie in ``{1, 2, ..., 2^itrs}``. The estimator is single-set
+(``num_logw == den_logw``, SPEC section 1).
+
+Why value centring: the attention output is a ratio, so a value component
+shared by all tokens cancels; the ratio's error is the discrepancy of
+``exp(a_i) w_i (v_i - z(q))``, which the centred kernel balances directly
+(SPEC 4b; measured in ``benchmarks/balance_kernel_choice.py``).
+
+``gamma = 0`` gives ``p_i = 1/2``: independent fair signs through the same
+procedure, the authors' "uniform" baseline (``uniform-halving``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["EXP_CLIP", "blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
+
+#: Kernel exponents are clipped above at this value (float64 semantics). Beyond it
+#: ``gamma * kappa`` saturates ``p`` at 0 or 1 for any non-negligible value factor, and the
+#: clip keeps keys of norm 1e4 from overflowing. Fast paths must apply the same clip.
+EXP_CLIP = 300.0
+
+
+def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float, gamma: float = 4.0,
+                       temp: float = 1.0, beta: float = 0.0, a2: float = 0.025,
+                       value_centering: bool = True) -> np.ndarray:
+    """One round of SPEC 4b steps 2–4 for ``B`` independent blocks: the walk's signs.
+
+    Parameters
+    ----------
+    K : ``(B, blk, d)`` keys. V : ``(B, blk, s)`` values. uniforms : ``(B, blk)`` in ``[0, 1)``.
+    weights : ``(B, blk)`` current token weights (``None``: all 1), multiplying the values.
+    valid : ``(B, blk)`` bool, ``False`` for padding (``None``: all valid).
+    scale, gamma, temp, beta, a2, value_centering : as in the module docstring.
+
+    Exact definition (float64). With ``V_b`` the valid tokens of block ``b`` and ``n_b = |V_b|``:
+
+    - ``kbar = sum_{i in V_b} k_i / max(n_b, 1)``; ``k~_i = k_i - kbar``;
+    - ``v'_i = w_i v_i``; with ``value_centering``, ``v'_i = w_i (v_i - vbar)`` where
+      ``vbar = sum_{V_b} w_i v_i / sum_{V_b} w_i``;
+    - ``kappa_ij = exp(min(temp * scale * <k~_i, k~_j> - beta, EXP_CLIP)) * (<v'_i, v'_j> + a2)``;
+    - scanning ``i = 0 .. blk-1``: padding gets sign 0 and never enters a sum; the first valid
+      token gets ``+1``; every later valid token gets ``+1`` iff
+      ``r_i < clip(1/2 - gamma * sum_{j<i, j valid} kappa_ij x_j, 0, 1)``, else ``-1``.
+
+    Returns ``(B, blk)`` int8 signs in ``{-1, 0, +1}`` (0 exactly on padding).
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    if K.ndim != 3 or V.ndim != 3 or K.shape[:2] != V.shape[:2]:
+        raise ValueError(f"K and V must have shapes (B, blk, d) and (B, blk, s), got {K.shape} and {V.shape}")
+    B, blk, _ = K.shape
+    r = np.asarray(uniforms, np.float64)
+    if r.shape != (B, blk):
+        raise ValueError(f"uniforms must have shape {(B, blk)}, got {r.shape}")
+    w = np.ones((B, blk)) if weights is None else np.asarray(weights, np.float64)
+    ok = np.ones((B, blk), bool) if valid is None else np.asarray(valid, bool)
+    if w.shape != (B, blk) or ok.shape != (B, blk):
+        raise ValueError(f"weights and valid must have shape {(B, blk)}")
+    okf = ok.astype(np.float64)
+    nv = np.maximum(okf.sum(-1), 1.0)
+    kbar = np.einsum("bi,bid->bd", okf, K) / nv[:, None]
+    Kc = (K - kbar[:, None, :]) * okf[..., None]
+    if value_centering:
+        wv = w * okf
+        vbar = np.einsum("bi,bis->bs", wv, V) / np.maximum(wv.sum(-1), np.finfo(float).tiny)[:, None]
+        Vp = w[..., None] * (V - vbar[:, None, :])
+    else:
+        Vp = w[..., None] * V
+    Vp = Vp * okf[..., None]
+    expo = np.minimum(temp * scale * np.einsum("bid,bjd->bij", Kc, Kc) - beta, EXP_CLIP)
+    kappa = np.exp(expo) * (np.einsum("bis,bjs->bij", Vp, Vp) + a2)
+    x = np.zeros((B, blk))
+    seen = np.zeros(B, bool)
+    for i in range(blk):
+        g = np.einsum("bj,bj->b", kappa[:, i, :i], x[:, :i])
+        p = np.clip(0.5 - gamma * g, 0.0, 1.0)
+        xi = np.where(r[:, i] < p, 1.0, -1.0)
+        xi = np.where(seen, xi, 1.0)          # first valid token: +1
+        x[:, i] = np.where(ok[:, i], xi, 0.0)
+        seen |= ok[:, i]
+    return x.astype(np.int8)
+
+
+def fixed_size_halving(signs, valid=None):
+    """SPEC 4b step 5: keep exactly half of each block, given its walk signs.
+
+    For a block with ``n_b`` valid tokens and ``h = ceil(n_b / 2)``: scan the valid tokens in
+    order until one sign class first reaches ``h`` members, at position ``c``. Keep the
+    valid tokens of the *other* class at positions ``<= c`` (weight x2) and every valid token
+    after ``c`` (weight x1, exact). That is ``n_b - h = floor(n_b / 2)`` tokens, i.e. exactly
+    ``blk/2`` for a full block. A block with a single valid token keeps it (weight x1).
+
+    Returns ``(keep, doubled)``: two ``(B, blk)`` bool arrays (``doubled`` implies ``keep``).
+    """
+    x = np.asarray(signs)
+    ok = (x != 0) if valid is None else np.asarray(valid, bool)
+    B, blk = x.shape
+    nv = ok.sum(-1)
+    h = (nv + 1) // 2
+    cp = np.cumsum((x == 1) & ok, axis=-1)
+    cm = np.cumsum((x == -1) & ok, axis=-1)
+    hit = ((cp == h[:, None]) | (cm == h[:, None])) & ok
+    c = np.where(hit.any(-1), np.argmax(hit, axis=-1), blk)
+    full = x[np.arange(B), np.minimum(c, blk - 1)]                # the class that filled first
+    pos = np.arange(blk)[None, :]
+    prefix = pos <= c[:, None]
+    doubled = ok & prefix & (x != full[:, None])
+    keep = doubled | (ok & ~prefix)
+    single = nv == 1
+    keep[single] = ok[single]
+    doubled[single] = False
+    return keep, doubled
+
+
+def halving_sizes(n_mid: int, block: int, itrs: int) -> list[int]:
+    """Middle sizes ``[n_0, n_1, …, n_itrs]`` after each round (deterministic, data-free).
+
+    Round ``r`` splits ``n_r`` tokens into blocks of ``min(block, n_r)``; a block of ``b >= 2``
+    valid tokens keeps ``floor(b/2)``, a block of one keeps it. ``n_r < 2`` stops halving.
+    """
+    sizes = [int(n_mid)]
+    for _ in range(itrs):
+        m = sizes[-1]
+        if m < 2:
+            sizes.append(m)
+            continue
+        blk = min(block, m)
+        full, rem = divmod(m, blk)
+        sizes.append(full * (blk // 2) + (rem // 2 if rem >= 2 else rem))
+    return sizes
+
+
+def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
+                    rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
+                    temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
+                    walk_signs: Callable | None = None):
+    """The full SPEC 4b procedure on ``H`` heads: keys ``(H, n, d)``, values ``(H, n, s)``.
+
+    Randomness: ``uniforms`` (a sequence of ``itrs`` arrays, round ``r`` of shape
+    ``(H, nblocks_r, blk_r)``) or ``rng`` (then round ``r`` draws ``rng.random((H, nblocks_r, blk_r))``).
+    A round with fewer than 2 middle tokens does nothing (no uniforms drawn). A middle shorter
+    than ``block`` forms one block. ``walk_signs`` (default :func:`blocked_walk_signs`) lets a
+    fast implementation with identical semantics plug in.
+
+    Returns ``(indices, log_weights)``: ``(H, m)`` sorted kept token indices (equal ``m`` for every
+    head, ``m = sink + window + halving_sizes(...)[-1]``) and their log-weights (0 for sink and window).
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    H, n, _ = K.shape
+    if (rng is None) == (uniforms is None):
+        raise ValueError("give exactly one of rng and uniforms")
+    walk = blocked_walk_signs if walk_signs is None else walk_signs
+    s0 = min(sink, n)
+    w0 = min(window, n - s0)
+    cur = np.broadcast_to(np.arange(s0, n - w0), (H, n - s0 - w0)).copy()
+    logw = np.zeros(cur.shape)
+    heads = np.arange(H)[:, None, None]
+    for rnd in range(itrs):
+        m = cur.shape[1]
+        if m < 2:
+            continue
+        blk = min(block, m)
+        nb = -(-m // blk)
+        pad = nb * blk - m
+        idx = np.concatenate([cur, np.zeros((H, pad), np.int64)], axis=1).reshape(H, nb, blk)
+        ok = (np.arange(nb * blk) < m).reshape(1, nb, blk).repeat(H, 0)
+        wts = np.concatenate([np.exp(logw), np.ones((H, pad))], axis=1).reshape(H, nb, blk)
+        r = rng.random((H, nb, blk)) if uniforms is None else np.asarray(uniforms[rnd], np.float64)
+        if r.shape != (H, nb, blk):
+            raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {r.shape}")
+        Kb, Vb = K[heads, idx], V[heads, idx]
+        signs = walk(Kb.reshape(H * nb, blk, -1), Vb.reshape(H * nb, blk, -1), r.reshape(H * nb, blk),
+                     weights=wts.reshape(H * nb, blk), valid=ok.reshape(H * nb, blk), scale=scale, gamma=gamma,
+                     temp=temp, beta=beta, a2=a2, value_centering=value_centering)
+        keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H * nb, blk), ok.reshape(H * nb, blk))
+        keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
+        lw = np.concatenate([logw, np.zeros((H, pad))], axis=1) + np.where(dbl, np.log(2.0), 0.0)
+        flat = idx.reshape(H, nb * blk)
+        new_m = int(keep[0].sum())
+        cur = flat[keep].reshape(H, new_m)
+        logw = lw[keep].reshape(H, new_m)
+    head = np.broadcast_to(np.arange(s0), (H, s0))
+    tail = np.broadcast_to(np.arange(n - w0, n), (H, w0))
+    out_idx = np.concatenate([head, cur, tail], axis=1)
+    out_lw = np.concatenate([np.zeros((H, s0)), logw, np.zeros((H, w0))], axis=1)
+    return out_idx, out_lw

@@ -1,0 +1,101 @@
+"""SoftmaxBalance: the self-balancing walk in the softmax kernel's feature space [BKV, Alg. 2, Thm 3.3].
+
+The walk runs on the implicit vectors ``u_i = phi(k_i) (x) v_i / R`` of the kernel::
+
+    kappa_ij = exp(scale <k_i, k_j>) <v_i, v_j>,    R^2 = exp(scale r_k^2) r_v^2,
+
+with ``r_k = max ||k_i||``, ``r_v = max ||v_i||``, so ``||u_i|| <= 1`` and only the
+Gram entries ``kappa_ij / R^2`` are needed (SPEC section 3). For every query ``q``
+the signed sum ``sum_i x_i exp(scale <q, k_i>) v_i`` is the inner product of the
+walk's end point with ``phi(q) (x) e_l`` per coordinate ``l``; keeping the
+smaller sign class ``C'`` with weight 2 makes ``2 sum_{C'} - sum_all`` equal to
+that signed sum up to sign. Its size is bounded by
+:func:`balancekv.bounds.balance.softmax_balance_bound` (``proofs/softmax_balance.md``).
+
+The denominator is the same walk with scalar values ``v_i = 1``.
+
+Computation is stable: ``kappa_ij / R^2 = exp(scale (<k_i,k_j> - r_k^2)) <v_i,v_j> / r_v^2``
+has a non-positive exponent (Cauchy–Schwarz), so keys of norm 1e4 do not overflow.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .walk import WalkFailure, default_threshold, gram_walk_signs
+
+__all__ = ["BalanceHalf", "normalized_softmax_gram", "softmax_balance", "softmax_balance_signs"]
+
+
+class BalanceHalf(NamedTuple):
+    """The kept half: ``indices`` (sorted, into the input), ``log_weights`` (all ``log 2``), ``signs``."""
+
+    indices: np.ndarray
+    log_weights: np.ndarray
+    signs: np.ndarray
+
+
+def normalized_softmax_gram(K, V, scale: float) -> np.ndarray:
+    """``kappa_ij / R^2`` for keys ``(B, n, d)`` and values ``(B, n, s)`` -> ``(B, n, n)``.
+
+    ``r_k`` and ``r_v`` are maxima per problem ``b``. All-zero values give the zero matrix
+    (every vector ``u_i`` is 0; any signs are exact).
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    rk2 = np.max(np.einsum("bnd,bnd->bn", K, K), axis=-1)          # (B,)
+    rv2 = np.max(np.einsum("bns,bns->bn", V, V), axis=-1)          # (B,)
+    expo = scale * (np.einsum("bid,bjd->bij", K, K) - rk2[:, None, None])
+    expo = np.minimum(expo, 0.0)  # exact value is <= 0; clip rounding noise
+    vv = np.einsum("bis,bjs->bij", V, V)
+    safe = np.where(rv2 > 0, rv2, 1.0)
+    return np.exp(expo) * vv / safe[:, None, None]
+
+
+def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float = 0.01):
+    """Walk signs for ``B`` independent SoftmaxBalance problems.
+
+    ``K (B, n, d)``, ``V (B, n, s)``, ``uniforms (B, n)``; ``c`` defaults to
+    ``default_threshold(n, delta)``. Returns ``(signs (B, n) int8, failed_at (B,))`` as
+    :func:`balancekv.reference.walk.gram_walk_signs` (``failed_at = -1``: no FAIL).
+    """
+    K = np.asarray(K, np.float64)
+    n = K.shape[-2]
+    c = default_threshold(n, delta) if c is None else c
+    return gram_walk_signs(normalized_softmax_gram(K, V, scale), uniforms, c)
+
+
+def kept_class(signs: np.ndarray) -> int:
+    """The smaller sign class: ``+1`` if ``#(+1) <= #(-1)``, else ``-1`` (ties keep ``+1``)."""
+    signs = np.asarray(signs)
+    return 1 if np.count_nonzero(signs == 1) <= np.count_nonzero(signs == -1) else -1
+
+
+def softmax_balance(K, V, uniforms, *, scale: float | None = None, c: float | None = None,
+                    delta: float = 0.01) -> BalanceHalf:
+    """One SoftmaxBalance halving of ``n`` tokens: keys ``(n, d)``, values ``(n, s)``, uniforms ``(n,)``.
+
+    Returns the smaller sign class (at most ``n/2`` tokens, sorted indices) with log-weight
+    ``log 2`` each. For values ``V = ones((n, 1))`` this is the denominator instance.
+    ``scale`` defaults to ``1/sqrt(d)``; ``c`` to ``30 log(n/delta)``. Raises
+    :class:`~balancekv.reference.walk.WalkFailure` if the walk fails.
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    if K.ndim != 2 or V.ndim != 2 or K.shape[0] != V.shape[0]:
+        raise ValueError(f"K and V must have shapes (n, d) and (n, s) with equal n, got {K.shape} and {V.shape}")
+    if K.shape[0] == 0:
+        raise ValueError("K is empty (n = 0)")
+    scale = 1.0 / np.sqrt(K.shape[1]) if scale is None else float(scale)
+    r = np.asarray(uniforms, np.float64).reshape(1, -1)
+    signs, failed = softmax_balance_signs(K[None], V[None], r, scale=scale, c=c, delta=delta)
+    if failed[0] >= 0:
+        c_used = default_threshold(K.shape[0], delta) if c is None else float(c)
+        G = normalized_softmax_gram(K[None], V[None], scale)[0]
+        i = int(failed[0])
+        g = float(G[i, :i] @ signs[0, :i].astype(np.float64))
+        raise WalkFailure(i, g, c_used)
+    x = signs[0]
+    idx = np.flatnonzero(x == kept_class(x))
+    return BalanceHalf(idx, np.full(idx.size, np.log(2.0)), x)

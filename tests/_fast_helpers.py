@@ -1,0 +1,72 @@
+"""Helpers shared by the tests of :mod:`balancekv.fast` (not a test module)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Triton decides when it is first imported whether its library functions (tl.sum, tl.max, ...)
+# are compiled or interpreted. Without CUDA nothing can be compiled anyway, so import it here,
+# once, in interpreter mode, and restore the environment: the variable stays unset for every
+# other test, whose "auto" dispatch never picks Triton for CPU tensors.
+if not HAS_CUDA and "triton" not in sys.modules:
+    _old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    finally:
+        if _old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _old
+
+
+def _interpreter_usable() -> bool:
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+INTERPRETER_USABLE = _interpreter_usable()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER_USABLE,
+    reason="Triton was imported in compiled mode (CUDA present, or imported before TRITON_INTERPRET=1)")
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """Run Triton kernels on CPU tensors: ``TRITON_INTERPRET=1`` for the duration only.
+
+    Kernel modules are (re)decorated by ``balancekv.fast._triton.kernels`` when the setting
+    changes, so this neither needs to run before ``import triton`` nor leaks into other tests
+    (their ``auto`` dispatch only picks Triton for CUDA tensors).
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def first_difference(a: np.ndarray, b: np.ndarray):
+    """``(row, position)`` of the first differing entry of each row that differs."""
+    a, b = np.asarray(a), np.asarray(b)
+    out = []
+    for row in np.nonzero((a != b).any(axis=-1))[0]:
+        out.append((int(row), int(np.argmax(a[row] != b[row]))))
+    return out

