@@ -66,10 +66,12 @@ class Method:
         """Raise ``ValueError``/``TypeError`` naming the option for a bad value."""
 
     def levels(self, n: int, opts: dict) -> list[dict]:
-        raise NotImplementedError
+        """Default for token-selecting methods: kept fractions 1/2, 1/4, … (at least one token)."""
+        return halving_levels(n)
 
     def level_for_keep(self, keep: float, n: int, opts: dict) -> dict:
-        raise NotImplementedError
+        """Default: the kept fraction itself is the level."""
+        return {"keep": float(keep)}
 
     def build(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
         raise NotImplementedError

@@ -21,7 +21,7 @@ import numpy as np
 from balancekv.reference.selection import h2o_scores, select_top
 
 from ..storage import exact_segment, gather_tokens
-from .base import Built, Method, check_float_option, halving_levels, kept_count
+from .base import Built, Method, check_float_option, kept_count
 
 
 def selection_queries(K: np.ndarray, ctx) -> np.ndarray:
@@ -40,12 +40,6 @@ class H2O(Method):
 
     def check_options(self, opts):
         check_float_option(opts, "recent_share", 0.0, 1.0)
-
-    def levels(self, n, opts):
-        return halving_levels(n)
-
-    def level_for_keep(self, keep, n, opts):
-        return {"keep": float(keep)}
 
     def build(self, K, V, level, ctx):
         n = K.shape[-2]

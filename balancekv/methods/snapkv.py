@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from balancekv.reference.selection import POOLS, select_top, snapkv_scores
 
-from .base import Built, Method, check_int_option, halving_levels, kept_count
+from .base import Built, Method, check_int_option, kept_count
 from .h2o import selected_segment
 
 
@@ -30,12 +30,6 @@ class SnapKV(Method):
             raise ValueError(f"option kernel must be odd (same-length pooling), got {opts['kernel']}")
         if opts["pool"] not in POOLS:
             raise ValueError(f"option pool must be one of {POOLS}, got {opts['pool']!r}")
-
-    def levels(self, n, opts):
-        return halving_levels(n)
-
-    def level_for_keep(self, keep, n, opts):
-        return {"keep": float(keep)}
 
     def build(self, K, V, level, ctx):
         n = K.shape[-2]

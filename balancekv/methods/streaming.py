@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..storage import exact_segment
-from .base import Built, Method, check_int_option, halving_levels, kept_count
+from .base import Built, Method, check_int_option, kept_count
 
 
 class SinkWindowStream:
@@ -46,12 +46,6 @@ class Streaming(Method):
 
     def check_options(self, opts):
         check_int_option(opts, "sink", 0)
-
-    def levels(self, n, opts):
-        return halving_levels(n)
-
-    def level_for_keep(self, keep, n, opts):
-        return {"keep": float(keep)}
 
     def build(self, K, V, level, ctx):
         n = K.shape[-2]

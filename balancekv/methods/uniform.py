@@ -6,18 +6,12 @@ import numpy as np
 from balancekv.reference.sampling import uniform_sample_indices
 
 from ..storage import dense_segment, gather_tokens
-from .base import Built, Method, halving_levels, kept_count
+from .base import Built, Method, kept_count
 
 
 class Uniform(Method):
     name = "uniform"
     defaults: dict = {}
-
-    def levels(self, n, opts):
-        return halving_levels(n)
-
-    def level_for_keep(self, keep, n, opts):
-        return {"keep": float(keep)}
 
     def build(self, K, V, level, ctx):
         H, n, _ = K.shape
