@@ -74,7 +74,33 @@ def _add_reproduce(sub):
         add(rsub)
 
 
-COMMANDS = [_add_demo, _add_reproduce]
+def _eval(args):
+    from balancekv.experiments.evaluate import run_eval  # noqa: PLC0415
+
+    run_eval(methods=args.methods, keeps=tuple(args.keeps), n_prefix=args.n_prefix, n_cont=args.n_cont,
+             samples=args.samples, lengths=tuple(args.lengths), depths=tuple(args.depths),
+             needle_keep=args.needle_keep, out_dir=args.out, seed=args.seed,
+             kvpress_python=args.kvpress_python, tasks=tuple(args.tasks))
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="SmolLM2 end to end: NLL and pass-key retrieval from compressed caches")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    p.add_argument("--n-prefix", type=int, default=1024)
+    p.add_argument("--n-cont", type=int, default=64)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="pass-key prompt lengths")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75], help="pass-key depths")
+    p.add_argument("--needle-keep", type=float, default=0.25)
+    p.add_argument("--tasks", nargs="+", choices=["nll", "needle", "bytes"], default=["nll", "needle", "bytes"])
+    p.add_argument("--kvpress-python", default=None, help="python of a separate venv with kvpress installed")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_eval)
+
+
+COMMANDS = [_add_demo, _add_reproduce, _add_eval]
 
 
 def main(argv=None) -> int:

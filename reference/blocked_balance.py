@@ -33,17 +33,21 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["EXP_CLIP", "blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
+__all__ = ["EXP_CLIP", "KERNELS", "blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
 
 #: Kernel exponents are clipped above at this value (float64 semantics). Beyond it
 #: ``gamma * kappa`` saturates ``p`` at 0 or 1 for any non-negligible value factor, and the
 #: clip keeps keys of norm 1e4 from overflowing. Fast paths must apply the same clip.
 EXP_CLIP = 300.0
 
+#: Walk kernels: ``keys`` (the authors' key kernel; mirrored by the fast path) and ``queries``
+#: (query-aware, reference only).
+KERNELS = ("keys", "queries")
+
 
 def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float, gamma: float = 4.0,
                        temp: float = 1.0, beta: float = 0.0, a2: float = 0.025,
-                       value_centering: bool = True) -> np.ndarray:
+                       value_centering: bool = True, kernel: str = "keys", probes=None) -> np.ndarray:
     """One round of SPEC 4b steps 2–4 for ``B`` independent blocks: the walk's signs.
 
     Parameters
@@ -52,6 +56,8 @@ def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float
     weights : ``(B, blk)`` current token weights (``None``: all 1), multiplying the values.
     valid : ``(B, blk)`` bool, ``False`` for padding (``None``: all valid).
     scale, gamma, temp, beta, a2, value_centering : as in the module docstring.
+    kernel : ``"keys"`` (default, the kernel above) or ``"queries"`` (the query-aware kernel below).
+    probes : ``(B, L, d)`` observed queries, required for ``kernel="queries"`` (ignored otherwise).
 
     Exact definition (float64). With ``V_b`` the valid tokens of block ``b`` and ``n_b = |V_b|``:
 
@@ -63,8 +69,21 @@ def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float
       token gets ``+1``; every later valid token gets ``+1`` iff
       ``r_i < clip(1/2 - gamma * sum_{j<i, j valid} kappa_ij x_j, 0, 1)``, else ``-1``.
 
+    Query-aware kernel (``kernel="queries"``, observed queries ``q_1..q_L`` of the block):
+    ``s_li = temp * scale * <q_l, k_i>``, ``m_l = max_{i in V_b} s_li`` (per-query shift, per block),
+    ``phi_l(k_i) = exp(s_li - m_l)`` (so ``0 < phi <= 1``), ``G_ij = sum_l phi_l(k_i) phi_l(k_j)``,
+    ``kappa_ij = exp(-beta) * G_ij / max_{i in V_b} G_ii * (<v'_i, v'_j> + a2)``.
+    The softmax numerator and denominator of query ``q_l`` are sums of ``exp(s_li) v_i`` and
+    ``exp(s_li)``, so the signed sum of ``phi_l(k_i) (v'_i, sqrt(a2))`` is exactly the (shifted)
+    numerator/denominator discrepancy on ``q_l``: this kernel balances the errors on the observed
+    queries, where the ``keys`` kernel balances a key-space proxy for all queries. Dividing by the
+    largest diagonal entry keeps ``gamma`` on the same ``O(1)`` scale for any ``L``. (No fast path:
+    callers use this reference walk for this kernel.)
+
     Returns ``(B, blk)`` int8 signs in ``{-1, 0, +1}`` (0 exactly on padding).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
     if K.ndim != 3 or V.ndim != 3 or K.shape[:2] != V.shape[:2]:
@@ -88,8 +107,24 @@ def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float
     else:
         Vp = w[..., None] * V
     Vp = Vp * okf[..., None]
-    expo = np.minimum(temp * scale * np.einsum("bid,bjd->bij", Kc, Kc) - beta, EXP_CLIP)
-    kappa = np.exp(expo) * (np.einsum("bis,bjs->bij", Vp, Vp) + a2)
+    if kernel == "keys":
+        expo = np.minimum(temp * scale * np.einsum("bid,bjd->bij", Kc, Kc) - beta, EXP_CLIP)
+        kk = np.exp(expo)
+    else:
+        if probes is None:
+            raise ValueError("probes (B, L, d) are required for kernel='queries'")
+        P = np.asarray(probes, np.float64)
+        if P.ndim != 3 or P.shape[0] != B or P.shape[2] != K.shape[2] or P.shape[1] < 1:
+            raise ValueError(f"probes must have shape ({B}, L>=1, {K.shape[2]}), got {P.shape}")
+        sc = temp * scale * np.einsum("bld,bid->bli", P, K)
+        sc = np.where(ok[:, None, :], sc, -np.inf)
+        m = sc.max(-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        phi = np.exp(np.maximum(sc - m, -EXP_CLIP)) * okf[:, None, :]
+        G = np.einsum("bli,blj->bij", phi, phi)
+        gmax = np.max(np.einsum("bii->bi", G), axis=-1)
+        kk = G / np.maximum(gmax, np.finfo(float).tiny)[:, None, None] * np.exp(min(-beta, EXP_CLIP))
+    kappa = kk * (np.einsum("bis,bjs->bij", Vp, Vp) + a2)
     x = np.zeros((B, blk))
     seen = np.zeros(B, bool)
     for i in range(blk):
@@ -154,7 +189,7 @@ def halving_sizes(n_mid: int, block: int, itrs: int) -> list[int]:
 def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
                     rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
                     temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
-                    walk_signs: Callable | None = None):
+                    walk_signs: Callable | None = None, kernel: str = "keys", probes=None):
     """The full SPEC 4b procedure on ``H`` heads: keys ``(H, n, d)``, values ``(H, n, s)``.
 
     Randomness: ``uniforms`` (a sequence of ``itrs`` arrays, round ``r`` of shape
@@ -172,6 +207,15 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
     if (rng is None) == (uniforms is None):
         raise ValueError("give exactly one of rng and uniforms")
     walk = blocked_walk_signs if walk_signs is None else walk_signs
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    extra = {}
+    if kernel == "queries":
+        if probes is None:
+            raise ValueError("probes (H, L, d) are required for kernel='queries'")
+        P = np.asarray(probes, np.float64)
+        if P.ndim != 3 or P.shape[0] != H or P.shape[2] != K.shape[2]:
+            raise ValueError(f"probes must have shape ({H}, L, {K.shape[2]}), got {P.shape}")
     s0 = min(sink, n)
     w0 = min(window, n - s0)
     cur = np.broadcast_to(np.arange(s0, n - w0), (H, n - s0 - w0)).copy()
@@ -191,9 +235,11 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
         if r.shape != (H, nb, blk):
             raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {r.shape}")
         Kb, Vb = K[heads, idx], V[heads, idx]
+        if kernel == "queries":
+            extra = {"kernel": "queries", "probes": np.repeat(P, nb, axis=0)}
         signs = walk(Kb.reshape(H * nb, blk, -1), Vb.reshape(H * nb, blk, -1), r.reshape(H * nb, blk),
                      weights=wts.reshape(H * nb, blk), valid=ok.reshape(H * nb, blk), scale=scale, gamma=gamma,
-                     temp=temp, beta=beta, a2=a2, value_centering=value_centering)
+                     temp=temp, beta=beta, a2=a2, value_centering=value_centering, **extra)
         keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H * nb, blk), ok.reshape(H * nb, blk))
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
         lw = np.concatenate([logw, np.zeros((H, pad))], axis=1) + np.where(dbl, np.log(2.0), 0.0)

@@ -253,7 +253,11 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
     import kvpress  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, DynamicCache  # noqa: PLC0415
 
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     prompts = json.loads(Path(prompts_path).read_text())
     frac = json.loads(fractions)
     net = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf, dtype=torch.float32,
@@ -418,8 +422,8 @@ def plot(rows, keeps, needle_rows, path: Path) -> None:
     plt.close(fig)
 
 
-def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=128, samples=2, lengths=(512, 1024),
-             depths=(0.1, 0.5, 0.9), needle_keep=0.25, text=None, out_dir="benchmarks/results", seed=0,
+def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=64, samples=1, lengths=(512, 1024),
+             depths=(0.25, 0.75), needle_keep=0.25, text=None, out_dir="benchmarks/results", seed=0,
              kvpress_python=None, tasks=("nll", "needle", "bytes"), progress=True) -> dict:
     """Run the evaluation; write ``eval_*.md``, ``eval_*.json`` and ``eval_smollm2.png`` under ``out_dir``."""
     from balancekv import texts  # noqa: PLC0415

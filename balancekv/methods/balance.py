@@ -19,13 +19,29 @@ and denominator (SPEC section 1). ``estimator="published"`` reproduces the
 authors' released decode path for comparison only: the numerator weights each
 middle token by its weight, the denominator by ``2^T`` (``den_logw = T log 2``).
 
-Defaults (the authors' published kernel: ``value_centering=False, gamma=4,
-a2=0.025, temp=1, block=128, sink=32, window=32``) were chosen by measurement on
-the synthetic families, see ``benchmarks/balance_kernel_choice.py``: value
-centring tied or lost there (it lost on the ``llm`` family), so it is an option,
-not the default, until real captures say otherwise. The walk itself is looked up with
+Defaults: ``gamma=4, a2=0, temp=1, block=64, sink=32, window=32,
+kernel="auto", value_centering="auto"``. ``kernel="auto"`` uses the query-aware
+``queries`` kernel when ``queries`` were given to ``compress`` and the authors'
+``keys`` kernel otherwise; ``value_centering="auto"`` is True with the
+``queries`` kernel and False with the ``keys`` kernel. Chosen on real SmolLM2
+captures of the TUNING text only (``benchmarks/balance_real_tuning.py``,
+``benchmarks/results/balance_tuning_numpy-license.md``): with observed queries,
+the value-centred ``queries`` kernel had the lowest error relative to
+``uniform-halving`` of the grid, best at ``a2=0, block=64`` (the authors used
+``a2=0.025, block=128``; ``uniform-halving`` shares ``block``); without queries, the keys kernel without value
+centring is what the synthetic families favour (``benchmarks/balance_kernel_choice.py``;
+value centring, and the queries kernel fed with the fallback key probes, both
+lost to ``uniform-halving`` on the ``llm`` family). The walk itself is looked up with
 ``balancekv.backends.resolve("blocked_walk_signs", ctx.backend)``, so a fast
 implementation with identical semantics plugs in.
+
+Kernel. ``kernel="keys"`` (the authors' kernel on centred keys, SPEC 4b) or
+``kernel="queries"``: the query-aware kernel of
+:func:`~balancekv.reference.blocked_balance.blocked_walk_signs` built from the
+observed queries ``ctx.probes`` (the ``queries`` given to ``compress``; without
+them, the probes ``compress`` falls back to, i.e. the last keys). The
+``queries`` kernel always runs the NumPy reference walk (the fast walk implements
+only the keys kernel), whatever ``backend``.
 
 The gamma-walk clips ``p`` to ``[0, 1]`` and cannot FAIL, so ``retries`` and
 ``fallbacks`` are always 0 here (the theory walk of ``balance-stream`` can FAIL).
@@ -35,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from balancekv.backends import resolve
-from balancekv.reference.blocked_balance import blocked_balance, halving_sizes
+from balancekv.reference.blocked_balance import KERNELS, blocked_balance, blocked_walk_signs, halving_sizes
 
 from ..storage import dense_segment, gather_tokens
 from .base import Built, Method, check_float_option, check_int_option
@@ -45,13 +61,14 @@ ESTIMATORS = ("consistent", "published")
 
 class Balance(Method):
     name = "balance"
-    defaults = {"value_centering": False, "gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.025,
-                "block": 128, "sink": 32, "window": 32, "estimator": "consistent"}
+    defaults = {"value_centering": "auto", "gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.0,
+                "block": 64, "sink": 32, "window": 32, "estimator": "consistent", "kernel": "auto"}
     fixed_gamma: float | None = None
 
     def check_options(self, opts):
-        if not isinstance(opts["value_centering"], (bool, np.bool_)):
-            raise TypeError(f"option value_centering must be a bool, got {type(opts['value_centering']).__name__}")
+        vc = opts["value_centering"]
+        if not (isinstance(vc, (bool, np.bool_)) or (isinstance(vc, str) and vc == "auto")):
+            raise TypeError(f"option value_centering must be a bool or 'auto', got {vc!r}")
         if "gamma" in opts:
             check_float_option(opts, "gamma", 0.0)
         check_float_option(opts, "temp", 0.0)
@@ -62,6 +79,8 @@ class Balance(Method):
         check_int_option(opts, "window", 0)
         if opts["estimator"] not in ESTIMATORS:
             raise ValueError(f"option estimator must be one of {ESTIMATORS}, got {opts['estimator']!r}")
+        if opts["kernel"] not in ("auto",) + KERNELS:
+            raise ValueError(f"option kernel must be one of {('auto',) + KERNELS}, got {opts['kernel']!r}")
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -84,15 +103,34 @@ class Balance(Method):
     def gamma(self, opts) -> float:
         return float(opts["gamma"]) if self.fixed_gamma is None else self.fixed_gamma
 
+    @staticmethod
+    def resolved_kernel(opts, queries_given: bool) -> tuple[str, bool]:
+        """``(kernel, value_centering)`` after resolving ``"auto"`` (see the module docstring)."""
+        kernel = opts["kernel"]
+        if kernel == "auto":
+            kernel = "queries" if queries_given else "keys"
+        vc = opts["value_centering"]
+        if isinstance(vc, str):  # "auto"
+            vc = kernel == "queries"
+        return kernel, bool(vc)
+
     def build(self, K, V, level, ctx):
         opts = ctx.opts
         H, n, _ = K.shape
         T = int(level["itrs"])
-        walk = resolve("blocked_walk_signs", ctx.backend)
+        kernel, vc = self.resolved_kernel(opts, ctx.queries_given)
+        if self.gamma(opts) == 0.0:
+            kernel = "keys"  # gamma = 0 gives p = 1/2 whatever the kernel: same signs, fast walk
+        extra = {}
+        if kernel == "queries":
+            walk = blocked_walk_signs  # reference only: the fast walk implements the keys kernel
+            extra = {"kernel": "queries", "probes": ctx.probes}
+        else:
+            walk = resolve("blocked_walk_signs", ctx.backend)
         idx, lw = blocked_balance(K, V, itrs=T, block=opts["block"], sink=opts["sink"], window=opts["window"],
                                   scale=ctx.scale, rng=ctx.rng, gamma=self.gamma(opts), temp=opts["temp"],
-                                  beta=opts["beta"], a2=opts["a2"], value_centering=bool(opts["value_centering"]),
-                                  walk_signs=walk)
+                                  beta=opts["beta"], a2=opts["a2"], value_centering=vc,
+                                  walk_signs=walk, **extra)
         den = lw.copy()
         if opts["estimator"] == "published":
             s0 = min(opts["sink"], n)
@@ -101,7 +139,8 @@ class Balance(Method):
             den = np.where(mid, T * np.log(2.0), 0.0)
         seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den, idx, self.name)
         m = idx.shape[1]
-        return Built([seg], info={"kept": m, "keep_effective": m / n, "itrs": T, "retries": 0, "fallbacks": 0})
+        return Built([seg], info={"kept": m, "keep_effective": m / n, "itrs": T, "retries": 0, "fallbacks": 0,
+                                  "kernel": kernel, "value_centering": vc})
 
 
 class UniformHalving(Balance):
