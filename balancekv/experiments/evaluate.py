@@ -117,6 +117,21 @@ def _cache_for(src, method, frac, seed):
     return hf.CompressedCache.recompress(src, method, keep=frac, seed=seed)
 
 
+def _matched(src, method, keep, frac, n, seed):
+    """``method`` at BalanceKV's realised fraction ``frac``: nominal ``keep`` when that already
+    realises ``frac`` (methods with BalanceKV's sink/window/halving structure), else ``keep=frac``."""
+    cache = _cache_for(src, method, keep, seed)
+    if abs(_realised(cache, n) - frac) <= 0.01 or not _selects(method):
+        return cache
+    return _cache_for(src, method, frac, seed)
+
+
+def _selects(method):
+    from balancekv import get_method  # noqa: PLC0415
+
+    return get_method(method).selects_tokens
+
+
 def _realised(cache, n):
     heads = sum(int(np.prod(layer.ckv.lead)) for layer in cache.layers)
     return cache.kept_slots() / (heads * n)
@@ -157,7 +172,7 @@ def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
                 bar.update()
                 for m in methods:
                     t0 = time.perf_counter()
-                    cache = bal if m == "balance" else _cache_for(src, m, frac, seed)
+                    cache = bal if m == "balance" else _matched(src, m, k, frac, n, seed)
                     kept, ratio = _realised(cache, n), cache.ratio
                     try:
                         nll = _nll(net(cont, past_key_values=cache, use_cache=True).logits, cont)
@@ -193,7 +208,7 @@ def run_needle(prompts, methods, keep, steps=8, seed=0, progress=True) -> list[d
                 if "balance" in methods else keep
             for m in ["full"] + methods:
                 cache = hf.CompressedCache.recompress(src, "exact", keep=1.0) if m == "full" else \
-                    _cache_for(src, m, frac, seed)
+                    _matched(src, m, keep, frac, n, seed)
                 kept, ratio = _realised(cache, n), cache.ratio
                 try:
                     logits = net(q, past_key_values=cache, use_cache=True).logits
@@ -272,6 +287,11 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
     with torch.inference_mode():
         for s, w in enumerate(prompts["windows"]):
             cont = torch.tensor([w[n:]])
+            cache = DynamicCache()
+            net(torch.tensor([w[:n]]), past_key_values=cache, use_cache=True)
+            pos = torch.arange(n, n + cont.shape[1])[None]
+            base = _nll(net(cont, past_key_values=cache, use_cache=True, position_ids=pos).logits, cont)
+            rows.append({"task": "nll", "sample": s, "method": "kvpress:full", "keep": 1.0, "kept": 1.0, "nll": base})
             for k, f in frac["nll"].items():
                 for name in KVPRESS_PRESSES:
                     t0 = time.perf_counter()
@@ -282,8 +302,10 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
                         kept = cache.get_seq_length() / n
                         pos = torch.arange(n, n + cont.shape[1])[None]
                         logits = net(cont, past_key_values=cache, use_cache=True, position_ids=pos).logits
+                        nll = _nll(logits, cont)
                         rows.append({"task": "nll", "sample": s, "method": "kvpress:" + name, "keep": float(k),
-                                     "kept": kept, "nll": _nll(logits, cont), "seconds": time.perf_counter() - t0})
+                                     "kept": kept, "nll": nll, "delta": nll - base,
+                                     "seconds": time.perf_counter() - t0})
                     except Exception as err:  # noqa: BLE001 - report, do not hide
                         rows.append({"task": "nll", "sample": s, "method": "kvpress:" + name, "keep": float(k),
                                      "error": f"{type(err).__name__}: {err}"})
@@ -422,6 +444,44 @@ def plot(rows, keeps, needle_rows, path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(out_dir) -> str:
+    """``eval_smollm2.md`` and ``eval_smollm2.png`` from ``eval_smollm2.json`` in ``out_dir``; returns the markdown.
+
+    kvpress rows carry the NLL increase over kvpress's own full-cache run (same environment);
+    older result files without it fall back to this environment's full-cache NLL of the sample.
+    """
+    out = Path(out_dir)
+    d = json.loads((out / "eval_smollm2.json").read_text())
+    keeps = tuple(d.get("keeps") or KEEPS)
+    nll_rows, needle_rows, byte_rows, kv_rows = d["nll"], d["needle"], d["bytes"], d["kvpress"]
+    base = {r["sample"]: r["nll"] for r in nll_rows if r["method"] == "full"}
+    for r in kv_rows:
+        if r["task"] == "nll" and "nll" in r and "delta" not in r:
+            r["delta"] = r["nll"] - base[r["sample"]]
+    kv_nll = [r for r in kv_rows if r["task"] == "nll" and r["method"] != "kvpress:full"]
+    all_nll = nll_rows + kv_nll
+    all_needle = needle_rows + [r for r in kv_rows if r["task"] == "needle"]
+    md = ["# End-to-end: SmolLM2 generation", "", d["settings"], "",
+          "## Teacher-forced NLL increase over the full cache", "",
+          "Cells: mean ΔNLL in nats/token (realised kept fraction of prompt tokens, bytes / fp16 cache; "
+          "n/a for kvpress, whose bytes are the kept fraction). Column header = nominal keep; "
+          "token-selecting methods get BalanceKV's realised fraction.", "",
+          nll_table(all_nll, keeps), "", "## Pass-key retrieval", "", needle_table(all_needle), "",
+          "## Equal bytes: balance+quant vs minikv", "", bytes_table(byte_rows) if byte_rows else "(not run)", "",
+          f"kvpress: {d['kvpress_note']}", ""]
+    errors = [r for r in kv_rows if "error" in r]
+    if errors:
+        md += ["kvpress errors:", ""] + [f"- {r['method']} ({r['task']}): {r['error']}" for r in errors[:12]] + [""]
+    notes = sorted({r["method"] for r in nll_rows if "note" in r})
+    if notes:
+        md += [f"Non-finite activations (the estimator blew up, ΔNLL = inf): {', '.join(notes)}.", ""]
+    text = "\n".join(md)
+    (out / "eval_smollm2.md").write_text(text)
+    if all_nll or all_needle:
+        plot(all_nll, keeps, all_needle, out / "eval_smollm2.png")
+    return text
+
+
 def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=64, samples=1, lengths=(512, 1024),
              depths=(0.25, 0.75), needle_keep=0.25, text=None, out_dir="benchmarks/results", seed=0,
              kvpress_python=None, tasks=("nll", "needle", "bytes"), progress=True) -> dict:
@@ -441,28 +501,14 @@ def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=64, samples=1, len
         got, err = run_kvpress(kvpress_python, prompts, nll_rows, needle_rows, out)
         kv_rows, kv_note = (got or []), (err or "kvpress ran in a separate environment on the same token ids")
     elapsed = time.perf_counter() - t0
-    all_nll = nll_rows + [r for r in kv_rows if r["task"] == "nll"]
-    all_needle = needle_rows + [r for r in kv_rows if r["task"] == "needle"]
     settings = (f"SmolLM2-135M-Instruct (GGUF Q4_1, float32 on CPU); text {text or texts.REPORT_TEXT!r}; "
                 f"NLL: {samples} windows, prefix {n_prefix} + continuation {n_cont} tokens; pass key: lengths "
                 f"{list(lengths)}, depths {list(depths)}, keep {needle_keep}; seed {seed}; {elapsed:.0f} s")
-    md = ["# End-to-end: SmolLM2 generation", "", settings, "",
-          "## Teacher-forced NLL increase over the full cache", "",
-          "Cells: mean ΔNLL in nats/token (realised kept fraction of prompt tokens, bytes / fp16 cache). "
-          "Column header = nominal keep; token-selecting methods get BalanceKV's realised fraction.", "",
-          nll_table(all_nll, keeps), "", "## Pass-key retrieval", "", needle_table(all_needle), "",
-          "## Equal bytes: balance+quant vs minikv", "", bytes_table(byte_rows) if byte_rows else "(not run)", "",
-          f"kvpress: {kv_note}", ""]
-    errors = [r for r in kv_rows if "error" in r]
-    if errors:
-        md += ["kvpress errors:", ""] + [f"- {r['method']} ({r['task']}): {r['error']}" for r in errors[:12]] + [""]
-    (out / "eval_smollm2.md").write_text("\n".join(md))
-    (out / "eval_smollm2.json").write_text(json.dumps({"settings": settings, "nll": nll_rows, "needle": needle_rows,
-                                                       "bytes": byte_rows, "kvpress": kv_rows,
+    (out / "eval_smollm2.json").write_text(json.dumps({"settings": settings, "keeps": list(keeps), "nll": nll_rows,
+                                                       "needle": needle_rows, "bytes": byte_rows, "kvpress": kv_rows,
                                                        "kvpress_note": kv_note}, indent=1, default=str))
-    if nll_rows or needle_rows:
-        plot(all_nll, keeps, all_needle, out / "eval_smollm2.png")
-    print("\n".join(md))
+    md = write_report(out)
+    print(md)
     return {"nll": nll_rows, "needle": needle_rows, "bytes": byte_rows, "kvpress": kv_rows}
 
 
