@@ -189,7 +189,7 @@ def halving_sizes(n_mid: int, block: int, itrs: int) -> list[int]:
 def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
                     rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
                     temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
-                    walk_signs: Callable | None = None, kernel: str = "keys", probes=None):
+                    walk_signs: Callable | None = None, kernel: str = "keys", probes=None, protect=None):
     """The full SPEC 4b procedure on ``H`` heads: keys ``(H, n, d)``, values ``(H, n, s)``.
 
     Randomness: ``uniforms`` (a sequence of ``itrs`` arrays, round ``r`` of shape
@@ -198,8 +198,13 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
     than ``block`` forms one block. ``walk_signs`` (default :func:`blocked_walk_signs`) lets a
     fast implementation with identical semantics plug in.
 
+    ``protect`` (optional, ``(H, h)`` distinct middle-token indices per head): tokens kept exactly
+    (log-weight 0) and left out of the halving, which then runs on the other ``n_mid - h`` middle
+    tokens — the heavy-hitter hybrid of :class:`balancekv.methods.balance.Balance`.
+
     Returns ``(indices, log_weights)``: ``(H, m)`` sorted kept token indices (equal ``m`` for every
-    head, ``m = sink + window + halving_sizes(...)[-1]``) and their log-weights (0 for sink and window).
+    head, ``m = sink + window + h + halving_sizes(n_mid - h, ...)[-1]``) and their log-weights
+    (0 for sink, window and protected tokens).
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
@@ -219,6 +224,15 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
     s0 = min(sink, n)
     w0 = min(window, n - s0)
     cur = np.broadcast_to(np.arange(s0, n - w0), (H, n - s0 - w0)).copy()
+    prot = np.zeros((H, 0), np.int64)
+    if protect is not None:
+        prot = np.sort(np.asarray(protect, np.int64), axis=1)
+        if prot.ndim != 2 or prot.shape[0] != H or np.any(prot < s0) or np.any(prot >= n - w0) \
+                or np.any(np.diff(prot, axis=1) == 0):
+            raise ValueError(f"protect must hold ({H}, h) distinct middle indices in [{s0}, {n - w0})")
+        rest = np.ones(cur.shape, bool)
+        np.put_along_axis(rest, prot - s0, False, axis=1)
+        cur = cur[rest].reshape(H, -1)
     logw = np.zeros(cur.shape)
     heads = np.arange(H)[:, None, None]
     for rnd in range(itrs):
@@ -249,6 +263,10 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
         logw = lw[keep].reshape(H, new_m)
     head = np.broadcast_to(np.arange(s0), (H, s0))
     tail = np.broadcast_to(np.arange(n - w0, n), (H, w0))
-    out_idx = np.concatenate([head, cur, tail], axis=1)
-    out_lw = np.concatenate([np.zeros((H, s0)), logw, np.zeros((H, w0))], axis=1)
+    out_idx = np.concatenate([head, cur, prot, tail], axis=1)
+    out_lw = np.concatenate([np.zeros((H, s0)), logw, np.zeros(prot.shape), np.zeros((H, w0))], axis=1)
+    if prot.shape[1]:
+        order = np.argsort(out_idx, axis=1, kind="stable")
+        out_idx = np.take_along_axis(out_idx, order, axis=1)
+        out_lw = np.take_along_axis(out_lw, order, axis=1)
     return out_idx, out_lw
