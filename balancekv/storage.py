@@ -14,8 +14,10 @@ at ``billed_bytes`` per element, 2 by default (fp16, the dtype of the input
 cache that ``ratio`` compares against). The object holds dense entries at the
 caller's precision, so errors we report exclude fp16 rounding (a relative
 1e-3 effect, far below every compression error measured here). Log-weights
-are billed at 4 bytes (fp32) per slot and per distinct weight set; a segment
-whose weights are all zero (exact tokens) bills none. Padding slots (``-inf``
+are billed per slot and per distinct weight set: 1 byte when every weight of
+the set is a power of two ``2^k`` (halving methods; an int8 exponent holds it
+exactly), else 4 bytes (fp32); a segment whose weights are all zero (exact
+tokens) bills none. Padding slots (``-inf``
 in both sets) are not billed: they exist only because heads keep different
 numbers of slots in one rectangular array.
 """
@@ -29,7 +31,19 @@ import numpy as np
 from ._arrays import Kind, is_torch, to_numpy, torch
 
 WEIGHT_BYTES = 4
+EXPONENT_BYTES = 1
 FP16_BYTES = 2
+
+
+def weight_bytes(logw: np.ndarray) -> int:
+    """Bytes per slot for one weight set: 1 when every finite weight is a power of two ``2^k``
+    with ``0 <= k < 128`` (halving methods: an int8 exponent stores it exactly; ``-inf``, "absent",
+    takes a reserved code), otherwise 4 (fp32)."""
+    fin = logw[np.isfinite(logw)]
+    k = fin / np.log(2.0)
+    if fin.size and np.all(np.abs(k - np.round(k)) < 1e-9) and np.all((k >= -0.5) & (k < 127.5)):
+        return EXPONENT_BYTES
+    return WEIGHT_BYTES
 
 
 def xp_cat(arrays, axis: int):
@@ -118,7 +132,8 @@ class Segment:
         if np.all(nl[valid] == 0) and np.all(dl[valid] == 0):
             return 0  # exact tokens: weight 1 is implied
         same = np.array_equal(nl[valid], dl[valid])
-        return nv * WEIGHT_BYTES * (1 if same else 2)
+        sets = [nl[valid]] if same else [nl[valid], dl[valid]]
+        return sum(nv * weight_bytes(w) for w in sets)
 
     def nbytes(self) -> int:
         valid = self.valid()

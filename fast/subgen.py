@@ -57,7 +57,10 @@ def _as_tensor(x, name):
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
-        return torch.as_tensor(np.asarray(x))
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        return torch.as_tensor(arr)
     raise TypeError(f"{name} must be a torch tensor or NumPy array, got {type(x).__name__}")
 
 
@@ -71,7 +74,8 @@ def _float(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
+    # a finite sum proves every entry finite (NaN and inf propagate); only an overflowing sum needs the full check
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
 
 
@@ -169,7 +173,7 @@ def _greedy_core(X: torch.Tensor, m: int):
     assign = torch.zeros((H, n), dtype=torch.int64, device=dev)
     active = torch.ones(H, dtype=torch.bool, device=dev)
     for it in range(1, kmax):
-        far = torch.argmax(dist, dim=1)  # first maximum: lowest index on ties
+        far = dist.shape[1] - 1 - torch.argmax(dist.flip(1), dim=1)
         active &= dist.gather(1, far[:, None])[:, 0] > 0.0
         if not bool(active.any()):
             break
@@ -183,6 +187,47 @@ def _greedy_core(X: torch.Tensor, m: int):
         cent[hs, it] = f
         k[hs] += 1
     return cent, k, assign, dist
+
+
+def _nearest_centre(Xc: torch.Tensor, C: torch.Tensor, k: torch.Tensor):
+    """Nearest existing centre of every token of ``Xc (H, w, d)`` among ``C[h, :k[h]]``: ``(dist, index)``.
+
+    Distances come out exactly as the reference's ``np.linalg.norm(C - x, axis=-1)`` with its
+    ``argmin`` (lowest centre on ties), but only few are computed that way: the squared distances
+    ``||x||^2 + ||c||^2 - 2 <x, c>`` (one batched matmul) are within ``e = (d + 8) u (||x||^2 + ||c||^2)``
+    (``u`` the unit roundoff; dot products in any order) of the true ones, so every centre whose
+    exact distance can be the minimum, or tie with it after the reference's rounding, lies within
+    ``2e`` of the smallest approximate value; we keep those within ``32 e`` as candidates. A token
+    with one candidate needs one exact distance; a token with several (near ties) gets all of them.
+    Heads with ``k = 0`` get ``inf``.
+    """
+    H, w, d = Xc.shape
+    dev, dt = Xc.device, Xc.dtype
+    M = int(k.max())
+    if M == 0:
+        return torch.full((H, w), float("inf"), dtype=dt, device=dev), torch.zeros((H, w), dtype=torch.int64, device=dev)
+    Cm = C[:, :M]
+    ok = torch.arange(M, device=dev)[None, :] < k[:, None]  # (H, M)
+    xx = (Xc * Xc).sum(-1)
+    cc = torch.where(ok, (Cm * Cm).sum(-1), 0.0)
+    A2 = xx[:, :, None] + cc[:, None, :] - 2.0 * torch.bmm(Xc, Cm.transpose(1, 2))
+    A2 = torch.where(ok[:, None, :], A2, float("inf"))
+    amin = A2.min(dim=-1).values
+    u = torch.finfo(dt).eps / 2
+    marg = 32.0 * (d + 8) * u * (xx + cc.max(dim=1).values[:, None])
+    cand = A2 <= (amin + marg)[:, :, None]
+    idx = torch.argmax(cand.to(torch.uint8), dim=-1)  # first candidate
+    hr = torch.arange(H, device=dev)[:, None]
+    best = _dist(Cm[hr, idx], Xc)  # centre minus token, as the reference
+    multi = (cand.sum(dim=-1) > 1) | ~torch.isfinite(amin)  # near ties (or overflowing squares)
+    if bool(multi.any()):  # every centre, exactly
+        hm, jm = multi.nonzero(as_tuple=True)
+        Dm = _dist(Cm[hm], Xc[hm, jm][:, None, :])  # (P, M)
+        Dm = torch.where(ok[hm], Dm, float("inf"))
+        vm, im = Dm.min(dim=-1)  # first minimum: lowest centre on ties
+        best[hm, jm] = vm
+        idx[hm, jm] = im
+    return best, idx
 
 
 def _online_core(X: torch.Tensor, thr: torch.Tensor, block: int = BLOCK):
@@ -200,23 +245,14 @@ def _online_core(X: torch.Tensor, thr: torch.Tensor, block: int = BLOCK):
     dist = X.new_zeros((H, n))
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
     thr = thr.to(dt)[:, None]
-    for a in range(0, n, block):
-        b = min(n, a + block)
+    a = 0
+    while a < n:
+        # block of tokens: its (H, w, centres) distance table stays below MAX_ELEMS
+        w = max(16, min(block, MAX_ELEMS // max(1, H * int(k.max()))))
+        b = min(n, a + w)
         w = b - a
         Xc = X[:, a:b]
-        best = torch.full((H, w), float("inf"), dtype=dt, device=dev)
-        arg = torch.zeros((H, w), dtype=torch.int64, device=dev)
-        M = int(k.max())
-        cb = max(1, MAX_ELEMS // (H * w * d))
-        for c0 in range(0, M, cb):  # nearest existing centre, blocks of centres in order
-            c1 = min(M, c0 + cb)
-            D = _dist(C[:, None, c0:c1, :], Xc[:, :, None, :])  # centre minus token, as the reference
-            cr = torch.arange(c0, c1, device=dev)
-            D = torch.where(cr[None, None, :] < k[:, None, None], D, inf)
-            val, idx = D.min(dim=-1)  # first minimum: lowest centre on ties
-            closer = val < best
-            best = torch.where(closer, val, best)
-            arg = torch.where(closer, idx + c0, arg)
+        best, arg = _nearest_centre(Xc, C, k)
         loc = torch.arange(w, device=dev)
         last = torch.full((H,), -1, dtype=torch.int64, device=dev)
         while True:  # new centres inside the block, in token order
@@ -238,13 +274,14 @@ def _online_core(X: torch.Tensor, thr: torch.Tensor, block: int = BLOCK):
             dn = _dist(x[:, None, :], Xc[hs, lo:])  # (heads, w - lo); the centre itself gets 0
             dn = torch.where(loc[None, lo:] >= e[:, None], dn, inf)
             cur = best[hs, lo:]
-            closer = dn < cur
+            closer = dn < cur  # strict: the older centre keeps a tie
             best[hs, lo:] = torch.where(closer, dn, cur)
             arg[hs, lo:] = torch.where(closer, kh[:, None], arg[hs, lo:])
             k[hs] += 1
             last[hs] = e
         assign[:, a:b] = arg
         dist[:, a:b] = best
+        a = b
     return cidx, k, assign, dist
 
 
@@ -306,19 +343,21 @@ def _last_taker(U: torch.Tensor, p: torch.Tensor, group: torch.Tensor, groups: i
 
     ``U (n, H, S)`` float64, ``p (H, n)`` float64 (NaN never takes), ``group (H, n)``,
     ``slots_ok (H, S)`` masks the slots a head does not have. Returns ``(H, groups, S)``.
+    Takes are rare (about ``log n`` per slot, probabilities ``1 / rank`` and ``||v||^2 / mu``),
+    so one comparison pass over ``U`` is followed by a scatter-max over the takes only.
     """
     n, H, S = U.shape
     dev = p.device
-    out = torch.full((H, groups * S), -1, dtype=torch.int64, device=dev)
-    sl = torch.arange(S, device=dev)
+    out = torch.full((H * groups * S,), -1, dtype=torch.int64, device=dev)
     step = max(1, MAX_ELEMS // max(1, H * S))
     for a in range(0, n, step):
         b = min(n, a + step)
-        take = (U[a:b].permute(1, 0, 2) < p[:, a:b, None]) & slots_ok[:, None, :]
-        j = torch.arange(a, b, device=dev)[None, :, None]
-        val = torch.where(take, j, -1)
-        idx = group[:, a:b, None] * S + sl[None, None, :]
-        out.scatter_reduce_(1, idx.reshape(H, -1), val.reshape(H, -1), reduce="amax", include_self=True)
+        take = U[a:b] < p[:, a:b].T[:, :, None]
+        if not bool(slots_ok.all()):
+            take &= slots_ok[None]
+        j, h, i = take.nonzero(as_tuple=True)
+        j = j + a
+        out.scatter_reduce_(0, (h * groups + group[h, j]) * S + i, j, reduce="amax", include_self=True)
     return out.reshape(H, groups, S)
 
 
@@ -344,7 +383,7 @@ def _np64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, k, counts, radius, slot_pos, order, starts,
+def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts,
               mu, num_pos, sq, n_seen):
     """The reference's :class:`SubGenState` from the per-head arrays (all NumPy)."""
     H, n, d = K64.shape
@@ -354,16 +393,14 @@ def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, k, counts, radius, slot_pos
         t = ts[h]
         head = rs.SubGenHead(d, s, t, s_num, float(thr[h]), scale)
         Kh, Vh = K64[h], V64[h]
-        cents = []
         for c in range(int(k[h])):
             nc = int(counts[h, c])
             mem = order[h, starts[h, c]: starts[h, c] + nc]
             pick = slot_pos[h, c, :t].astype(np.int64)
             members = [(int(i), Kh[i].copy(), Vh[i].copy()) for i in mem] if nc <= t else None
-            head.clusters.append(rs._Cluster(Xf64[h, mem[0]].copy(), nc, float(radius[h, c]), pick,
+            head.clusters.append(rs._Cluster(Xf64[h, cent[h, c]].copy(), nc, float(radius[h, c]), pick,
                                              Kh[pick].copy(), Vh[pick].copy(), members))
-            cents.append(mem[0])
-        head._C = Xf64[h, np.asarray(cents, dtype=np.int64)].reshape(-1, d).copy()
+        head._C = Xf64[h, cent[h, : int(k[h])]].reshape(-1, d).copy()
         head.mu = float(mu[h])
         if head.mu > 0.0:
             p = num_pos[h].astype(np.int64)
@@ -401,8 +438,9 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
     _check_finite(Xf, "scale * K")
     with _single_thread(dev):
         if n:
-            cidx, k, assign, dist = _online_core(Xf, thr)
+            cent, k, assign, dist = _online_core(Xf, thr)
         else:
+            cent = torch.zeros((H, 0), dtype=torch.int64, device=dev)
             k = torch.zeros(H, dtype=torch.int64, device=dev)
             assign = torch.zeros((H, 0), dtype=torch.int64, device=dev)
             dist = Xf.new_zeros((H, 0))
@@ -420,7 +458,7 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
         num_pos = _last_taker(U[:, :, t_max:], p_num, torch.zeros_like(assign), 1, num_ok)[:, 0]
         mu = mu_run[:, -1] if n else torch.zeros(H, dtype=torch.float64, device=dev)
     Xf64 = float(scale) * _np64(K)
-    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, k.cpu().numpy(),
+    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
                      counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
                      starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)
 
@@ -472,6 +510,6 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
         num_pos = torch.minimum(num_pos, last[:, None])
         thr = dist.to(torch.float64).max(dim=1).values
     Xf64 = float(scale) * _np64(K)
-    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, k.cpu().numpy(),
+    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
                      counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
                      starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)

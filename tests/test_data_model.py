@@ -216,7 +216,13 @@ def test_nbytes_accounting(small_kv):
     assert exact.nbytes == h * n * (d + V.shape[-1]) * 2 and exact.ratio == 1.0
     uni = balancekv.compress(K, V, keep=0.25, method="uniform", seed=0)
     m = n // 4
-    # fp16 keys and values of the kept tokens + one fp32 weight per kept token
-    assert uni.nbytes == h * m * (d + V.shape[-1]) * 2 + h * m * 4
+    # fp16 keys and values of the kept tokens + one weight per kept token: the weight n/m = 4 = 2^2
+    # is a power of two, stored as a 1-byte exponent
+    assert uni.nbytes == h * m * (d + V.shape[-1]) * 2 + h * m * 1
+    odd = balancekv.compress(K, V, keep=0.3, method="uniform", seed=0)
+    m3 = odd.kept()[0]
+    assert n / m3 != 2 ** round(np.log2(n / m3))
+    # a weight that is not a power of two needs an fp32 per kept token
+    assert odd.nbytes == h * m3 * (d + V.shape[-1]) * 2 + h * m3 * 4
     stream = balancekv.compress(K, V, keep=0.25, method="streaming")
     assert stream.nbytes == h * m * (d + V.shape[-1]) * 2  # eviction stores no weights

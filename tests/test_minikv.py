@@ -111,7 +111,7 @@ def test_balance_quant_bytes_and_levels():
     per_head = (qd * 32 * 4 // 8 + (qd // 32) * 32 * 4)          # keys: codes + fp16 scale/zero per group
     per_head += qd * (32 * 4 // 8 + 1 * 4)                          # values: per token
     per_head += (m - qd) * 32 * 2 * 2                               # remainder in fp16
-    per_head += m * 4                                               # log-weights (fp32) of the weighted set
+    per_head += m * 1                                               # log-weights: powers of two, 1-byte exponents
     assert n_mid > 0 and c.nbytes == 2 * per_head
     assert c.ratio < bk.compress(K, V, keep=0.25, method="balance", seed=0).ratio / 2
     lv = get_method("balance+quant").levels(512, get_method("balance+quant").resolve_options({}))

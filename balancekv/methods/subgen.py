@@ -4,7 +4,9 @@ A two-set method (SPEC sections 1 and 5): numerator slots carry
 ``num_logw = log(mu / (s_num ||v||^2))``, denominator slots ``den_logw = log(n_c / t)``
 (0 for members of clusters with at most ``t`` members, kept exactly). A token drawn
 by several slots is stored once with summed weights; heads keep different numbers
-of slots and are padded. The definition is :mod:`balancekv.reference.subgen`.
+of slots and are padded. The definition is :mod:`balancekv.reference.subgen`; with
+``backend`` torch/triton/auto the clustering and sampling run in :mod:`balancekv.fast.subgen`
+(same uniforms, same state), decoding appends through the reference update.
 
 Options
 -------
@@ -33,10 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from balancekv.backends import resolve
 from balancekv.bounds.subgen import stable_rank, subgen_sample_sizes
 from balancekv.reference import softmax_attention as ra
-from balancekv.reference.subgen import (SubGenState, fold_scale, greedy_k_center, online_clusters,
-                                        subgen_offline, subgen_stream)
+from balancekv.reference.subgen import SubGenState, fold_scale
 
 from ..storage import dense_segment
 from .base import Built, Method, check_float_option, check_int_option
@@ -108,20 +110,23 @@ class SubGen(Method):
     def _thresholds(self, K, ctx):
         if ctx.opts["threshold"] is not None:
             return np.full(K.shape[0], float(ctx.opts["threshold"]))
-        return np.asarray([greedy_k_center(fold_scale(K[h], ctx.scale), ctx.opts["m"])[2].max()
+        gkc = resolve("greedy_k_center", ctx.backend)
+        return np.asarray([gkc(fold_scale(K[h], ctx.scale), ctx.opts["m"])[2].max()
                            for h in range(K.shape[0])])
 
     def _clusterings(self, K, ctx, m=None):
         """Per head ``(assign, dist)`` of the clustering the level uses (deterministic)."""
         out = []
         if ctx.opts["variant"] == "offline":
+            gkc = resolve("greedy_k_center", ctx.backend)
             for h in range(K.shape[0]):
-                _, assign, dist = greedy_k_center(fold_scale(K[h], ctx.scale), m)
+                _, assign, dist = gkc(fold_scale(K[h], ctx.scale), m)
                 out.append((assign, dist))
         else:
             thr = self._thresholds(K, ctx)
+            onc = resolve("online_clusters", ctx.backend)
             for h in range(K.shape[0]):
-                _, assign, dist = online_clusters(fold_scale(K[h], ctx.scale), thr[h])
+                _, assign, dist = onc(fold_scale(K[h], ctx.scale), thr[h])
                 out.append((assign, dist))
         return out
 
@@ -130,15 +135,18 @@ class SubGen(Method):
         s_num = int(level["s_num"])
         info: dict = {"variant": ctx.opts["variant"], "s_num": s_num}
         if ctx.opts["variant"] == "offline":
-            state = subgen_offline(K, V, t=level["t"], s_num=s_num, m=level["m"], scale=ctx.scale, rng=ctx.rng)
+            state = resolve("subgen_offline", ctx.backend)(K, V, t=level["t"], s_num=s_num, m=level["m"],
+                                                           scale=ctx.scale, rng=ctx.rng)
         else:
             thr = self._thresholds(K, ctx)
             if "t" in level:
                 t = level["t"]
             else:
-                clusters = [int(online_clusters(fold_scale(K[h], ctx.scale), thr[h])[0].size) for h in range(H)]
+                onc = resolve("online_clusters", ctx.backend)
+                clusters = [int(onc(fold_scale(K[h], ctx.scale), thr[h])[0].size) for h in range(H)]
                 t = [max(1, level["den_budget"] // c) for c in clusters]
-            state = subgen_stream(K, V, t=t, s_num=s_num, threshold=thr, scale=ctx.scale, rng=ctx.rng)
+            state = resolve("subgen_stream", ctx.backend)(K, V, t=t, s_num=s_num, threshold=thr, scale=ctx.scale,
+                                                          rng=ctx.rng)
             info["threshold"] = thr.tolist()
         segs = state_segments(state)
         info.update(t=[h.t for h in state.heads], clusters=[h.m for h in state.heads],
