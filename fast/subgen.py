@@ -107,6 +107,10 @@ def _pairwise_sum(a: torch.Tensor) -> torch.Tensor:
     return _pairwise_sum(a[..., :n2]) + _pairwise_sum(a[..., n2:])
 
 
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.to(torch.float64)
+
+
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
     # torch's vectorised float64 sqrt on CPU can be off by one ulp; NumPy's is correctly rounded
     # (CUDA's double sqrt is correctly rounded too)
@@ -117,7 +121,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def _dist(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``||A - B||`` over the last axis (broadcast), exactly as ``np.linalg.norm(A - B, axis=-1)``."""
-    D = A - B
+    D = A - B.contiguous()  # a broadcast operand with a stride-0 axis takes a slow path on CPU
     return _sqrt(_pairwise_sum(D * D))
 
 
@@ -159,11 +163,23 @@ def _out(tensors, batched, was_numpy):
 
 # ---------------------------------------------------------------------- clustering cores
 def _greedy_core(X: torch.Tensor, m: int):
+    """:func:`_greedy_heads` on all heads at once (CUDA) or head by head (CPU: one head's keys stay in cache)."""
+    if X.device.type != "cpu" or X.shape[0] == 1:
+        return _greedy_heads(X, m)
+    parts = [_greedy_heads(X[h:h + 1], m) for h in range(X.shape[0])]
+    return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+
+
+def _greedy_heads(X: torch.Tensor, m: int):
     """Greedy farthest-point k-centre on every head of ``X (H, n, d)``.
 
     Returns ``(centres (H, min(m, n)) with -1 padding, k (H,), assign (H, n), dist (H, n))``.
+    Each new centre moves only the tokens it is closer to; those are found with squared
+    distances from one batched matrix-vector product (error below ``e``, see
+    :func:`_nearest_centre`), and only tokens within ``32 e`` of moving get the exact
+    (reference-identical) distance and the strict comparison.
     """
-    H, n, _ = X.shape
+    H, n, d = X.shape
     kmax = min(m, n)
     dev = X.device
     cent = torch.full((H, kmax), -1, dtype=torch.int64, device=dev)
@@ -172,18 +188,30 @@ def _greedy_core(X: torch.Tensor, m: int):
     dist = _dist(X, X[:, :1])
     assign = torch.zeros((H, n), dtype=torch.int64, device=dev)
     active = torch.ones(H, dtype=torch.bool, device=dev)
+    X64 = _f64(X)  # the filter runs in float64 (no TF32); the margin covers the exact path's dtype
+    xx = _pairwise_sum(X64 * X64)  # (faster on CPU than torch's sum over a short last axis)
+    u = torch.finfo(X.dtype).eps / 2
     for it in range(1, kmax):
-        far = dist.shape[1] - 1 - torch.argmax(dist.flip(1), dim=1)
+        far = torch.argmax(dist, dim=1)  # first maximum: lowest index on ties
         active &= dist.gather(1, far[:, None])[:, 0] > 0.0
         if not bool(active.any()):
             break
         hs = active.nonzero()[:, 0]
         f = far[hs]
-        dn = _dist(X[hs], X[hs, f][:, None])
-        cur = dist[hs]
-        closer = dn < cur  # strict: the lower centre keeps a tie
-        dist[hs] = torch.where(closer, dn, cur)
-        assign[hs] = torch.where(closer, it, assign[hs])
+        Xa = X if hs.numel() == H else X[hs]  # (a gather would copy every key)
+        c = Xa[torch.arange(hs.numel(), device=dev), f]  # (k, d)
+        cc = xx[hs, f][:, None]
+        Xa64 = X64 if hs.numel() == H else X64[hs]
+        A2 = xx[hs] + cc - 2.0 * torch.bmm(Xa64, _f64(c)[:, :, None])[..., 0]
+        cur = dist[hs].to(torch.float64)
+        cur2 = cur * cur
+        maybe = (A2 < cur2 + 32.0 * (d + 8) * u * (xx[hs] + cc + cur2)) | ~torch.isfinite(A2)
+        hi, ji = maybe.nonzero(as_tuple=True)
+        dn = _dist(Xa[hi, ji], c[hi])  # token minus centre, as the reference
+        closer = dn < dist[hs][hi, ji]  # strict: the lower centre keeps a tie
+        hc, jc = hs[hi[closer]], ji[closer]
+        dist[hc, jc] = dn[closer]
+        assign[hc, jc] = it
         cent[hs, it] = f
         k[hs] += 1
     return cent, k, assign, dist
@@ -194,10 +222,12 @@ def _nearest_centre(Xc: torch.Tensor, C: torch.Tensor, k: torch.Tensor):
 
     Distances come out exactly as the reference's ``np.linalg.norm(C - x, axis=-1)`` with its
     ``argmin`` (lowest centre on ties), but only few are computed that way: the squared distances
-    ``||x||^2 + ||c||^2 - 2 <x, c>`` (one batched matmul) are within ``e = (d + 8) u (||x||^2 + ||c||^2)``
-    (``u`` the unit roundoff; dot products in any order) of the true ones, so every centre whose
-    exact distance can be the minimum, or tie with it after the reference's rounding, lies within
-    ``2e`` of the smallest approximate value; we keep those within ``32 e`` as candidates. A token
+    ``||x||^2 + ||c||^2 - 2 <x, c>`` (one batched matmul, in float64 whatever the dtype, so no
+    TF32) are within ``e = (d + 8) u (||x||^2 + ||c||^2)`` of the true ones (``u`` the unit roundoff
+    of the computing dtype, which also bounds the exact path's own rounding; dot products in any
+    order), so every centre whose exact distance can be the minimum, or tie with it after
+    rounding, lies within ``2e`` of the smallest approximate value; we keep those within ``32 e``
+    as candidates. A token
     with one candidate needs one exact distance; a token with several (near ties) gets all of them.
     Heads with ``k = 0`` get ``inf``.
     """
@@ -208,9 +238,10 @@ def _nearest_centre(Xc: torch.Tensor, C: torch.Tensor, k: torch.Tensor):
         return torch.full((H, w), float("inf"), dtype=dt, device=dev), torch.zeros((H, w), dtype=torch.int64, device=dev)
     Cm = C[:, :M]
     ok = torch.arange(M, device=dev)[None, :] < k[:, None]  # (H, M)
-    xx = (Xc * Xc).sum(-1)
-    cc = torch.where(ok, (Cm * Cm).sum(-1), 0.0)
-    A2 = xx[:, :, None] + cc[:, None, :] - 2.0 * torch.bmm(Xc, Cm.transpose(1, 2))
+    X64, C64 = _f64(Xc), _f64(Cm)  # the filter runs in float64 (no TF32); the margin covers dtype dt
+    xx = _pairwise_sum(X64 * X64)
+    cc = torch.where(ok, _pairwise_sum(C64 * C64), 0.0)
+    A2 = xx[:, :, None] + cc[:, None, :] - 2.0 * torch.bmm(X64, C64.transpose(1, 2))
     A2 = torch.where(ok[:, None, :], A2, float("inf"))
     amin = A2.min(dim=-1).values
     u = torch.finfo(dt).eps / 2
@@ -230,13 +261,14 @@ def _nearest_centre(Xc: torch.Tensor, C: torch.Tensor, k: torch.Tensor):
     return best, idx
 
 
-def _online_core(X: torch.Tensor, thr: torch.Tensor, block: int = BLOCK):
+def _online_core(X: torch.Tensor, thr: torch.Tensor, block: int | None = None):
     """Online threshold clustering of every head of ``X (H, n, d)``, threshold ``thr (H,)``.
 
     Returns ``(centres (H, cap) token index per centre, -1 padding, k (H,), assign (H, n), dist (H, n))``.
     """
     H, n, d = X.shape
     dev, dt = X.device, X.dtype
+    block = BLOCK if block is None else block
     cap = 16
     C = X.new_zeros((H, cap, d))
     cidx = torch.full((H, cap), -1, dtype=torch.int64, device=dev)
@@ -363,7 +395,7 @@ def _last_taker(U: torch.Tensor, p: torch.Tensor, group: torch.Tensor, groups: i
 
 def _sq_norms(Vt: torch.Tensor) -> torch.Tensor:
     V64 = Vt.to(torch.float64)
-    return (V64 * V64).sum(dim=-1)
+    return _pairwise_sum(V64 * V64)
 
 
 def _kv(K, V):
@@ -375,6 +407,13 @@ def _kv(K, V):
     _check_finite(Kt, "K")
     _check_finite(Vt, "V")
     return Kt, Vt
+
+
+def _folded64(Xf: torch.Tensor, K, scale: float) -> np.ndarray:
+    """``scale * K`` in float64 NumPy, as the reference folds it (reusing ``Xf`` when it is that already)."""
+    if Xf.dtype == torch.float64 and Xf.device.type == "cpu":
+        return Xf.numpy()
+    return float(scale) * _np64(K)
 
 
 def _np64(x) -> np.ndarray:
@@ -457,7 +496,7 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
         num_ok = torch.ones((H, s_num), dtype=torch.bool, device=dev)
         num_pos = _last_taker(U[:, :, t_max:], p_num, torch.zeros_like(assign), 1, num_ok)[:, 0]
         mu = mu_run[:, -1] if n else torch.zeros(H, dtype=torch.float64, device=dev)
-    Xf64 = float(scale) * _np64(K)
+    Xf64 = _folded64(Xf, K, scale)
     return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
                      counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
                      starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)
@@ -492,7 +531,7 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
     Xf = float(scale) * Kt
     _check_finite(Xf, "scale * K")
     with _single_thread(dev):
-        cent, k, assign, dist = _greedy_core(Xf, int(m))
+        cent, k, assign, dist = _greedy_core(Xf.contiguous(), int(m))
         kmax = cent.shape[1]
         _, counts, order, starts = _ranks(assign, kmax)
         radius = torch.zeros((H, kmax), dtype=torch.float64, device=dev).scatter_reduce_(
@@ -509,7 +548,7 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
         last = torch.where(sq > 0.0, ar[None, :], -1).max(dim=1).values  # last nonzero value
         num_pos = torch.minimum(num_pos, last[:, None])
         thr = dist.to(torch.float64).max(dim=1).values
-    Xf64 = float(scale) * _np64(K)
+    Xf64 = _folded64(Xf, K, scale)
     return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
                      counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
                      starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)

@@ -101,9 +101,23 @@ def _data(kind, seed, H=3, n=200, d=8, s=5):
 KINDS = ["clustered", "gaussian", "single", "lattice", "ties"]
 
 
+@pytest.fixture(params=[24, 256], ids=["block24", "block256"])
+def block(request, monkeypatch):
+    """The clustering scan's block size: small blocks exercise the batched nearest-centre search
+    (matmul filter, exact recomputation of near ties) on these small inputs, large ones the
+    event updates inside one block."""
+    monkeypatch.setattr(fs, "BLOCK", request.param)
+    return request.param
+
+
+def _uniforms(kind, rng, shape):
+    """Uniforms; for the lattice, multiples of 1/4 so that ``u == p`` happens (``u < p`` is strict)."""
+    return rng.integers(0, 4, size=shape) / 4.0 if kind == "lattice" else rng.random(shape)
+
+
 # ---------------------------------------------------------------------- clustering
 @pytest.mark.parametrize("kind", KINDS)
-def test_clusterings_identical_to_reference(kind):
+def test_clusterings_identical_to_reference(kind, block):
     """online_clusters and greedy_k_center: same centres, assignments and distances, bit for bit,
     per head (2-D input) and for all heads at once (3-D input, centres padded with -1)."""
     K, _, scale, thr = _data(kind, 1)
@@ -142,11 +156,11 @@ def test_clustering_torch_in_torch_out_and_threshold_edge_cases():
 # ---------------------------------------------------------------------- SubGen state
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t", [4, [6, 2, 3]])
-def test_stream_state_identical_to_reference(kind, t):
+def test_stream_state_identical_to_reference(kind, t, block):
     """subgen_stream: same state as the reference for the same uniforms (per-head t included)."""
     K, V, scale, thr = _data(kind, 3)
     t_max = max(np.atleast_1d(t))
-    U = np.random.default_rng(11).random((K.shape[1], K.shape[0], t_max + 7))
+    U = _uniforms(kind, np.random.default_rng(11), (K.shape[1], K.shape[0], t_max + 7))
     ref = rs.subgen_stream(K, V, t=t, s_num=7, threshold=thr, scale=scale, uniforms=U)
     fast = fs.subgen_stream(K, V, t=t, s_num=7, threshold=thr, scale=scale, uniforms=U)
     assert_same_state(ref, fast)

@@ -231,3 +231,66 @@ def _subgen(seed: int):
     z = segments_attention(state_segments(state), Q, scale)
     obs = np.linalg.norm(z - attention(Q, K, V, scale), axis=-1)[0]
     return obs, subgen_theorem_rhs(Q[0], K[0], V[0], eps, scale)
+
+
+@bound_check("ALS walk, fixed direction", source="[ALS] §2; proofs/self_balancing_walk.md",
+             bound="balancekv.bounds.walk.als_direction_bound", probabilistic=True,
+             note="n=512 random unit vectors in R^16, c = 30 log(n/delta), delta=0.01; |<w_n, t>| for 16 fixed "
+                  "unit directions t; each may exceed the bound with probability <= delta")
+def _als(seed: int):
+    from balancekv.bounds.walk import als_direction_bound, als_threshold  # noqa: PLC0415
+    from balancekv.reference.walk import self_balancing_walk  # noqa: PLC0415
+
+    rng = np.random.default_rng([seed, 7])
+    n, D, delta = 512, 16, 0.01
+    U = rng.normal(size=(n, D))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    c = als_threshold(n, delta)
+    x = self_balancing_walk(U, rng.random(n), c=c)
+    T = rng.normal(size=(16, D))
+    T /= np.linalg.norm(T, axis=1, keepdims=True)
+    obs = np.abs(T @ (x @ U))
+    return obs, np.full(obs.shape, als_direction_bound(c, delta))
+
+
+@bound_check("SoftmaxBalance discrepancy (Thm 3.3)", source="[BKV] Thm 3.3; proofs/softmax_balance.md",
+             bound="balancekv.bounds.balance.softmax_balance_bound", probabilistic=True,
+             note="one halving of n=256 bounded-norm tokens (d=s=16), 16 random queries; numerator "
+                  "discrepancy ||2 sum_C' e^a v - sum e^a v|| against the bound at delta=0.01")
+def _softmax_balance(seed: int):
+    from balancekv.bounds.balance import softmax_balance_bound  # noqa: PLC0415
+    from balancekv.bounds.walk import als_threshold  # noqa: PLC0415
+    from balancekv.reference.softmax_balance import softmax_balance  # noqa: PLC0415
+    from balancekv.synthetic import make_kv  # noqa: PLC0415
+
+    K, V, Q = make_kv("bounded", heads=1, n=256, d=16, q=16, seed=seed)
+    K, V, Q = K[0], V[0], Q[0]
+    scale, delta = 1 / np.sqrt(16), 0.01
+    c = als_threshold(256, delta)
+    half = softmax_balance(K, V, np.random.default_rng([seed, 3]).random(256), scale=scale, c=c, delta=delta)
+    e = np.exp(scale * Q @ K.T)                       # (q, n)
+    w = np.zeros(256)
+    w[half.indices] = 2.0
+    obs = np.linalg.norm((e * w) @ V - e @ V, axis=-1)
+    r_k, r_v = np.linalg.norm(K, axis=1).max(), np.linalg.norm(V, axis=1).max()
+    bnd = np.array([softmax_balance_bound(V.shape[1], float(np.linalg.norm(q)), r_k, r_v, scale, c, delta) for q in Q])
+    return obs, bnd
+
+
+@bound_check("MergeAndReduce memory", source="[BKV] Alg. 1, Thm 3.1; proofs/merge_and_reduce.md",
+             bound="balancekv.bounds.balance.merge_reduce_memory_bound",
+             note="one instance, t=16, a stream of 1000 bounded-norm tokens (d=s=8); tokens held after every "
+                  "step against t (2 + floor(log2(n/t))) — deterministic while no walk falls back")
+def _merge_reduce_memory(seed: int):
+    from balancekv.bounds.balance import merge_reduce_memory_bound  # noqa: PLC0415
+    from balancekv.reference.merge_reduce import MergeAndReduce  # noqa: PLC0415
+    from balancekv.synthetic import make_kv  # noqa: PLC0415
+
+    K, V, _ = make_kv("bounded", heads=1, n=1000, d=8, seed=seed)
+    mr = MergeAndReduce(16, 8, 8, scale=1 / np.sqrt(8), rng=np.random.default_rng(seed))
+    obs, bnd = [], []
+    for i in range(1000):
+        mr.add(K[0, i], V[0, i], i)
+        obs.append(mr.size)
+        bnd.append(merge_reduce_memory_bound(i + 1, 16))
+    return np.array(obs, float), np.array(bnd, float)
