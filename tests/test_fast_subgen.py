@@ -231,7 +231,7 @@ def test_larger_dimension_block_boundaries():
 @pytest.mark.parametrize("variant,opts", [("offline", {}), ("stream", {}), ("stream", {"threshold": 0.8, "m": 4})])
 def test_compress_torch_backend_equals_reference(variant, opts):
     """compress(method="subgen", backend="torch") keeps the same positions as backend="reference"
-    with the same log-weights (to 1e-12) and the same diagnostics."""
+    with the same log-weights (to 1e-12) and the same diagnostics, also after decode-time appends."""
     K, V, Q = make_kv("clustered", heads=2, n=192, d=16, seed=9, clusters=6, radius=0.4)
     out = {}
     for backend in ("reference", "torch"):
@@ -247,6 +247,12 @@ def test_compress_torch_backend_equals_reference(variant, opts):
     assert len(ia) == len(ib) == 1
     for key in ("t", "clusters", "cluster_radius", "kept", "state_floats", "threshold"):
         assert ia[0].get(key) == ib[0].get(key), key
+    np.testing.assert_allclose(b.attend(Q), a.attend(Q), rtol=1e-12, atol=1e-12)
+    # both consumed the same draws, so decoding (the reference update) continues identically
+    Kx, Vx, _ = make_kv("clustered", heads=2, n=8, d=16, seed=10, clusters=6, radius=0.4)
+    a.append(Kx, Vx)
+    b.append(Kx, Vx)
+    np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_allclose(b.attend(Q), a.attend(Q), rtol=1e-12, atol=1e-12)
 
 
