@@ -150,3 +150,13 @@ def test_registered_bound_checks_hold_on_one_seed():
     for row in bt.run_bounds(seeds=[0], progress=False):
         if row["status"] != "unavailable" and not row["probabilistic"]:
             assert row["ratio"] <= 1, row
+
+
+def test_method_spec_parsing():
+    from balancekv.experiments.fig1 import parse_method_spec
+
+    assert parse_method_spec("balance") == ("balance", {})
+    assert parse_method_spec("balance+quant:bits=8,policy=kivi,a2=0.5,value_centering=False") == (
+        "balance+quant", {"bits": 8, "policy": "kivi", "a2": 0.5, "value_centering": False})
+    with pytest.raises(ValueError, match="method spec"):
+        parse_method_spec("quant:bits")

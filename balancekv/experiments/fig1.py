@@ -37,7 +37,8 @@ from balancekv.methods import available_methods, get_method
 from balancekv.reference.softmax_attention import relative_error, weighted_attention
 from balancekv.texts import REPORT_TEXT
 
-DEFAULT_METHODS = ("balance", "uniform-halving", "uniform", "subgen", "snapkv", "quant", "minikv", "balance+quant")
+DEFAULT_METHODS = ("balance", "uniform-halving", "uniform", "subgen", "snapkv", "quant", "minikv", "balance+quant",
+                   "balance+quant:bits=8")
 DEFAULT_LAYERS = (1, 2, 5, 15, 29)
 RATES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 #: Options fixed by the protocol (beyond ``sink=0``/``window=0``, see :func:`middle_options`).
@@ -116,6 +117,26 @@ def causal_exact(prob: KVProblem) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- run
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> ``(name, options)``; values parse as int, float,
+    ``True``/``False`` or else stay strings. The whole spec labels the method's rows."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method spec {spec!r}: expected name:key=value[,key=value]")
+        for conv in (int, float):
+            try:
+                opts[key] = conv(val)
+                break
+            except ValueError:
+                continue
+        else:
+            opts[key] = {"True": True, "False": False}.get(val, val)
+    return name, opts
+
+
 def run_fig1(cfg: Fig1Config | None = None, problems: dict[int, KVProblem] | Callable | None = None,
              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
     """Run the protocol; one row per (layer, method, rate) with the error averaged over seeds.
@@ -126,9 +147,9 @@ def run_fig1(cfg: Fig1Config | None = None, problems: dict[int, KVProblem] | Cal
     cfg = cfg or Fig1Config()
     cfg.validate()
     registered = set(available_methods())
-    methods = [m for m in cfg.methods if m in registered]
+    methods = [m for m in cfg.methods if parse_method_spec(m)[0] in registered]
     for m in cfg.methods:
-        if m not in registered:
+        if parse_method_spec(m)[0] not in registered:
             log(f"note: method {m!r} is not registered (yet); skipped")
     if problems is None:
         problems = real_problems(cfg)
@@ -138,7 +159,8 @@ def run_fig1(cfg: Fig1Config | None = None, problems: dict[int, KVProblem] | Cal
     for L in problems:
         for m in methods:
             # methods that keep every token (quantization, the exact cache) have one point, at rate 1
-            rates = cfg.rates if get_method(m).selects_tokens and m != "exact" else (1.0,)
+            base = parse_method_spec(m)[0]
+            rates = cfg.rates if get_method(base).selects_tokens and base != "exact" else (1.0,)
             jobs.extend((L, m, r) for r in rates)
     bar = None
     if progress:
@@ -169,9 +191,10 @@ def _one(cfg: Fig1Config, prob: KVProblem, layer, method, rate, exact, log) -> d
     t0 = time.perf_counter()
     try:
         for seed in range(cfg.seeds):
-            ckv = compress_middle(prob.K, prob.V, method=method, keep=rate, head=cfg.head, tail=cfg.tail,
+            base, spec_opts = parse_method_spec(method)
+            ckv = compress_middle(prob.K, prob.V, method=base, keep=rate, head=cfg.head, tail=cfg.tail,
                                   queries=prob.probes, scale=prob.scale, seed=seed,
-                                  **cfg.method_options.get(method, {}))
+                                  **{**cfg.method_options.get(base, {}), **spec_opts})
             z = ckv.attend(prob.Q, positions=prob.qpos)
             e = relative_error(z, exact)
             if not np.all(np.isfinite(e)):
