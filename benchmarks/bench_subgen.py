@@ -17,17 +17,10 @@ import time
 import numpy as np
 import torch
 
+from run_benchmarks import best_of  # noqa: E402  (this folder is on sys.path when run as a script)
+
 rs = importlib.import_module("balancekv.reference.subgen")
 fs = importlib.import_module("balancekv.fast.subgen")
-
-
-def best_of(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def same_state(a, b) -> bool:
