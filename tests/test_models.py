@@ -158,10 +158,11 @@ def test_tuning_text_has_ten_thousand_tokens(smollm2):
 def test_demo_capture_shapes(smollm2):
     from balancekv.experiments.real_data import demo_capture
 
-    K, V, Q, desc = demo_capture(n=128, layer=2, q=16)
-    assert K.shape == V.shape == (3, 128, 64) and Q.shape == (3, 48, 64)
-    assert K.dtype == V.dtype == Q.dtype == np.float64
-    assert "SmolLM2" in desc
+    p = demo_capture(n=128, layer=2, q=16)
+    assert p.K.shape == p.V.shape == (3, 128, 64) and p.Q.shape == (3, 48, 64) and p.probes.shape == (3, 48, 64)
+    assert p.K.dtype == p.V.dtype == p.Q.dtype == np.float64
+    assert p.qpos.min() == 128 - 16 and p.qpos.max() == 127
+    assert "SmolLM2" in p.description
 
 
 # ---------------------------------------------------------------------- MiniLM

@@ -2,8 +2,10 @@
 
 Columns: method, tokens kept per head (min..max), bytes, ratio to the fp16
 cache, and the mean relative attention error on held-out queries (not the
-probes the ``eps`` search used). Synthetic data by default; real SmolLM2 keys
-and values when the ``hf`` extra is installed (see ``balancekv.models``).
+probes the ``eps`` search and the query-aware methods used: those are the queries
+just before the scored ones, as a prompt's last queries would be). Real SmolLM2
+keys and values when the ``hf`` extra is installed (see ``balancekv.models``),
+synthetic data otherwise.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from balancekv.synthetic import make_kv
 
 
 def load_demo_data(source: str, n: int, seed: int):
-    """``(K, V, Q, description)``: a real SmolLM2 layer if asked for and installed, else synthetic."""
+    """A :class:`~balancekv.experiments.real_data.KVProblem`: a real SmolLM2 layer if asked for and
+    installed, else synthetic (queries split into observed probes and scored queries)."""
     if source in ("auto", "smollm2"):
         try:
             from balancekv.experiments.real_data import demo_capture  # noqa: PLC0415
@@ -25,13 +28,23 @@ def load_demo_data(source: str, n: int, seed: int):
             if source == "smollm2":
                 raise
             print(f"(real data unavailable: {err}; using synthetic data)")
-    K, V, Q = make_kv("llm", heads=4, n=n, d=64, q=64, seed=seed)
-    return K, V, Q, f"synthetic 'llm' family, 4 heads, n={n}, d=64"
+    from balancekv.experiments.real_data import KVProblem  # noqa: PLC0415
+
+    K, V, Q = make_kv("llm", heads=4, n=n, d=64, q=128, seed=seed)
+    return KVProblem(K, V, Q[:, 64:], None, 1 / np.sqrt(64),
+                     f"synthetic 'llm' family, 4 heads, n={n}, d=64; 64 observed + 64 scored queries", Q[:, :64])
 
 
 def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0, source: str = "auto") -> list[dict]:
-    K, V, Q, desc = load_demo_data(source, n, seed)
-    exact = attention(Q, K, V)
+    prob = load_demo_data(source, n, seed)
+    K, V, Q = prob.K, prob.V, prob.Q
+    if prob.qpos is not None:
+        from balancekv.experiments.fig1 import causal_exact  # noqa: PLC0415
+
+        exact = causal_exact(prob)
+    else:
+        exact = attention(Q, K, V)
+    desc = prob.description
     rows = []
     print(f"data: {desc}")
     print(f"{'method':<16} {'mode':<12} {'kept/head':>11} {'bytes':>10} {'ratio':>7} {'error':>8}")
@@ -40,8 +53,8 @@ def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0
         mode = {"keep": keep} if meth.selects_tokens and name != "exact" else {"eps": eps}
         if name == "exact":
             mode = {"keep": 1.0}
-        ckv = balancekv.compress(K, V, method=name, seed=seed, **mode)
-        err = float(relative_error(ckv.attend(Q), exact).mean())
+        ckv = balancekv.compress(K, V, method=name, seed=seed, queries=prob.probes, **mode)
+        err = float(relative_error(ckv.attend(Q, positions=prob.qpos), exact).mean())
         kept = ckv.kept()
         row = {"method": name, "mode": ", ".join(f"{k}={v}" for k, v in mode.items()),
                "kept": f"{kept.min()}..{kept.max()}", "nbytes": ckv.nbytes, "ratio": ckv.ratio, "error": err}

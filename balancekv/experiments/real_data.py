@@ -73,21 +73,20 @@ def kv_head_problem(cap: models.LayerCapture, last: int, description: str = "", 
                      description or f"{cap.model} layer {cap.layer}, n={cap.n}", P)
 
 
-def demo_capture(n: int = 2048, layer: int = DEMO_LAYER, text: str = REPORT_TEXT, q: int = 64):
-    """``(K, V, Q, description)`` from one SmolLM2 layer, for ``balancekv demo``.
+def demo_capture(n: int = 2048, layer: int = DEMO_LAYER, text: str = REPORT_TEXT, q: int = 64) -> KVProblem:
+    """A :class:`KVProblem` from one SmolLM2 layer, for ``balancekv demo``.
 
     ``K``, ``V``: float64 ``(3, n, 64)`` (the 3 KV heads, keys after RoPE, as cached).
-    ``Q``: float64 ``(3, 3 * q, 64)``: the last ``q`` query positions of the 3 query
-    heads that read each KV head. The demo scores them against the whole cache
-    (non-causally: each of the last ``q`` queries also sees the at most ``q - 1``
-    keys after it, a small departure from the model's causal attention).
+    ``Q``: the last ``q`` query positions of the 3 query heads that read each KV head,
+    ``(3, 3 * q, 64)``, scored causally at ``qpos``; ``probes``: the ``q`` query positions
+    just before them (what a query-aware compressor observes, as in the fig1 protocol).
     Raises :class:`ImportError` (with the install command) when the ``hf`` extra or
     the model package is missing.
     """
     models.check_available("smollm2")
     label, _ = resolve_text(text)
     cap = capture("smollm2", text, n, [layer])[layer]
-    p = kv_head_problem(cap, q)
     desc = (f"SmolLM2-135M-Instruct layer {layer}, text '{label}', n={n}, 3 KV heads x d=64 "
-            f"(post-RoPE keys), queries: last {q} positions x 3 query heads per KV head")
-    return p.K, p.V, p.Q, desc
+            f"(post-RoPE keys); scored: last {q} positions x 3 query heads per KV head (causal); "
+            f"observed queries: the {q} positions before")
+    return kv_head_problem(cap, q, desc, probes=q)
