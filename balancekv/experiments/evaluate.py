@@ -132,6 +132,18 @@ def _selects(method):
     return get_method(method).selects_tokens
 
 
+def _window_baseline(net, window, n: int):
+    """Prefill the first ``n`` tokens of ``window``; ``(prefill cache, continuation ids, full-cache NLL)``."""
+    import torch  # noqa: PLC0415
+
+    from balancekv import hf  # noqa: PLC0415
+
+    src, _ = _prefill(net, window[:n])
+    cont = torch.tensor([window[n:]])
+    full = hf.CompressedCache.recompress(src, "exact", keep=1.0)
+    return src, cont, _nll(net(cont, past_key_values=full, use_cache=True).logits, cont)
+
+
 def _realised(cache, n):
     heads = sum(int(np.prod(layer.ckv.lead)) for layer in cache.layers)
     return cache.kept_slots() / (heads * n)
@@ -160,10 +172,7 @@ def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
     bar = tqdm(total=len(jobs) * (len(methods) + 1), desc="eval nll", disable=not progress)
     with torch.inference_mode():
         for s, w in enumerate(prompts["windows"]):
-            src, _ = _prefill(net, w[:n])
-            cont = torch.tensor([w[n:]])
-            full = hf.CompressedCache.recompress(src, "exact", keep=1.0)
-            base = _nll(net(cont, past_key_values=full, use_cache=True).logits, cont)
+            src, cont, base = _window_baseline(net, w, n)
             for k in keeps:
                 bal = hf.CompressedCache.recompress(src, "balance", keep=k, seed=seed) if "balance" in methods else None
                 frac = _realised(bal, n) if bal is not None else k
@@ -243,10 +252,7 @@ def run_bytes(prompts, seed=0, progress=True) -> list[dict]:
     bar = tqdm(total=len(prompts["windows"]) * len(configs), desc="eval bytes", disable=not progress)
     with torch.inference_mode():
         for s, w in enumerate(prompts["windows"]):
-            src, _ = _prefill(net, w[:n])
-            cont = torch.tensor([w[n:]])
-            full = hf.CompressedCache.recompress(src, "exact", keep=1.0)
-            base = _nll(net(cont, past_key_values=full, use_cache=True).logits, cont)
+            src, cont, base = _window_baseline(net, w, n)
             for m, kw in configs:
                 cache = hf.CompressedCache.recompress(src, m, seed=seed, **kw)
                 ratio = cache.ratio  # before the continuation is appended
