@@ -59,7 +59,3 @@ def to_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
     if is_torch(x):
         return x.detach().to("cpu", torch.float64).numpy().astype(dtype, copy=True)
     return np.array(x, dtype=dtype, copy=True)
-
-
-def neg_inf_like(shape, kind: Kind):
-    return kind.wrap_float(np.full(shape, -np.inf))

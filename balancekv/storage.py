@@ -93,10 +93,6 @@ class DenseStore(Store):
     def reshape_lead(self, lead: tuple) -> "DenseStore":
         return replace(self, x=self.x.reshape(tuple(lead) + self.shape[-2:]))
 
-    def take(self, idx: np.ndarray) -> "DenseStore":
-        """Rows ``idx (…, m)`` of each head (NumPy storage only)."""
-        return replace(self, x=gather_tokens(np.asarray(self.x), idx))
-
 
 @dataclass
 class Segment:

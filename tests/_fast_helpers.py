@@ -11,38 +11,6 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
-# Triton decides when it is first imported whether its library functions (tl.sum, tl.max, ...)
-# are compiled or interpreted. Without CUDA nothing can be compiled anyway, so import it here,
-# once, in interpreter mode, and restore the environment: the variable stays unset for every
-# other test, whose "auto" dispatch never picks Triton for CPU tensors.
-if not HAS_CUDA and "triton" not in sys.modules:
-    _old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
-    finally:
-        if _old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _old
-
-
-def _interpreter_usable() -> bool:
-    try:
-        from triton.language import standard
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(standard.sum, InterpretedFunction)
-
-
-INTERPRETER_USABLE = _interpreter_usable()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER_USABLE,
-    reason="Triton was imported in compiled mode (CUDA present, or imported before TRITON_INTERPRET=1)")
-
 
 @contextlib.contextmanager
 def triton_interpreter():
@@ -61,6 +29,33 @@ def triton_interpreter():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+# Triton decides when it is first imported whether its library functions (tl.sum, tl.max, ...)
+# are compiled or interpreted. Without CUDA nothing can be compiled anyway, so import it here,
+# once, in interpreter mode, and restore the environment: the variable stays unset for every
+# other test, whose "auto" dispatch never picks Triton for CPU tensors.
+if not HAS_CUDA and "triton" not in sys.modules:
+    with triton_interpreter():
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _interpreter_usable() -> bool:
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+INTERPRETER_USABLE = _interpreter_usable()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER_USABLE,
+    reason="Triton was imported in compiled mode (CUDA present, or imported before TRITON_INTERPRET=1)")
 
 
 def first_difference(a: np.ndarray, b: np.ndarray):
