@@ -9,7 +9,8 @@ Quick start::
 
 See ``balancekv.compress`` for methods and options, ``proofs/`` for the theorems.
 """
-from . import synthetic
+
+from . import synthetic  # noqa: F401  (balancekv.synthetic: the data families)
 from .api import attention, compress
 from .compressed import CompressedKV
 from .methods import available_methods, get_method

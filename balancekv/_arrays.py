@@ -4,6 +4,7 @@ The reference implementations compute in float64 NumPy. A caller may hand us
 NumPy arrays or torch tensors; results go back in the same kind, on the same
 device. Nothing here writes into the caller's memory: conversions copy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong
 shape or value) with a message that names the argument and says what was
 expected. Checks never modify their input.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,9 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
     else:
         raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
     if ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions (..., tokens, features), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions (..., tokens, features), got shape {tuple(x.shape)}"
+        )
     if not finite:
         raise ValueError(f"{name} contains NaN or Inf")
 
@@ -38,7 +41,9 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
 def check_same_kind(names: tuple[str, ...], arrays: tuple[Any, ...]) -> None:
     kinds = {("torch", str(a.device)) if is_torch(a) else ("numpy", "cpu") for a in arrays}
     if len(kinds) > 1:
-        desc = ", ".join(f"{n}: {'torch on ' + str(a.device) if is_torch(a) else 'numpy'}" for n, a in zip(names, arrays))
+        desc = ", ".join(
+            f"{n}: {'torch on ' + str(a.device) if is_torch(a) else 'numpy'}" for n, a in zip(names, arrays)
+        )
         raise TypeError(f"{' and '.join(names)} must all be numpy arrays or all torch tensors on one device ({desc})")
 
 
@@ -49,7 +54,9 @@ def check_kv(K: Any, V: Any, k_name: str = "K", v_name: str = "V", allow_empty: 
     check_same_kind((k_name, v_name), (K, V))
     ks, vs = tuple(K.shape), tuple(V.shape)
     if ks[:-2] != vs[:-2]:
-        raise ValueError(f"{k_name} and {v_name} must have the same leading (batch, head) dims, got {ks[:-2]} and {vs[:-2]}")
+        raise ValueError(
+            f"{k_name} and {v_name} must have the same leading (batch, head) dims, got {ks[:-2]} and {vs[:-2]}"
+        )
     if ks[-2] != vs[-2]:
         raise ValueError(f"{k_name} and {v_name} must have the same number of tokens, got {ks[-2]} and {vs[-2]}")
     if not allow_empty and ks[-2] == 0:

@@ -20,6 +20,7 @@ everything. Each level gets its own generator derived from the seed and the
 level's description, so ``keep`` and ``eps`` modes build identical caches at
 the same level.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -27,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from balancekv.reference import softmax_attention as ra
+
 from . import _validate as V_
 from ._arrays import Kind, to_numpy
 from .compressed import BACKENDS, CompressedKV
 from .methods import get_method
 from .methods.base import Built, Context
 from .storage import DenseStore, Segment, compact_dense, exact_segment
-from balancekv.reference import softmax_attention as ra
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -48,8 +50,14 @@ def level_rng(entropy: int, method: str, level: dict | None) -> np.random.Genera
 def segments_attention(segments: list[Segment], Q: np.ndarray, scale: float) -> np.ndarray:
     """The estimator of SPEC section 1 over NumPy segments (reference path)."""
     cat = lambda f, ax: np.concatenate([np.asarray(to_numpy(f(s))) for s in segments], axis=ax)
-    return ra.weighted_attention(Q, cat(lambda s: s.keys.dense(), -2), cat(lambda s: s.values.dense(), -2),
-                                 cat(lambda s: s.num_logw, -1), cat(lambda s: s.den_logw, -1), scale)
+    return ra.weighted_attention(
+        Q,
+        cat(lambda s: s.keys.dense(), -2),
+        cat(lambda s: s.values.dense(), -2),
+        cat(lambda s: s.num_logw, -1),
+        cat(lambda s: s.den_logw, -1),
+        scale,
+    )
 
 
 def per_head_error(segments, probes, exact, scale) -> np.ndarray:
@@ -97,10 +105,22 @@ def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment], An
     return segs, stream
 
 
-def compress(K, V, eps: float | None = None, *, keep: float | None = None, method: str = "balance",
-             queries=None, guarantee: str = "empirical", delta: float = 0.01, scale: float | None = None,
-             seed: int | None = None, backend: str = "auto", progress: bool = False,
-             **options) -> CompressedKV:
+def compress(
+    K,
+    V,
+    eps: float | None = None,
+    *,
+    keep: float | None = None,
+    method: str = "balance",
+    queries=None,
+    guarantee: str = "empirical",
+    delta: float = 0.01,
+    scale: float | None = None,
+    seed: int | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+    **options,
+) -> CompressedKV:
     """Compress keys ``K (…, n, d)`` and values ``V (…, n, s)`` into a :class:`CompressedKV`.
 
     Parameters
@@ -145,25 +165,40 @@ def compress(K, V, eps: float | None = None, *, keep: float | None = None, metho
     if queries is not None:
         probes = to_numpy(queries).reshape(H, -1, d)
     else:
-        probes = Kn[:, -min(MAX_PROBES, n):]
+        probes = Kn[:, -min(MAX_PROBES, n) :]
     entropy = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
     exact_probe = ra.attention(probes, Kn, Vn, scale)
     # auto: Triton for CUDA tensors, torch for CPU tensors, the NumPy reference for NumPy input
     method_backend = backend
     if backend == "auto":
-        method_backend = ("triton" if str(kind.device).startswith("cuda") else "torch") if kind.is_torch else "reference"
+        method_backend = (
+            ("triton" if str(kind.device).startswith("cuda") else "torch") if kind.is_torch else "reference"
+        )
 
     def build(level):
-        ctx = Context(scale=scale, rng=level_rng(entropy, method, level), probes=probes, delta=delta,
-                      opts=opts, queries_given=queries is not None,
-                      backend=method_backend)
+        ctx = Context(
+            scale=scale,
+            rng=level_rng(entropy, method, level),
+            probes=probes,
+            delta=delta,
+            opts=opts,
+            queries_given=queries is not None,
+            backend=method_backend,
+        )
         if level is None:
             return Built([exact_segment(Kn.copy(), Vn.copy(), np.arange(n))], info={"exact": True})
         return meth.build(Kn, Vn, level, ctx)
 
-    diag: dict[str, Any] = {"method": method, "options": dict(opts), "seed": entropy, "eps": eps,
-                            "keep": keep, "guarantee": guarantee, "probes": int(probes.shape[-2]),
-                            "queries_given": queries is not None}
+    diag: dict[str, Any] = {
+        "method": method,
+        "options": dict(opts),
+        "seed": entropy,
+        "eps": eps,
+        "keep": keep,
+        "guarantee": guarantee,
+        "probes": int(probes.shape[-2]),
+        "queries_given": queries is not None,
+    }
     if keep is not None or guarantee == "theorem":
         if keep is not None:
             level = meth.level_for_keep(keep, n, opts)
@@ -194,20 +229,32 @@ def compress(K, V, eps: float | None = None, *, keep: float | None = None, metho
         errors = errs[choice, np.arange(H)]
         segs, stream = _combine(builts, choice)
         infos = [b.info for b in builts]
-    diag.update({
-        "levels": levels,
-        "level_per_head": choice.reshape(lead),
-        "error_per_head": errors.reshape(lead),
-        "error": float(errors.mean()),
-        "level_info": infos,
-        "retries": int(sum(i.get("retries", 0) for i in infos)),
-        "fallbacks": int(sum(i.get("fallbacks", 0) for i in infos)),
-    })
+    diag.update(
+        {
+            "levels": levels,
+            "level_per_head": choice.reshape(lead),
+            "error_per_head": errors.reshape(lead),
+            "error": float(errors.mean()),
+            "level_info": infos,
+            "retries": int(sum(i.get("retries", 0) for i in infos)),
+            "fallbacks": int(sum(i.get("fallbacks", 0) for i in infos)),
+        }
+    )
     if stream is not None:
         stream = _LeadStream(stream, lead)
     out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
-    return CompressedKV(out_segments, lead=lead, d=d, s=s, n_seen=n, scale=scale, kind=kind,
-                        method=method, diagnostics=diag, stream=stream)
+    return CompressedKV(
+        out_segments,
+        lead=lead,
+        d=d,
+        s=s,
+        n_seen=n,
+        scale=scale,
+        kind=kind,
+        method=method,
+        diagnostics=diag,
+        stream=stream,
+    )
 
 
 class _LeadStream:

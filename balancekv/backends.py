@@ -6,6 +6,7 @@ Methods ask for an algorithm by its reference name, e.g.
 ``"auto"`` means Triton for CUDA tensors, torch otherwise; the reference stays
 the definition and the fallback when a fast version does not exist yet.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 Each subcommand lives in :mod:`balancekv.experiments`; this file only parses
 arguments. Register a new subcommand with one entry in ``COMMANDS``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,14 @@ def _reproduce_fig1(args):
 def _add_reproduce_fig1(rsub):
     from balancekv.experiments.fig1 import DEFAULT_LAYERS, DEFAULT_METHODS  # noqa: PLC0415
 
-    p = rsub.add_parser("fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)")
+    p = rsub.add_parser(
+        "fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)"
+    )
     p.add_argument("--n", type=int, default=2048, help="tokens of the text to capture")
     p.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="unregistered ones are skipped with a note")
+    p.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="unregistered ones are skipped with a note"
+    )
     p.add_argument("--text", default="python-docs", help="a name from balancekv.texts.TEXTS")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..seeds-1) averaged per point")
     p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
@@ -77,10 +82,20 @@ def _add_reproduce(sub):
 def _eval(args):
     from balancekv.experiments.evaluate import run_eval  # noqa: PLC0415
 
-    run_eval(methods=args.methods, keeps=tuple(args.keeps), n_prefix=args.n_prefix, n_cont=args.n_cont,
-             samples=args.samples, lengths=tuple(args.lengths), depths=tuple(args.depths),
-             needle_keep=args.needle_keep, out_dir=args.out, seed=args.seed,
-             kvpress_python=args.kvpress_python, tasks=tuple(args.tasks))
+    run_eval(
+        methods=args.methods,
+        keeps=tuple(args.keeps),
+        n_prefix=args.n_prefix,
+        n_cont=args.n_cont,
+        samples=args.samples,
+        lengths=tuple(args.lengths),
+        depths=tuple(args.depths),
+        needle_keep=args.needle_keep,
+        out_dir=args.out,
+        seed=args.seed,
+        kvpress_python=args.kvpress_python,
+        tasks=tuple(args.tasks),
+    )
 
 
 def _add_eval(sub):

@@ -12,6 +12,7 @@ samples in separate slots, ``-inf`` in the set they do not belong to. Padding
 slots, needed because heads keep different numbers of tokens, are ``-inf`` in
 both.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,9 +40,20 @@ class CompressedKV:
     diagnostics : dict with the method, options, per-head level and error on the probes, seed, retries.
     """
 
-    def __init__(self, segments: list[Segment], *, lead: tuple[int, ...], d: int, s: int,
-                 n_seen: int, scale: float, kind: Kind, method: str,
-                 diagnostics: dict | None = None, stream: Any = None):
+    def __init__(
+        self,
+        segments: list[Segment],
+        *,
+        lead: tuple[int, ...],
+        d: int,
+        s: int,
+        n_seen: int,
+        scale: float,
+        kind: Kind,
+        method: str,
+        diagnostics: dict | None = None,
+        stream: Any = None,
+    ):
         self._segments = list(segments)  # already in the cache's kind (see compress)
         self.lead, self.d, self.s = tuple(lead), int(d), int(s)
         self.n_seen = int(n_seen)
@@ -119,7 +131,10 @@ class CompressedKV:
         if positions is not None:
             qpos = np.asarray(to_numpy(positions, np.int64) if is_torch(positions) else positions)
             if qpos.shape[-1] != Q.shape[-2] or not np.issubdtype(qpos.dtype, np.integer):
-                raise ValueError(f"positions must be integers with last dim {Q.shape[-2]} (one per query), got shape {qpos.shape} dtype {qpos.dtype}")
+                raise ValueError(
+                    f"positions must be integers with last dim {Q.shape[-2]} (one per query), "
+                    f"got shape {qpos.shape} dtype {qpos.dtype}"
+                )
             mask = self.positions[..., None, :] <= qpos[..., :, None]
         use_torch = backend in ("torch", "triton") or (backend == "auto" and self.kind.is_torch)
         if backend in ("triton", "auto") and is_torch(Q):
@@ -130,25 +145,34 @@ class CompressedKV:
             if ft.can_run(Q) if backend == "triton" else ft.use_triton("auto", Q):
                 from balancekv.fast.decode_attention import attend_compressed  # noqa: PLC0415
 
-                out = attend_compressed(self, Q, query_positions=None if positions is None else qpos,
-                                        backend="triton")
+                out = attend_compressed(self, Q, query_positions=None if positions is None else qpos, backend="triton")
                 return out.to(Q.dtype)
         if use_torch:
             from balancekv.fast import softmax_attention as fa  # noqa: PLC0415
 
-            kind = Kind.of(Q) if is_torch(Q) else Kind("torch", torch.float64, "cpu")
-            Kt, Vt, nl, dl = (x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x)) for x in
-                              (self.keys, self.values, self.num_logw, self.den_logw))
+            Kt, Vt, nl, dl = (
+                x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
+                for x in (self.keys, self.values, self.num_logw, self.den_logw)
+            )
             Qt = Q if is_torch(Q) else torch.from_numpy(np.ascontiguousarray(Q))
             mt = None if mask is None else torch.from_numpy(mask).to(Qt.device)
-            out = fa.weighted_attention(Qt, Kt.to(Qt.device), Vt.to(Qt.device), nl.to(Qt.device), dl.to(Qt.device), self.scale, mask=mt)
+            out = fa.weighted_attention(
+                Qt, Kt.to(Qt.device), Vt.to(Qt.device), nl.to(Qt.device), dl.to(Qt.device), self.scale, mask=mt
+            )
             if is_torch(Q):
                 return out.to(Q.dtype)
             return out.numpy().astype(np.result_type(Q.dtype, np.float32))
         from balancekv.reference import softmax_attention as ra  # noqa: PLC0415
 
-        out = ra.weighted_attention(to_numpy(Q), to_numpy(self.keys), to_numpy(self.values),
-                                    to_numpy(self.num_logw), to_numpy(self.den_logw), self.scale, mask=mask)
+        out = ra.weighted_attention(
+            to_numpy(Q),
+            to_numpy(self.keys),
+            to_numpy(self.values),
+            to_numpy(self.num_logw),
+            to_numpy(self.den_logw),
+            self.scale,
+            mask=mask,
+        )
         if is_torch(Q):
             return torch.from_numpy(out).to(device=Q.device, dtype=Q.dtype)
         return out.astype(np.result_type(Q.dtype, np.float32))
@@ -166,7 +190,9 @@ class CompressedKV:
         if tuple(k.shape[:-2]) != self.lead:
             raise ValueError(f"k must have the cache's leading dims {self.lead}, got {tuple(k.shape[:-2])}")
         if k.shape[-1] != self.d or v.shape[-1] != self.s:
-            raise ValueError(f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}")
+            raise ValueError(
+                f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}"
+            )
         t = k.shape[-2]
         pos = np.arange(self.n_seen, self.n_seen + t)
         if self._stream is not None:
@@ -193,8 +219,10 @@ class CompressedKV:
         K, Vv, nl, dl = self.keys, self.values, self.num_logw, self.den_logw
         if not augmented:
             if not self.single_set:
-                raise ValueError("this cache has separate numerator and denominator weights (a two-set "
-                                 "method); use to_dense(augmented=True)")
+                raise ValueError(
+                    "this cache has separate numerator and denominator weights (a two-set "
+                    "method); use to_dense(augmented=True)"
+                )
             return K, Vv, nl
         if is_torch(K):
             zeros_v = torch.zeros_like(Vv[..., :1])
@@ -204,11 +232,16 @@ class CompressedKV:
         zeros_v = np.zeros(Vv.shape[:-1] + (1,), Vv.dtype)
         num_part = np.concatenate([Vv, zeros_v], axis=-1)
         den_part = np.concatenate([np.zeros_like(Vv), np.ones_like(zeros_v)], axis=-1)
-        return (np.concatenate([K, K], axis=-2), np.concatenate([num_part, den_part], axis=-2),
-                np.concatenate([nl, dl], axis=-1))
+        return (
+            np.concatenate([K, K], axis=-2),
+            np.concatenate([num_part, den_part], axis=-2),
+            np.concatenate([nl, dl], axis=-1),
+        )
 
     def __repr__(self) -> str:
         kept = self.kept()
-        return (f"CompressedKV(method={self.method!r}, lead={self.lead}, n={self.n_seen}, "
-                f"kept={int(kept.min())}..{int(kept.max())} per head, nbytes={self.nbytes}, "
-                f"ratio={self.ratio:.4f}, single_set={self.single_set})")
+        return (
+            f"CompressedKV(method={self.method!r}, lead={self.lead}, n={self.n_seen}, "
+            f"kept={int(kept.min())}..{int(kept.max())} per head, nbytes={self.nbytes}, "
+            f"ratio={self.ratio:.4f}, single_set={self.single_set})"
+        )

@@ -54,6 +54,7 @@ length; a padded prefill raises ``NotImplementedError``); beam search and
 cropping (assisted decoding) are refused; the model must follow transformers'
 functional attention interface (Llama, Mistral, Qwen2, SmolLM2, ...).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,25 +64,33 @@ from types import SimpleNamespace
 import numpy as np
 
 if importlib.util.find_spec("transformers") is None:  # pragma: no cover - depends on the install
-    raise ImportError("balancekv.hf needs the optional 'hf' extra (transformers, gguf, accelerate): "
-                      "pip install 'balancekv[hf]'")
+    raise ImportError(
+        "balancekv.hf needs the optional 'hf' extra (transformers, gguf, accelerate): pip install 'balancekv[hf]'"
+    )
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
-from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .api import compress  # noqa: E402
-from .methods import get_method  # noqa: E402
+from .api import compress
+from .methods import get_method
 
 ATTN_NAME = "balancekv"
 BUDGETS = ("uniform", "pyramid")
 _TAG = "_balancekv_layer"
 
-__all__ = ["ATTN_NAME", "CompressedCache", "CompressedLayer", "balancekv_attention", "enable", "generate",
-           "layer_keeps"]
+__all__ = [
+    "ATTN_NAME",
+    "CompressedCache",
+    "CompressedLayer",
+    "balancekv_attention",
+    "enable",
+    "generate",
+    "layer_keeps",
+]
 
 
 # ---------------------------------------------------------------------- budgets
@@ -120,12 +129,12 @@ class CompressedLayer(CacheLayerMixin):
     def __init__(self, parent: "CompressedCache", layer_idx: int):
         super().__init__()
         self.parent, self.layer_idx = parent, int(layer_idx)
-        self.ckv = None            # the CompressedKV once the prompt is compressed
-        self.n_seen = 0            # tokens of the stream seen (RoPE positions), not slots held
-        self._prefill = None       # (K, V) of the prompt until the attention function compresses it
-        self.retained = None       # (K, V, probes, scale) when the cache keeps the prompt for re-compression
-        self._segs: list = []      # segments of ckv already in the dense tensors below
-        self._dense = None         # (keys, values, bias-or-(num, den), positions) as torch tensors
+        self.ckv = None  # the CompressedKV once the prompt is compressed
+        self.n_seen = 0  # tokens of the stream seen (RoPE positions), not slots held
+        self._prefill = None  # (K, V) of the prompt until the attention function compresses it
+        self.retained = None  # (K, V, probes, scale) when the cache keeps the prompt for re-compression
+        self._segs: list = []  # segments of ckv already in the dense tensors below
+        self._dense = None  # (keys, values, bias-or-(num, den), positions) as torch tensors
 
     # -- transformers' layer protocol --------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -140,7 +149,8 @@ class CompressedLayer(CacheLayerMixin):
                 raise RuntimeError(
                     "the prompt of this CompressedCache layer was never compressed: the model's attention is not "
                     f"balancekv's. Call balancekv.hf.enable(model) (attn_implementation={ATTN_NAME!r}) before using "
-                    "a CompressedCache")
+                    "a CompressedCache"
+                )
             self._prefill = (key_states.detach().clone(), value_states.detach().clone())
             self.n_seen = key_states.shape[-2]
             keys = key_states.view_as(key_states)  # a fresh tensor object to carry the tag
@@ -197,8 +207,9 @@ class CompressedLayer(CacheLayerMixin):
     def compress_from(self, K, V, probes, scaling: float) -> None:
         p = self.parent
         n = K.shape[-2]
-        kw = dict(method=p.method, queries=probes, scale=scaling, seed=p.seed + self.layer_idx,
-                  backend=p.backend, **p.options)
+        kw = dict(
+            method=p.method, queries=probes, scale=scaling, seed=p.seed + self.layer_idx, backend=p.backend, **p.options
+        )
         if p.eps is not None:
             kw["eps"] = p.eps
         else:
@@ -213,16 +224,24 @@ class CompressedLayer(CacheLayerMixin):
         segs = self.ckv.segments
         old = self._segs
         incremental = self._dense is not None and len(segs) >= len(old) and all(a is b for a, b in zip(old, segs))
-        new = segs[len(old):] if incremental else segs
+        new = segs[len(old) :] if incremental else segs
         if incremental and not new:
             return
         dev, dt = self.device, self.dtype
-        parts = [torch.cat([torch.as_tensor(f(s)) for s in new], dim=-2 if i < 2 else -1)
-                 for i, f in enumerate((lambda s: s.keys.dense(), lambda s: s.values.dense(),
-                                        lambda s: s.num_logw, lambda s: s.den_logw))]
+        parts = [
+            torch.cat([torch.as_tensor(f(s)) for s in new], dim=-2 if i < 2 else -1)
+            for i, f in enumerate(
+                (lambda s: s.keys.dense(), lambda s: s.values.dense(), lambda s: s.num_logw, lambda s: s.den_logw)
+            )
+        ]
         pos = torch.from_numpy(np.concatenate([s.positions for s in new], axis=-1))
-        parts = [parts[0].to(dev, dt), parts[1].to(dev, dt), parts[2].to(dev, torch.float32),
-                 parts[3].to(dev, torch.float32), pos.to(dev)]
+        parts = [
+            parts[0].to(dev, dt),
+            parts[1].to(dev, dt),
+            parts[2].to(dev, torch.float32),
+            parts[3].to(dev, torch.float32),
+            pos.to(dev),
+        ]
         if incremental:
             parts = [torch.cat([a, b], dim=-2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self._dense, parts))]
         self._dense = tuple(parts)
@@ -279,7 +298,7 @@ def group_probes(query, n_kv_heads: int, window: int):
     B, Hq, n, d = query.shape
     g = Hq // n_kv_heads
     w = max(1, min(int(window), n // g))
-    return query[:, :, n - w:].reshape(B, n_kv_heads, g * w, d)
+    return query[:, :, n - w :].reshape(B, n_kv_heads, g * w, d)
 
 
 # ---------------------------------------------------------------------- the cache
@@ -300,9 +319,21 @@ class CompressedCache(Cache):
     **options : the method's options (``balancekv.get_method(method).defaults``).
     """
 
-    def __init__(self, model, method: str = "balance", *, keep: float | None = None, eps: float | None = None,
-                 budgets="uniform", beta: float = 20.0, probe_window: int = 32, seed: int = 0,
-                 backend: str = "auto", retain_prefill: bool = False, **options):
+    def __init__(
+        self,
+        model,
+        method: str = "balance",
+        *,
+        keep: float | None = None,
+        eps: float | None = None,
+        budgets="uniform",
+        beta: float = 20.0,
+        probe_window: int = 32,
+        seed: int = 0,
+        backend: str = "auto",
+        retain_prefill: bool = False,
+        **options,
+    ):
         config = getattr(model, "config", model)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n_layers = getattr(config, "num_hidden_layers", None)
@@ -376,23 +407,28 @@ def _check_prefill_mask(mask, q_len: int, kv_len: int) -> None:
     causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     if not torch.equal(allowed.expand(allowed.shape[0], 1, q_len, kv_len), causal.expand(allowed.shape[0], 1, -1, -1)):
-        raise NotImplementedError("CompressedCache supports unpadded batches only (all sequences of equal length); "
-                                  "compress each sequence separately")
+        raise NotImplementedError(
+            "CompressedCache supports unpadded batches only (all sequences of equal length); "
+            "compress each sequence separately"
+        )
 
 
-def balancekv_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                        scaling: float | None = None, **kwargs):
+def balancekv_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     """transformers attention function: compressed-cache attention for tagged keys, ``sdpa`` otherwise."""
     tag = getattr(key, _TAG, None)
     if tag is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     layer, phase = tag
     scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if phase == "prefill":
         _check_prefill_mask(attention_mask, query.shape[-2], key.shape[-2])
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                     scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
         layer.finish_prefill(query, scaling)
         return out
     return layer.attend(query, scaling), None
@@ -412,15 +448,33 @@ def enable(model):
     return model
 
 
-def generate(model, input_ids, method: str = "balance", *, keep: float | None = None, eps: float | None = None,
-             budgets="uniform", seed: int = 0, probe_window: int = 32, cache_options: dict | None = None,
-             **generate_kwargs):
+def generate(
+    model,
+    input_ids,
+    method: str = "balance",
+    *,
+    keep: float | None = None,
+    eps: float | None = None,
+    budgets="uniform",
+    seed: int = 0,
+    probe_window: int = 32,
+    cache_options: dict | None = None,
+    **generate_kwargs,
+):
     """``model.generate`` from a compressed prompt cache; returns ``(token ids, cache)``.
 
     ``generate_kwargs`` go to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample``).
     """
     enable(model)
-    cache = CompressedCache(model, method, keep=keep, eps=eps, budgets=budgets, seed=seed,
-                            probe_window=probe_window, **(cache_options or {}))
+    cache = CompressedCache(
+        model,
+        method,
+        keep=keep,
+        eps=eps,
+        budgets=budgets,
+        seed=seed,
+        probe_window=probe_window,
+        **(cache_options or {}),
+    )
     out = model.generate(input_ids, past_key_values=cache, use_cache=True, **generate_kwargs)
     return out, cache

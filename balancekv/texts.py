@@ -15,6 +15,7 @@ dependency; ``pydoc_data`` is part of CPython's standard library), but a
 stripped installation may lack them: each function then raises
 :class:`FileNotFoundError` naming what is missing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,13 +35,17 @@ def numpy_license() -> str:
     try:
         dist = metadata.distribution("numpy")
     except metadata.PackageNotFoundError as err:  # pragma: no cover - numpy is a hard dependency
-        raise FileNotFoundError("text 'numpy-license' needs numpy's installed metadata; numpy is not installed") from err
+        raise FileNotFoundError(
+            "text 'numpy-license' needs numpy's installed metadata; numpy is not installed"
+        ) from err
     paths = [f.locate() for f in (dist.files or []) if f.name.upper().startswith(("LICENSE", "COPYING"))]
     paths = sorted((p for p in paths if p.exists()), key=lambda p: p.stat().st_size, reverse=True)
     if paths and paths[0].stat().st_size > 10_000:
         return paths[0].read_text(encoding="utf-8", errors="replace")
-    raise FileNotFoundError(f"text 'numpy-license': no LICENSE file of at least 10 kB in numpy's "
-                            f"installed metadata ({dist.locate_file('')}); reinstall numpy from its wheel")
+    raise FileNotFoundError(
+        f"text 'numpy-license': no LICENSE file of at least 10 kB in numpy's "
+        f"installed metadata ({dist.locate_file('')}); reinstall numpy from its wheel"
+    )
 
 
 @lru_cache(maxsize=None)
@@ -52,8 +57,10 @@ def python_docs() -> str:
     try:
         topics = importlib.import_module("pydoc_data.topics").topics
     except ImportError as err:
-        raise FileNotFoundError("text 'python-docs' needs the standard library's pydoc_data package, "
-                                "which this Python installation lacks (some distributions strip it)") from err
+        raise FileNotFoundError(
+            "text 'python-docs' needs the standard library's pydoc_data package, "
+            "which this Python installation lacks (some distributions strip it)"
+        ) from err
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 

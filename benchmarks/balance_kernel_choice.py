@@ -17,14 +17,15 @@ if that function exists; it must return a list of ``(name, K, V, Q)`` NumPy arra
 files holding arrays ``K``, ``V``, ``Q`` directly. Choose defaults on captures that are
 not the text you report results on.
 """
+
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
+from balancekv.reference.softmax_attention import attention, relative_error
 
 import balancekv
-from balancekv.reference.softmax_attention import attention, relative_error
 from balancekv.synthetic import FAMILIES, make_kv
 
 KEEPS = (0.5, 0.25, 0.125)
@@ -57,7 +58,7 @@ def real_sources(captures=()) -> list[tuple[str, list]]:
         z = np.load(path)
         out.append((str(path), [(z["K"], z["V"], z["Q"])]))
     try:
-        from balancekv.experiments import real_data  # noqa: PLC0415
+        from balancekv.experiments import real_data
     except ImportError as err:
         print(f"(real data unavailable: {err})")
         return out
@@ -86,10 +87,15 @@ def ratio_table(sources, candidates, seeds) -> list[dict]:
         base = {k: mean_error(datasets, "uniform-halving", k, seeds) for k in KEEPS}
         for label, opts in candidates:
             r = {k: mean_error(datasets, "balance", k, seeds, **opts) / base[k] for k in KEEPS}
-            rows.append({"source": src, "kernel": label, **{f"keep={k}": r[k] for k in KEEPS},
-                         "uh_error_1/4": base[0.25]})
-            print(f"{src:<10} {label:<34} " + " ".join(f"{r[k]:>6.3f}" for k in KEEPS)
-                  + f"   (uniform-halving err @1/4: {base[0.25]:.3f})", flush=True)
+            rows.append(
+                {"source": src, "kernel": label, **{f"keep={k}": r[k] for k in KEEPS}, "uh_error_1/4": base[0.25]}
+            )
+            print(
+                f"{src:<10} {label:<34} "
+                + " ".join(f"{r[k]:>6.3f}" for k in KEEPS)
+                + f"   (uniform-halving err @1/4: {base[0.25]:.3f})",
+                flush=True,
+            )
     return rows
 
 

@@ -20,6 +20,7 @@ writes ``benchmarks/results/balance_tuning_numpy-license.md``.
 kept tokens, plus ``uniform-halving`` with the same heavy hitters (gamma = 0: what the walk adds);
 writes ``benchmarks/results/balance_heavy_numpy-license.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from balancekv.reference.softmax_attention import relative_error
 
 from balancekv.experiments.fig1 import RATES, Fig1Config, causal_exact, real_problems
 from balancekv.experiments.middle import compress_middle
-from balancekv.reference.softmax_attention import relative_error
 
 OUT = Path(__file__).parent / "results" / "balance_tuning_numpy-license.md"
 OUT_HEAVY = Path(__file__).parent / "results" / "balance_heavy_numpy-license.md"
@@ -47,17 +48,30 @@ def heavy_stage(seeds: int, uh_seeds: int, out: Path) -> int:
     uh = grid("uniform-halving", uh_seeds, block=64)
     snap = grid("snapkv", 1)
     rl = " / ".join(f"1/{round(1 / r)}" for r in RATES)
-    lines = ["# balance with heavy-hitter protection, SmolLM2, text 'numpy-license' (TUNING text), n=2048", "",
-             "[BKV] Fig. 1 protocol, layers " + ", ".join(map(str, layers)) + "; query-aware methods see the 64 query "
-             "positions before the 256 evaluated ones. Ratios of errors at equal kept tokens: against "
-             f"`uniform-halving` (block 64, no heavy hitters, {uh_seeds} seeds) and against `snapkv`.", "",
-             f"Command: `python benchmarks/balance_real_tuning.py --stage heavy --seeds {seeds} --uh-seeds {uh_seeds}`", "",
-             f"| method | heavy_rounds | heavy_pool | block | mean vs uniform-halving {rl} | worst layer {rl} | "
-             f"worst layer vs snapkv {rl} |", "|---|---:|---:|---:|---|---|---|"]
+    lines = [
+        "# balance with heavy-hitter protection, SmolLM2, text 'numpy-license' (TUNING text), n=2048",
+        "",
+        "[BKV] Fig. 1 protocol, layers " + ", ".join(map(str, layers)) + "; query-aware methods see the 64 query "
+        "positions before the 256 evaluated ones. Ratios of errors at equal kept tokens: against "
+        f"`uniform-halving` (block 64, no heavy hitters, {uh_seeds} seeds) and against `snapkv`.",
+        "",
+        f"Command: `python benchmarks/balance_real_tuning.py --stage heavy --seeds {seeds} --uh-seeds {uh_seeds}`",
+        "",
+        f"| method | heavy_rounds | heavy_pool | block | mean vs uniform-halving {rl} | worst layer {rl} | "
+        f"worst layer vs snapkv {rl} |",
+        "|---|---:|---:|---:|---|---|---|",
+    ]
     fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)
-    for method, hr, pool, blk in [("balance", 0, 1, 64), ("balance", 1, 1, 64), ("balance", 2, 1, 64),
-                                  ("balance", 3, 1, 64), ("balance", 1, 7, 64), ("balance", 2, 7, 64),
-                                  ("balance", 2, 1, 128), ("uniform-halving", 2, 1, 64)]:
+    for method, hr, pool, blk in [
+        ("balance", 0, 1, 64),
+        ("balance", 1, 1, 64),
+        ("balance", 2, 1, 64),
+        ("balance", 3, 1, 64),
+        ("balance", 1, 7, 64),
+        ("balance", 2, 7, 64),
+        ("balance", 2, 1, 128),
+        ("uniform-halving", 2, 1, 64),
+    ]:
         e = grid(method, seeds, heavy_rounds=hr, heavy_pool=pool, block=blk)
         mean = [np.mean([e[(L, r)] / uh[(L, r)] for L in layers]) for r in RATES]
         worst = [max(e[(L, r)] / uh[(L, r)] for L in layers) for r in RATES]
@@ -72,8 +86,18 @@ def heavy_stage(seeds: int, uh_seeds: int, out: Path) -> int:
 def error(prob, exact, method, rate, seeds, **opts) -> float:
     errs = []
     for seed in range(seeds):
-        ckv = compress_middle(prob.K, prob.V, method=method, keep=rate, head=256, tail=256,
-                              queries=prob.probes, scale=prob.scale, seed=seed, **opts)
+        ckv = compress_middle(
+            prob.K,
+            prob.V,
+            method=method,
+            keep=rate,
+            head=256,
+            tail=256,
+            queries=prob.probes,
+            scale=prob.scale,
+            seed=seed,
+            **opts,
+        )
         errs.append(float(relative_error(ckv.attend(prob.Q, positions=prob.qpos), exact).mean()))
     return float(np.mean(errs))
 
@@ -89,8 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="seeds per balance configuration")
     ap.add_argument("--uh-seeds", type=int, default=3, help="seeds for the uniform-halving baseline")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--stage", choices=["kernel", "heavy"], default="kernel",
-                    help="kernel: the kernel grid; heavy: heavy-hitter protection at the kernel defaults")
+    ap.add_argument(
+        "--stage",
+        choices=["kernel", "heavy"],
+        default="kernel",
+        help="kernel: the kernel grid; heavy: heavy-hitter protection at the kernel defaults",
+    )
     args = ap.parse_args(argv)
     if args.stage == "heavy":
         return heavy_stage(args.seeds, args.uh_seeds, args.out or OUT_HEAVY)
@@ -104,21 +132,28 @@ def main(argv=None) -> int:
 
     def baseline(block):
         if block not in uh_cache:
-            uh_cache[block] = {(L, r): error(probs[L], exact[L], "uniform-halving", r, args.uh_seeds, block=block)
-                               for L in layers for r in RATES}
+            uh_cache[block] = {
+                (L, r): error(probs[L], exact[L], "uniform-halving", r, args.uh_seeds, block=block)
+                for L in layers
+                for r in RATES
+            }
         return uh_cache[block]
 
     rows = []
 
     def evaluate(opts):
         uh = baseline(opts["block"])
-        ratio = {(L, r): error(probs[L], exact[L], "balance", r, args.seeds, **opts) / uh[(L, r)]
-                 for L in layers for r in RATES}
+        ratio = {
+            (L, r): error(probs[L], exact[L], "balance", r, args.seeds, **opts) / uh[(L, r)]
+            for L in layers
+            for r in RATES
+        }
         mean = [np.mean([ratio[(L, r)] for L in layers]) for r in RATES]
         worst = [max(ratio[(L, r)] for L in layers) for r in RATES]
         rows.append((dict(opts), mean, worst))
-        print(f"{time.perf_counter() - t0:7.1f}s {opts} mean {np.round(mean, 3)} worst {np.round(worst, 3)}",
-              flush=True)
+        print(
+            f"{time.perf_counter() - t0:7.1f}s {opts} mean {np.round(mean, 3)} worst {np.round(worst, 3)}", flush=True
+        )
         return score(mean, worst)
 
     base = {"block": 128, "a2": 0.025, "temp": 1.0}
@@ -142,20 +177,29 @@ def main(argv=None) -> int:
     best = dict(min(scores, key=scores.get))
 
     rl = " / ".join(f"1/{round(1 / r)}" for r in RATES)
-    lines = ["# balance tuning on SmolLM2, text 'numpy-license' (TUNING text), n=2048", "",
-             "[BKV] Fig. 1 protocol, layers " + ", ".join(map(str, layers)) + "; query-aware options see the 64 "
-             "query positions before the 256 evaluated ones. Entries: error of `balance` / error of "
-             f"`uniform-halving` (same block; balance {args.seeds} seed(s), uniform-halving {args.uh_seeds}). "
-             "Targets: mean over layers <= 0.8 and every layer <= 0.9 at every rate. "
-             "score = mean over rates of max(mean / 0.8, worst / 0.9) (<= 1 at a rate meets both targets there).", "",
-             f"Command: `python benchmarks/balance_real_tuning.py --seeds {args.seeds} --uh-seeds {args.uh_seeds}`", "",
-             f"| value_centering | kernel | gamma | temp | a2 | block | mean ratio {rl} | worst layer {rl} | score |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = [
+        "# balance tuning on SmolLM2, text 'numpy-license' (TUNING text), n=2048",
+        "",
+        "[BKV] Fig. 1 protocol, layers " + ", ".join(map(str, layers)) + "; query-aware options see the 64 "
+        "query positions before the 256 evaluated ones. Entries: error of `balance` / error of "
+        f"`uniform-halving` (same block; balance {args.seeds} seed(s), uniform-halving {args.uh_seeds}). "
+        "Targets: mean over layers <= 0.8 and every layer <= 0.9 at every rate. "
+        "score = mean over rates of max(mean / 0.8, worst / 0.9) (<= 1 at a rate meets both targets there).",
+        "",
+        f"Command: `python benchmarks/balance_real_tuning.py --seeds {args.seeds} --uh-seeds {args.uh_seeds}`",
+        "",
+        f"| value_centering | kernel | gamma | temp | a2 | block | mean ratio {rl} | worst layer {rl} | score |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|",
+    ]
     for o, mean, worst in rows:
         sc = score(mean, worst)
-        lines.append(f"| {o['value_centering']} | {o['kernel']} | {o['gamma']:g} | {o['temp']:g} | {o['a2']:g} | {o['block']} | "
-                     + " / ".join(f"{x:.3f}" for x in mean) + " | " + " / ".join(f"{x:.3f}" for x in worst)
-                     + f" | {sc:.3f} |")
+        lines.append(
+            f"| {o['value_centering']} | {o['kernel']} | {o['gamma']:g} | {o['temp']:g} | {o['a2']:g} | {o['block']} | "
+            + " / ".join(f"{x:.3f}" for x in mean)
+            + " | "
+            + " / ".join(f"{x:.3f}" for x in worst)
+            + f" | {sc:.3f} |"
+        )
     lines += ["", f"Best (lowest score): `{best}`.", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")

@@ -2,6 +2,7 @@
 
 The side-by-side table with the speed-up ratio is written by ``run_benchmarks.py``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,7 +17,7 @@ rq = importlib.import_module("balancekv.reference.quantization")
 fq = importlib.import_module("balancekv.fast.quantization")
 
 H, N, D = 8, 8192, 64
-KW = dict(itrs=2, block=128, sink=32, window=32, scale=D ** -0.5)
+KW = dict(itrs=2, block=128, sink=32, window=32, scale=D**-0.5)
 
 
 @pytest.fixture(scope="module")

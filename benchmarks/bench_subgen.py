@@ -7,6 +7,7 @@ must equal the reference's (checked and printed). Also the offline variant (``m=
 
     python benchmarks/bench_subgen.py [--repeats 3] [--n 8192]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ import platform
 
 import numpy as np
 import torch
-
-from run_benchmarks import best_of  # noqa: E402  (this folder is on sys.path when run as a script)
+from run_benchmarks import best_of
 
 rs = importlib.import_module("balancekv.reference.subgen")
 fs = importlib.import_module("balancekv.fast.subgen")
@@ -44,7 +44,7 @@ def main():
     H, n, d, t, s_num, m = args.H, args.n, args.d, 16, 128, 16
     rng = np.random.default_rng(0)
     K, V = rng.normal(size=(H, n, d)), rng.normal(size=(H, n, d))
-    scale = d ** -0.5
+    scale = d**-0.5
     thr = np.asarray([rs.greedy_k_center(rs.fold_scale(K[h], scale), m)[2].max() for h in range(H)])
     U = rng.random((n, H, t + s_num))
     kw = dict(t=t, s_num=s_num, threshold=thr, scale=scale, uniforms=U)
@@ -56,16 +56,21 @@ def main():
     okw = dict(t=t, s_num=s_num, m=m, scale=scale)
     to_ref, oref = best_of(lambda: rs.subgen_offline(K, V, rng=np.random.default_rng(1), **okw), args.repeats)
     to64, of64 = best_of(lambda: fs.subgen_offline(Kt, Vt, rng=np.random.default_rng(1), **okw), args.repeats)
-    print(f"# machine {platform.machine()} {platform.processor() or 'cpu'}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(
+        f"# machine {platform.machine()} {platform.processor() or 'cpu'}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), numpy {np.__version__}"
+    )
     print(f"# H={H} n={n} d={d} t={t} s_num={s_num}; stream clusters per head {[h.m for h in ref.heads]}")
     print("| case | time (s) | speed-up | note |\n|---|---:|---:|---|")
     print(f"| SubGen stream, NumPy reference (float64) | {t_ref:.3f} | 1.0x | definition |")
-    print(f"| SubGen stream, torch float64 | {t64:.3f} | {t_ref / t64:.1f}x | same state as reference: {same_state(ref, f64)} |")
+    same = same_state(ref, f64)
+    print(f"| SubGen stream, torch float64 | {t64:.3f} | {t_ref / t64:.1f}x | same state as reference: {same} |")
     print(f"| SubGen stream, torch float32 geometry | {t32:.3f} | {t_ref / t32:.1f}x | |")
     print(f"| SubGen offline (m={m}), NumPy reference | {to_ref:.3f} | 1.0x | definition |")
-    print(f"| SubGen offline, torch float64 | {to64:.3f} | {to_ref / to64:.1f}x | same state as reference: "
-          f"{same_state(oref, of64)} |")
+    print(
+        f"| SubGen offline, torch float64 | {to64:.3f} | {to_ref / to64:.1f}x | same state as reference: "
+        f"{same_state(oref, of64)} |"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Prints three tables (markdown):
 
 Run: ``python benchmarks/fig1_targets.py [benchmarks/results/fig1_smollm2_python-docs_n2048.json]``
 """
+
 from __future__ import annotations
 
 import json
@@ -46,21 +47,29 @@ def main(argv=None) -> int:
     rates = sorted({r["rate"] for r in rows if r["method"] == "balance"}, reverse=True)
     rl = " | ".join(f"1/{round(1 / x)}" for x in rates)
     print(f"balance / uniform-halving ({path.name})\n\n| layer | {rl} |\n|---|" + "---:|" * len(rates))
-    ratios = np.array([[by[(L, "balance")][x]["error"] / by[(L, "uniform-halving")][x]["error"] for x in rates]
-                       for L in layers])
+    ratios = np.array(
+        [[by[(L, "balance")][x]["error"] / by[(L, "uniform-halving")][x]["error"] for x in rates] for L in layers]
+    )
     for L, row in zip(layers, ratios):
         print(f"| {L} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     print("| mean | " + " | ".join(f"{v:.2f}" for v in ratios.mean(0)) + " |")
-    print(f"\nmean <= 0.8 at every rate: {bool(np.all(ratios.mean(0) <= 0.8))}; "
-          f"every layer <= 0.9: {bool(np.all(ratios <= 0.9))} (max {ratios.max():.2f})")
+    print(
+        f"\nmean <= 0.8 at every rate: {bool(np.all(ratios.mean(0) <= 0.8))}; "
+        f"every layer <= 0.9: {bool(np.all(ratios <= 0.9))} (max {ratios.max():.2f})"
+    )
     print(f"\nbest balancekv method within SnapKV's bytes / SnapKV\n\n| layer | {rl} |\n|---|" + "---:|" * len(rates))
     worst = 0.0
     for L in layers:
         cells = []
         for x in rates:
             snap = by[(L, "snapkv")][x]
-            cands = [r["error"] for (LL, m), rs in by.items() if LL == L and ours(m)
-                     for r in rs.values() if r["nbytes"] <= snap["nbytes"]]
+            cands = [
+                r["error"]
+                for (LL, m), rs in by.items()
+                if LL == L and ours(m)
+                for r in rs.values()
+                if r["nbytes"] <= snap["nbytes"]
+            ]
             v = min(cands) / snap["error"] if cands else float("nan")
             worst = max(worst, v)
             cells.append(f"{v:.2f}")
@@ -71,8 +80,13 @@ def main(argv=None) -> int:
     for L in layers:
         cells = []
         for m in ("balance+quant", "minikv", "quant", "snapkv"):
-            c = [(r["error"], mid_ratio(r)) for (LL, mm), rs in by.items() if LL == L and mm.split(":")[0] == m
-                 for r in rs.values() if mid_ratio(r) <= 0.125]
+            c = [
+                (r["error"], mid_ratio(r))
+                for (LL, mm), rs in by.items()
+                if LL == L and mm.split(":")[0] == m
+                for r in rs.values()
+                if mid_ratio(r) <= 0.125
+            ]
             cells.append("%.4f (%.3f)" % min(c) if c else "none this small")
         print(f"| {L} | " + " | ".join(cells) + " |")
     return 0

@@ -13,6 +13,7 @@ Bandwidth fractions use the H100 SXM HBM3 peak, 3.35 TB/s (``--peak-tbps`` to ch
     python benchmarks/gpu_bench.py            # on a CUDA machine
     python benchmarks/gpu_bench.py --tiny     # smoke test on CPU under the Triton interpreter
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,16 +76,23 @@ def main(argv=None):
     Qp = torch.randn(B, H, n, d, generator=g).to(dev, dt)
     backend = "triton"
     rows = []
-    print(f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU (Triton interpreter)'}; "
-          f"torch {torch.__version__}; shapes B={B} H={H} n={n} d={d}")
+    print(
+        f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU (Triton interpreter)'}; "
+        f"torch {torch.__version__}; shapes B={B} H={H} n={n} d={d}"
+    )
 
     # 1. compression vs prefill
-    kw = dict(itrs=2, block=block, sink=32, window=32, scale=d ** -0.5, backend=backend)
+    kw = dict(itrs=2, block=block, sink=32, window=32, scale=d**-0.5, backend=backend)
     Kh, Vh = K.reshape(B * H, n, d).float(), V.reshape(B * H, n, d).float()
     t_comp = timed(lambda: fb.blocked_balance(Kh, Vh, rng=np.random.default_rng(0), **kw), max(1, reps // 4))
     t_pre = timed(lambda: F.scaled_dot_product_attention(Qp, K, V, is_causal=True))
-    rows.append(("compression (blocked balance, itrs=2)", t_comp, f"{100 * t_comp / t_pre:.1f}% of causal SDPA prefill "
-                 f"({t_pre * 1e3:.3f} ms); target <= 5%"))
+    rows.append(
+        (
+            "compression (blocked balance, itrs=2)",
+            t_comp,
+            f"{100 * t_comp / t_pre:.1f}% of causal SDPA prefill ({t_pre * 1e3:.3f} ms); target <= 5%",
+        )
+    )
 
     # 2. decode at keep 0.25 with 2-bit storage vs SDPA over the full fp16 cache
     m = n // 4
@@ -96,22 +104,32 @@ def main(argv=None):
     Vp = fd.Packed(vw, vs, vz, 2, 32, "channels", m, d)
     lw = torch.full((L, m), float(np.log(4.0)), device=dev)
     q1 = torch.randn(L, 1, d, generator=g).to(dev, dt)
-    t_dec = timed(lambda: fd.decode_attention(q1, Kp, Vp, lw, lw, d ** -0.5, backend=backend))
+    t_dec = timed(lambda: fd.decode_attention(q1, Kp, Vp, lw, lw, d**-0.5, backend=backend))
     q_sdpa = q1.reshape(B, H, 1, d)
     t_sdpa = timed(lambda: F.scaled_dot_product_attention(q_sdpa, K, V))
     read = sum(t.numel() * t.element_size() for t in (kw_, ks, kz, vw, vs, vz, lw, lw, q1))
-    rows.append(("decode, keep 0.25, 2-bit K/V (split-K)", t_dec,
-                 f"{t_sdpa / t_dec:.2f}x vs SDPA decode over fp16 cache ({t_sdpa * 1e3:.3f} ms; target >= 4x); "
-                 f"{read / t_dec / 1e9:.1f} GB/s = {100 * read / t_dec / peak:.1f}% of HBM (target >= 60%)"))
+    rows.append(
+        (
+            "decode, keep 0.25, 2-bit K/V (split-K)",
+            t_dec,
+            f"{t_sdpa / t_dec:.2f}x vs SDPA decode over fp16 cache ({t_sdpa * 1e3:.3f} ms; target >= 4x); "
+            f"{read / t_dec / 1e9:.1f} GB/s = {100 * read / t_dec / peak:.1f}% of HBM (target >= 60%)",
+        )
+    )
 
     # 3. quantize + pack bandwidth (keys per channel and values per token, 2-bit, group 32)
     Kf, Vf = K.reshape(L, n, d), V.reshape(L, n, d)
     for name, x, ax in (("keys", Kf, -2), ("values", Vf, -1)):
         out = fq.quantize_pack(x, 2, 32, ax, backend=backend)
         nbytes = x.numel() * x.element_size() + sum(t.numel() * t.element_size() for t in out)
-        t_q = timed(lambda: fq.quantize_pack(x, 2, 32, ax, backend=backend))
-        rows.append((f"quantize+pack {name} 2-bit", t_q, f"{nbytes / t_q / 1e9:.1f} GB/s = "
-                     f"{100 * nbytes / t_q / peak:.1f}% of HBM (target >= 70%)"))
+        t_q = timed(lambda x=x, ax=ax: fq.quantize_pack(x, 2, 32, ax, backend=backend))
+        rows.append(
+            (
+                f"quantize+pack {name} 2-bit",
+                t_q,
+                f"{nbytes / t_q / 1e9:.1f} GB/s = {100 * nbytes / t_q / peak:.1f}% of HBM (target >= 70%)",
+            )
+        )
 
     print("| case | time (ms) | result |\n|---|---:|---|")
     for c, t, note in rows:

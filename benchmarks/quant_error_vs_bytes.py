@@ -11,15 +11,15 @@ honest ``nbytes`` divided by the fp16 input cache (``ratio``).
 
 Run:  .venv/bin/python benchmarks/quant_error_vs_bytes.py [--n 1024] [--d 64] [--heads 4]
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
-import numpy as np
+from balancekv.reference import relative_error
 
 import balancekv as bk
-from balancekv.reference import relative_error
 from balancekv.synthetic import FAMILIES, make_kv
 
 CONFIGS = [

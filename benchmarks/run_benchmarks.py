@@ -6,6 +6,7 @@ window 32), measured side by side in one run; the two must select the same token
 
     python benchmarks/run_benchmarks.py [--repeats 3] [--no-write]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,29 +39,44 @@ def bench_balance(repeats: int, H=8, n=8192, d=64, itrs=2):
     rng = np.random.default_rng(0)
     K = rng.normal(size=(H, n, d))
     V = rng.normal(size=(H, n, d))
-    kw = dict(itrs=itrs, block=128, sink=32, window=32, scale=d ** -0.5)
+    kw = dict(itrs=itrs, block=128, sink=32, window=32, scale=d**-0.5)
     t_ref, (ri, rl) = best_of(lambda: rb.blocked_balance(K, V, rng=np.random.default_rng(1), **kw), repeats)
     Kt, Vt = torch.from_numpy(K), torch.from_numpy(V)
-    t64, (fi, fl) = best_of(lambda: fb.blocked_balance(Kt, Vt, rng=np.random.default_rng(1), backend="torch", **kw), repeats)
+    t64, (fi, fl) = best_of(
+        lambda: fb.blocked_balance(Kt, Vt, rng=np.random.default_rng(1), backend="torch", **kw), repeats
+    )
     same = bool(np.array_equal(fi, ri) and np.array_equal(fl, rl))
-    t32, _ = best_of(lambda: fb.blocked_balance(Kt.float(), Vt.float(), rng=np.random.default_rng(1),
-                                                backend="torch", **kw), repeats)
-    return [("balance (SPEC 4b) H=8 n=8192 d=64 itrs=2, NumPy reference (float64)", t_ref, 1.0, "definition"),
-            ("balance, torch float64", t64, t_ref / t64, f"same tokens as reference: {same}"),
-            ("balance, torch float32", t32, t_ref / t32, "")]
+    t32, _ = best_of(
+        lambda: fb.blocked_balance(Kt.float(), Vt.float(), rng=np.random.default_rng(1), backend="torch", **kw), repeats
+    )
+    return [
+        ("balance (SPEC 4b) H=8 n=8192 d=64 itrs=2, NumPy reference (float64)", t_ref, 1.0, "definition"),
+        ("balance, torch float64", t64, t_ref / t64, f"same tokens as reference: {same}"),
+        ("balance, torch float32", t32, t_ref / t32, ""),
+    ]
 
 
 def section(rows) -> str:
-    lines = [BEGIN, "## Fast paths (CPU, `benchmarks/run_benchmarks.py`)", "",
-             f"- date: {_dt.date.today().isoformat()}; machine: {platform.machine()}, "
-             f"{platform.processor() or 'cpu'}, torch threads {torch.get_num_threads()}",
-             f"- versions: python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
-             "- best of repeats, wall time; speed-up relative to the NumPy reference", "",
-             "| case | time (s) | speed-up | note |", "|---|---:|---:|---|"]
+    lines = [
+        BEGIN,
+        "## Fast paths (CPU, `benchmarks/run_benchmarks.py`)",
+        "",
+        f"- date: {_dt.date.today().isoformat()}; machine: {platform.machine()}, "
+        f"{platform.processor() or 'cpu'}, torch threads {torch.get_num_threads()}",
+        f"- versions: python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
+        "- best of repeats, wall time; speed-up relative to the NumPy reference",
+        "",
+        "| case | time (s) | speed-up | note |",
+        "|---|---:|---:|---|",
+    ]
     lines += [f"| {c} | {t:.3f} | {s:.1f}x | {note} |" for c, t, s, note in rows]
-    lines += ["", "GPU benchmarks (compression vs SDPA prefill, decode vs SDPA, quantize+pack bandwidth): "
-              "`python benchmarks/gpu_bench.py` on a CUDA machine (`--tiny` runs it end to end under the "
-              "Triton interpreter as a smoke test; its timings mean nothing).", END]
+    lines += [
+        "",
+        "GPU benchmarks (compression vs SDPA prefill, decode vs SDPA, quantize+pack bandwidth): "
+        "`python benchmarks/gpu_bench.py` on a CUDA machine (`--tiny` runs it end to end under the "
+        "Triton interpreter as a smoke test; its timings mean nothing).",
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ library functions (``tl.sum``, ``tl.max``, ...) are decorated once, when ``trito
 is first imported: interpreted kernels need ``TRITON_INTERPRET=1`` at that moment
 (``tests/_fast_helpers.py`` arranges it on machines without CUDA).
 """
+
 from __future__ import annotations
 
 import importlib

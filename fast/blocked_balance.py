@@ -11,11 +11,11 @@ in float64 except at genuine ties; :func:`blocked_balance` draws its uniforms
 from the given NumPy generator exactly as the reference does, so the same
 generator state gives the same kept tokens.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from balancekv.reference.blocked_balance import EXP_CLIP, halving_sizes
 
 from . import _triton as T
@@ -38,17 +38,34 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
         Vp = weights[..., None] * V
     Vp = Vp * okf[..., None]
     # in place on one (B, blk, blk) buffer: the kernel matrix is the memory-bound part
-    kappa = torch.baddbmm(torch.full((), -float(beta), dtype=K.dtype, device=K.device).expand(Kc.shape[0], Kc.shape[1], Kc.shape[1]),
-                          Kc, Kc.transpose(-1, -2), alpha=float(temp * scale))
+    kappa = torch.baddbmm(
+        torch.full((), -float(beta), dtype=K.dtype, device=K.device).expand(Kc.shape[0], Kc.shape[1], Kc.shape[1]),
+        Kc,
+        Kc.transpose(-1, -2),
+        alpha=float(temp * scale),
+    )
     kappa.clamp_(max=EXP_CLIP).exp_()
-    vv = torch.baddbmm(torch.full((), float(a2), dtype=K.dtype, device=K.device).expand_as(kappa),
-                       Vp, Vp.transpose(-1, -2))
+    vv = torch.baddbmm(
+        torch.full((), float(a2), dtype=K.dtype, device=K.device).expand_as(kappa), Vp, Vp.transpose(-1, -2)
+    )
     return kappa.mul_(vv)
 
 
-def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float, gamma: float = 4.0,
-                       temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
-                       backend: str = "auto"):
+def blocked_walk_signs(
+    K,
+    V,
+    uniforms,
+    *,
+    weights=None,
+    valid=None,
+    scale: float,
+    gamma: float = 4.0,
+    temp: float = 1.0,
+    beta: float = 0.0,
+    a2: float = 0.025,
+    value_centering: bool = True,
+    backend: str = "auto",
+):
     """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
 
     Accepts NumPy arrays (returned as NumPy) or torch tensors (returned as torch on the
@@ -65,32 +82,63 @@ def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float
     Kt = Kt.to(dt)
     Vt = _as_tensor(V, "V", dtype=dt, device=dev)
     if Vt.ndim != 3 or Vt.shape[:2] != Kt.shape[:2]:
-        raise ValueError(f"K and V must have shapes (B, blk, d) and (B, blk, s), got {tuple(Kt.shape)} and {tuple(Vt.shape)}")
+        raise ValueError(
+            f"K and V must have shapes (B, blk, d) and (B, blk, s), got {tuple(Kt.shape)} and {tuple(Vt.shape)}"
+        )
     B, blk, d = Kt.shape
     s = Vt.shape[-1]
     r = _as_tensor(uniforms, "uniforms", dtype=dt, device=dev)
     if tuple(r.shape) != (B, blk):
         raise ValueError(f"uniforms must have shape {(B, blk)}, got {tuple(r.shape)}")
-    w = torch.ones((B, blk), dtype=dt, device=dev) if weights is None else _as_tensor(weights, "weights", dtype=dt, device=dev)
-    ok = torch.ones((B, blk), dtype=torch.bool, device=dev) if valid is None else _as_tensor(valid, "valid", device=dev).to(torch.bool)
+    w = (
+        torch.ones((B, blk), dtype=dt, device=dev)
+        if weights is None
+        else _as_tensor(weights, "weights", dtype=dt, device=dev)
+    )
+    ok = (
+        torch.ones((B, blk), dtype=torch.bool, device=dev)
+        if valid is None
+        else _as_tensor(valid, "valid", device=dev).to(torch.bool)
+    )
     if tuple(w.shape) != (B, blk) or tuple(ok.shape) != (B, blk):
         raise ValueError(f"weights and valid must have shape {(B, blk)}")
     if blk <= MAX_TRITON_BLOCK and T.use_triton(backend, Kt):
         ker = T.kernels("kernels_walk")
         X = torch.empty((B, blk), dtype=torch.int8, device=dev)
         ker.blocked_walk_kernel[(B,)](
-            Kt, Vt, r.contiguous(), w.contiguous(), ok.to(torch.int8).contiguous(), X,
-            blk, d, s, float(temp * scale), float(beta), float(gamma), float(a2), float(EXP_CLIP),
-            Kt.stride(0), Kt.stride(1), Kt.stride(2), Vt.stride(0), Vt.stride(1), Vt.stride(2),
-            CENTER_V=bool(value_centering), F64=dt == torch.float64,
-            BLOCK=max(16, T.next_pow2(blk)), BLOCK_D=max(16, T.next_pow2(d)), BLOCK_S=max(16, T.next_pow2(s)))
+            Kt,
+            Vt,
+            r.contiguous(),
+            w.contiguous(),
+            ok.to(torch.int8).contiguous(),
+            X,
+            blk,
+            d,
+            s,
+            float(temp * scale),
+            float(beta),
+            float(gamma),
+            float(a2),
+            float(EXP_CLIP),
+            Kt.stride(0),
+            Kt.stride(1),
+            Kt.stride(2),
+            Vt.stride(0),
+            Vt.stride(1),
+            Vt.stride(2),
+            CENTER_V=bool(value_centering),
+            F64=dt == torch.float64,
+            BLOCK=max(16, T.next_pow2(blk)),
+            BLOCK_D=max(16, T.next_pow2(d)),
+            BLOCK_S=max(16, T.next_pow2(s)),
+        )
         x = X
     else:
-        kappa = blocked_kernel_matrix(Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2,
-                                      value_centering=value_centering)
+        kappa = blocked_kernel_matrix(
+            Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2, value_centering=value_centering
+        )
         first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
-        xf, _ = walk_loop(kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None),
-                          forced_first=first, valid=ok)
+        xf, _ = walk_loop(kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None), forced_first=first, valid=ok)
         x = xf.to(torch.int8)
     return x.cpu().numpy() if numpy_in else x
 
@@ -118,10 +166,26 @@ def fixed_size_halving(signs, valid=None):
     return keep, doubled
 
 
-def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
-                    rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
-                    temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
-                    walk_signs=None, backend: str = "auto", dtype=None):
+def blocked_balance(
+    K,
+    V,
+    *,
+    itrs: int,
+    block: int = 128,
+    sink: int = 32,
+    window: int = 32,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms=None,
+    gamma: float = 4.0,
+    temp: float = 1.0,
+    beta: float = 0.0,
+    a2: float = 0.025,
+    value_centering: bool = True,
+    walk_signs=None,
+    backend: str = "auto",
+    dtype=None,
+):
     """The SPEC 4b procedure on ``H`` heads, on torch tensors; see the reference for the contract.
 
     ``K (H, n, d)``, ``V (H, n, s)`` (NumPy or torch). Uniforms come from ``rng`` in the
@@ -162,12 +226,34 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
         Vb = Vt[heads, idx].reshape(H * nb, blk, -1)
         okb = ok.reshape(H * nb, blk)
         if walk_signs is None:
-            signs = blocked_walk_signs(Kb, Vb, rt.reshape(H * nb, blk), weights=wts.reshape(H * nb, blk), valid=okb,
-                                       scale=scale, gamma=gamma, temp=temp, beta=beta, a2=a2,
-                                       value_centering=value_centering, backend=backend)
+            signs = blocked_walk_signs(
+                Kb,
+                Vb,
+                rt.reshape(H * nb, blk),
+                weights=wts.reshape(H * nb, blk),
+                valid=okb,
+                scale=scale,
+                gamma=gamma,
+                temp=temp,
+                beta=beta,
+                a2=a2,
+                value_centering=value_centering,
+                backend=backend,
+            )
         else:
-            signs = walk_signs(Kb, Vb, rt.reshape(H * nb, blk), weights=wts.reshape(H * nb, blk), valid=okb,
-                               scale=scale, gamma=gamma, temp=temp, beta=beta, a2=a2, value_centering=value_centering)
+            signs = walk_signs(
+                Kb,
+                Vb,
+                rt.reshape(H * nb, blk),
+                weights=wts.reshape(H * nb, blk),
+                valid=okb,
+                scale=scale,
+                gamma=gamma,
+                temp=temp,
+                beta=beta,
+                a2=a2,
+                value_centering=value_centering,
+            )
             signs = _as_tensor(signs, "signs", device=dev)
         keep, dbl = fixed_size_halving(signs, okb)
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
@@ -178,6 +264,12 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
     head = torch.arange(s0, device=dev).expand(H, s0)
     tail = torch.arange(n - w0, n, device=dev).expand(H, w0)
     out_idx = torch.cat([head, cur, tail], dim=1)
-    out_lw = torch.cat([torch.zeros((H, s0), dtype=torch.float64, device=dev), logw,
-                        torch.zeros((H, w0), dtype=torch.float64, device=dev)], dim=1)
+    out_lw = torch.cat(
+        [
+            torch.zeros((H, s0), dtype=torch.float64, device=dev),
+            logw,
+            torch.zeros((H, w0), dtype=torch.float64, device=dev),
+        ],
+        dim=1,
+    )
     return out_idx.cpu().numpy(), out_lw.cpu().numpy()

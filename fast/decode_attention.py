@@ -21,6 +21,7 @@ one combine gives the estimate (:func:`attend_parts`). Triton runs on CUDA tenso
 (or on CPU under ``TRITON_INTERPRET=1``); the torch path computes the same partial
 sums with dense tensor algebra and serves CPU tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,7 @@ class Packed:
         """The dequantized ``(L, n, f)`` tensor (torch path)."""
         per = 32 // self.bits
         mask = (1 << self.bits) - 1
-        shifts = (torch.arange(per, device=self.words.device, dtype=torch.int32) * self.bits)
+        shifts = torch.arange(per, device=self.words.device, dtype=torch.int32) * self.bits
         codes = (self.words[..., None] >> shifts) & mask  # (L, a, w, per)
         codes = codes.reshape(*self.words.shape[:-1], -1)
         if self.axis == "tokens":
@@ -118,8 +119,10 @@ def _packed_args(P: Packed, dense_strides_axis: str):
     sc = P.scale.contiguous()
     ze = P.zero.contiguous()
     if P.axis != dense_strides_axis:
-        raise ValueError(f"packed {'keys' if dense_strides_axis == 'tokens' else 'values'} must be packed along "
-                         f"{dense_strides_axis}, got axis={P.axis!r}")
+        raise ValueError(
+            f"packed {'keys' if dense_strides_axis == 'tokens' else 'values'} must be packed along "
+            f"{dense_strides_axis}, got axis={P.axis!r}"
+        )
     if P.axis == "tokens":  # words (L, f, W): token -> word axis, channel -> middle axis
         strides = (w.stride(0), w.stride(2), w.stride(1))
         sstrides = (sc.stride(0), sc.stride(1), sc.stride(2))
@@ -160,14 +163,47 @@ def _partials_triton(Qr, K, V, nl, dl, kpos, qpos, scale, dt, num_splits=None, b
     kp = kpos.contiguous() if has_pos else torch.zeros(1, dtype=torch.int64, device=dev)
     qp = qpos.contiguous() if has_pos else kp
     ker.decode_split_kernel[(L, S)](
-        Qr, Kp, KS, KZ, Vp, VS, VZ, nl.to(dt).contiguous(), dl.to(dt).contiguous(), kp, qp,
-        MN, MD, SN, SD,
-        n, R, d, s, per, S, float(scale), koff,
-        Qr.stride(0), Qr.stride(1), Qr.stride(2),
-        *ks, *kss, *vs, *vss,
-        KB=KB, KG=KG, VB=VB, VG=VG, HAS_POS=has_pos, LOW_PREC_DOT=low, F64=dt == torch.float64,
-        BLOCK_R=max(16, T.next_pow2(R)), BLOCK_N=block_n,
-        BLOCK_D=max(16, T.next_pow2(d)), BLOCK_S=max(16, T.next_pow2(s)),
+        Qr,
+        Kp,
+        KS,
+        KZ,
+        Vp,
+        VS,
+        VZ,
+        nl.to(dt).contiguous(),
+        dl.to(dt).contiguous(),
+        kp,
+        qp,
+        MN,
+        MD,
+        SN,
+        SD,
+        n,
+        R,
+        d,
+        s,
+        per,
+        S,
+        float(scale),
+        koff,
+        Qr.stride(0),
+        Qr.stride(1),
+        Qr.stride(2),
+        *ks,
+        *kss,
+        *vs,
+        *vss,
+        KB=KB,
+        KG=KG,
+        VB=VB,
+        VG=VG,
+        HAS_POS=has_pos,
+        LOW_PREC_DOT=low,
+        F64=dt == torch.float64,
+        BLOCK_R=max(16, T.next_pow2(R)),
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, T.next_pow2(d)),
+        BLOCK_S=max(16, T.next_pow2(s)),
     )
     return MN, MD, SN, SD
 
@@ -198,8 +234,16 @@ def _flatten_lead(x, lead_len):
     return x.reshape((-1,) + tuple(x.shape[lead_len:]))
 
 
-def attend_parts(Q, parts, scale=None, *, query_positions=None, backend: str = "auto",
-                 num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def attend_parts(
+    Q,
+    parts,
+    scale=None,
+    *,
+    query_positions=None,
+    backend: str = "auto",
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
     """The estimator over a cache made of ``parts``; each part is ``(K, V, num_logw, den_logw, key_positions)``.
 
     ``K`` is a tensor ``(..., Hkv, n, d)`` or a :class:`Packed` (flattened leading dims ``L``),
@@ -219,8 +263,10 @@ def attend_parts(Q, parts, scale=None, *, query_positions=None, backend: str = "
     nl0 = parts[0][2]
     klead = tuple(nl0.shape[:-1])
     if len(klead) != len(qlead) or klead[:-1] != qlead[:-1] or (klead and qlead[-1] % klead[-1]):
-        raise ValueError(f"Q's leading dims {qlead} must equal the cache's {klead}, except the head count, "
-                         "which must be a multiple of the cache's (grouped-query attention)")
+        raise ValueError(
+            f"Q's leading dims {qlead} must equal the cache's {klead}, except the head count, "
+            "which must be a multiple of the cache's (grouped-query attention)"
+        )
     G = qlead[-1] // klead[-1] if klead else 1
     L = int(math.prod(klead)) if klead else 1
     R = G * mq
@@ -254,16 +300,35 @@ def attend_parts(Q, parts, scale=None, *, query_positions=None, backend: str = "
     return out.reshape(qlead + (mq, out.shape[-1]))
 
 
-def decode_attention(Q, K, V, num_logw, den_logw, scale=None, *, key_positions=None, query_positions=None,
-                     backend: str = "auto", num_splits: int | None = None, block_n: int | None = None):
+def decode_attention(
+    Q,
+    K,
+    V,
+    num_logw,
+    den_logw,
+    scale=None,
+    *,
+    key_positions=None,
+    query_positions=None,
+    backend: str = "auto",
+    num_splits: int | None = None,
+    block_n: int | None = None,
+):
     """``z(q)`` for ``Q (..., Hq, mq, d)`` over one weighted token set (dense or :class:`Packed`).
 
     The Triton split-K kernel on CUDA tensors (or with ``backend="triton"`` under the
     interpreter), the torch path otherwise; both match the reference
     ``weighted_attention`` (per query head, after expanding GQA groups).
     """
-    return attend_parts(Q, [(K, V, num_logw, den_logw, key_positions)], scale, query_positions=query_positions,
-                        backend=backend, num_splits=num_splits, block_n=block_n)
+    return attend_parts(
+        Q,
+        [(K, V, num_logw, den_logw, key_positions)],
+        scale,
+        query_positions=query_positions,
+        backend=backend,
+        num_splits=num_splits,
+        block_n=block_n,
+    )
 
 
 # ---------------------------------------------------------------------------- CompressedKV
@@ -332,8 +397,15 @@ def compressed_parts(cache, device, dtype) -> list:
     return parts
 
 
-def attend_compressed(cache, Q, *, query_positions=None, backend: str = "triton",
-                      num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def attend_compressed(
+    cache,
+    Q,
+    *,
+    query_positions=None,
+    backend: str = "triton",
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
     """:meth:`CompressedKV.attend` through :func:`attend_parts` (packed stores stay packed).
 
     ``Q`` is a torch tensor with the cache's leading dims. Returns the compute-dtype result ``(..., mq, s)``.
@@ -347,6 +419,7 @@ def attend_compressed(cache, Q, *, query_positions=None, backend: str = "triton"
     if query_positions is not None:
         qp = torch.as_tensor(np.asarray(query_positions), device=Q.device).to(torch.int64)
         qpos = torch.broadcast_to(qp, tuple(Q.shape[:-1])).reshape(L, mq)
-    out = attend_parts(Ql, parts, cache.scale, query_positions=qpos, backend=backend,
-                       num_splits=num_splits, block_n=block_n)
+    out = attend_parts(
+        Ql, parts, cache.scale, query_positions=qpos, backend=backend, num_splits=num_splits, block_n=block_n
+    )
     return out.reshape(tuple(Q.shape[:-1]) + (out.shape[-1],))

@@ -13,6 +13,7 @@ max-shift rule. Keys may be packed low-bit codes along the token axis (KIVI
 per-channel layout) and values packed along the channel axis (per-token layout);
 they are dequantized in registers (``code * scale + zero``), never written out.
 """
+
 from __future__ import annotations
 
 import triton
@@ -25,17 +26,55 @@ _INTERPRETED = interpreting()
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, KS, KZ, V, VS, VZ, NL, DL, KPOS, QPOS,
-    MN, MD, SN, SD,
-    n, R, d, s, tokens_per_split, num_splits, scale, koff,
-    sq_b, sq_r, sq_c,
-    sk_b, sk_t, sk_c,
-    sks_b, sks_t, sks_c,
-    sv_b, sv_t, sv_c,
-    svs_b, svs_t, svs_c,
-    KB: tl.constexpr, KG: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr,
-    HAS_POS: tl.constexpr, LOW_PREC_DOT: tl.constexpr, F64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    Q,
+    K,
+    KS,
+    KZ,
+    V,
+    VS,
+    VZ,
+    NL,
+    DL,
+    KPOS,
+    QPOS,
+    MN,
+    MD,
+    SN,
+    SD,
+    n,
+    R,
+    d,
+    s,
+    tokens_per_split,
+    num_splits,
+    scale,
+    koff,
+    sq_b,
+    sq_r,
+    sq_c,
+    sk_b,
+    sk_t,
+    sk_c,
+    sks_b,
+    sks_t,
+    sks_c,
+    sv_b,
+    sv_t,
+    sv_c,
+    svs_b,
+    svs_t,
+    svs_c,
+    KB: tl.constexpr,
+    KG: tl.constexpr,
+    VB: tl.constexpr,
+    VG: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    LOW_PREC_DOT: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -46,8 +85,9 @@ def decode_split_kernel(
     cd = tl.arange(0, BLOCK_D)
     cs = tl.arange(0, BLOCK_S)
     row_ok = rows < R
-    q = tl.load(Q + b * sq_b + rows[:, None] * sq_r + cd[None, :] * sq_c,
-                mask=row_ok[:, None] & (cd[None, :] < d), other=0.0).to(acc_t)
+    q = tl.load(
+        Q + b * sq_b + rows[:, None] * sq_r + cd[None, :] * sq_c, mask=row_ok[:, None] & (cd[None, :] < d), other=0.0
+    ).to(acc_t)
     if HAS_POS:
         qpos = tl.load(QPOS + b * R + rows, mask=row_ok, other=0)
 

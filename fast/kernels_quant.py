@@ -9,6 +9,7 @@ group min/max, scale and zero rounded to the storage dtype, codes by true
 word, little end first. Arithmetic mirrors :func:`balancekv.reference.quantization.quantize`
 step by step, so codes, scales and zeros are bit-identical.
 """
+
 from __future__ import annotations
 
 import triton
@@ -21,13 +22,26 @@ _INTERPRETED = interpreting()
 
 @triton.jit
 def quantize_pack_kernel(
-    X, W, S, Z,
-    rows, cols,
-    sx_l, sx_r, sx_c,
-    sw_l, sw_r, sw_c,
-    ss_l, ss_r, ss_g,
-    BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_F16: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    W,
+    S,
+    Z,
+    rows,
+    cols,
+    sx_l,
+    sx_r,
+    sx_c,
+    sw_l,
+    sw_r,
+    sw_c,
+    ss_l,
+    ss_r,
+    ss_g,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    SCALE_F16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     l = tl.program_id(0)
     pr = tl.program_id(1)
@@ -75,10 +89,19 @@ def quantize_pack_kernel(
 
 @triton.jit
 def unpack_kernel(
-    W, C, rows, cols,
-    sw_l, sw_r, sw_c,
-    sc_l, sc_r, sc_c,
-    BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    W,
+    C,
+    rows,
+    cols,
+    sw_l,
+    sw_r,
+    sw_c,
+    sc_l,
+    sc_r,
+    sc_c,
+    BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     l = tl.program_id(0)
     pr = tl.program_id(1)

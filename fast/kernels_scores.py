@@ -8,6 +8,7 @@ log-sum-exp and sums columns in registers. Two launches and no atomics: the sums
 are deterministic (the published single-launch kernel races on the column sums).
 Queries sit at the end of the keys (query ``j`` at position ``L - Lq + j``).
 """
+
 from __future__ import annotations
 
 import triton
@@ -19,24 +20,43 @@ _INTERPRETED = interpreting()
 
 
 @triton.jit
-def row_lse_kernel(Q, K, LSE, Lq, L, d, scale, G,
-                   sq_h, sq_t, sk_h, sk_t,
-                   F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    hq = tl.program_id(0)          # flattened query head
+def row_lse_kernel(
+    Q,
+    K,
+    LSE,
+    Lq,
+    L,
+    d,
+    scale,
+    G,
+    sq_h,
+    sq_t,
+    sk_h,
+    sk_t,
+    F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    hq = tl.program_id(0)  # flattened query head
     pm = tl.program_id(1)
     hk = hq // G
     ft = tl.float64 if F64 else tl.float32
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cd = tl.arange(0, BLOCK_D)
     rok = rows < Lq
-    q = tl.load(Q + hq * sq_h + rows[:, None] * sq_t + cd[None, :], mask=rok[:, None] & (cd[None, :] < d), other=0.0).to(ft)
+    q = tl.load(
+        Q + hq * sq_h + rows[:, None] * sq_t + cd[None, :], mask=rok[:, None] & (cd[None, :] < d), other=0.0
+    ).to(ft)
     qpos = L - Lq + rows
     m = tl.full((BLOCK_M,), float("-inf"), ft)
     ssum = tl.zeros((BLOCK_M,), ft)
     last = tl.minimum(L, L - Lq + (pm + 1) * BLOCK_M)
     for k0 in range(0, last, BLOCK_N):
         cols = k0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + hk * sk_h + cols[None, :] * sk_t + cd[:, None], mask=(cols[None, :] < L) & (cd[:, None] < d), other=0.0).to(ft)
+        kt = tl.load(
+            K + hk * sk_h + cols[None, :] * sk_t + cd[:, None], mask=(cols[None, :] < L) & (cd[:, None] < d), other=0.0
+        ).to(ft)
         if F64:
             a = tl.dot(q, kt) * scale
         else:
@@ -52,16 +72,34 @@ def row_lse_kernel(Q, K, LSE, Lq, L, d, scale, G,
 
 
 @triton.jit
-def col_sum_kernel(Q, K, LSE, OUT, Lq, L, d, scale, G,
-                   sq_h, sq_t, sk_h, sk_t,
-                   F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def col_sum_kernel(
+    Q,
+    K,
+    LSE,
+    OUT,
+    Lq,
+    L,
+    d,
+    scale,
+    G,
+    sq_h,
+    sq_t,
+    sk_h,
+    sk_t,
+    F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     hk = tl.program_id(0)
     pn = tl.program_id(1)
     ft = tl.float64 if F64 else tl.float32
     cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     cd = tl.arange(0, BLOCK_D)
     cok = cols < L
-    kt = tl.load(K + hk * sk_h + cols[None, :] * sk_t + cd[:, None], mask=cok[None, :] & (cd[:, None] < d), other=0.0).to(ft)
+    kt = tl.load(
+        K + hk * sk_h + cols[None, :] * sk_t + cd[:, None], mask=cok[None, :] & (cd[:, None] < d), other=0.0
+    ).to(ft)
     acc = tl.zeros((BLOCK_N,), ft)
     # first query row that sees any key of this block: position >= pn * BLOCK_N
     first = tl.maximum(pn * BLOCK_N - (L - Lq), 0)
@@ -71,7 +109,9 @@ def col_sum_kernel(Q, K, LSE, OUT, Lq, L, d, scale, G,
         for m0 in range(first, Lq, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             rok = rows < Lq
-            q = tl.load(Q + hq * sq_h + rows[:, None] * sq_t + cd[None, :], mask=rok[:, None] & (cd[None, :] < d), other=0.0).to(ft)
+            q = tl.load(
+                Q + hq * sq_h + rows[:, None] * sq_t + cd[None, :], mask=rok[:, None] & (cd[None, :] < d), other=0.0
+            ).to(ft)
             lse = tl.load(LSE + hq * Lq + rows, mask=rok, other=0.0)
             if F64:
                 a = tl.dot(q, kt) * scale

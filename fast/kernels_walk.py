@@ -8,6 +8,7 @@ the sign loop is then sequential, keeping the running dots
 ``run_i``, draws its sign from the given uniform, and adds ``x_i G_{:, i}``.
 Randomness is an input, so signs match the reference for the same uniforms.
 """
+
 from __future__ import annotations
 
 import triton
@@ -25,8 +26,9 @@ def gram_walk_kernel(G, U, C, X, FAIL, n, sg_b, sg_i, sg_j, F64: tl.constexpr, B
     ft = tl.float64 if F64 else tl.float32
     idx = tl.arange(0, BLOCK)
     ok = idx < n
-    Gt = tl.load(G + b * sg_b + idx[:, None] * sg_i + idx[None, :] * sg_j,
-                 mask=ok[:, None] & ok[None, :], other=0.0).to(ft)
+    Gt = tl.load(
+        G + b * sg_b + idx[:, None] * sg_i + idx[None, :] * sg_j, mask=ok[:, None] & ok[None, :], other=0.0
+    ).to(ft)
     c = tl.load(C + b).to(ft)
     two_c = 2.0 * c
     run = tl.zeros((BLOCK,), ft)
@@ -54,11 +56,31 @@ def gram_walk_kernel(G, U, C, X, FAIL, n, sg_b, sg_i, sg_j, F64: tl.constexpr, B
 
 @triton.jit
 def blocked_walk_kernel(
-    K, V, U, WT, VALID, X,
-    n, d, s, coef, beta, gamma, a2, exp_clip,
-    sk_b, sk_t, sk_c, sv_b, sv_t, sv_c,
-    CENTER_V: tl.constexpr, F64: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    K,
+    V,
+    U,
+    WT,
+    VALID,
+    X,
+    n,
+    d,
+    s,
+    coef,
+    beta,
+    gamma,
+    a2,
+    exp_clip,
+    sk_b,
+    sk_t,
+    sk_c,
+    sv_b,
+    sv_t,
+    sv_c,
+    CENTER_V: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """One round of SPEC 4b steps 2-4 for one block (definition: ``reference.blocked_balance``)."""
     b = tl.program_id(0)

@@ -11,11 +11,11 @@ Entry points take and return torch tensors (NumPy input is accepted and converte
 int32 words without materialising the uint8 code tensor (Triton on CUDA / under
 the interpreter, torch otherwise).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from balancekv.reference.quantization import BITS, SCALE_DTYPES  # noqa: F401  (the shared constants)
 
 from . import _triton as T
@@ -47,26 +47,31 @@ def _checks(x, bits, group, axis, scale_dtype):
         raise ValueError(f"group must be a positive int, got {group!r}")
     if x.shape[ax] % group:
         raise ValueError(f"group={group} must divide the length {x.shape[ax]} of the quantized axis")
-    sdt = _TORCH_SCALE.get(np.dtype(scale_dtype) if not isinstance(scale_dtype, torch.dtype) else
-                           np.dtype(str(scale_dtype).replace("torch.", "")))
+    sdt = _TORCH_SCALE.get(
+        np.dtype(scale_dtype)
+        if not isinstance(scale_dtype, torch.dtype)
+        else np.dtype(str(scale_dtype).replace("torch.", ""))
+    )
     if sdt is None:
         raise ValueError(f"scale_dtype must be float16 or float32, got {scale_dtype}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf")
     if x.numel() and float(x.abs().max()) > torch.finfo(sdt).max:
-        raise ValueError(f"x has entries of magnitude above {torch.finfo(sdt).max:g}, beyond the range of "
-                         f"scale_dtype {sdt}; pass scale_dtype=np.float32")
+        raise ValueError(
+            f"x has entries of magnitude above {torch.finfo(sdt).max:g}, beyond the range of "
+            f"scale_dtype {sdt}; pass scale_dtype=np.float32"
+        )
     return int(bits), int(group), ax, sdt
 
 
 def _quantize_torch(x, bits, group, ax, sdt):
-    Q = torch.tensor(float(2 ** bits - 1), dtype=torch.float32)
+    Q = torch.tensor(float(2**bits - 1), dtype=torch.float32)
     x32 = x.to(torch.float32).movedim(ax, -1)
     L = x32.shape[-1]
     g = x32.reshape(x32.shape[:-1] + (L // group, group))
     m = g.amin(-1)
     M = g.amax(-1)
-    s_star = (M - m) / Q.to(x32.device)           # float32 subtraction, true division
+    s_star = (M - m) / Q.to(x32.device)  # float32 subtraction, true division
     zero = m.to(sdt)
     scale = s_star.to(sdt)
     z32 = zero.to(torch.float32)[..., None]
@@ -74,7 +79,7 @@ def _quantize_torch(x, bits, group, ax, sdt):
     pos = s32 > 0
     y = torch.where(pos, (g - z32) / torch.where(pos, s32, torch.ones_like(s32)), torch.zeros_like(g))
     w = y + 0.5
-    codes = torch.floor(w).clamp(0, float(2 ** bits - 1)).to(torch.uint8)
+    codes = torch.floor(w).clamp(0, float(2**bits - 1)).to(torch.uint8)
     codes = codes.reshape(x32.shape).movedim(-1, ax)
     return codes, scale.movedim(-1, ax), zero.movedim(-1, ax)
 
@@ -113,18 +118,36 @@ def _quantize_pack_triton(x, bits, group, ax, sdt, block_r=None):
         block_r = 16 if dev.type == "cuda" else max(1, min(16, T.next_pow2(rows)))
     grid = (Ln, -(-rows // block_r), -(-cols // block_c))
     ker.quantize_pack_kernel[grid](
-        x3, words, s3, z3, rows, cols,
-        x3.stride(0), x3.stride(1), x3.stride(2),
-        words.stride(0), words.stride(1), words.stride(2),
-        s3.stride(0), s3.stride(1), s3.stride(2),
-        BITS=bits, GROUP=group, SCALE_F16=sdt == torch.float16, BLOCK_R=block_r, BLOCK_C=block_c)
+        x3,
+        words,
+        s3,
+        z3,
+        rows,
+        cols,
+        x3.stride(0),
+        x3.stride(1),
+        x3.stride(2),
+        words.stride(0),
+        words.stride(1),
+        words.stride(2),
+        s3.stride(0),
+        s3.stride(1),
+        s3.stride(2),
+        BITS=bits,
+        GROUP=group,
+        SCALE_F16=sdt == torch.float16,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+    )
     return words.reshape(tuple(lead) + (W,)), scale, zero
 
 
 def quantize(x, bits: int, group: int, axis: int, scale_dtype=np.float16, *, backend: str = "auto"):
     """``(codes uint8, scale, zero)`` exactly as the reference (NumPy in, NumPy out; torch stays torch)."""
     if not isinstance(x, torch.Tensor):
-        return tuple(t.cpu().numpy() for t in quantize(_tensor(x, "x"), bits, group, axis, scale_dtype, backend=backend))
+        return tuple(
+            t.cpu().numpy() for t in quantize(_tensor(x, "x"), bits, group, axis, scale_dtype, backend=backend)
+        )
     xt = x
     b, G, ax, sdt = _checks(xt, bits, group, axis, scale_dtype)
     if G & (G - 1) == 0 and T.use_triton(backend, xt):
@@ -140,7 +163,9 @@ def quantize_pack(x, bits: int, group: int, axis: int, scale_dtype=np.float16, *
     backend allows it; otherwise the torch quantizer followed by :func:`pack`.
     """
     if not isinstance(x, torch.Tensor):
-        return tuple(t.cpu().numpy() for t in quantize_pack(_tensor(x, "x"), bits, group, axis, scale_dtype, backend=backend))
+        return tuple(
+            t.cpu().numpy() for t in quantize_pack(_tensor(x, "x"), bits, group, axis, scale_dtype, backend=backend)
+        )
     xt = x
     b, G, ax, sdt = _checks(xt, bits, group, axis, scale_dtype)
     if G & (G - 1) == 0 and T.use_triton(backend, xt):
@@ -158,8 +183,10 @@ def dequantize(codes, scale, zero, group: int, axis: int) -> torch.Tensor:
     s = _tensor(scale, "scale").to(torch.float64).repeat_interleave(group, dim=ax)
     z = _tensor(zero, "zero").to(torch.float64).repeat_interleave(group, dim=ax)
     if s.shape != c.shape or z.shape != c.shape:
-        raise ValueError(f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not match codes "
-                         f"{tuple(c.shape)} with group={group} along axis {axis}")
+        raise ValueError(
+            f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not match codes "
+            f"{tuple(c.shape)} with group={group} along axis {axis}"
+        )
     return c.to(torch.float64) * s + z
 
 
@@ -172,8 +199,8 @@ def pack(codes, bits: int, axis: int) -> torch.Tensor:
         raise TypeError(f"codes must be integers, got {c.dtype}")
     b = int(bits)
     ax = int(axis) % c.ndim
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) > 2 ** b - 1):
-        raise ValueError(f"codes must lie in [0, {2 ** b - 1}] for bits={b}")
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > 2**b - 1):
+        raise ValueError(f"codes must lie in [0, {2**b - 1}] for bits={b}")
     per = 32 // b
     c = c.movedim(ax, -1).to(torch.int64)
     L = c.shape[-1]
@@ -182,8 +209,8 @@ def pack(codes, bits: int, axis: int) -> torch.Tensor:
         c = torch.cat([c, c.new_zeros(c.shape[:-1] + (W * per - L,))], dim=-1)
     c = c.reshape(c.shape[:-1] + (W, per))
     shifts = torch.arange(per, device=c.device, dtype=torch.int64) * b
-    words = (c << shifts).sum(-1)                      # disjoint bit fields: sum == or, < 2^32
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # reinterpret as signed int32
+    words = (c << shifts).sum(-1)  # disjoint bit fields: sum == or, < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.to(torch.int32).contiguous()
 
 
@@ -208,12 +235,24 @@ def unpack(packed, bits: int, axis: int, length: int, *, backend: str = "auto") 
         block_r = 16 if p.is_cuda else max(1, min(16, T.next_pow2(r)))
         block_c = 128 if p.is_cuda else max(16, min(128, T.next_pow2(length)))
         grid = (p3.shape[0], -(-r // block_r), -(-length // block_c))
-        ker.unpack_kernel[grid](p3, out, r, length, p3.stride(0), p3.stride(1), p3.stride(2),
-                                out.stride(0), out.stride(1), out.stride(2),
-                                BITS=b, BLOCK_R=block_r, BLOCK_C=block_c)
+        ker.unpack_kernel[grid](
+            p3,
+            out,
+            r,
+            length,
+            p3.stride(0),
+            p3.stride(1),
+            p3.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            BITS=b,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
         return out.reshape(tuple(lead) + (length,)).movedim(-1, ax)
     w = p.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per, device=p.device, dtype=torch.int64) * b
-    c = ((w[..., None] >> shifts) & (2 ** b - 1)).to(torch.uint8)
+    c = ((w[..., None] >> shifts) & (2**b - 1)).to(torch.uint8)
     c = c.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :length]
     return c.movedim(-1, ax)

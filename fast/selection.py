@@ -7,6 +7,7 @@ queries and pools the prefix columns. No ``L x L`` matrix is materialised: the t
 path works on blocks of query rows; the Triton path is two launches (row
 log-sum-exp, then column sums normalised by it; see :mod:`.kernels_scores`).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ def _prep(Q, K, group):
     Qt = Q if isinstance(Q, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(Q))
     Kt = K if isinstance(K, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(K))
     if Qt.ndim < 3 or Kt.ndim < 3:
-        raise ValueError(f"Q and K must have shape (..., heads, tokens, d), got {tuple(Qt.shape)} and {tuple(Kt.shape)}")
+        raise ValueError(
+            f"Q and K must have shape (..., heads, tokens, d), got {tuple(Qt.shape)} and {tuple(Kt.shape)}"
+        )
     if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
     if Qt.shape[:-3] != Kt.shape[:-3] or Qt.shape[-3] != Kt.shape[-3] * group:
@@ -67,12 +70,43 @@ def _colsum_triton(Qf, Kf, scale, group, dt):
     bm, bn = (64, 64) if Kf.is_cuda else (16, 16)
     bd = max(16, T.next_pow2(d))
     f64 = dt == torch.float64
-    ker.row_lse_kernel[(Hq, -(-Lq // bm))](Qc, Kc, lse, Lq, L, d, float(scale), group,
-                                           Qc.stride(0), Qc.stride(1), Kc.stride(0), Kc.stride(1),
-                                           F64=f64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    ker.col_sum_kernel[(Hkv, -(-L // bn))](Qc, Kc, lse, out, Lq, L, d, float(scale), group,
-                                           Qc.stride(0), Qc.stride(1), Kc.stride(0), Kc.stride(1),
-                                           F64=f64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    ker.row_lse_kernel[(Hq, -(-Lq // bm))](
+        Qc,
+        Kc,
+        lse,
+        Lq,
+        L,
+        d,
+        float(scale),
+        group,
+        Qc.stride(0),
+        Qc.stride(1),
+        Kc.stride(0),
+        Kc.stride(1),
+        F64=f64,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+    )
+    ker.col_sum_kernel[(Hkv, -(-L // bn))](
+        Qc,
+        Kc,
+        lse,
+        out,
+        Lq,
+        L,
+        d,
+        float(scale),
+        group,
+        Qc.stride(0),
+        Qc.stride(1),
+        Kc.stride(0),
+        Kc.stride(1),
+        F64=f64,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+    )
     return out
 
 
@@ -95,8 +129,9 @@ def h2o_scores(Q, K, scale=None, group: int = 1, *, backend: str = "auto"):
     return out if isinstance(K, torch.Tensor) else out.cpu().numpy()
 
 
-def snapkv_scores(Q, K, scale=None, window: int = 32, kernel: int = 7, pool: str = "max", group: int = 1,
-                  *, backend: str = "auto"):
+def snapkv_scores(
+    Q, K, scale=None, window: int = 32, kernel: int = 7, pool: str = "max", group: int = 1, *, backend: str = "auto"
+):
     """SnapKV scores ``(..., Hkv, L)`` (window positions score ``+inf``); see the reference.
 
     NumPy ``K`` gives a NumPy result, a tensor a tensor.

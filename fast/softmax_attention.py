@@ -5,6 +5,7 @@ module only changes speed and device. Computation runs in float32 (float64 if
 the inputs are float64) whatever the storage dtype, with the same max-shifted
 exponentials as the reference.
 """
+
 from __future__ import annotations
 
 import math

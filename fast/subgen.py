@@ -37,11 +37,11 @@ level) and the weights ``log(mu / (s_num ||v||^2))`` agree to about ``1e-15``. F
 in float64 (a uniform rounded to float32 may become 1); results agree with the reference
 statistically.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from balancekv.reference import subgen as rs
 
 __all__ = ["greedy_k_center", "online_clusters", "subgen_offline", "subgen_stream"]
@@ -97,7 +97,7 @@ def _pairwise_sum(a: torch.Tensor) -> torch.Tensor:
         n8 = n - n % 8
         r = a[..., :8]
         for i in range(8, n8, 8):
-            r = r + a[..., i:i + 8]
+            r = r + a[..., i : i + 8]
         res = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
         for i in range(n8, n):
             res = res + a[..., i]
@@ -127,6 +127,7 @@ def _dist(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def _single_thread(device: torch.device):
     """Small per-step operations: on CPU, intra-op thread fork/join costs more than the arithmetic."""
+
     class _Ctx:
         def __enter__(self):
             self.n = torch.get_num_threads()
@@ -135,6 +136,7 @@ def _single_thread(device: torch.device):
 
         def __exit__(self, *exc):
             torch.set_num_threads(self.n)
+
     return _Ctx()
 
 
@@ -166,7 +168,7 @@ def _greedy_core(X: torch.Tensor, m: int):
     """:func:`_greedy_heads` on all heads at once (CUDA) or head by head (CPU: one head's keys stay in cache)."""
     if X.device.type != "cpu" or X.shape[0] == 1:
         return _greedy_heads(X, m)
-    parts = [_greedy_heads(X[h:h + 1], m) for h in range(X.shape[0])]
+    parts = [_greedy_heads(X[h : h + 1], m) for h in range(X.shape[0])]
     return tuple(torch.cat(p, dim=0) for p in zip(*parts))
 
 
@@ -235,7 +237,9 @@ def _nearest_centre(Xc: torch.Tensor, C: torch.Tensor, k: torch.Tensor):
     dev, dt = Xc.device, Xc.dtype
     M = int(k.max())
     if M == 0:
-        return torch.full((H, w), float("inf"), dtype=dt, device=dev), torch.zeros((H, w), dtype=torch.int64, device=dev)
+        return torch.full((H, w), float("inf"), dtype=dt, device=dev), torch.zeros(
+            (H, w), dtype=torch.int64, device=dev
+        )
     Cm = C[:, :M]
     ok = torch.arange(M, device=dev)[None, :] < k[:, None]  # (H, M)
     X64, C64 = _f64(Xc), _f64(Cm)  # the filter runs in float64 (no TF32); the margin covers dtype dt
@@ -350,8 +354,11 @@ def online_clusters(X, threshold):
 
 
 def _thresholds(threshold, H, device):
-    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (H,)) if not isinstance(threshold, torch.Tensor) \
+    thr = (
+        np.broadcast_to(np.asarray(threshold, dtype=np.float64), (H,))
+        if not isinstance(threshold, torch.Tensor)
         else np.broadcast_to(threshold.detach().cpu().double().numpy(), (H,))
+    )
     if not bool(np.all(thr >= 0)):  # also rejects NaN
         raise ValueError(f"threshold must be >= 0, got {thr.tolist()}")
     return torch.as_tensor(thr.copy(), device=device)
@@ -402,7 +409,9 @@ def _kv(K, V):
     Kt = _float(_as_tensor(K, "K"), "K")
     Vt = _float(_as_tensor(V, "V"), "V")
     if Kt.ndim != 3 or Vt.ndim != 3 or Kt.shape[:2] != Vt.shape[:2]:
-        raise ValueError(f"K and V must have shapes (H, n, d) and (H, n, s), got {tuple(Kt.shape)} and {tuple(Vt.shape)}")
+        raise ValueError(
+            f"K and V must have shapes (H, n, d) and (H, n, s), got {tuple(Kt.shape)} and {tuple(Vt.shape)}"
+        )
     Vt = Vt.to(device=Kt.device)
     _check_finite(Kt, "K")
     _check_finite(Vt, "V")
@@ -422,8 +431,9 @@ def _np64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts,
-              mu, num_pos, sq, n_seen):
+def _assemble(
+    K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu, num_pos, sq, n_seen
+):
     """The reference's :class:`SubGenState` from the per-head arrays (all NumPy)."""
     H, n, d = K64.shape
     s = V64.shape[-1]
@@ -434,11 +444,14 @@ def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, sl
         Kh, Vh = K64[h], V64[h]
         for c in range(int(k[h])):
             nc = int(counts[h, c])
-            mem = order[h, starts[h, c]: starts[h, c] + nc]
+            mem = order[h, starts[h, c] : starts[h, c] + nc]
             pick = slot_pos[h, c, :t].astype(np.int64)
             members = [(int(i), Kh[i].copy(), Vh[i].copy()) for i in mem] if nc <= t else None
-            head.clusters.append(rs._Cluster(Xf64[h, cent[h, c]].copy(), nc, float(radius[h, c]), pick,
-                                             Kh[pick].copy(), Vh[pick].copy(), members))
+            head.clusters.append(
+                rs._Cluster(
+                    Xf64[h, cent[h, c]].copy(), nc, float(radius[h, c]), pick, Kh[pick].copy(), Vh[pick].copy(), members
+                )
+            )
         head._C = Xf64[h, cent[h, : int(k[h])]].reshape(-1, d).copy()
         head.mu = float(mu[h])
         if head.mu > 0.0:
@@ -451,8 +464,9 @@ def _assemble(K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, sl
 
 
 # ---------------------------------------------------------------------- SubGen
-def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
-                  rng: np.random.Generator | None = None, uniforms=None) -> rs.SubGenState:
+def subgen_stream(
+    K, V, *, t, s_num: int, threshold, scale: float, rng: np.random.Generator | None = None, uniforms=None
+) -> rs.SubGenState:
     """Streaming SubGen; see :func:`balancekv.reference.subgen.subgen_stream` (same arguments, same state).
 
     ``K (H, n, d)``, ``V (H, n, s)`` (NumPy or torch, any device), uniforms ``(n, H, max(t) + s_num)``
@@ -486,7 +500,8 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
         M = max(1, int(k.max()))
         rank, counts, order, starts = _ranks(assign, M)
         radius = torch.zeros((H, M), dtype=torch.float64, device=dev).scatter_reduce_(
-            1, assign, dist.to(torch.float64), reduce="amax", include_self=True)
+            1, assign, dist.to(torch.float64), reduce="amax", include_self=True
+        )
         tt = torch.as_tensor(ts, device=dev)
         res_ok = torch.arange(t_max, device=dev)[None, :] < tt[:, None]
         slot_pos = _last_taker(U[:, :, :t_max], 1.0 / rank.to(torch.float64), assign, M, res_ok)
@@ -497,13 +512,31 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
         num_pos = _last_taker(U[:, :, t_max:], p_num, torch.zeros_like(assign), 1, num_ok)[:, 0]
         mu = mu_run[:, -1] if n else torch.zeros(H, dtype=torch.float64, device=dev)
     Xf64 = _folded64(Xf, K, scale)
-    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
-                     counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
-                     starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)
+    return _assemble(
+        _np64(K),
+        _np64(V),
+        Xf64,
+        ts,
+        s_num,
+        thr.cpu().numpy(),
+        scale,
+        cent.cpu().numpy(),
+        k.cpu().numpy(),
+        counts.cpu().numpy(),
+        radius.cpu().numpy(),
+        slot_pos.cpu().numpy(),
+        order.cpu().numpy(),
+        starts.cpu().numpy(),
+        mu.cpu().numpy(),
+        num_pos.cpu().numpy(),
+        sq.cpu().numpy(),
+        n,
+    )
 
 
-def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.Generator | None = None,
-                   uniforms=None) -> rs.SubGenState:
+def subgen_offline(
+    K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.Generator | None = None, uniforms=None
+) -> rs.SubGenState:
     """Offline SubGen; see :func:`balancekv.reference.subgen.subgen_offline` (same arguments, same state).
 
     Greedy k-centre for every head at once; reservoir picks ``floor(U_res[h, c, j] * n_c)`` among the
@@ -526,8 +559,10 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
     dev = Kt.device
     U_res, U_num = (_as_tensor(u, "uniforms").to(device=dev, dtype=torch.float64) for u in uniforms)
     if tuple(U_res.shape) != (H, m, t_max) or tuple(U_num.shape) != (H, s_num):
-        raise ValueError(f"uniforms must have shapes {(H, m, t_max)} and {(H, s_num)}, "
-                         f"got {tuple(U_res.shape)} and {tuple(U_num.shape)}")
+        raise ValueError(
+            f"uniforms must have shapes {(H, m, t_max)} and {(H, s_num)}, "
+            f"got {tuple(U_res.shape)} and {tuple(U_num.shape)}"
+        )
     Xf = float(scale) * Kt
     _check_finite(Xf, "scale * K")
     with _single_thread(dev):
@@ -535,7 +570,8 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
         kmax = cent.shape[1]
         _, counts, order, starts = _ranks(assign, kmax)
         radius = torch.zeros((H, kmax), dtype=torch.float64, device=dev).scatter_reduce_(
-            1, assign, dist.to(torch.float64), reduce="amax", include_self=True)
+            1, assign, dist.to(torch.float64), reduce="amax", include_self=True
+        )
         nc = counts.to(torch.float64)[:, :, None]
         idx = (U_res[:, :kmax] * nc).to(torch.int64)  # floor (u * n_c >= 0), as numpy's astype
         idx = torch.minimum(idx, (counts - 1).clamp(min=0)[:, :, None])
@@ -549,6 +585,23 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
         num_pos = torch.minimum(num_pos, last[:, None])
         thr = dist.to(torch.float64).max(dim=1).values
     Xf64 = _folded64(Xf, K, scale)
-    return _assemble(_np64(K), _np64(V), Xf64, ts, s_num, thr.cpu().numpy(), scale, cent.cpu().numpy(), k.cpu().numpy(),
-                     counts.cpu().numpy(), radius.cpu().numpy(), slot_pos.cpu().numpy(), order.cpu().numpy(),
-                     starts.cpu().numpy(), mu.cpu().numpy(), num_pos.cpu().numpy(), sq.cpu().numpy(), n)
+    return _assemble(
+        _np64(K),
+        _np64(V),
+        Xf64,
+        ts,
+        s_num,
+        thr.cpu().numpy(),
+        scale,
+        cent.cpu().numpy(),
+        k.cpu().numpy(),
+        counts.cpu().numpy(),
+        radius.cpu().numpy(),
+        slot_pos.cpu().numpy(),
+        order.cpu().numpy(),
+        starts.cpu().numpy(),
+        mu.cpu().numpy(),
+        num_pos.cpu().numpy(),
+        sq.cpu().numpy(),
+        n,
+    )

@@ -8,6 +8,7 @@ problems (torch: one vector operation per step; Triton: one program per problem,
 running dots in registers). Signs agree with the reference for the same uniforms
 except at genuine ties (``|r_i - p_i|`` at rounding level; SPEC section 11).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,14 @@ def _as_tensor(x, name, dtype=None, device=None):
     return t
 
 
-def walk_loop(G: torch.Tensor, r: torch.Tensor, threshold_fn, *, forced_first: torch.Tensor | None = None,
-              valid: torch.Tensor | None = None):
+def walk_loop(
+    G: torch.Tensor,
+    r: torch.Tensor,
+    threshold_fn,
+    *,
+    forced_first: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+):
     """Sequential sign loop shared by the torch walks, vectorised over the leading axis.
 
     ``G (B, n, n)`` (row ``i``, columns ``j < i`` are read through running dots),
@@ -115,8 +122,19 @@ def gram_walk_signs(G, uniforms, c, *, backend: str = "auto"):
         ker = T.kernels("kernels_walk")
         X = torch.empty((B, n), dtype=torch.int8, device=Gt.device)
         F = torch.empty((B,), dtype=torch.int32, device=Gt.device)
-        ker.gram_walk_kernel[(B,)](Gt, r.contiguous(), cc, X, F, n, Gt.stride(0), Gt.stride(1), Gt.stride(2),
-                                   F64=dt == torch.float64, BLOCK=max(16, T.next_pow2(n)))
+        ker.gram_walk_kernel[(B,)](
+            Gt,
+            r.contiguous(),
+            cc,
+            X,
+            F,
+            n,
+            Gt.stride(0),
+            Gt.stride(1),
+            Gt.stride(2),
+            F64=dt == torch.float64,
+            BLOCK=max(16, T.next_pow2(n)),
+        )
         return X, F.to(torch.int64)
     x, failed_at = walk_loop(Gt, r, lambda g: (0.5 - g / (2 * cc), g.abs() > cc))
     return x.to(torch.int8), failed_at

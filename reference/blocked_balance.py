@@ -27,6 +27,7 @@ shared by all tokens cancels; the ratio's error is the discrepancy of
 ``gamma = 0`` gives ``p_i = 1/2``: independent fair signs through the same
 procedure, the authors' "uniform" baseline (``uniform-halving``).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -45,9 +46,22 @@ EXP_CLIP = 300.0
 KERNELS = ("keys", "queries")
 
 
-def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float, gamma: float = 4.0,
-                       temp: float = 1.0, beta: float = 0.0, a2: float = 0.025,
-                       value_centering: bool = True, kernel: str = "keys", probes=None) -> np.ndarray:
+def blocked_walk_signs(
+    K,
+    V,
+    uniforms,
+    *,
+    weights=None,
+    valid=None,
+    scale: float,
+    gamma: float = 4.0,
+    temp: float = 1.0,
+    beta: float = 0.0,
+    a2: float = 0.025,
+    value_centering: bool = True,
+    kernel: str = "keys",
+    probes=None,
+) -> np.ndarray:
     """One round of SPEC 4b steps 2–4 for ``B`` independent blocks: the walk's signs.
 
     Parameters
@@ -131,7 +145,7 @@ def blocked_walk_signs(K, V, uniforms, *, weights=None, valid=None, scale: float
         g = np.einsum("bj,bj->b", kappa[:, i, :i], x[:, :i])
         p = np.clip(0.5 - gamma * g, 0.0, 1.0)
         xi = np.where(r[:, i] < p, 1.0, -1.0)
-        xi = np.where(seen, xi, 1.0)          # first valid token: +1
+        xi = np.where(seen, xi, 1.0)  # first valid token: +1
         x[:, i] = np.where(ok[:, i], xi, 0.0)
         seen |= ok[:, i]
     return x.astype(np.int8)
@@ -157,7 +171,7 @@ def fixed_size_halving(signs, valid=None):
     cm = np.cumsum((x == -1) & ok, axis=-1)
     hit = ((cp == h[:, None]) | (cm == h[:, None])) & ok
     c = np.where(hit.any(-1), np.argmax(hit, axis=-1), blk)
-    full = x[np.arange(B), np.minimum(c, blk - 1)]                # the class that filled first
+    full = x[np.arange(B), np.minimum(c, blk - 1)]  # the class that filled first
     pos = np.arange(blk)[None, :]
     prefix = pos <= c[:, None]
     doubled = ok & prefix & (x != full[:, None])
@@ -186,10 +200,27 @@ def halving_sizes(n_mid: int, block: int, itrs: int) -> list[int]:
     return sizes
 
 
-def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window: int = 32, scale: float,
-                    rng: np.random.Generator | None = None, uniforms=None, gamma: float = 4.0,
-                    temp: float = 1.0, beta: float = 0.0, a2: float = 0.025, value_centering: bool = True,
-                    walk_signs: Callable | None = None, kernel: str = "keys", probes=None, protect=None):
+def blocked_balance(
+    K,
+    V,
+    *,
+    itrs: int,
+    block: int = 128,
+    sink: int = 32,
+    window: int = 32,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms=None,
+    gamma: float = 4.0,
+    temp: float = 1.0,
+    beta: float = 0.0,
+    a2: float = 0.025,
+    value_centering: bool = True,
+    walk_signs: Callable | None = None,
+    kernel: str = "keys",
+    probes=None,
+    protect=None,
+):
     """The full SPEC 4b procedure on ``H`` heads: keys ``(H, n, d)``, values ``(H, n, s)``.
 
     Randomness: ``uniforms`` (a sequence of ``itrs`` arrays, round ``r`` of shape
@@ -227,8 +258,13 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
     prot = np.zeros((H, 0), np.int64)
     if protect is not None:
         prot = np.sort(np.asarray(protect, np.int64), axis=1)
-        if prot.ndim != 2 or prot.shape[0] != H or np.any(prot < s0) or np.any(prot >= n - w0) \
-                or np.any(np.diff(prot, axis=1) == 0):
+        if (
+            prot.ndim != 2
+            or prot.shape[0] != H
+            or np.any(prot < s0)
+            or np.any(prot >= n - w0)
+            or np.any(np.diff(prot, axis=1) == 0)
+        ):
             raise ValueError(f"protect must hold ({H}, h) distinct middle indices in [{s0}, {n - w0})")
         rest = np.ones(cur.shape, bool)
         np.put_along_axis(rest, prot - s0, False, axis=1)
@@ -251,9 +287,20 @@ def blocked_balance(K, V, *, itrs: int, block: int = 128, sink: int = 32, window
         Kb, Vb = K[heads, idx], V[heads, idx]
         if kernel == "queries":
             extra = {"kernel": "queries", "probes": np.repeat(P, nb, axis=0)}
-        signs = walk(Kb.reshape(H * nb, blk, -1), Vb.reshape(H * nb, blk, -1), r.reshape(H * nb, blk),
-                     weights=wts.reshape(H * nb, blk), valid=ok.reshape(H * nb, blk), scale=scale, gamma=gamma,
-                     temp=temp, beta=beta, a2=a2, value_centering=value_centering, **extra)
+        signs = walk(
+            Kb.reshape(H * nb, blk, -1),
+            Vb.reshape(H * nb, blk, -1),
+            r.reshape(H * nb, blk),
+            weights=wts.reshape(H * nb, blk),
+            valid=ok.reshape(H * nb, blk),
+            scale=scale,
+            gamma=gamma,
+            temp=temp,
+            beta=beta,
+            a2=a2,
+            value_centering=value_centering,
+            **extra,
+        )
         keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H * nb, blk), ok.reshape(H * nb, blk))
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
         lw = np.concatenate([logw, np.zeros((H, pad))], axis=1) + np.where(dbl, np.log(2.0), 0.0)

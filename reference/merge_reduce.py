@@ -21,6 +21,7 @@ class, probability ``2^(1-|merged|)`` for coin-like walks), is retried with fres
 times; if every try fails the merged set is kept exactly (weights unchanged) and
 pushed up, and the event is counted in ``fallbacks``. Nothing is dropped.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,18 @@ class MergeAndReduce:
     max_retries : fresh-randomness retries of a failed walk before the exact fallback.
     """
 
-    def __init__(self, t: int, d: int, s: int, *, scale: float, rng: np.random.Generator, c: float | None = None,
-                 delta: float = 0.01, max_retries: int = 3):
+    def __init__(
+        self,
+        t: int,
+        d: int,
+        s: int,
+        *,
+        scale: float,
+        rng: np.random.Generator,
+        c: float | None = None,
+        delta: float = 0.01,
+        max_retries: int = 3,
+    ):
         if int(t) < 1:
             raise ValueError(f"t must be >= 1, got {t}")
         self.t, self.d, self.s = int(t), int(d), int(s)
@@ -54,7 +65,7 @@ class MergeAndReduce:
         self.buf_k: list[np.ndarray] = []
         self.buf_v: list[np.ndarray] = []
         self.buf_pos: list[int] = []
-        self.levels: list[tuple | None] = []   # (K, V, pos, logw) or None
+        self.levels: list[tuple | None] = []  # (K, V, pos, logw) or None
         self.n_seen = 0
         self.reductions = 0
         self.retries = 0
@@ -68,8 +79,7 @@ class MergeAndReduce:
         self.buf_pos.append(int(pos))
         self.n_seen += 1
         if len(self.buf_pos) == self.t:
-            block = (np.stack(self.buf_k), np.stack(self.buf_v), np.asarray(self.buf_pos, np.int64),
-                     np.zeros(self.t))
+            block = (np.stack(self.buf_k), np.stack(self.buf_v), np.asarray(self.buf_pos, np.int64), np.zeros(self.t))
             self.buf_k, self.buf_v, self.buf_pos = [], [], []
             self._push(block, 0)
 
@@ -96,12 +106,12 @@ class MergeAndReduce:
         K, V, pos, logw = merged
         n = K.shape[0]
         self.reductions += 1
-        if n <= 1:          # nothing to halve
+        if n <= 1:  # nothing to halve
             return merged
         Vw = V * np.exp(logw)[:, None]
         c = default_threshold(n, self.delta) if self.c is None else self.c
         for attempt in range(self.max_retries + 1):
-            self.retries += attempt > 0          # a retry: fresh uniforms after a FAIL
+            self.retries += attempt > 0  # a retry: fresh uniforms after a FAIL
             r = self.rng.random((1, n))
             signs, failed = softmax_balance_signs(K[None], Vw[None], r, scale=self.scale, c=c)
             if failed[0] < 0:
@@ -118,8 +128,14 @@ class MergeAndReduce:
         """``(K (m, d), V (m, s), positions (m,), log_weights (m,))`` of every stored token."""
         parts = [x for x in self.levels if x is not None]
         if self.buf_pos:
-            parts.append((np.stack(self.buf_k), np.stack(self.buf_v), np.asarray(self.buf_pos, np.int64),
-                          np.zeros(len(self.buf_pos))))
+            parts.append(
+                (
+                    np.stack(self.buf_k),
+                    np.stack(self.buf_v),
+                    np.asarray(self.buf_pos, np.int64),
+                    np.zeros(len(self.buf_pos)),
+                )
+            )
         if not parts:
             return np.zeros((0, self.d)), np.zeros((0, self.s)), np.zeros(0, np.int64), np.zeros(0)
         return tuple(np.concatenate([p[i] for p in parts], axis=0) for i in range(4))

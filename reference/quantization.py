@@ -50,6 +50,7 @@ sits at bits ``[j*b, (j+1)*b)``). :func:`pack` moves ``axis`` to the last
 position and packs along it: keys ``(..., T, d)`` with ``axis=-2`` become
 ``(..., d, T*b/32)``; values with ``axis=-1`` become ``(..., T, d*b/32)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -109,7 +110,7 @@ def quantize(x, bits: int, group: int, axis: int, scale_dtype=np.float16):
     sdt = _check_scale_dtype(scale_dtype)
     if not np.all(np.isfinite(xa)):
         raise ValueError("x contains NaN or Inf")
-    Q = np.float32(2 ** b - 1)
+    Q = np.float32(2**b - 1)
     x32 = np.moveaxis(xa.astype(np.float32), ax, -1)
     L = x32.shape[-1]
     g = x32.reshape(x32.shape[:-1] + (L // G, G))
@@ -117,10 +118,12 @@ def quantize(x, bits: int, group: int, axis: int, scale_dtype=np.float16):
     M = g.max(axis=-1)
     big = float(np.finfo(sdt).max)
     if g.size and max(float(np.abs(m).max()), float(np.abs(M).max())) > big:
-        raise ValueError(f"x has entries of magnitude above {big:g}, beyond the range of scale_dtype "
-                         f"{sdt}; pass scale_dtype=np.float32")
-    s_star = (M - m) / Q                      # float32 subtraction, float32 true division
-    zero = m.astype(sdt)                      # round to nearest even
+        raise ValueError(
+            f"x has entries of magnitude above {big:g}, beyond the range of scale_dtype "
+            f"{sdt}; pass scale_dtype=np.float32"
+        )
+    s_star = (M - m) / Q  # float32 subtraction, float32 true division
+    zero = m.astype(sdt)  # round to nearest even
     scale = s_star.astype(sdt)
     z32 = zero.astype(np.float32)[..., None]  # exact
     s32 = scale.astype(np.float32)[..., None]
@@ -143,8 +146,10 @@ def dequantize(codes, scale, zero, group: int, axis: int) -> np.ndarray:
     s = np.repeat(np.asarray(scale, np.float64), G, axis=ax)
     z = np.repeat(np.asarray(zero, np.float64), G, axis=ax)
     if s.shape != c.shape or z.shape != c.shape:
-        raise ValueError(f"scale {np.shape(scale)} and zero {np.shape(zero)} do not match codes {c.shape} "
-                         f"with group={G} along axis {axis}")
+        raise ValueError(
+            f"scale {np.shape(scale)} and zero {np.shape(zero)} do not match codes {c.shape} "
+            f"with group={G} along axis {axis}"
+        )
     return c.astype(np.float64) * s + z
 
 
@@ -161,8 +166,8 @@ def pack(codes, bits: int, axis: int) -> np.ndarray:
     if not np.issubdtype(c.dtype, np.integer):
         raise TypeError(f"codes must be integers, got {c.dtype}")
     ax = _check_axis(axis, c.ndim)
-    if c.size and (c.min() < 0 or c.max() > 2 ** b - 1):
-        raise ValueError(f"codes must lie in [0, {2 ** b - 1}] for bits={b}")
+    if c.size and (c.min() < 0 or c.max() > 2**b - 1):
+        raise ValueError(f"codes must lie in [0, {2**b - 1}] for bits={b}")
     per = 32 // b
     c = np.moveaxis(c, ax, -1).astype(np.uint32)
     L = c.shape[-1]
@@ -170,7 +175,7 @@ def pack(codes, bits: int, axis: int) -> np.ndarray:
     if W * per != L:
         c = np.concatenate([c, np.zeros(c.shape[:-1] + (W * per - L,), np.uint32)], axis=-1)
     c = c.reshape(c.shape[:-1] + (W, per))
-    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(b))
+    shifts = np.arange(per, dtype=np.uint32) * np.uint32(b)
     words = np.bitwise_or.reduce(c << shifts, axis=-1) if per > 1 else c[..., 0]
     return np.ascontiguousarray(words.astype(np.uint32).view(np.int32))
 
@@ -191,7 +196,7 @@ def unpack(packed, bits: int, axis: int, length: int) -> np.ndarray:
     ax = _check_axis(axis, p.ndim)
     w = p.view(np.uint32)[..., None]
     shifts = np.arange(per, dtype=np.uint32) * np.uint32(b)
-    c = ((w >> shifts) & np.uint32(2 ** b - 1)).astype(np.uint8)
+    c = ((w >> shifts) & np.uint32(2**b - 1)).astype(np.uint8)
     c = c.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :length]
     return np.moveaxis(c, -1, ax)
 

@@ -5,6 +5,7 @@ by ``n/m`` gives unbiased estimates of the numerator and denominator sums;
 their relative error falls like ``1/sqrt(m)`` (sampling variance), against the
 ``1/m`` of discrepancy-based halving [BKV].
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -20,6 +20,7 @@ Query-head convention for GQA (``group > 1``): query head ``h`` belongs to KV he
 *end* of the keys: with ``Lq <= L`` queries, query ``j`` sits at position
 ``L - Lq + j`` and sees keys ``0 .. L - Lq + j`` (causal, bottom-right aligned).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,12 +82,11 @@ def _pool_same(x, kernel: int, pool: str):
     L = x.shape[-1]
     pad = np.full(x.shape[:-1] + (p,), -np.inf if pool == "max" else 0.0)
     xp = np.concatenate([pad, x, pad], axis=-1)
-    win = np.stack([xp[..., t:t + L] for t in range(kernel)], axis=-1)
+    win = np.stack([xp[..., t : t + L] for t in range(kernel)], axis=-1)
     return win.max(axis=-1) if pool == "max" else win.sum(axis=-1) / kernel
 
 
-def snapkv_scores(Q, K, scale=None, window: int = 32, kernel: int = 7, pool: str = "max",
-                  group: int = 1) -> np.ndarray:
+def snapkv_scores(Q, K, scale=None, window: int = 32, kernel: int = 7, pool: str = "max", group: int = 1) -> np.ndarray:
     """SnapKV scores ``(..., Hkv, L)``.
 
     The observation window is the last ``w = min(window, Lq)`` queries of ``Q``
@@ -105,10 +105,10 @@ def snapkv_scores(Q, K, scale=None, window: int = 32, kernel: int = 7, pool: str
     L = K.shape[-2]
     w = min(int(window), Q.shape[-2])
     P = _causal_probs(Q[..., -w:, :], K, scale, group)
-    col = P.sum(axis=(-3, -2))                       # (..., Hkv, L)
+    col = P.sum(axis=(-3, -2))  # (..., Hkv, L)
     out = np.full(col.shape, np.inf)
     if L > w:
-        out[..., :L - w] = _pool_same(col[..., :L - w], int(kernel), pool)
+        out[..., : L - w] = _pool_same(col[..., : L - w], int(kernel), pool)
     return out
 
 
@@ -136,7 +136,7 @@ def select_top(scores, budget: int, recent: int) -> np.ndarray:
     if np.isnan(sc).any():
         raise ValueError("scores contain NaN")
     heavy = budget - recent
-    prefix = sc[..., :L - recent]
+    prefix = sc[..., : L - recent]
     order = np.argsort(-prefix, axis=-1, kind="stable")[..., :heavy]
     rec = np.broadcast_to(np.arange(L - recent, L), sc.shape[:-1] + (recent,))
     return np.sort(np.concatenate([order, rec], axis=-1), axis=-1).astype(np.int64)

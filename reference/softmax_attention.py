@@ -14,6 +14,7 @@ Every exponential is taken after subtracting the largest exponent of its own
 sum, so keys of norm 1e4 do not overflow; a log-weight of ``-inf`` removes a
 slot from that sum.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,6 +17,7 @@ The denominator is the same walk with scalar values ``v_i = 1``.
 Computation is stable: ``kappa_ij / R^2 = exp(scale (<k_i,k_j> - r_k^2)) <v_i,v_j> / r_v^2``
 has a non-positive exponent (Cauchy–Schwarz), so keys of norm 1e4 do not overflow.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -44,8 +45,8 @@ def normalized_softmax_gram(K, V, scale: float) -> np.ndarray:
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
-    rk2 = np.max(np.einsum("bnd,bnd->bn", K, K), axis=-1)          # (B,)
-    rv2 = np.max(np.einsum("bns,bns->bn", V, V), axis=-1)          # (B,)
+    rk2 = np.max(np.einsum("bnd,bnd->bn", K, K), axis=-1)  # (B,)
+    rv2 = np.max(np.einsum("bns,bns->bn", V, V), axis=-1)  # (B,)
     expo = scale * (np.einsum("bid,bjd->bij", K, K) - rk2[:, None, None])
     expo = np.minimum(expo, 0.0)  # exact value is <= 0; clip rounding noise
     vv = np.einsum("bis,bjs->bij", V, V)
@@ -72,8 +73,9 @@ def kept_class(signs: np.ndarray) -> int:
     return 1 if np.count_nonzero(signs == 1) <= np.count_nonzero(signs == -1) else -1
 
 
-def softmax_balance(K, V, uniforms, *, scale: float | None = None, c: float | None = None,
-                    delta: float = 0.01) -> BalanceHalf:
+def softmax_balance(
+    K, V, uniforms, *, scale: float | None = None, c: float | None = None, delta: float = 0.01
+) -> BalanceHalf:
     """One SoftmaxBalance halving of ``n`` tokens: keys ``(n, d)``, values ``(n, s)``, uniforms ``(n,)``.
 
     Returns the smaller sign class (at most ``n/2`` tokens, sorted indices) with log-weight

@@ -52,14 +52,22 @@ summed weight (the estimate is unchanged, the memory smaller). The error bound
 derived in ``proofs/subgen.md``. Every reconstruction choice (threshold rule,
 order of update and query, scale folding) is listed there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SubGenHead", "SubGenState", "fold_scale", "greedy_k_center", "online_clusters",
-           "subgen_offline", "subgen_stream"]
+__all__ = [
+    "SubGenHead",
+    "SubGenState",
+    "fold_scale",
+    "greedy_k_center",
+    "online_clusters",
+    "subgen_offline",
+    "subgen_stream",
+]
 
 
 def fold_scale(K: np.ndarray, scale: float) -> np.ndarray:
@@ -124,13 +132,13 @@ def online_clusters(X: np.ndarray, threshold: float):
 
 @dataclass
 class _Cluster:
-    centre: np.ndarray          # folded key of the centre, (d,)
-    count: int                  # n_c
-    radius: float               # max folded distance member -> centre
-    slot_pos: np.ndarray        # (t,) token index held by each reservoir slot
-    slot_k: np.ndarray          # (t, d)
-    slot_v: np.ndarray          # (t, s)
-    members: list | None        # [(pos, k, v)] while count <= t, then None
+    centre: np.ndarray  # folded key of the centre, (d,)
+    count: int  # n_c
+    radius: float  # max folded distance member -> centre
+    slot_pos: np.ndarray  # (t,) token index held by each reservoir slot
+    slot_k: np.ndarray  # (t, d)
+    slot_v: np.ndarray  # (t, s)
+    members: list | None  # [(pos, k, v)] while count <= t, then None
 
 
 class SubGenHead:
@@ -171,8 +179,11 @@ class SubGenHead:
         c, dist = self.assign(k)
         if c < 0:
             t = self.t
-            self.clusters.append(_Cluster(self.scale * k, 0, 0.0, np.full(t, -1, np.int64),
-                                          np.zeros((t, self.d)), np.zeros((t, self.s)), []))
+            self.clusters.append(
+                _Cluster(
+                    self.scale * k, 0, 0.0, np.full(t, -1, np.int64), np.zeros((t, self.d)), np.zeros((t, self.s)), []
+                )
+            )
             self._C = np.vstack([self._C, (self.scale * k)[None]])
             c = len(self.clusters) - 1
         cl = self.clusters[c]
@@ -293,8 +304,14 @@ class SubGenState:
         """``(T, H, t_max + s_num)`` uniforms in the streaming layout (see module docstring)."""
         return rng.random((T, self.H, self.t_max + self.s_num))
 
-    def append(self, K: np.ndarray, V: np.ndarray, positions, rng: np.random.Generator | None = None,
-               uniforms: np.ndarray | None = None) -> "SubGenState":
+    def append(
+        self,
+        K: np.ndarray,
+        V: np.ndarray,
+        positions,
+        rng: np.random.Generator | None = None,
+        uniforms: np.ndarray | None = None,
+    ) -> "SubGenState":
         """Stream tokens ``K (H, T, d)``, ``V (H, T, s)`` at ``positions (T,)`` through every head, in order."""
         K, V = np.asarray(K, np.float64), np.asarray(V, np.float64)
         T = K.shape[-2]
@@ -308,7 +325,7 @@ class SubGenState:
             raise ValueError(f"uniforms must have shape {(T, self.H, self.t_max + self.s_num)}, got {U.shape}")
         for h, head in enumerate(self.heads):
             for j in range(T):
-                head.update(K[h, j], V[h, j], int(positions[j]), U[j, h, : head.t], U[j, h, self.t_max:])
+                head.update(K[h, j], V[h, j], int(positions[j]), U[j, h, : head.t], U[j, h, self.t_max :])
         return self
 
     def entries(self):
@@ -342,8 +359,17 @@ class SubGenState:
         return np.asarray([h.stored_floats() for h in self.heads])
 
 
-def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
-                  rng: np.random.Generator | None = None, uniforms: np.ndarray | None = None) -> SubGenState:
+def subgen_stream(
+    K,
+    V,
+    *,
+    t,
+    s_num: int,
+    threshold,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms: np.ndarray | None = None,
+) -> SubGenState:
     """Streaming SubGen over keys ``K (H, n, d)`` and values ``V (H, n, s)``, tokens in order 0..n-1.
 
     ``threshold``: clustering radius on folded keys ``scale * k`` (a float or one per head);
@@ -359,8 +385,17 @@ def subgen_stream(K, V, *, t, s_num: int, threshold, scale: float,
     return SubGenState(heads).append(K, V, np.arange(n), rng=rng, uniforms=uniforms)
 
 
-def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.Generator | None = None,
-                   uniforms: tuple[np.ndarray, np.ndarray] | None = None) -> SubGenState:
+def subgen_offline(
+    K,
+    V,
+    *,
+    t,
+    s_num: int,
+    m: int,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SubGenState:
     """Offline SubGen: greedy k-centre with ``m`` centres on folded keys, then i.i.d. samples.
 
     Cluster ``c`` gets ``t`` uniform members (slot ``j``: member ``floor(U_res[h, c, j] * n_c)``,
@@ -382,7 +417,9 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
         uniforms = (rng.random((H, m, t_max)), rng.random((H, s_num)))
     U_res, U_num = (np.asarray(u, np.float64) for u in uniforms)
     if U_res.shape != (H, m, t_max) or U_num.shape != (H, s_num):
-        raise ValueError(f"uniforms must have shapes {(H, m, t_max)} and {(H, s_num)}, got {U_res.shape} and {U_num.shape}")
+        raise ValueError(
+            f"uniforms must have shapes {(H, m, t_max)} and {(H, s_num)}, got {U_res.shape} and {U_num.shape}"
+        )
     heads = []
     for h in range(H):
         Xf = fold_scale(K[h], scale)
@@ -392,9 +429,17 @@ def subgen_offline(K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.
             mem = np.flatnonzero(assign == c)  # token order
             nc = mem.size
             pick = mem[np.minimum((U_res[h, c, : ts[h]] * nc).astype(np.int64), nc - 1)]
-            head.clusters.append(_Cluster(Xf[ci].copy(), int(nc), float(dist[mem].max()), pick.astype(np.int64),
-                                          K[h, pick].copy(), V[h, pick].copy(),
-                                          [(int(i), K[h, i].copy(), V[h, i].copy()) for i in mem] if nc <= ts[h] else None))
+            head.clusters.append(
+                _Cluster(
+                    Xf[ci].copy(),
+                    int(nc),
+                    float(dist[mem].max()),
+                    pick.astype(np.int64),
+                    K[h, pick].copy(),
+                    V[h, pick].copy(),
+                    [(int(i), K[h, i].copy(), V[h, i].copy()) for i in mem] if nc <= ts[h] else None,
+                )
+            )
         head._C = Xf[centres].copy()
         sq = np.einsum("ij,ij->i", V[h], V[h])
         cum = np.cumsum(sq)

@@ -25,6 +25,7 @@ parameter everywhere.
 Randomness enters only through the uniforms, so any two implementations fed the
 same uniforms produce the same signs (SPEC section 11).
 """
+
 from __future__ import annotations
 
 import numpy as np

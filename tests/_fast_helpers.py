@@ -1,4 +1,5 @@
 """Helpers shared by the tests of :mod:`balancekv.fast` (not a test module)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,8 @@ def _interpreter_usable() -> bool:
 INTERPRETER_USABLE = _interpreter_usable()
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETER_USABLE,
-    reason="Triton was imported in compiled mode (CUDA present, or imported before TRITON_INTERPRET=1)")
+    reason="Triton was imported in compiled mode (CUDA present, or imported before TRITON_INTERPRET=1)",
+)
 
 
 def first_difference(a: np.ndarray, b: np.ndarray):

@@ -1,4 +1,5 @@
 """Shared fixtures: deterministic data factories seeded by the problem size (goodpoints-style)."""
+
 from __future__ import annotations
 
 import os

@@ -7,14 +7,15 @@ are unique and sorted, and the rest of the middle is halved ``T + r`` rounds
 heavy hitters and balancing the rest beats both plain balancing and SnapKV-style
 eviction at equal kept size on the heavy-tailed ``llm`` family.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import balancekv
 from balancekv.reference.blocked_balance import blocked_balance
 from balancekv.reference.softmax_attention import attention, relative_error
+
+import balancekv
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_protected_tokens_are_kept_exactly():
     with pytest.raises(ValueError, match="protect"):
         blocked_balance(K, V, itrs=1, block=32, sink=8, window=8, scale=0.3, rng=rng, protect=np.array([[3], [4]]))
     with pytest.raises(ValueError, match="protect"):
-        blocked_balance(K, V, itrs=1, block=32, sink=8, window=8, scale=0.3, rng=rng, protect=np.array([[40, 40], [50, 51]]))
+        blocked_balance(
+            K, V, itrs=1, block=32, sink=8, window=8, scale=0.3, rng=rng, protect=np.array([[40, 40], [50, 51]])
+        )
 
 
 def test_hybrid_beats_plain_balance_and_snapkv_on_heavy_tailed_data(llm):

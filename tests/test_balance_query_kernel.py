@@ -4,11 +4,12 @@ With observed queries ``q_l``, ``phi_l(k) = exp(scale <q_l, k> - m_l)`` and the 
 ``sum_i x_i phi_l(k_i) (v'_i, sqrt(a2))`` -- the (shifted) softmax numerator/denominator
 discrepancy on each observed query. Tests are deterministic given the fixed seeds.
 """
+
 import numpy as np
 import pytest
+from balancekv.reference.blocked_balance import blocked_balance, blocked_walk_signs
 
 import balancekv
-from balancekv.reference.blocked_balance import blocked_balance, blocked_walk_signs
 
 
 def scalar_query_walk(K, V, P, r, ok, scale, gamma, a2):
@@ -35,8 +36,9 @@ def test_query_walk_matches_scalar_transcription(seed):
     K, V, P = rng.normal(size=(B, blk, 5)), rng.normal(size=(B, blk, 3)), rng.normal(size=(B, 4, 5))
     r = rng.random((B, blk))
     ok = np.arange(blk)[None, :] < np.array([[blk], [7], [1]])
-    x = blocked_walk_signs(K, V, r, valid=ok, scale=0.6, gamma=2.0, a2=0.1, value_centering=False,
-                           kernel="queries", probes=P)
+    x = blocked_walk_signs(
+        K, V, r, valid=ok, scale=0.6, gamma=2.0, a2=0.1, value_centering=False, kernel="queries", probes=P
+    )
     for b in range(B):
         np.testing.assert_array_equal(x[b], scalar_query_walk(K[b], V[b], P[b], r[b], ok[b], 0.6, 2.0, 0.1))
     assert np.all(x[~ok] == 0) and np.all(np.abs(x[ok]) == 1)
@@ -63,8 +65,9 @@ def test_query_kernel_gamma_zero_equals_keys_kernel_gamma_zero():
     rng = np.random.default_rng(1)
     K, V, P = rng.normal(size=(2, 300, 8)), rng.normal(size=(2, 300, 8)), rng.normal(size=(2, 5, 8))
     a = blocked_balance(K, V, itrs=2, block=64, scale=0.3, rng=np.random.default_rng(3), gamma=0.0)
-    b = blocked_balance(K, V, itrs=2, block=64, scale=0.3, rng=np.random.default_rng(3), gamma=0.0,
-                        kernel="queries", probes=P)
+    b = blocked_balance(
+        K, V, itrs=2, block=64, scale=0.3, rng=np.random.default_rng(3), gamma=0.0, kernel="queries", probes=P
+    )
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
 
@@ -81,14 +84,16 @@ def test_method_option_and_bad_input():
     with pytest.raises(ValueError, match="probes"):
         blocked_walk_signs(K[:, :10], V[:, :10], rng.random((2, 10)), scale=1.0, kernel="queries")
     with pytest.raises(ValueError, match="probes"):
-        blocked_walk_signs(K[:, :10], V[:, :10], rng.random((2, 10)), scale=1.0, kernel="queries",
-                           probes=np.ones((3, 2, 8)))
+        blocked_walk_signs(
+            K[:, :10], V[:, :10], rng.random((2, 10)), scale=1.0, kernel="queries", probes=np.ones((3, 2, 8))
+        )
 
 
 def test_auto_kernel_resolution():
     """``kernel="auto"``: the queries kernel (value-centred) iff queries were given to compress;
     ``uniform-halving`` (gamma = 0) ignores the kernel: its signs equal the keys kernel's."""
     from balancekv.methods.balance import Balance
+
     auto = {"kernel": "auto", "value_centering": "auto"}
     assert Balance.resolved_kernel(auto, True) == ("queries", True)
     assert Balance.resolved_kernel(auto, False) == ("keys", False)

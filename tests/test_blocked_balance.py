@@ -3,13 +3,15 @@
 Properties are exact (deterministic given seeds). The acceptance check at the end
 compares `balance` (default options) with `uniform-halving` at equal kept size.
 """
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
-import balancekv
 from balancekv.reference.blocked_balance import blocked_balance, blocked_walk_signs, fixed_size_halving, halving_sizes
 from balancekv.reference.softmax_attention import attention, relative_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import balancekv
 from balancekv.synthetic import FAMILIES, make_kv
 
 
@@ -32,7 +34,9 @@ def scalar_walk(K, V, r, w, ok, scale, gamma, temp, beta, a2, vc):
         for j in idx:
             if j >= i:
                 break
-            kap = np.exp(min(temp * scale * float((K[i] - kbar) @ (K[j] - kbar)) - beta, 300.0)) * (float(vp[i] @ vp[j]) + a2)
+            kap = np.exp(min(temp * scale * float((K[i] - kbar) @ (K[j] - kbar)) - beta, 300.0)) * (
+                float(vp[i] @ vp[j]) + a2
+            )
             g += kap * x[j]
         p = min(max(0.5 - gamma * g, 0.0), 1.0)
         x[i] = 1 if r[i] < p else -1
@@ -40,8 +44,13 @@ def scalar_walk(K, V, r, w, ok, scale, gamma, temp, beta, a2, vc):
 
 
 @settings(max_examples=15, deadline=None)
-@given(B=st.integers(1, 3), blk=st.integers(1, 12), vc=st.booleans(), gamma=st.sampled_from([0.0, 0.3, 4.0]),
-       seed=st.integers(0, 2**31))
+@given(
+    B=st.integers(1, 3),
+    blk=st.integers(1, 12),
+    vc=st.booleans(),
+    gamma=st.sampled_from([0.0, 0.3, 4.0]),
+    seed=st.integers(0, 2**31),
+)
 def test_walk_matches_scalar_transcription(B, blk, vc, gamma, seed):
     rng = np.random.default_rng(seed)
     K, V = rng.normal(size=(B, blk, 4)), rng.normal(size=(B, blk, 3))
@@ -73,7 +82,7 @@ def test_fixed_size_halving_keeps_exactly_half(blk, seed):
         # the first class to reach h members fills at position c; nothing after c is doubled
         cp, cm = np.cumsum(x[0] == 1), np.cumsum(x[0] == -1)
         c = int(np.argmax((cp == h) | (cm == h)))
-        assert not dbl[0, c + 1:].any() and keep[0, c + 1:nv].all()
+        assert not dbl[0, c + 1 :].any() and keep[0, c + 1 : nv].all()
         assert len(set(x[0, : c + 1][dbl[0, : c + 1]].tolist())) <= 1
 
 
@@ -82,9 +91,10 @@ def test_driver_shape_sink_window_weights(itrs):
     rng = np.random.default_rng(itrs)
     H, n, sink, window, block = 2, 32 + 16 + 8 * 64, 32, 16, 64
     K, V = rng.normal(size=(H, n, 8)), rng.normal(size=(H, n, 8))
-    idx, lw = blocked_balance(K, V, itrs=itrs, block=block, sink=sink, window=window, scale=0.3,
-                              rng=np.random.default_rng(9))
-    m_mid = (n - sink - window) // 2 ** itrs
+    idx, lw = blocked_balance(
+        K, V, itrs=itrs, block=block, sink=sink, window=window, scale=0.3, rng=np.random.default_rng(9)
+    )
+    m_mid = (n - sink - window) // 2**itrs
     assert idx.shape == (H, sink + window + m_mid) == lw.shape
     assert halving_sizes(n - sink - window, block, itrs)[-1] == m_mid
     for h in range(H):
@@ -94,9 +104,10 @@ def test_driver_shape_sink_window_weights(itrs):
     assert np.all(lw[:, :sink] == 0) and np.all(lw[:, -window:] == 0)
     w = np.round(np.exp(lw)).astype(int)
     np.testing.assert_allclose(np.exp(lw), w)
-    assert set(np.unique(w)) <= {2 ** j for j in range(itrs + 1)}
-    idx2, lw2 = blocked_balance(K, V, itrs=itrs, block=block, sink=sink, window=window, scale=0.3,
-                                rng=np.random.default_rng(9))
+    assert set(np.unique(w)) <= {2**j for j in range(itrs + 1)}
+    idx2, lw2 = blocked_balance(
+        K, V, itrs=itrs, block=block, sink=sink, window=window, scale=0.3, rng=np.random.default_rng(9)
+    )
     np.testing.assert_array_equal(idx, idx2)
     np.testing.assert_array_equal(lw, lw2)
 
@@ -106,10 +117,10 @@ def test_each_round_keeps_half_of_every_block():
     rng = np.random.default_rng(1)
     H, n = 1, 128
     K, V = rng.normal(size=(H, n, 4)), rng.normal(size=(H, n, 4))
-    U = [rng.random((H, 128 // 16 // 2 ** r, 16)) for r in range(3)]
+    U = [rng.random((H, 128 // 16 // 2**r, 16)) for r in range(3)]
     for T in range(1, 4):
         idx, _ = blocked_balance(K, V, itrs=T, block=16, sink=0, window=0, scale=0.5, uniforms=U[:T])
-        assert idx.shape[1] == n // 2 ** T
+        assert idx.shape[1] == n // 2**T
 
 
 def test_method_levels_keep_estimators_and_gamma_zero():

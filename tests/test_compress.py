@@ -1,14 +1,15 @@
 """compress(): the eps search of SPEC section 8, keep mode, determinism, diagnostics."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from balancekv.reference.softmax_attention import attention, relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import balancekv
-from balancekv.reference.softmax_attention import attention, relative_error
 
 
 def probe_error(ckv, K, V, probes):
@@ -101,7 +102,7 @@ def test_streaming_decode_keeps_budget(kv_factory):
     K, V, Q = kv_factory("gaussian", heads=2, n=200, d=8, seed=0)
     c = balancekv.compress(K[:, :100], V[:, :100], keep=0.2, method="streaming", sink=4)
     for t in range(100, 200, 10):
-        c.append(K[:, t:t + 10], V[:, t:t + 10])
+        c.append(K[:, t : t + 10], V[:, t : t + 10])
         assert np.all(c.kept() == 20)
     pos = c.positions[0]
     assert list(pos[:4]) == [0, 1, 2, 3] and list(pos[4:]) == list(range(184, 200))

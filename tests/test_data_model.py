@@ -6,21 +6,21 @@ exact tokens reproduce attention, weight log 2 equals a duplicated token,
 translation of keys changes nothing, -inf padding changes nothing, large norms
 do not overflow, reference and torch agree, to_dense reproduces attend.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from balancekv.reference.softmax_attention import attention, weighted_attention
+from conftest import naive_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 import balancekv
 from balancekv._arrays import Kind
 from balancekv.compressed import CompressedKV
-from balancekv.reference.softmax_attention import attention, weighted_attention
-from balancekv.storage import dense_segment, exact_segment
-from conftest import naive_attention
+from balancekv.storage import dense_segment
 
 
 def make_ckv(K, V, num_logw, den_logw, scale=None, kind=None):
@@ -54,8 +54,8 @@ def test_log2_weight_equals_duplicated_token(n, d, seed):
     w = np.zeros((1, n))
     w[0, j] = np.log(2.0)
     weighted = make_ckv(K, V, w, w.copy()).attend(Q)
-    Kd = np.concatenate([K, K[:, j:j + 1]], axis=1)
-    Vd = np.concatenate([V, V[:, j:j + 1]], axis=1)
+    Kd = np.concatenate([K, K[:, j : j + 1]], axis=1)
+    Vd = np.concatenate([V, V[:, j : j + 1]], axis=1)
     np.testing.assert_allclose(weighted, naive_attention(Q, Kd, Vd, 1 / np.sqrt(d)), rtol=1e-10, atol=1e-12)
 
 
@@ -133,8 +133,9 @@ def test_numpy_in_numpy_out_torch_in_torch_out(small_kv):
     assert isinstance(c.keys, np.ndarray) and c.keys.dtype == np.float32
     out = c.attend(Q.astype(np.float32))
     assert isinstance(out, np.ndarray) and out.dtype == np.float32
-    ct = balancekv.compress(torch.tensor(K, dtype=torch.float32), torch.tensor(V, dtype=torch.float32),
-                            keep=0.5, method="uniform", seed=1)
+    ct = balancekv.compress(
+        torch.tensor(K, dtype=torch.float32), torch.tensor(V, dtype=torch.float32), keep=0.5, method="uniform", seed=1
+    )
     assert isinstance(ct.keys, torch.Tensor) and ct.keys.dtype == torch.float32
     outt = ct.attend(torch.tensor(Q, dtype=torch.float32))
     assert isinstance(outt, torch.Tensor) and outt.dtype == torch.float32
@@ -206,7 +207,9 @@ def test_causal_positions_mask_later_tokens(small_kv):
     np.testing.assert_allclose(c.attend(Q, positions=pos), attention(Q, K, V, causal=True), rtol=1e-10)
     # query at position p sees exactly tokens 0..p
     p = 10
-    np.testing.assert_allclose(c.attend(Q[:, :1], positions=np.array([p])), attention(Q[:, :1], K[:, :p + 1], V[:, :p + 1]), rtol=1e-10)
+    np.testing.assert_allclose(
+        c.attend(Q[:, :1], positions=np.array([p])), attention(Q[:, :1], K[:, : p + 1], V[:, : p + 1]), rtol=1e-10
+    )
 
 
 def test_nbytes_accounting(small_kv):

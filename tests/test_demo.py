@@ -1,4 +1,5 @@
 """``balancekv demo`` (the README's main job) runs over every registered method on synthetic data."""
+
 from __future__ import annotations
 
 import numpy as np

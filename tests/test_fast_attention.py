@@ -6,6 +6,7 @@ token set (GQA groups expanded for the reference), float64 to 1e-10, float32 to 
 fp16/bf16 (GPU only) to 2e-2; packed low-bit keys/values against the reference on the
 dequantized arrays; ``CompressedKV.attend(backend="triton")`` against ``backend="reference"``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,10 +14,10 @@ import importlib
 import numpy as np
 import pytest
 import torch
-
-import balancekv
 from _fast_helpers import HAS_CUDA, needs_interpreter, triton_interpreter
 from balancekv.reference.softmax_attention import weighted_attention as ref_attention
+
+import balancekv
 
 fd = importlib.import_module("balancekv.fast.decode_attention")
 rq = importlib.import_module("balancekv.reference.quantization")
@@ -30,9 +31,9 @@ def _problem(seed, B=2, Hkv=2, G=3, mq=2, n=70, d=8, s=12, two_set=True):
     K = torch.randn(B, Hkv, n, d, generator=g, dtype=torch.float64) * 2
     V = torch.randn(B, Hkv, n, s, generator=g, dtype=torch.float64)
     nl = torch.randn(B, Hkv, n, generator=g, dtype=torch.float64)
-    nl[..., n - 5:] = float("-inf")        # padding slots
+    nl[..., n - 5 :] = float("-inf")  # padding slots
     dl = nl.clone()
-    if two_set:                            # disjoint numerator / denominator samples
+    if two_set:  # disjoint numerator / denominator samples
         nl[..., ::3] = float("-inf")
         dl[..., 1::3] = float("-inf")
     return Q, K, V, nl, dl
@@ -40,10 +41,9 @@ def _problem(seed, B=2, Hkv=2, G=3, mq=2, n=70, d=8, s=12, two_set=True):
 
 def _reference(Q, K, V, nl, dl, scale, mask=None):
     G = Q.shape[-3] // K.shape[-3]
-    rep = lambda t: t.repeat_interleave(G, dim=-3).numpy()   # keys/values (..., H, n, f)
+    rep = lambda t: t.repeat_interleave(G, dim=-3).numpy()  # keys/values (..., H, n, f)
     repw = lambda t: t.repeat_interleave(G, dim=-2).numpy()  # log-weights (..., H, n)
-    out = ref_attention(Q.numpy(), rep(K), rep(V), repw(nl), repw(dl), scale,
-                        mask=mask)
+    out = ref_attention(Q.numpy(), rep(K), rep(V), repw(nl), repw(dl), scale, mask=mask)
     return torch.from_numpy(out)
 
 
@@ -52,15 +52,19 @@ def _reference(Q, K, V, nl, dl, scale, mask=None):
 def test_torch_decode_matches_reference(dtype, two_set):
     Q, K, V, nl, dl = _problem(1, two_set=two_set)
     out = fd.decode_attention(Q.to(dtype), K.to(dtype), V.to(dtype), nl, dl, 0.3, backend="torch")
-    torch.testing.assert_close(out.double(), _reference(Q.to(dtype).double(), K.to(dtype).double(),
-                                                        V.to(dtype).double(), nl, dl, 0.3), **TOL[dtype])
+    torch.testing.assert_close(
+        out.double(),
+        _reference(Q.to(dtype).double(), K.to(dtype).double(), V.to(dtype).double(), nl, dl, 0.3),
+        **TOL[dtype],
+    )
 
 
 def test_torch_decode_causal_positions():
     Q, K, V, nl, dl = _problem(2, mq=3)
     qpos = np.array([10, 40, 69])
-    out = fd.decode_attention(Q, K, V, nl, dl, 0.3, key_positions=torch.arange(70), query_positions=qpos,
-                              backend="torch")
+    out = fd.decode_attention(
+        Q, K, V, nl, dl, 0.3, key_positions=torch.arange(70), query_positions=qpos, backend="torch"
+    )
     mask = np.arange(70)[None, :] <= qpos[:, None]
     torch.testing.assert_close(out, _reference(Q, K, V, nl, dl, 0.3, mask=mask), **TOL[torch.float64])
 
@@ -93,10 +97,26 @@ def _packed_problem(seed, bits, n=64, d=16, s=16, Hkv=2, gk=16, gv=8):
     kc, ks, kz = rq.quantize(K32, bits, gk, -2)
     vc, vs, vz = rq.quantize(V32, bits, gv, -1)
     L = Hkv
-    Kp = fd.Packed(torch.from_numpy(rq.pack(kc, bits, -2)).reshape(L, d, -1), torch.from_numpy(ks).reshape(L, -1, d),
-                   torch.from_numpy(kz).reshape(L, -1, d), bits, gk, "tokens", n, d)
-    Vp = fd.Packed(torch.from_numpy(rq.pack(vc, bits, -1)).reshape(L, n, -1), torch.from_numpy(vs).reshape(L, n, -1),
-                   torch.from_numpy(vz).reshape(L, n, -1), bits, gv, "channels", n, s)
+    Kp = fd.Packed(
+        torch.from_numpy(rq.pack(kc, bits, -2)).reshape(L, d, -1),
+        torch.from_numpy(ks).reshape(L, -1, d),
+        torch.from_numpy(kz).reshape(L, -1, d),
+        bits,
+        gk,
+        "tokens",
+        n,
+        d,
+    )
+    Vp = fd.Packed(
+        torch.from_numpy(rq.pack(vc, bits, -1)).reshape(L, n, -1),
+        torch.from_numpy(vs).reshape(L, n, -1),
+        torch.from_numpy(vz).reshape(L, n, -1),
+        bits,
+        gv,
+        "channels",
+        n,
+        s,
+    )
     Kd = torch.from_numpy(rq.dequantize(kc, ks, kz, gk, -2))
     Vd = torch.from_numpy(rq.dequantize(vc, vs, vz, gv, -1))
     return Q, Kp, Vp, Kd, Vd, nl, dl
@@ -105,8 +125,7 @@ def _packed_problem(seed, bits, n=64, d=16, s=16, Hkv=2, gk=16, gv=8):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_torch_packed_matches_reference_on_dequantized(bits):
     Q, Kp, Vp, Kd, Vd, nl, dl = _packed_problem(6, bits)
-    out = fd.decode_attention(Q[0],
-                              Kp, Vp, nl[0], dl[0], 0.25, backend="torch")
+    out = fd.decode_attention(Q[0], Kp, Vp, nl[0], dl[0], 0.25, backend="torch")
     torch.testing.assert_close(out, _reference(Q[0], Kd[0], Vd[0], nl[0], dl[0], 0.25), **TOL[torch.float64])
 
 
@@ -117,10 +136,14 @@ def test_triton_decode_interpreter_gqa_two_set_split_k(dtype):
     """GQA (3 query heads per KV head), two weight sets, padding, three splits along the tokens."""
     Q, K, V, nl, dl = _problem(7, B=1)
     with triton_interpreter():
-        out = fd.decode_attention(Q.to(dtype), K.to(dtype), V.to(dtype), nl, dl, 0.3, backend="triton",
-                                  num_splits=3, block_n=16)
-    torch.testing.assert_close(out.double(), _reference(Q.to(dtype).double(), K.to(dtype).double(),
-                                                        V.to(dtype).double(), nl, dl, 0.3), **TOL[dtype])
+        out = fd.decode_attention(
+            Q.to(dtype), K.to(dtype), V.to(dtype), nl, dl, 0.3, backend="triton", num_splits=3, block_n=16
+        )
+    torch.testing.assert_close(
+        out.double(),
+        _reference(Q.to(dtype).double(), K.to(dtype).double(), V.to(dtype).double(), nl, dl, 0.3),
+        **TOL[dtype],
+    )
 
 
 @needs_interpreter
@@ -130,32 +153,46 @@ def test_triton_packed_interpreter(bits):
     Q, Kp, Vp, Kd, Vd, nl, dl = _packed_problem(8, bits)
     qpos = np.array([20, 63])
     with triton_interpreter():
-        out = fd.decode_attention(Q[0], Kp, Vp, nl[0], dl[0], 0.25, key_positions=torch.arange(64),
-                                  query_positions=qpos, backend="triton", num_splits=2, block_n=16)
+        out = fd.decode_attention(
+            Q[0],
+            Kp,
+            Vp,
+            nl[0],
+            dl[0],
+            0.25,
+            key_positions=torch.arange(64),
+            query_positions=qpos,
+            backend="triton",
+            num_splits=2,
+            block_n=16,
+        )
     mask = np.arange(64)[None, :] <= qpos[:, None]
-    torch.testing.assert_close(out, _reference(Q[0], Kd[0], Vd[0], nl[0], dl[0], 0.25, mask=mask),
-                               **TOL[torch.float64])
+    torch.testing.assert_close(out, _reference(Q[0], Kd[0], Vd[0], nl[0], dl[0], 0.25, mask=mask), **TOL[torch.float64])
 
 
 @needs_interpreter
-@pytest.mark.parametrize("method,opts", [("quant", dict(bits=2, group=16, residual=32)),
-                                         ("balance", {}), ("subgen", {})])
+@pytest.mark.parametrize(
+    "method,opts", [("quant", dict(bits=2, group=16, residual=32)), ("balance", {}), ("subgen", {})]
+)
 def test_compressed_attend_triton_matches_reference(method, opts):
     """``CompressedKV.attend(backend="triton")`` (segments -> kernel parts, packed stores read in place,
     decode-time appended tokens, causal positions) equals the reference estimator."""
     from balancekv.synthetic import make_kv
 
     K, V, Q = make_kv("gaussian", heads=2, n=160, d=16, q=2, seed=3)
-    cache = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=1.0 if method == "quant" else 0.5,
-                               method=method, seed=0, **opts)
+    cache = balancekv.compress(
+        torch.from_numpy(K), torch.from_numpy(V), keep=1.0 if method == "quant" else 0.5, method=method, seed=0, **opts
+    )
     cache.append(torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64))
     Qt = torch.from_numpy(Q)
     pos = np.array([90, 162])
     want = cache.attend(Qt, positions=pos, backend="reference")
     with triton_interpreter():
         got = cache.attend(Qt, positions=pos, backend="triton")
-    assert any(isinstance(p[0], fd.Packed) for p in fd.compressed_parts(cache, Qt.device, torch.float64)) \
-        or method != "quant"  # the quantized cache really reaches the kernel packed
+    assert (
+        any(isinstance(p[0], fd.Packed) for p in fd.compressed_parts(cache, Qt.device, torch.float64))
+        or method != "quant"
+    )  # the quantized cache really reaches the kernel packed
     torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
@@ -171,9 +208,11 @@ def test_triton_decode_gpu_real_shapes(dtype):
     K = torch.randn(B, Hkv, n, d, generator=g)
     V = torch.randn(B, Hkv, n, d, generator=g)
     nl = torch.randn(B, Hkv, n, generator=g)
-    out = fd.decode_attention(Q.to(dtype).cuda(), K.to(dtype).cuda(), V.to(dtype).cuda(), nl.cuda(), nl.cuda(),
-                              d ** -0.5, backend="triton")
-    want = _reference(Q.to(dtype).double(), K.to(dtype).double(), V.to(dtype).double(), nl.double(), nl.double(),
-                      d ** -0.5)
+    out = fd.decode_attention(
+        Q.to(dtype).cuda(), K.to(dtype).cuda(), V.to(dtype).cuda(), nl.cuda(), nl.cuda(), d**-0.5, backend="triton"
+    )
+    want = _reference(
+        Q.to(dtype).double(), K.to(dtype).double(), V.to(dtype).double(), nl.double(), nl.double(), d**-0.5
+    )
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.cpu().double(), want, **tol)

@@ -4,6 +4,7 @@ Contract: codes, scales and zeros bit-identical to :mod:`balancekv.reference.qua
 (torch path on any input; Triton fused quantize+pack under the interpreter on small
 grids, compiled on CUDA); ``unpack(pack(c)) == c`` and packed words identical.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,10 +12,9 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import HAS_CUDA, needs_interpreter, triton_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from _fast_helpers import HAS_CUDA, needs_interpreter, triton_interpreter
 
 rq = importlib.import_module("balancekv.reference.quantization")
 fq = importlib.import_module("balancekv.fast.quantization")
@@ -29,14 +29,18 @@ def _same_bits(a, b):
 def _data(seed, shape=(2, 3, 64, 32), dtype=np.float32):
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=shape) * 3 + rng.normal(size=shape[-1:])).astype(dtype)
-    x[0, 0, :32, 5] = 1.25                       # a constant key group: scale 0, codes 0
-    x[1, 2, 7, :] = -0.5                         # a constant value row
-    x[0, 1, 3, 0:2] = [0.0, 3.0]                 # exact half-way values appear for some groups
+    x[0, 0, :32, 5] = 1.25  # a constant key group: scale 0, codes 0
+    x[1, 2, 7, :] = -0.5  # a constant value row
+    x[0, 1, 3, 0:2] = [0.0, 3.0]  # exact half-way values appear for some groups
     return x
 
 
-CASES = [(b, ax, g, sd) for b in (2, 4, 8) for ax, g in ((-2, 32), (-1, 16), (-2, 8), (-1, 4))
-         for sd in (np.float16, np.float32)]
+CASES = [
+    (b, ax, g, sd)
+    for b in (2, 4, 8)
+    for ax, g in ((-2, 32), (-1, 16), (-2, 8), (-1, 4))
+    for sd in (np.float16, np.float32)
+]
 
 
 @pytest.mark.parametrize("bits,axis,group,sdt", CASES)
@@ -55,9 +59,16 @@ def test_torch_quantize_and_pack_bit_identical(bits, axis, group, sdt):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), bits=st.sampled_from([2, 4, 8]), axis=st.sampled_from([-2, -1]),
-       group=st.sampled_from([1, 2, 3, 4, 8]), ngroups=st.integers(1, 4), other=st.integers(1, 7),
-       mag=st.sampled_from([1e-3, 1.0, 300.0]), src=st.sampled_from([np.float16, np.float32, np.float64]))
+@given(
+    seed=st.integers(0, 2**31),
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from([-2, -1]),
+    group=st.sampled_from([1, 2, 3, 4, 8]),
+    ngroups=st.integers(1, 4),
+    other=st.integers(1, 7),
+    mag=st.sampled_from([1e-3, 1.0, 300.0]),
+    src=st.sampled_from([np.float16, np.float32, np.float64]),
+)
 def test_torch_quantize_bit_identical_property(seed, bits, axis, group, ngroups, other, mag, src):
     """Any group size (not only powers of two), magnitudes, input dtypes: bit-identical."""
     rng = np.random.default_rng(seed)
@@ -71,14 +82,18 @@ def test_torch_quantize_bit_identical_property(seed, bits, axis, group, ngroups,
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), bits=st.sampled_from([2, 4, 8]), length=st.integers(0, 70),
-       axis=st.sampled_from([0, 1, -1]))
+@given(
+    seed=st.integers(0, 2**31),
+    bits=st.sampled_from([2, 4, 8]),
+    length=st.integers(0, 70),
+    axis=st.sampled_from([0, 1, -1]),
+)
 def test_pack_unpack_roundtrip(seed, bits, length, axis):
     """``unpack(pack(c)) == c`` for every length (partial last word included); words equal the reference."""
     rng = np.random.default_rng(seed)
     shape = [3, 2, 4]
     shape[axis] = length
-    c = rng.integers(0, 2 ** bits, size=shape).astype(np.uint8)
+    c = rng.integers(0, 2**bits, size=shape).astype(np.uint8)
     w = fq.pack(torch.from_numpy(c), bits, axis)
     _same_bits(w.numpy(), rq.pack(c, bits, axis))
     _same_bits(fq.unpack(w, bits, axis, length, backend="torch").numpy(), c)
@@ -88,8 +103,10 @@ def test_numpy_in_numpy_out_and_dequantize():
     x = _data(1)
     c, s, z = fq.quantize(x, 2, 32, -2)
     assert isinstance(c, np.ndarray)
-    np.testing.assert_array_equal(fq.dequantize(torch.from_numpy(c), torch.from_numpy(s), torch.from_numpy(z), 32, -2).numpy(),
-                                  rq.dequantize(c, s, z, 32, -2))
+    np.testing.assert_array_equal(
+        fq.dequantize(torch.from_numpy(c), torch.from_numpy(s), torch.from_numpy(z), 32, -2).numpy(),
+        rq.dequantize(c, s, z, 32, -2),
+    )
 
 
 def test_bad_input_named():
@@ -108,8 +125,14 @@ def test_bad_input_named():
         fq.quantize(torch.full((4, 8), 1e6), 2, 4, -1)
 
 
-TRITON_CASES = [(2, -2, 32, np.float16), (4, -1, 16, np.float16), (8, -2, 8, np.float32), (2, -1, 4, np.float32),
-                (4, -2, 16, np.float32), (8, -1, 32, np.float16)]
+TRITON_CASES = [
+    (2, -2, 32, np.float16),
+    (4, -1, 16, np.float16),
+    (8, -2, 8, np.float32),
+    (2, -1, 4, np.float32),
+    (4, -2, 16, np.float32),
+    (8, -1, 32, np.float16),
+]
 
 
 @needs_interpreter

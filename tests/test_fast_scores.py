@@ -4,6 +4,7 @@ Contract: ``assert_close`` to the reference scores (float64 1e-10, float32 1e-4 
 the Triton two-pass scorer (row log-sum-exp, then normalised column sums) under the
 interpreter on small grids, compiled on CUDA.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,7 +12,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-
 from _fast_helpers import HAS_CUDA, needs_interpreter, triton_interpreter
 
 rs = importlib.import_module("balancekv.reference.selection")
@@ -77,8 +77,9 @@ def test_snapkv_triton_interpreter():
     Q, K = _qk(12)
     want = rs.snapkv_scores(Q, K, window=8, kernel=7, pool="max", group=2)
     with triton_interpreter():
-        got = fs.snapkv_scores(torch.from_numpy(Q), torch.from_numpy(K), window=8, kernel=7, group=2,
-                               backend="triton").numpy()
+        got = fs.snapkv_scores(
+            torch.from_numpy(Q), torch.from_numpy(K), window=8, kernel=7, group=2, backend="triton"
+        ).numpy()
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-10, atol=1e-12)
 
@@ -88,6 +89,7 @@ def test_snapkv_triton_interpreter():
 def test_h2o_triton_gpu_real_tiles():
     Q, K = _qk(0, Hkv=4, group=4, Lq=1000, L=1000, d=64)
     want = rs.h2o_scores(Q, K, group=4)
-    got = fs.h2o_scores(torch.from_numpy(Q).float().cuda(), torch.from_numpy(K).float().cuda(), group=4,
-                        backend="triton")
+    got = fs.h2o_scores(
+        torch.from_numpy(Q).float().cuda(), torch.from_numpy(K).float().cuda(), group=4, backend="triton"
+    )
     np.testing.assert_allclose(got.double().cpu().numpy(), want, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ to 1e-12 (``||v||^2`` may be summed in a different order than the reference's BL
 ~1e-15 of ``||v||^2 / mu``; with the fixed seeds below no such tie occurs (a random seed
 would hit one with probability below 1e-9 over the whole file), so the tests are deterministic.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,11 +17,11 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from balancekv.reference.softmax_attention import attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import balancekv
-from balancekv.reference.softmax_attention import attention
 from balancekv.synthetic import make_kv
 
 rs = importlib.import_module("balancekv.reference.subgen")
@@ -125,8 +126,10 @@ def test_clusterings_identical_to_reference(kind, block):
     on_b = fs.online_clusters(X, thr)
     gk_b = fs.greedy_k_center(X, 6)
     for h in range(X.shape[0]):
-        for ref, fast, batched in ((rs.online_clusters(X[h], thr[h]), fs.online_clusters(X[h], thr[h]), on_b),
-                                   (rs.greedy_k_center(X[h], 6), fs.greedy_k_center(X[h], 6), gk_b)):
+        for ref, fast, batched in (
+            (rs.online_clusters(X[h], thr[h]), fs.online_clusters(X[h], thr[h]), on_b),
+            (rs.greedy_k_center(X[h], 6), fs.greedy_k_center(X[h], 6), gk_b),
+        ):
             for r, f in zip(ref, fast):
                 assert r.dtype == f.dtype
                 np.testing.assert_array_equal(r, f)
@@ -199,8 +202,14 @@ def test_single_token_and_all_zero_values(variant):
 
 
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 90), d=st.integers(1, 11), thr=st.floats(0.0, 4.0), t=st.integers(1, 6),
-       s_num=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+@given(
+    n=st.integers(1, 90),
+    d=st.integers(1, 11),
+    thr=st.floats(0.0, 4.0),
+    t=st.integers(1, 6),
+    s_num=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_stream_identical_hypothesis(n, d, thr, t, s_num, seed):
     """Random sizes (d across NumPy's summation regimes below 8 and above), thresholds and slot
     counts: the fast stream state equals the reference's, and continuing the returned state
@@ -235,8 +244,9 @@ def test_compress_torch_backend_equals_reference(variant, opts):
     K, V, Q = make_kv("clustered", heads=2, n=192, d=16, seed=9, clusters=6, radius=0.4)
     out = {}
     for backend in ("reference", "torch"):
-        out[backend] = balancekv.compress(K, V, keep=0.25, method="subgen", seed=3, backend=backend,
-                                          variant=variant, **opts)
+        out[backend] = balancekv.compress(
+            K, V, keep=0.25, method="subgen", seed=3, backend=backend, variant=variant, **opts
+        )
     a, b = out["reference"], out["torch"]
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.keys, b.keys)
@@ -264,14 +274,15 @@ def test_float32_error_within_1p1x_of_reference():
     err_ref, err_fast = [], []
     for seed in range(6):
         K, V, Q = make_kv("clustered", heads=2, n=256, d=16, seed=seed, clusters=6, radius=0.3)
-        scale = 16 ** -0.5
+        scale = 16**-0.5
         thr = np.asarray([rs.greedy_k_center(rs.fold_scale(K[h], scale), 6)[2].max() for h in range(2)])
         U = np.random.default_rng(seed).random((256, 2, 8 + 32))
         kw = dict(t=8, s_num=32, threshold=thr, scale=scale, uniforms=U)
         exact = attention(Q, K, V, scale)
-        for state, errs in ((rs.subgen_stream(K, V, **kw), err_ref),
-                            (fs.subgen_stream(torch.from_numpy(K).float(), torch.from_numpy(V).float(), **kw),
-                             err_fast)):
+        for state, errs in (
+            (rs.subgen_stream(K, V, **kw), err_ref),
+            (fs.subgen_stream(torch.from_numpy(K).float(), torch.from_numpy(V).float(), **kw), err_fast),
+        ):
             N, Z = state.estimate(Q, shift=0.0)
             z = N / Z[..., None]
             errs.append(np.mean(np.linalg.norm(z - exact, axis=-1) / np.linalg.norm(exact, axis=-1)))

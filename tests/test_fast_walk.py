@@ -4,6 +4,7 @@ Contract checked: fed the same uniforms, in float64, the fast signs equal the
 reference signs; where a row first differs, the reference's ``|r_i - p_i|`` must be
 below 1e-9 (a genuine tie), otherwise the test fails.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,10 +12,9 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import HAS_CUDA, first_difference, needs_interpreter, triton_interpreter
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from _fast_helpers import HAS_CUDA, first_difference, needs_interpreter, triton_interpreter
 
 rw = importlib.import_module("balancekv.reference.walk")
 rb = importlib.import_module("balancekv.reference.blocked_balance")
@@ -57,8 +57,7 @@ def _blocked_p(K, V, r, w, ok, x_ref, row, i, scale, gamma, value_centering, tem
 
 
 def _assert_blocked_match(x, K, V, r, w, ok, scale, gamma=4.0, value_centering=True):
-    xs = rb.blocked_walk_signs(K, V, r, weights=w, valid=ok, scale=scale, gamma=gamma,
-                               value_centering=value_centering)
+    xs = rb.blocked_walk_signs(K, V, r, weights=w, valid=ok, scale=scale, gamma=gamma, value_centering=value_centering)
     x = np.asarray(x)
     assert x.dtype == np.int8 and x.shape == xs.shape
     np.testing.assert_array_equal(x == 0, ~ok)  # padding exactly 0
@@ -74,8 +73,8 @@ def _blocked_problem(seed, B=4, blk=24, d=8, s=6):
     r = rng.random((B, blk))
     w = rng.choice([1.0, 2.0, 4.0], size=(B, blk))
     ok = np.ones((B, blk), bool)
-    ok[1, blk - 7:] = False      # padded tail
-    ok[2, :3] = False            # leading invalid: the first *valid* token is forced +1
+    ok[1, blk - 7 :] = False  # padded tail
+    ok[2, :3] = False  # leading invalid: the first *valid* token is forced +1
     return K, V, r, w, ok
 
 
@@ -125,14 +124,19 @@ def test_gram_walk_rejects_bad_input():
 @pytest.mark.parametrize("gamma", [4.0, 0.0])
 def test_blocked_walk_torch_matches_reference(value_centering, gamma):
     K, V, r, w, ok = _blocked_problem(7)
-    x = fb.blocked_walk_signs(K, V, r, weights=w, valid=ok, scale=0.35, gamma=gamma,
-                              value_centering=value_centering, backend="torch")
+    x = fb.blocked_walk_signs(
+        K, V, r, weights=w, valid=ok, scale=0.35, gamma=gamma, value_centering=value_centering, backend="torch"
+    )
     _assert_blocked_match(x, K, V, r, w, ok, 0.35, gamma, value_centering)
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), blk=st.integers(1, 40), d=st.integers(1, 9),
-       key_scale=st.sampled_from([0.1, 1.0, 5.0, 1e4]))
+@given(
+    seed=st.integers(0, 10_000),
+    blk=st.integers(1, 40),
+    d=st.integers(1, 9),
+    key_scale=st.sampled_from([0.1, 1.0, 5.0, 1e4]),
+)
 def test_blocked_walk_torch_property(seed, blk, d, key_scale):
     """Any shape, including keys of norm ~1e4 (exponent clip): signs equal the reference up to ties."""
     rng = np.random.default_rng(seed)
@@ -150,9 +154,15 @@ def test_blocked_walk_torch_property(seed, blk, d, key_scale):
 def test_blocked_walk_triton_interpreter_matches_reference():
     K, V, r, w, ok = _blocked_problem(11, B=3, blk=20)
     with triton_interpreter():
-        x = fb.blocked_walk_signs(torch.from_numpy(K), torch.from_numpy(V), torch.from_numpy(r),
-                                  weights=torch.from_numpy(w), valid=torch.from_numpy(ok), scale=0.35,
-                                  backend="triton")
+        x = fb.blocked_walk_signs(
+            torch.from_numpy(K),
+            torch.from_numpy(V),
+            torch.from_numpy(r),
+            weights=torch.from_numpy(w),
+            valid=torch.from_numpy(ok),
+            scale=0.35,
+            backend="triton",
+        )
     _assert_blocked_match(x.numpy(), K, V, r, w, ok, 0.35)
 
 
@@ -189,15 +199,23 @@ def test_blocked_walk_float32_error_within_1p1x_of_reference():
     vs float64 reference, same uniforms: ratio <= 1.1 (deterministic given the fixed seed).
     """
     from balancekv.reference.softmax_attention import attention, relative_error, weighted_attention
+
     from balancekv.synthetic import make_kv
 
     K, V, Q = make_kv("bounded", heads=16, n=512, d=16, q=32, seed=2)
     kw = dict(itrs=2, block=64, sink=8, window=8, scale=0.25)
     exact = attention(Q, K, V, 0.25)
     errs = []
-    for impl in (lambda: rb.blocked_balance(K, V, rng=np.random.default_rng(3), **kw),
-                 lambda: fb.blocked_balance(torch.from_numpy(K).float(), torch.from_numpy(V).float(),
-                                            rng=np.random.default_rng(3), backend="torch", **kw)):
+    for impl in (
+        lambda: rb.blocked_balance(K, V, rng=np.random.default_rng(3), **kw),
+        lambda: fb.blocked_balance(
+            torch.from_numpy(K).float(),
+            torch.from_numpy(V).float(),
+            rng=np.random.default_rng(3),
+            backend="torch",
+            **kw,
+        ),
+    ):
         idx, lw = impl()
         Kk = np.take_along_axis(K, idx[..., None], 1)
         Vk = np.take_along_axis(V, idx[..., None], 1)
@@ -217,5 +235,5 @@ def test_blocked_walk_triton_gpu_matches_reference():
     w = np.ones((B, blk))
     ok = np.ones((B, blk), bool)
     dev = lambda a: torch.from_numpy(a).cuda()
-    x = fb.blocked_walk_signs(dev(K), dev(V), dev(r), weights=dev(w), valid=dev(ok), scale=d ** -0.5, backend="triton")
-    _assert_blocked_match(x.cpu().numpy(), K, V, r, w, ok, d ** -0.5)
+    x = fb.blocked_walk_signs(dev(K), dev(V), dev(r), weights=dev(w), valid=dev(ok), scale=d**-0.5, backend="triton")
+    _assert_blocked_match(x.cpu().numpy(), K, V, r, w, ok, d**-0.5)

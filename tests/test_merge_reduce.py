@@ -4,14 +4,15 @@ Bounds checked: merge_reduce_memory_bound (deterministic, every step) and
 balance_stream_error_bound (Thm 3.4 with our constants, at every step of a stream;
 holds with probability >= 1 - (B+1) delta per step, delta = 0.01; seeds fixed).
 """
+
 import numpy as np
 import pytest
+from balancekv.reference.merge_reduce import MergeAndReduce
+from balancekv.reference.softmax_attention import attention, weighted_attention
 
 import balancekv
 from balancekv.bounds.balance import balance_stream_error_bound, merge_reduce_memory_bound
 from balancekv.methods.balance_stream import BalanceKVStream
-from balancekv.reference.merge_reduce import MergeAndReduce
-from balancekv.reference.softmax_attention import attention, weighted_attention
 from balancekv.synthetic import make_kv
 
 
@@ -60,12 +61,12 @@ def test_theorem_bound_holds_at_every_step(seed):
     st = BalanceKVStream(1, d, s, t=t, scale=0.5, rng=np.random.default_rng(seed + 10))
     finite = 0
     for j in range(0, n, 50):
-        segs = st.append(K[:, j:j + 50], V[:, j:j + 50], np.arange(j, j + 50))
+        segs = st.append(K[:, j : j + 50], V[:, j : j + 50], np.arange(j, j + 50))
         sg = segs[0]
         z = weighted_attention(Q, sg.keys.dense(), sg.values.dense(), sg.num_logw, sg.den_logw, 0.5)
-        ex = attention(Q, K[:, :j + 50], V[:, :j + 50], 0.5)
+        ex = attention(Q, K[:, : j + 50], V[:, : j + 50], 0.5)
         for i, q in enumerate(Q[0]):
-            bound = balance_stream_error_bound(K[0, :j + 50], V[0, :j + 50], q, t=t, scale=0.5)
+            bound = balance_stream_error_bound(K[0, : j + 50], V[0, : j + 50], q, t=t, scale=0.5)
             assert np.linalg.norm(z[0, i] - ex[0, i]) <= bound + 1e-9 * np.linalg.norm(ex[0, i])  # float rounding
             finite += np.isfinite(bound) and bound > 0
     assert finite >= 3 * 10
@@ -78,7 +79,7 @@ def test_stream_two_set_layout_append_and_reproducible():
     b = balancekv.compress(K, V, keep=0.3, method="balance-stream", seed=4)
     np.testing.assert_array_equal(a.positions, b.positions)
     nl, dl = a.num_logw, a.den_logw
-    assert not np.any(np.isfinite(nl) & np.isfinite(dl))           # disjoint slots
+    assert not np.any(np.isfinite(nl) & np.isfinite(dl))  # disjoint slots
     assert not a.single_set
     k2, v2, _ = make_kv("bounded", heads=2, n=40, d=8, q=1, seed=9)
     a.append(k2, v2)

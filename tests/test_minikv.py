@@ -1,16 +1,17 @@
 """MiniKV (H2O selection + pyramid budgets + 2-bit KIVI storage) and BalanceKV + quantization (SPEC 6-8)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from balancekv.reference.quantization import quantize
+from balancekv.reference.selection import h2o_scores, pyramid_budgets, select_top
+from balancekv.reference.softmax_attention import weighted_attention
 
 import balancekv as bk
 from balancekv.bounds.quantization import attention_error_bound, element_error_bound, logit_error_bound
 from balancekv.methods import get_method
 from balancekv.methods.base import Context
-from balancekv.reference.quantization import quantize
-from balancekv.reference.selection import h2o_scores, pyramid_budgets, select_top
-from balancekv.reference.softmax_attention import weighted_attention
 from balancekv.synthetic import make_kv
 
 
@@ -34,8 +35,7 @@ def test_minikv_layer_budgets():
     K, V, _ = make_kv("gaussian", heads=2, n=256, d=16, seed=2)
     L = 8
     ratios = pyramid_budgets(0.5, L, 7.0)
-    kept = [int(bk.compress(K, V, keep=0.5, method="minikv", layer=l, layers=L, seed=0).kept()[0])
-            for l in range(L)]
+    kept = [int(bk.compress(K, V, keep=0.5, method="minikv", layer=l, layers=L, seed=0).kept()[0]) for l in range(L)]
     assert kept == [max(1, int(round(r * 256))) for r in ratios]
     assert abs(np.mean(kept) / 256 - 0.5) < 1.0 / 256
     with pytest.raises(ValueError, match="layer"):
@@ -56,7 +56,7 @@ def test_minikv_eps_levels_and_decode():
     K2, V2, _ = make_kv("llm", heads=3, n=40, d=16, seed=4)
     before, kept0 = c.nbytes, c.kept()
     for i in range(40):
-        c.append(K2[:, i:i + 1], V2[:, i:i + 1])
+        c.append(K2[:, i : i + 1], V2[:, i : i + 1])
     assert c.n_seen == 296
     np.testing.assert_array_equal(c.kept(), kept0 + 40)
     assert c.nbytes < before + 3 * 40 * 32 * 2  # some of the 40 new tokens were quantized (fp16 would add this)
@@ -97,8 +97,9 @@ def test_balance_quant_is_balance_within_the_quantization_bound(bits):
     for h in range(2):
         for j in range(8):
             Delta = logit_error_bound(Qx[h, j], kerr[h], scale).max()
-            bound = attention_error_bound(Delta, np.linalg.norm(Vq[h], axis=-1).max(),
-                                          np.linalg.norm(Vb[h] - Vq[h], axis=-1).max())
+            bound = attention_error_bound(
+                Delta, np.linalg.norm(Vq[h], axis=-1).max(), np.linalg.norm(Vb[h] - Vq[h], axis=-1).max()
+            )
             assert np.linalg.norm(zq[h, j] - zb[h, j]) <= bound + 1e-9
 
 
@@ -106,12 +107,12 @@ def test_balance_quant_bytes_and_levels():
     K, V, _ = make_kv("gaussian", heads=2, n=512, d=32, seed=7)
     c = bk.compress(K, V, keep=0.25, method="balance+quant", bits=4, seed=0)
     m = int(c.kept()[0])
-    n_mid = m - 64                            # sink 32 + window 32 exact-weight tokens
+    n_mid = m - 64  # sink 32 + window 32 exact-weight tokens
     qd = (m // 32) * 32
-    per_head = (qd * 32 * 4 // 8 + (qd // 32) * 32 * 4)          # keys: codes + fp16 scale/zero per group
-    per_head += qd * (32 * 4 // 8 + 1 * 4)                          # values: per token
-    per_head += (m - qd) * 32 * 2 * 2                               # remainder in fp16
-    per_head += m * 1                                               # log-weights: powers of two, 1-byte exponents
+    per_head = qd * 32 * 4 // 8 + (qd // 32) * 32 * 4  # keys: codes + fp16 scale/zero per group
+    per_head += qd * (32 * 4 // 8 + 1 * 4)  # values: per token
+    per_head += (m - qd) * 32 * 2 * 2  # remainder in fp16
+    per_head += m * 1  # log-weights: powers of two, 1-byte exponents
     assert n_mid > 0 and c.nbytes == 2 * per_head
     assert c.ratio < bk.compress(K, V, keep=0.25, method="balance", seed=0).ratio / 2
     lv = get_method("balance+quant").levels(512, get_method("balance+quant").resolve_options({}))

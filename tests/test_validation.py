@@ -1,4 +1,5 @@
 """Every bad input of SPEC section 9 raises the named error, and no caller array is modified."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,12 +5,14 @@ P(FAIL) <= 2 n exp(-c/4) (als_failure_probability) and, for a fixed unit t,
 P(|<w_n, t>| > sqrt(4 c log(2/delta_t))) <= delta_t (als_direction_bound).
 All randomness is seeded, so every test is deterministic.
 """
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from balancekv.reference.walk import WalkFailure, default_threshold, gram_walk_signs, self_balancing_walk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balancekv.bounds.walk import als_direction_bound, als_failure_probability, als_threshold
-from balancekv.reference.walk import WalkFailure, default_threshold, gram_walk_signs, self_balancing_walk
 
 TRIALS = 300
 DELTA_T = 0.05
@@ -48,7 +50,7 @@ def test_direction_discrepancy_within_bound(name):
     # FAIL frequency at most delta (here the bound 2n exp(-c/4) is astronomically small)
     assert als_failure_probability(n, c) <= 0.01
     assert np.count_nonzero(failed >= 0) <= max(1, int(0.01 * TRIALS))
-    W = signs.astype(float) @ U                       # (TRIALS, D) end points
+    W = signs.astype(float) @ U  # (TRIALS, D) end points
     dirs = np.vstack([unit_rows(rng.normal(size=(3, D))), unit_rows(U.sum(0, keepdims=True) + 1e-12), np.eye(D)[:1]])
     lam = als_direction_bound(c, DELTA_T)
     for t in dirs:
@@ -85,7 +87,7 @@ def test_signs_depend_only_on_vectors_and_uniforms_and_gram_form_agrees():
 
 def test_fail_raises_with_step_and_gram_form_reports_it():
     U = np.ones((5, 1))
-    r = np.full(5, 0.25)       # step 0: g = 0, p = 1/2, x = +1; step 1: g = 1 > c
+    r = np.full(5, 0.25)  # step 0: g = 0, p = 1/2, x = +1; step 1: g = 1 > c
     with pytest.raises(WalkFailure) as exc:
         self_balancing_walk(U, r, c=0.5)
     assert exc.value.step == 1

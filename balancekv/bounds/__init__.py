@@ -3,7 +3,8 @@
 A constant is stated once, here; ``proofs/README.md`` indexes each function
 with its source and the test that checks it.
 """
-from .balance import *  # noqa: F401,F403
-from .quantization import *  # noqa: F401,F403
-from .subgen import *  # noqa: F401,F403
-from .walk import *  # noqa: F401,F403
+
+from .balance import *  # noqa: F403
+from .quantization import *  # noqa: F403
+from .subgen import *  # noqa: F403
+from .walk import *  # noqa: F403

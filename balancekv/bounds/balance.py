@@ -7,6 +7,7 @@ walk bound of :mod:`balancekv.bounds.walk` (variance proxy ``2c``).
 Notation: ``s`` value dimension, ``scale`` logit scale, ``r_k = max ||k_i||``,
 ``r_v = max ||v_i||``, ``||q||`` the query norm, ``c`` the walk threshold.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,19 @@ import numpy as np
 
 from .walk import als_direction_bound, als_failure_probability, als_threshold
 
-__all__ = ["balance_stream_error_bound", "balance_stream_theorem_t", "lower_bound_space_order",
-           "merge_reduce_memory_bound", "merge_reduce_sum_error_bound", "softmax_balance_bound",
-           "softmax_balance_failure_probability", "value_norm_bucket"]
+__all__ = [
+    "balance_stream_error_bound",
+    "balance_stream_theorem_t",
+    "lower_bound_space_order",
+    "merge_reduce_memory_bound",
+    "merge_reduce_sum_error_bound",
+    "softmax_balance_bound",
+    "softmax_balance_failure_probability",
+    "value_norm_bucket",
+]
 
 
-def softmax_balance_bound(s: int, q_norm: float, r_k: float, r_v: float, scale: float, c: float,
-                          delta: float) -> float:
+def softmax_balance_bound(s: int, q_norm: float, r_k: float, r_v: float, scale: float, c: float, delta: float) -> float:
     """Thm 3.3 of [BKV] with our constants: the discrepancy of one SoftmaxBalance halving.
 
     With probability at least ``1 - delta - softmax_balance_failure_probability(n, c)``, for a
@@ -34,7 +41,7 @@ def softmax_balance_bound(s: int, q_norm: float, r_k: float, r_v: float, scale: 
     ``c = 30 log(n/delta)`` ours is ``sqrt(120 log(n/delta) log(2s/delta))``, the same order.
     """
     lam = als_direction_bound(c, min(delta / max(s, 1), 0.999999))
-    return math.sqrt(s) * lam * math.exp(scale * (q_norm ** 2 + r_k ** 2) / 2.0) * r_v
+    return math.sqrt(s) * lam * math.exp(scale * (q_norm**2 + r_k**2) / 2.0) * r_v
 
 
 def softmax_balance_failure_probability(n: int, c: float) -> float:
@@ -46,7 +53,7 @@ def value_norm_bucket(norms) -> np.ndarray:
     """Bucket index ``i`` with ``2^(i-1) <= ||v|| < 2^i`` (``np.frexp`` exponent); ``-10^6`` for ``||v|| = 0``."""
     norms = np.asarray(norms, np.float64)
     _, e = np.frexp(norms)
-    return np.where(norms > 0, e, -10 ** 6).astype(np.int64)
+    return np.where(norms > 0, e, -(10**6)).astype(np.int64)
 
 
 def merge_reduce_memory_bound(n: int, t: int) -> int:
@@ -67,8 +74,9 @@ def _reduction_counts(n: int, t: int) -> list[int]:
     return out
 
 
-def merge_reduce_sum_error_bound(n: int, t: int, s: int, q_norm: float, r_k: float, r_v: float,
-                                 scale: float, delta: float, c: float | None = None) -> float:
+def merge_reduce_sum_error_bound(
+    n: int, t: int, s: int, q_norm: float, r_k: float, r_v: float, scale: float, delta: float, c: float | None = None
+) -> float:
     """Thm 3.4 of [BKV], one instance: ``|| sum_stored w e^a v - sum_all e^a v ||_2`` after ``n`` tokens.
 
     Level ``l`` performs ``N_l = floor(n / (t 2^(l+1)))`` reductions of at most ``2t`` tokens of
@@ -86,11 +94,12 @@ def merge_reduce_sum_error_bound(n: int, t: int, s: int, q_norm: float, r_k: flo
         return 0.0
     c = als_threshold(2 * t, delta) if c is None else c
     D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / R)
-    return float(sum(N * 2 ** l for l, N in enumerate(counts)) * D)
+    return float(sum(N * 2**l for l, N in enumerate(counts)) * D)
 
 
-def balance_stream_error_bound(K, V, q, *, t: int, scale: float, delta: float = 0.01, c: float | None = None,
-                               erased=None) -> float:
+def balance_stream_error_bound(
+    K, V, q, *, t: int, scale: float, delta: float = 0.01, c: float | None = None, erased=None
+) -> float:
     """Data-dependent form of Thm 3.1/3.4 [BKV] for ``balance-stream``: a bound on ``||z(q) - Attn(q)||_2``.
 
     ``K (n, d)``, ``V (n, s)``: the tokens seen so far (one head); ``erased``: indices of tokens the
@@ -134,8 +143,9 @@ def balance_stream_error_bound(K, V, q, *, t: int, scale: float, delta: float = 
     return (EN + float(np.linalg.norm(attn)) * EZ) / (Z - EZ)
 
 
-def balance_stream_theorem_t(K, V, eps: float, *, scale: float, r: float | None = None, delta: float = 0.01,
-                             c: float | None = None) -> int | None:
+def balance_stream_theorem_t(
+    K, V, eps: float, *, scale: float, r: float | None = None, delta: float = 0.01, c: float | None = None
+) -> int | None:
     """The batch size ``t`` that Thm 3.1 [BKV] (our constants) certifies for Eq. 2 at precision ``eps``.
 
     Eq. 2: ``||z(q) - Attn(q)|| <= eps ||softmax(Kq)||_2 ||V||_F`` for every fixed ``q`` with
@@ -149,7 +159,7 @@ def balance_stream_theorem_t(K, V, eps: float, *, scale: float, r: float | None 
     V = np.asarray(V, np.float64)
     n, s = V.shape
     vn = np.linalg.norm(V, axis=1)
-    fro = float(np.sqrt(np.sum(vn ** 2)))
+    fro = float(np.sqrt(np.sum(vn**2)))
     r_k = float(np.max(np.linalg.norm(K, axis=1)))
     r = r_k if r is None else float(r)
     target = 0.5 * eps * fro / math.sqrt(n)
@@ -157,8 +167,10 @@ def balance_stream_theorem_t(K, V, eps: float, *, scale: float, r: float | None 
     Zlow = n * math.exp(-scale * r * r_k)
     t = 1
     while t < n:
-        EN = sum(merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale,
-                                              delta, c) for u in np.unique(b[vn > 0]))
+        EN = sum(
+            merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale, delta, c)
+            for u in np.unique(b[vn > 0])
+        )
         EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, delta, c)
         if EZ < Zlow and (EN + float(vn.max()) * EZ) / (Zlow - EZ) <= target:
             return t
@@ -170,4 +182,4 @@ def lower_bound_space_order(eps: float, d: int, r: float, scale: float) -> float
     """Thm 3.2 of [BKV]: for ``r^2 <= d`` any streaming algorithm meeting Eq. 2 with probability
     0.999 stores ``Omega(min(1/eps^2, d e^{2 scale r^2}))`` words. Returns the expression inside
     ``Omega`` (the paper states no constant; see ``proofs/lower_bound.md``)."""
-    return min(1.0 / eps ** 2, d * math.exp(2.0 * scale * r ** 2))
+    return min(1.0 / eps**2, d * math.exp(2.0 * scale * r**2))

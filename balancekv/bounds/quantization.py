@@ -13,19 +13,19 @@ Three results, each one function, used by the tests and quoted by the proof:
   ``Delta`` then ``||Attn^(q) - Attn(q)||_2 <= (e^{2 Delta} - 1) max_i ||v^_i||
   + max_i ||v_i - v^_i||_2``.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["U32", "TINY", "element_error_bound", "element_float_slack", "logit_error_bound",
-           "attention_error_bound"]
+__all__ = ["U32", "TINY", "element_error_bound", "element_float_slack", "logit_error_bound", "attention_error_bound"]
 
 #: unit roundoff of float32 (round to nearest)
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 #: absolute term covering float32 underflow (subnormal) rounding; see proofs/quantization.md
-TINY = 2.0 ** -140
+TINY = 2.0**-140
 #: relative rounding of the float64 dequantization ``code*scale + zero`` (zero for fp16 scales)
-U64_DEQUANT = 2.0 ** -52
+U64_DEQUANT = 2.0**-52
 
 
 def _group_minmax(x: np.ndarray, group: int, axis: int):
@@ -50,13 +50,20 @@ def element_float_slack(x, scale, zero, bits: int, group: int, axis: int) -> np.
     ``2^-11 |m|`` and ``2^-11 Q s``); the rest are float32 arithmetic.
     """
     x = np.asarray(x)
-    Q = 2.0 ** bits - 1
+    Q = 2.0**bits - 1
     m, M = _group_minmax(x, group, axis)
     s = np.repeat(np.asarray(scale, np.float64), group, axis=axis)
     z = np.repeat(np.asarray(zero, np.float64), group, axis=axis)
     x32 = x.astype(np.float32).astype(np.float64)
-    return (np.abs(z - m) + Q * np.abs(s - (M - m) / Q) + 4 * U32 * np.abs(x32 - z) + U32 * s
-            + U32 * np.abs(x.astype(np.float64)) + U64_DEQUANT * (np.abs(z) + Q * s) + TINY)
+    return (
+        np.abs(z - m)
+        + Q * np.abs(s - (M - m) / Q)
+        + 4 * U32 * np.abs(x32 - z)
+        + U32 * s
+        + U32 * np.abs(x.astype(np.float64))
+        + U64_DEQUANT * (np.abs(z) + Q * s)
+        + TINY
+    )
 
 
 def element_error_bound(x, scale, zero, bits: int, group: int, axis: int) -> np.ndarray:
@@ -76,8 +83,9 @@ def logit_error_bound(q, key_err, scale: float) -> np.ndarray:
     ``q (..., d)`` (one query per leading index), ``key_err (..., n, d)`` elementwise bounds
     on ``|k_il - k^_il|`` (e.g. :func:`element_error_bound`). Returns ``Delta_i (..., n)``.
     """
-    return float(scale) * np.einsum("...d,...nd->...n", np.abs(np.asarray(q, np.float64)),
-                                    np.asarray(key_err, np.float64))
+    return float(scale) * np.einsum(
+        "...d,...nd->...n", np.abs(np.asarray(q, np.float64)), np.asarray(key_err, np.float64)
+    )
 
 
 def attention_error_bound(Delta, vhat_max_norm, v_err_max_norm):

@@ -18,15 +18,23 @@ with ``t`` reservoir slots per cluster and ``s_num`` l2 slots,
 ``delta/2`` each, which gives the bound ``eps * ||softmax||_2 ||V||_op`` for ``eps <= 1``
 with probability ``>= 1 - delta`` (for one query; [SUB] states it w.h.p. via ``log n``).
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-__all__ = ["subgen_combined_eps", "subgen_denominator_fail_prob", "subgen_denominator_samples",
-           "subgen_numerator_fail_prob", "subgen_numerator_samples", "subgen_sample_sizes",
-           "subgen_theorem_rhs", "stable_rank"]
+__all__ = [
+    "subgen_combined_eps",
+    "subgen_denominator_fail_prob",
+    "subgen_denominator_samples",
+    "subgen_numerator_fail_prob",
+    "subgen_numerator_samples",
+    "subgen_sample_sizes",
+    "subgen_theorem_rhs",
+    "stable_rank",
+]
 
 
 def _check_unit(name: str, x: float, closed_right: bool = False) -> float:
@@ -43,8 +51,9 @@ def stable_rank(V: np.ndarray) -> float:
     return float(np.sum(V * V) / op**2) if op > 0 else 0.0
 
 
-def subgen_denominator_fail_prob(t: int, eps_z: float, query_radius: float, cluster_radius: float,
-                                 clusters: int) -> float:
+def subgen_denominator_fail_prob(
+    t: int, eps_z: float, query_radius: float, cluster_radius: float, clusters: int
+) -> float:
     """Hoeffding + union bound: ``min(1, 2 m exp(-2 t eps_Z^2 / (e^{2 r rho} - 1)^2))`` (0 if ``rho r = 0``)."""
     spread = math.expm1(2.0 * query_radius * cluster_radius)
     if spread == 0.0:
@@ -52,8 +61,9 @@ def subgen_denominator_fail_prob(t: int, eps_z: float, query_radius: float, clus
     return min(1.0, 2.0 * clusters * math.exp(-2.0 * t * eps_z**2 / spread**2))
 
 
-def subgen_denominator_samples(eps_z: float, query_radius: float, cluster_radius: float, clusters: int,
-                               fail_prob: float) -> int:
+def subgen_denominator_samples(
+    eps_z: float, query_radius: float, cluster_radius: float, clusters: int, fail_prob: float
+) -> int:
     """Smallest ``t >= 1`` with ``subgen_denominator_fail_prob <= fail_prob``:
     ``t = ceil((e^{2 r rho} - 1)^2 ln(2 m / delta_Z) / (2 eps_Z^2))``.
 
@@ -90,8 +100,9 @@ def subgen_combined_eps(eps_n: float, eps_z: float) -> float:
     return (eps_n + eps_z) / (1.0 - eps_z)
 
 
-def subgen_sample_sizes(eps: float, query_radius: float, cluster_radius: float, clusters: int,
-                        srank: float, fail_prob: float) -> tuple[int, int]:
+def subgen_sample_sizes(
+    eps: float, query_radius: float, cluster_radius: float, clusters: int, srank: float, fail_prob: float
+) -> tuple[int, int]:
     """``(t, s_num)`` for [SUB] Thm 2.4 with our constants: with probability ``>= 1 - fail_prob``
     ``||z - Attn(q)||_2 <= eps ||softmax(K q)||_2 ||V||_op`` for one query with ``||q|| <= r``.
 

@@ -17,6 +17,7 @@ With ``c = 30 log(n/delta)`` the failure bound is ``2 n (delta/n)^7.5 <= delta``
 ``n/delta >= 2``. [ALS] write ``c = 30 log(nT/delta)`` because they also union-bound
 over the ``n`` coordinates of an ell_infinity norm; we bound one direction at a time.
 """
+
 from __future__ import annotations
 
 import math

@@ -22,6 +22,7 @@ Adding a check (one function, one decorator)::
 A check whose bound function does not exist (yet) is listed as "unavailable"
 instead of failing: the table stays runnable while bounds land one by one.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,7 +38,7 @@ import numpy as np
 class BoundCheck:
     name: str
     source: str
-    bound: str                # dotted path of the bound function in balancekv.bounds
+    bound: str  # dotted path of the bound function in balancekv.bounds
     run: Callable[[int], tuple]
     probabilistic: bool = False
     note: str = ""
@@ -55,11 +56,13 @@ CHECKS: list[BoundCheck] = []
 
 def bound_check(name: str, *, source: str, bound: str, probabilistic: bool = False, note: str = ""):
     """Register ``run(seed) -> (observed, bound)`` as the check called ``name``."""
+
     def deco(fn):
         if any(c.name == name for c in CHECKS):
             raise ValueError(f"a bound check named {name!r} is already registered")
         CHECKS.append(BoundCheck(name, source, bound, fn, probabilistic, note))
         return fn
+
     return deco
 
 
@@ -70,8 +73,13 @@ def _fn(path: str):
 
 def evaluate(check: BoundCheck, seeds=range(3)) -> dict:
     """Run ``check`` on each seed; the worst ``observed / bound`` over all instances and elements."""
-    row = {"name": check.name, "source": check.source, "bound_fn": check.bound,
-           "probabilistic": check.probabilistic, "note": check.note}
+    row = {
+        "name": check.name,
+        "source": check.source,
+        "bound_fn": check.bound,
+        "probabilistic": check.probabilistic,
+        "note": check.note,
+    }
     if not check.available():
         row["status"] = "unavailable"
         return row
@@ -81,15 +89,22 @@ def evaluate(check: BoundCheck, seeds=range(3)) -> dict:
         obs, bnd = check.run(int(seed))
         obs, bnd = np.broadcast_arrays(np.asarray(obs, np.float64), np.asarray(bnd, np.float64))
         if not (np.all(np.isfinite(obs)) and np.all(bnd > 0)):
-            raise FloatingPointError(f"check {check.name!r} (seed {seed}) returned non-finite values or a "
-                                     "non-positive bound")
+            raise FloatingPointError(
+                f"check {check.name!r} (seed {seed}) returned non-finite values or a non-positive bound"
+            )
         ratio = obs / bnd
         i = int(np.argmax(ratio))
         count += ratio.size
         if worst is None or ratio.flat[i] > worst[0]:
             worst = (float(ratio.flat[i]), float(obs.flat[i]), float(bnd.flat[i]), int(seed))
-    row.update(status="held" if worst[0] <= 1 else "VIOLATED", ratio=worst[0], observed=worst[1],
-               bound=worst[2], worst_seed=worst[3], instances=count)
+    row.update(
+        status="held" if worst[0] <= 1 else "VIOLATED",
+        ratio=worst[0],
+        observed=worst[1],
+        bound=worst[2],
+        worst_seed=worst[3],
+        instances=count,
+    )
     return row
 
 
@@ -109,17 +124,21 @@ def run_bounds(only=None, seeds=range(3), progress: bool = True) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| theorem | source | bound function | worst observed | bound there | observed / bound | "
-             "inequalities checked | status |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| theorem | source | bound function | worst observed | bound there | observed / bound | "
+        "inequalities checked | status |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         fn = f"`{r['bound_fn'].replace('balancekv.bounds.', '')}`"
         if r["status"] == "unavailable":
             lines.append(f"| {r['name']} | {r['source']} | {fn} | | | | | not implemented yet |")
             continue
         status = r["status"] + (" (probabilistic)" if r["probabilistic"] else "")
-        lines.append(f"| {r['name']} | {r['source']} | {fn} | {r['observed']:.4g} | {r['bound']:.4g} | "
-                     f"{r['ratio']:.3g} | {r['instances']} | {status} |")
+        lines.append(
+            f"| {r['name']} | {r['source']} | {fn} | {r['observed']:.4g} | {r['bound']:.4g} | "
+            f"{r['ratio']:.3g} | {r['instances']} | {status} |"
+        )
     notes = [f"- **{r['name']}**: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
@@ -131,10 +150,12 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "bounds.md"
     cmd = "balancekv " + " ".join(getattr(args, "argv", None) or ["reproduce", "bounds"])
-    md.write_text("# Bounds against observed values\n\nOne row per theorem in `proofs/`: the worst ratio "
-                  f"observed / bound over {args.seeds} seeded instances of each check "
-                  "(every element of an instance is one inequality).\n\n"
-                  f"Command: `{cmd}`\n\n" + markdown_table(rows))
+    md.write_text(
+        "# Bounds against observed values\n\nOne row per theorem in `proofs/`: the worst ratio "
+        f"observed / bound over {args.seeds} seeded instances of each check "
+        "(every element of an instance is one inequality).\n\n"
+        f"Command: `{cmd}`\n\n" + markdown_table(rows)
+    )
     (out / "bounds.json").write_text(json.dumps(rows, indent=1))
     print(md.read_text())
     print(f"wrote {md}")
@@ -149,8 +170,11 @@ def _kv_like_llm(seed: int, n: int = 256, d: int = 64):
     return K, V, Q
 
 
-@bound_check("Q1 element error", source="[KIVI] 2-bit groups; proofs/quantization.md Thm Q1",
-             bound="balancekv.bounds.quantization.element_error_bound")
+@bound_check(
+    "Q1 element error",
+    source="[KIVI] 2-bit groups; proofs/quantization.md Thm Q1",
+    bound="balancekv.bounds.quantization.element_error_bound",
+)
 def _q1(seed: int):
     from balancekv.bounds.quantization import element_error_bound  # noqa: PLC0415
     from balancekv.reference.quantization import dequantize, quantize  # noqa: PLC0415
@@ -172,8 +196,11 @@ def _quantized_keys(K, bits=2, group=32):
     return dequantize(codes, s, z, group, axis=-2), element_error_bound(K, s, z, bits, group, axis=-2)
 
 
-@bound_check("Q2 logit error", source="[KIVI]; proofs/quantization.md Thm Q2",
-             bound="balancekv.bounds.quantization.logit_error_bound")
+@bound_check(
+    "Q2 logit error",
+    source="[KIVI]; proofs/quantization.md Thm Q2",
+    bound="balancekv.bounds.quantization.logit_error_bound",
+)
 def _q2(seed: int):
     from balancekv.bounds.quantization import logit_error_bound  # noqa: PLC0415
 
@@ -181,14 +208,18 @@ def _q2(seed: int):
     scale = 1 / np.sqrt(K.shape[-1])
     Kh, e = _quantized_keys(K)
     obs = np.abs(scale * np.einsum("hqd,hnd->hqn", Q, K - Kh))
-    bnd = np.stack([np.stack([logit_error_bound(Q[h, j], e[h], scale) for j in range(Q.shape[1])])
-                    for h in range(Q.shape[0])])
+    bnd = np.stack(
+        [np.stack([logit_error_bound(Q[h, j], e[h], scale) for j in range(Q.shape[1])]) for h in range(Q.shape[0])]
+    )
     return obs, bnd
 
 
-@bound_check("Q3 attention error", source="[KIVI]/[MINI]; proofs/quantization.md Thm Q3",
-             bound="balancekv.bounds.quantization.attention_error_bound",
-             note="keys 2-bit per channel and values 2-bit per token (KIVI's arrangement), groups of 32")
+@bound_check(
+    "Q3 attention error",
+    source="[KIVI]/[MINI]; proofs/quantization.md Thm Q3",
+    bound="balancekv.bounds.quantization.attention_error_bound",
+    note="keys 2-bit per channel and values 2-bit per token (KIVI's arrangement), groups of 32",
+)
 def _q3(seed: int):
     from balancekv.bounds.quantization import attention_error_bound, logit_error_bound  # noqa: PLC0415
     from balancekv.reference.quantization import dequantize, quantize  # noqa: PLC0415
@@ -209,10 +240,14 @@ def _q3(seed: int):
     return err, bnd
 
 
-@bound_check("SubGen attention error", source="[SUB] Thm 2.4; proofs/subgen.md",
-             bound="balancekv.bounds.subgen.subgen_theorem_rhs", probabilistic=True,
-             note="offline SubGen on clustered keys with (t, s_num) from subgen_sample_sizes(eps=0.5, "
-                  "delta=0.1): each query may exceed eps ||softmax||_2 ||V||_op with probability <= 0.1")
+@bound_check(
+    "SubGen attention error",
+    source="[SUB] Thm 2.4; proofs/subgen.md",
+    bound="balancekv.bounds.subgen.subgen_theorem_rhs",
+    probabilistic=True,
+    note="offline SubGen on clustered keys with (t, s_num) from subgen_sample_sizes(eps=0.5, "
+    "delta=0.1): each query may exceed eps ||softmax||_2 ||V||_op with probability <= 0.1",
+)
 def _subgen(seed: int):
     from balancekv.api import segments_attention  # noqa: PLC0415
     from balancekv.bounds.subgen import stable_rank, subgen_sample_sizes, subgen_theorem_rhs  # noqa: PLC0415
@@ -233,10 +268,14 @@ def _subgen(seed: int):
     return obs, subgen_theorem_rhs(Q[0], K[0], V[0], eps, scale)
 
 
-@bound_check("ALS walk, fixed direction", source="[ALS] §2; proofs/self_balancing_walk.md",
-             bound="balancekv.bounds.walk.als_direction_bound", probabilistic=True,
-             note="n=512 random unit vectors in R^16, c = 30 log(n/delta), delta=0.01; |<w_n, t>| for 16 fixed "
-                  "unit directions t; each may exceed the bound with probability <= delta")
+@bound_check(
+    "ALS walk, fixed direction",
+    source="[ALS] §2; proofs/self_balancing_walk.md",
+    bound="balancekv.bounds.walk.als_direction_bound",
+    probabilistic=True,
+    note="n=512 random unit vectors in R^16, c = 30 log(n/delta), delta=0.01; |<w_n, t>| for 16 fixed "
+    "unit directions t; each may exceed the bound with probability <= delta",
+)
 def _als(seed: int):
     from balancekv.bounds.walk import als_direction_bound, als_threshold  # noqa: PLC0415
     from balancekv.reference.walk import self_balancing_walk  # noqa: PLC0415
@@ -253,10 +292,14 @@ def _als(seed: int):
     return obs, np.full(obs.shape, als_direction_bound(c, delta))
 
 
-@bound_check("SoftmaxBalance discrepancy (Thm 3.3)", source="[BKV] Thm 3.3; proofs/softmax_balance.md",
-             bound="balancekv.bounds.balance.softmax_balance_bound", probabilistic=True,
-             note="one halving of n=256 bounded-norm tokens (d=s=16), 16 random queries; numerator "
-                  "discrepancy ||2 sum_C' e^a v - sum e^a v|| against the bound at delta=0.01")
+@bound_check(
+    "SoftmaxBalance discrepancy (Thm 3.3)",
+    source="[BKV] Thm 3.3; proofs/softmax_balance.md",
+    bound="balancekv.bounds.balance.softmax_balance_bound",
+    probabilistic=True,
+    note="one halving of n=256 bounded-norm tokens (d=s=16), 16 random queries; numerator "
+    "discrepancy ||2 sum_C' e^a v - sum e^a v|| against the bound at delta=0.01",
+)
 def _softmax_balance(seed: int):
     from balancekv.bounds.balance import softmax_balance_bound  # noqa: PLC0415
     from balancekv.bounds.walk import als_threshold  # noqa: PLC0415
@@ -268,7 +311,7 @@ def _softmax_balance(seed: int):
     scale, delta = 1 / np.sqrt(16), 0.01
     c = als_threshold(256, delta)
     half = softmax_balance(K, V, np.random.default_rng([seed, 3]).random(256), scale=scale, c=c, delta=delta)
-    e = np.exp(scale * Q @ K.T)                       # (q, n)
+    e = np.exp(scale * Q @ K.T)  # (q, n)
     w = np.zeros(256)
     w[half.indices] = 2.0
     obs = np.linalg.norm((e * w) @ V - e @ V, axis=-1)
@@ -277,10 +320,13 @@ def _softmax_balance(seed: int):
     return obs, bnd
 
 
-@bound_check("MergeAndReduce memory", source="[BKV] Alg. 1, Thm 3.1; proofs/merge_and_reduce.md",
-             bound="balancekv.bounds.balance.merge_reduce_memory_bound",
-             note="one instance, t=16, a stream of 1000 bounded-norm tokens (d=s=8); tokens held after every "
-                  "step against t (2 + floor(log2(n/t))) — deterministic while no walk falls back")
+@bound_check(
+    "MergeAndReduce memory",
+    source="[BKV] Alg. 1, Thm 3.1; proofs/merge_and_reduce.md",
+    bound="balancekv.bounds.balance.merge_reduce_memory_bound",
+    note="one instance, t=16, a stream of 1000 bounded-norm tokens (d=s=8); tokens held after every "
+    "step against t (2 + floor(log2(n/t))) — deterministic while no walk falls back",
+)
 def _merge_reduce_memory(seed: int):
     from balancekv.bounds.balance import merge_reduce_memory_bound  # noqa: PLC0415
     from balancekv.reference.merge_reduce import MergeAndReduce  # noqa: PLC0415

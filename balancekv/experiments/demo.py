@@ -7,6 +7,7 @@ just before the scored ones, as a prompt's last queries would be). Real SmolLM2
 keys and values when the ``hf`` extra is installed (see ``balancekv.models``),
 synthetic data otherwise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,15 @@ def load_demo_data(source: str, n: int, seed: int):
     from balancekv.experiments.real_data import KVProblem  # noqa: PLC0415
 
     K, V, Q = make_kv("llm", heads=4, n=n, d=64, q=128, seed=seed)
-    return KVProblem(K, V, Q[:, 64:], None, 1 / np.sqrt(64),
-                     f"synthetic 'llm' family, 4 heads, n={n}, d=64; 64 observed + 64 scored queries", Q[:, :64])
+    return KVProblem(
+        K,
+        V,
+        Q[:, 64:],
+        None,
+        1 / np.sqrt(64),
+        f"synthetic 'llm' family, 4 heads, n={n}, d=64; 64 observed + 64 scored queries",
+        Q[:, :64],
+    )
 
 
 def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0, source: str = "auto") -> list[dict]:
@@ -56,8 +64,14 @@ def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0
         ckv = balancekv.compress(K, V, method=name, seed=seed, queries=prob.probes, **mode)
         err = float(relative_error(ckv.attend(Q, positions=prob.qpos), exact).mean())
         kept = ckv.kept()
-        row = {"method": name, "mode": ", ".join(f"{k}={v}" for k, v in mode.items()),
-               "kept": f"{kept.min()}..{kept.max()}", "nbytes": ckv.nbytes, "ratio": ckv.ratio, "error": err}
+        row = {
+            "method": name,
+            "mode": ", ".join(f"{k}={v}" for k, v in mode.items()),
+            "kept": f"{kept.min()}..{kept.max()}",
+            "nbytes": ckv.nbytes,
+            "ratio": ckv.ratio,
+            "error": err,
+        }
         rows.append(row)
         print(f"{name:<16} {row['mode']:<12} {row['kept']:>11} {ckv.nbytes:>10} {ckv.ratio:>7.3f} {err:>8.4f}")
     return rows

@@ -28,6 +28,7 @@ virtual environment through :func:`kvpress_worker` (this file run as a script
 with that environment's Python), on the very same token ids, prefix lengths and
 kept fractions (``compression_ratio = 1 - kept fraction``).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,14 @@ from pathlib import Path
 import numpy as np
 
 KEEPS = (0.5, 0.25, 0.125)
-KVPRESS_PRESSES = ("SnapKVPress", "StreamingLLMPress", "KnormPress", "ExpectedAttentionPress",
-                   "PyramidKVPress", "TOVAPress")
+KVPRESS_PRESSES = (
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "KnormPress",
+    "ExpectedAttentionPress",
+    "PyramidKVPress",
+    "TOVAPress",
+)
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
@@ -92,7 +99,7 @@ def build_prompts(n_prefix: int, n_cont: int, samples: int, lengths, depths, tex
         for dep in depths:
             key = str(int(rng.integers(10000, 99999)))
             nd = np.asarray(tok(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"], np.int64)
-            hay = filler[:L - len(nd)]
+            hay = filler[: L - len(nd)]
             at = int(round(dep * len(hay)))
             ctx = np.concatenate([hay[:at], nd, hay[at:]])
             needles.append({"length": int(L), "depth": float(dep), "key": key, "context": ctx.tolist()})
@@ -176,8 +183,18 @@ def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
             for k in keeps:
                 bal = hf.CompressedCache.recompress(src, "balance", keep=k, seed=seed) if "balance" in methods else None
                 frac = _realised(bal, n) if bal is not None else k
-                rows.append({"task": "nll", "sample": s, "method": "full", "keep": k, "kept": 1.0, "ratio": 1.0,
-                             "nll": base, "delta": 0.0})
+                rows.append(
+                    {
+                        "task": "nll",
+                        "sample": s,
+                        "method": "full",
+                        "keep": k,
+                        "kept": 1.0,
+                        "ratio": 1.0,
+                        "nll": base,
+                        "delta": 0.0,
+                    }
+                )
                 bar.update()
                 for m in methods:
                     t0 = time.perf_counter()
@@ -188,8 +205,19 @@ def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
                     except ValueError as err:  # activations became non-finite: the estimator blew up
                         nll = float("inf")
                         rows.append({"task": "nll", "sample": s, "method": m, "keep": k, "note": str(err)})
-                    rows.append({"task": "nll", "sample": s, "method": m, "keep": k, "kept": kept, "ratio": ratio,
-                                 "nll": nll, "delta": nll - base, "seconds": time.perf_counter() - t0})
+                    rows.append(
+                        {
+                            "task": "nll",
+                            "sample": s,
+                            "method": m,
+                            "keep": k,
+                            "kept": kept,
+                            "ratio": ratio,
+                            "nll": nll,
+                            "delta": nll - base,
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
                     bar.update()
                     if m == "balance":
                         bal = None
@@ -213,20 +241,36 @@ def run_needle(prompts, methods, keep, steps=8, seed=0, progress=True) -> list[d
             ctx = nd["context"]
             n = len(ctx)
             src, _ = _prefill(net, ctx)
-            frac = _realised(hf.CompressedCache.recompress(src, "balance", keep=keep, seed=seed), n) \
-                if "balance" in methods else keep
+            frac = (
+                _realised(hf.CompressedCache.recompress(src, "balance", keep=keep, seed=seed), n)
+                if "balance" in methods
+                else keep
+            )
             for m in ["full"] + methods:
-                cache = hf.CompressedCache.recompress(src, "exact", keep=1.0) if m == "full" else \
-                    _matched(src, m, keep, frac, n, seed)
+                cache = (
+                    hf.CompressedCache.recompress(src, "exact", keep=1.0)
+                    if m == "full"
+                    else _matched(src, m, keep, frac, n, seed)
+                )
                 kept, ratio = _realised(cache, n), cache.ratio
                 try:
                     logits = net(q, past_key_values=cache, use_cache=True).logits
                     answer = lm.tokenizer.decode(_greedy(net, logits, cache, steps, None, position_ids=False))
                 except ValueError as err:  # activations became non-finite: the estimator blew up
                     answer = f"<diverged: {err}>"
-                rows.append({"task": "needle", "method": m, "length": nd["length"], "depth": nd["depth"],
-                             "keep": keep, "kept": kept, "ratio": ratio, "answer": answer,
-                             "correct": nd["key"] in answer})
+                rows.append(
+                    {
+                        "task": "needle",
+                        "method": m,
+                        "length": nd["length"],
+                        "depth": nd["depth"],
+                        "keep": keep,
+                        "kept": kept,
+                        "ratio": ratio,
+                        "answer": answer,
+                        "correct": nd["key"] in answer,
+                    }
+                )
                 bar.update()
     bar.close()
     return rows
@@ -243,11 +287,13 @@ def run_bytes(prompts, seed=0, progress=True) -> list[dict]:
         return []
     net = hf.enable(_load().model)
     n = prompts["n_prefix"]
-    configs = [("minikv", dict(keep=0.5, budgets="pyramid", beta=7.0)),
-               ("balance+quant", dict(keep=0.5, bits=2)),
-               ("balance+quant", dict(keep=0.25, bits=4)),
-               ("balance+quant", dict(keep=0.5, bits=2, group=16)),
-               ("balance+quant", dict(keep=0.25, bits=4, group=16))]
+    configs = [
+        ("minikv", dict(keep=0.5, budgets="pyramid", beta=7.0)),
+        ("balance+quant", dict(keep=0.5, bits=2)),
+        ("balance+quant", dict(keep=0.25, bits=4)),
+        ("balance+quant", dict(keep=0.5, bits=2, group=16)),
+        ("balance+quant", dict(keep=0.25, bits=4, group=16)),
+    ]
     rows = []
     bar = tqdm(total=len(prompts["windows"]) * len(configs), desc="eval bytes", disable=not progress)
     with torch.inference_mode():
@@ -257,8 +303,18 @@ def run_bytes(prompts, seed=0, progress=True) -> list[dict]:
                 cache = hf.CompressedCache.recompress(src, m, seed=seed, **kw)
                 ratio = cache.ratio  # before the continuation is appended
                 nll = _nll(net(cont, past_key_values=cache, use_cache=True).logits, cont)
-                rows.append({"task": "bytes", "sample": s, "method": m, "config": json.dumps(kw, sort_keys=True),
-                             "kept": None, "ratio": ratio, "nll": nll, "delta": nll - base})
+                rows.append(
+                    {
+                        "task": "bytes",
+                        "sample": s,
+                        "method": m,
+                        "config": json.dumps(kw, sort_keys=True),
+                        "kept": None,
+                        "ratio": ratio,
+                        "nll": nll,
+                        "delta": nll - base,
+                    }
+                )
                 bar.update()
     bar.close()
     return rows
@@ -270,10 +326,9 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
 
     ``fractions``: JSON ``{"nll": {keep: kept fraction}, "needle": {length: kept fraction}}``.
     """
-    import torch  # noqa: PLC0415
     import kvpress  # noqa: PLC0415
+    import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, DynamicCache  # noqa: PLC0415
-
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -281,8 +336,9 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
     hf_logging.disable_progress_bar()
     prompts = json.loads(Path(prompts_path).read_text())
     frac = json.loads(fractions)
-    net = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf, dtype=torch.float32,
-                                               attn_implementation="sdpa", local_files_only=True).eval()
+    net = AutoModelForCausalLM.from_pretrained(
+        model_dir, gguf_file=gguf, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    ).eval()
     n = prompts["n_prefix"]
     rows = []
 
@@ -309,12 +365,28 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
                         pos = torch.arange(n, n + cont.shape[1])[None]
                         logits = net(cont, past_key_values=cache, use_cache=True, position_ids=pos).logits
                         nll = _nll(logits, cont)
-                        rows.append({"task": "nll", "sample": s, "method": "kvpress:" + name, "keep": float(k),
-                                     "kept": kept, "nll": nll, "delta": nll - base,
-                                     "seconds": time.perf_counter() - t0})
-                    except Exception as err:  # noqa: BLE001 - report, do not hide
-                        rows.append({"task": "nll", "sample": s, "method": "kvpress:" + name, "keep": float(k),
-                                     "error": f"{type(err).__name__}: {err}"})
+                        rows.append(
+                            {
+                                "task": "nll",
+                                "sample": s,
+                                "method": "kvpress:" + name,
+                                "keep": float(k),
+                                "kept": kept,
+                                "nll": nll,
+                                "delta": nll - base,
+                                "seconds": time.perf_counter() - t0,
+                            }
+                        )
+                    except Exception as err:
+                        rows.append(
+                            {
+                                "task": "nll",
+                                "sample": s,
+                                "method": "kvpress:" + name,
+                                "keep": float(k),
+                                "error": f"{type(err).__name__}: {err}",
+                            }
+                        )
         q = torch.tensor([prompts["question"]])
         from transformers import AutoTokenizer  # noqa: PLC0415
 
@@ -333,12 +405,27 @@ def kvpress_worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, 
                     logits = net(q, past_key_values=cache, use_cache=True, position_ids=pos).logits
                     toks = _greedy(net, logits, cache, 8, L + q.shape[1], position_ids=True)
                     answer = tok.decode(toks)
-                    rows.append({"task": "needle", "method": "kvpress:" + name, "length": nd["length"],
-                                 "depth": nd["depth"], "kept": kept, "answer": answer,
-                                 "correct": nd["key"] in answer})
-                except Exception as err:  # noqa: BLE001
-                    rows.append({"task": "needle", "method": "kvpress:" + name, "length": nd["length"],
-                                 "depth": nd["depth"], "error": f"{type(err).__name__}: {err}"})
+                    rows.append(
+                        {
+                            "task": "needle",
+                            "method": "kvpress:" + name,
+                            "length": nd["length"],
+                            "depth": nd["depth"],
+                            "kept": kept,
+                            "answer": answer,
+                            "correct": nd["key"] in answer,
+                        }
+                    )
+                except Exception as err:
+                    rows.append(
+                        {
+                            "task": "needle",
+                            "method": "kvpress:" + name,
+                            "length": nd["length"],
+                            "depth": nd["depth"],
+                            "error": f"{type(err).__name__}: {err}",
+                        }
+                    )
     Path(out_path).write_text(json.dumps(rows, indent=1))
 
 
@@ -357,8 +444,16 @@ def run_kvpress(python: str, prompts: dict, nll_rows, needle_rows, out_dir: Path
         fr_needle[str(L)] = float(np.mean(kept)) if kept else float(needle_rows[0]["keep"])
     ppath, opath = out_dir / "eval_prompts.json", out_dir / "eval_kvpress_raw.json"
     ppath.write_text(json.dumps(prompts))
-    cmd = [python, __file__, "--kvpress-worker", str(ppath), str(models.model_dir("smollm2")), spec.weights,
-           str(opath), json.dumps({"nll": fr_nll, "needle": fr_needle})]
+    cmd = [
+        python,
+        __file__,
+        "--kvpress-worker",
+        str(ppath),
+        str(models.model_dir("smollm2")),
+        spec.weights,
+        str(opath),
+        json.dumps({"nll": fr_nll, "needle": fr_needle}),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -381,8 +476,11 @@ def nll_table(rows, keeps) -> str:
     for m in methods:
         cells = []
         for k in keeps:
-            rs = [r for r in rows if r["task"] == "nll" and r["method"] == m and r["keep"] == k and "error" not in r
-                  and "note" not in r]
+            rs = [
+                r
+                for r in rows
+                if r["task"] == "nll" and r["method"] == m and r["keep"] == k and "error" not in r and "note" not in r
+            ]
             if not rs:
                 cells.append("—")
                 continue
@@ -396,13 +494,17 @@ def nll_table(rows, keeps) -> str:
 def needle_table(rows) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == "needle" and "error" not in r))
     lengths = sorted({r["length"] for r in rows if r["task"] == "needle"})
-    lines = ["| method | " + " | ".join(f"acc @ {L} tok" for L in lengths) + " | mean acc | kept |",
-             "|" + "---|" * (len(lengths) + 3)]
+    lines = [
+        "| method | " + " | ".join(f"acc @ {L} tok" for L in lengths) + " | mean acc | kept |",
+        "|" + "---|" * (len(lengths) + 3),
+    ]
     for m in methods:
         rs = [r for r in rows if r["task"] == "needle" and r["method"] == m and "error" not in r]
         cells = [f"{np.mean([r['correct'] for r in rs if r['length'] == L]):.2f}" for L in lengths]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean([r['correct'] for r in rs]):.2f} | "
-                     f"{_mean(rs, 'kept'):.3f} |")
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {np.mean([r['correct'] for r in rs]):.2f} | "
+            f"{_mean(rs, 'kept'):.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -421,8 +523,9 @@ def plot(rows, keeps, needle_rows, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == "nll" and "error" not in r
-                                 and r["method"] != "full"))
+    methods = list(
+        dict.fromkeys(r["method"] for r in rows if r["task"] == "nll" and "error" not in r and r["method"] != "full")
+    )
     for m in methods:
         xs, ys = [], []
         for k in keeps:
@@ -467,14 +570,30 @@ def write_report(out_dir) -> str:
     kv_nll = [r for r in kv_rows if r["task"] == "nll" and r["method"] != "kvpress:full"]
     all_nll = nll_rows + kv_nll
     all_needle = needle_rows + [r for r in kv_rows if r["task"] == "needle"]
-    md = ["# End-to-end: SmolLM2 generation", "", d["settings"], "",
-          "## Teacher-forced NLL increase over the full cache", "",
-          "Cells: mean ΔNLL in nats/token (realised kept fraction of prompt tokens, bytes / fp16 cache; "
-          "n/a for kvpress, whose bytes are the kept fraction). Column header = nominal keep; "
-          "token-selecting methods get BalanceKV's realised fraction.", "",
-          nll_table(all_nll, keeps), "", "## Pass-key retrieval", "", needle_table(all_needle), "",
-          "## Equal bytes: balance+quant vs minikv", "", bytes_table(byte_rows) if byte_rows else "(not run)", "",
-          f"kvpress: {d['kvpress_note']}", ""]
+    md = [
+        "# End-to-end: SmolLM2 generation",
+        "",
+        d["settings"],
+        "",
+        "## Teacher-forced NLL increase over the full cache",
+        "",
+        "Cells: mean ΔNLL in nats/token (realised kept fraction of prompt tokens, bytes / fp16 cache; "
+        "n/a for kvpress, whose bytes are the kept fraction). Column header = nominal keep; "
+        "token-selecting methods get BalanceKV's realised fraction.",
+        "",
+        nll_table(all_nll, keeps),
+        "",
+        "## Pass-key retrieval",
+        "",
+        needle_table(all_needle),
+        "",
+        "## Equal bytes: balance+quant vs minikv",
+        "",
+        bytes_table(byte_rows) if byte_rows else "(not run)",
+        "",
+        f"kvpress: {d['kvpress_note']}",
+        "",
+    ]
     errors = [r for r in kv_rows if "error" in r]
     if errors:
         md += ["kvpress errors:", ""] + [f"- {r['method']} ({r['task']}): {r['error']}" for r in errors[:12]] + [""]
@@ -488,9 +607,22 @@ def write_report(out_dir) -> str:
     return text
 
 
-def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=64, samples=1, lengths=(512, 1024),
-             depths=(0.25, 0.75), needle_keep=0.25, text=None, out_dir="benchmarks/results", seed=0,
-             kvpress_python=None, tasks=("nll", "needle", "bytes"), progress=True) -> dict:
+def run_eval(
+    methods=None,
+    keeps=KEEPS,
+    n_prefix=1024,
+    n_cont=64,
+    samples=1,
+    lengths=(512, 1024),
+    depths=(0.25, 0.75),
+    needle_keep=0.25,
+    text=None,
+    out_dir="benchmarks/results",
+    seed=0,
+    kvpress_python=None,
+    tasks=("nll", "needle", "bytes"),
+    progress=True,
+) -> dict:
     """Run the evaluation; write ``eval_*.md``, ``eval_*.json`` and ``eval_smollm2.png`` under ``out_dir``."""
     from balancekv import texts  # noqa: PLC0415
 
@@ -507,12 +639,26 @@ def run_eval(methods=None, keeps=KEEPS, n_prefix=1024, n_cont=64, samples=1, len
         got, err = run_kvpress(kvpress_python, prompts, nll_rows, needle_rows, out)
         kv_rows, kv_note = (got or []), (err or "kvpress ran in a separate environment on the same token ids")
     elapsed = time.perf_counter() - t0
-    settings = (f"SmolLM2-135M-Instruct (GGUF Q4_1, float32 on CPU); text {text or texts.REPORT_TEXT!r}; "
-                f"NLL: {samples} windows, prefix {n_prefix} + continuation {n_cont} tokens; pass key: lengths "
-                f"{list(lengths)}, depths {list(depths)}, keep {needle_keep}; seed {seed}; {elapsed:.0f} s")
-    (out / "eval_smollm2.json").write_text(json.dumps({"settings": settings, "keeps": list(keeps), "nll": nll_rows,
-                                                       "needle": needle_rows, "bytes": byte_rows, "kvpress": kv_rows,
-                                                       "kvpress_note": kv_note}, indent=1, default=str))
+    settings = (
+        f"SmolLM2-135M-Instruct (GGUF Q4_1, float32 on CPU); text {text or texts.REPORT_TEXT!r}; "
+        f"NLL: {samples} windows, prefix {n_prefix} + continuation {n_cont} tokens; pass key: lengths "
+        f"{list(lengths)}, depths {list(depths)}, keep {needle_keep}; seed {seed}; {elapsed:.0f} s"
+    )
+    (out / "eval_smollm2.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "keeps": list(keeps),
+                "nll": nll_rows,
+                "needle": needle_rows,
+                "bytes": byte_rows,
+                "kvpress": kv_rows,
+                "kvpress_note": kv_note,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     md = write_report(out)
     print(md)
     return {"nll": nll_rows, "needle": needle_rows, "bytes": byte_rows, "kvpress": kv_rows}

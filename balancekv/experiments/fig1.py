@@ -21,6 +21,7 @@ as failed in the table, and the run goes on.
 Paper reference (Llama-3.1-8B, layer 1, rate 1/2): BalanceKV 0.104, uniform
 0.149, ratio 0.70 (:data:`PAPER`).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,17 @@ from balancekv.methods import available_methods, get_method
 from balancekv.reference.softmax_attention import relative_error, weighted_attention
 from balancekv.texts import REPORT_TEXT
 
-DEFAULT_METHODS = ("balance", "uniform-halving", "uniform", "subgen", "snapkv", "quant", "minikv", "balance+quant",
-                   "balance+quant:bits=8")
+DEFAULT_METHODS = (
+    "balance",
+    "uniform-halving",
+    "uniform",
+    "subgen",
+    "snapkv",
+    "quant",
+    "minikv",
+    "balance+quant",
+    "balance+quant:bits=8",
+)
 DEFAULT_LAYERS = (1, 2, 5, 15, 29)
 RATES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 #: Options fixed by the protocol (beyond ``sink=0``/``window=0``, see :func:`middle_options`).
@@ -68,8 +78,9 @@ class Fig1Config:
         if self.n - self.head - self.tail < 2:
             raise ValueError(f"n={self.n} leaves no middle between head={self.head} and tail={self.tail}")
         if not 1 <= self.queries <= self.tail:
-            raise ValueError(f"queries must be in [1, tail={self.tail}] (evaluated queries see an exact tail), "
-                             f"got {self.queries}")
+            raise ValueError(
+                f"queries must be in [1, tail={self.tail}] (evaluated queries see an exact tail), got {self.queries}"
+            )
         if self.probes < 0 or self.probes > self.n - self.tail:
             raise ValueError(f"probes must be in [0, n - tail], got {self.probes}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, (int, np.integer)) or self.seeds < 1:
@@ -88,13 +99,21 @@ def real_problems(cfg: Fig1Config) -> dict[int, KVProblem]:
     """One :class:`KVProblem` per layer from the model's capture of ``cfg.text`` (first ``n`` tokens)."""
     label, _ = resolve_text(cfg.text)
     caps = capture(cfg.model, cfg.text, cfg.n, list(cfg.layers))
-    return {L: kv_head_problem(c, cfg.queries, f"{cfg.model} layer {L}, text '{label}', n={cfg.n}",
-                               probes=cfg.probes, probes_end=cfg.n - cfg.queries)
-            for L, c in caps.items()}
+    return {
+        L: kv_head_problem(
+            c,
+            cfg.queries,
+            f"{cfg.model} layer {L}, text '{label}', n={cfg.n}",
+            probes=cfg.probes,
+            probes_end=cfg.n - cfg.queries,
+        )
+        for L, c in caps.items()
+    }
 
 
-def synthetic_problems(cfg: Fig1Config, family: str = "llm", heads: int = 2, d: int = 32,
-                       seed: int = 0) -> dict[int, KVProblem]:
+def synthetic_problems(
+    cfg: Fig1Config, family: str = "llm", heads: int = 2, d: int = 32, seed: int = 0
+) -> dict[int, KVProblem]:
     """Seeded synthetic stand-ins (``balancekv.synthetic.make_kv``), one per layer in ``cfg.layers``."""
     from balancekv.synthetic import make_kv  # noqa: PLC0415
 
@@ -102,9 +121,15 @@ def synthetic_problems(cfg: Fig1Config, family: str = "llm", heads: int = 2, d: 
     for L in cfg.layers:
         K, V, Qall = make_kv(family, heads=heads, n=cfg.n, d=d, q=cfg.queries + cfg.probes, seed=seed + int(L))
         qpos = np.arange(cfg.n - cfg.queries, cfg.n)
-        out[int(L)] = KVProblem(K, V, Qall[:, cfg.probes:], qpos, 1 / np.sqrt(d),
-                                f"synthetic '{family}' #{L}, {heads} heads, n={cfg.n}, d={d}",
-                                Qall[:, :cfg.probes] if cfg.probes else None)
+        out[int(L)] = KVProblem(
+            K,
+            V,
+            Qall[:, cfg.probes :],
+            qpos,
+            1 / np.sqrt(d),
+            f"synthetic '{family}' #{L}, {heads} heads, n={cfg.n}, d={d}",
+            Qall[:, : cfg.probes] if cfg.probes else None,
+        )
     return out
 
 
@@ -113,7 +138,9 @@ def causal_exact(prob: KVProblem) -> np.ndarray:
     n = prob.K.shape[-2]
     zeros = np.zeros(prob.K.shape[:-1])
     mask = np.arange(n)[None, :] <= prob.qpos[:, None]
-    return weighted_attention(prob.Q, prob.K, prob.V, zeros, zeros, prob.scale, mask=np.broadcast_to(mask, prob.Q.shape[:-2] + mask.shape))
+    return weighted_attention(
+        prob.Q, prob.K, prob.V, zeros, zeros, prob.scale, mask=np.broadcast_to(mask, prob.Q.shape[:-2] + mask.shape)
+    )
 
 
 # ---------------------------------------------------------------------- run
@@ -137,8 +164,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
-def run_fig1(cfg: Fig1Config | None = None, problems: dict[int, KVProblem] | Callable | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+def run_fig1(
+    cfg: Fig1Config | None = None,
+    problems: dict[int, KVProblem] | Callable | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Run the protocol; one row per (layer, method, rate) with the error averaged over seeds.
 
     ``problems``: the injection point for other data — a dict ``{layer: KVProblem}`` or a
@@ -192,9 +223,18 @@ def _one(cfg: Fig1Config, prob: KVProblem, layer, method, rate, exact, log) -> d
     try:
         for seed in range(cfg.seeds):
             base, spec_opts = parse_method_spec(method)
-            ckv = compress_middle(prob.K, prob.V, method=base, keep=rate, head=cfg.head, tail=cfg.tail,
-                                  queries=prob.probes, scale=prob.scale, seed=seed,
-                                  **{**cfg.method_options.get(base, {}), **spec_opts})
+            ckv = compress_middle(
+                prob.K,
+                prob.V,
+                method=base,
+                keep=rate,
+                head=cfg.head,
+                tail=cfg.tail,
+                queries=prob.probes,
+                scale=prob.scale,
+                seed=seed,
+                **{**cfg.method_options.get(base, {}), **spec_opts},
+            )
             z = ckv.attend(prob.Q, positions=prob.qpos)
             e = relative_error(z, exact)
             if not np.all(np.isfinite(e)):
@@ -203,14 +243,26 @@ def _one(cfg: Fig1Config, prob: KVProblem, layer, method, rate, exact, log) -> d
             nbytes.append(ckv.nbytes)
             ratios.append(ckv.ratio)
             kept.append(float((ckv.kept() - cfg.head - cfg.tail).mean()) / middle)
-    except Exception as err:  # noqa: BLE001 - one failing method must not sink the whole run
+    except Exception as err:
         log(f"note: {method} at rate {rate:g} on layer {layer} failed: {type(err).__name__}: {err}")
-        row.update(error=float("nan"), error_std=float("nan"), nbytes=0, ratio=float("nan"),
-                   kept_middle=float("nan"), failed=f"{type(err).__name__}: {err}")
+        row.update(
+            error=float("nan"),
+            error_std=float("nan"),
+            nbytes=0,
+            ratio=float("nan"),
+            kept_middle=float("nan"),
+            failed=f"{type(err).__name__}: {err}",
+        )
         return row
-    row.update(error=float(np.mean(errs)), error_std=float(np.std(errs)), nbytes=int(np.mean(nbytes)),
-               ratio=float(np.mean(ratios)), kept_middle=float(np.mean(kept)), seeds=cfg.seeds,
-               seconds=(time.perf_counter() - t0) / cfg.seeds)
+    row.update(
+        error=float(np.mean(errs)),
+        error_std=float(np.std(errs)),
+        nbytes=int(np.mean(nbytes)),
+        ratio=float(np.mean(ratios)),
+        kept_middle=float(np.mean(kept)),
+        seeds=cfg.seeds,
+        seconds=(time.perf_counter() - t0) / cfg.seeds,
+    )
     return row
 
 
@@ -249,17 +301,21 @@ def markdown_table(rows: list[dict], cfg: Fig1Config) -> str:
         lines.append("\n### Against the paper (layer 1, rate 1/2)\n")
         lines.append("| | BalanceKV | uniform | BalanceKV / uniform |")
         lines.append("|---|---:|---:|---:|")
-        lines.append(f"| [BKV] {PAPER['model']} | {PAPER['balance']:.3f} | {PAPER['uniform']:.3f} | "
-                     f"{PAPER['balance'] / PAPER['uniform']:.2f} |")
-        lines.append(f"| here: {cmp['data']} | {cmp['balance']:.3f} | {cmp['uniform']:.3f} | "
-                     f"{cmp['ratio']:.2f} |")
+        lines.append(
+            f"| [BKV] {PAPER['model']} | {PAPER['balance']:.3f} | {PAPER['uniform']:.3f} | "
+            f"{PAPER['balance'] / PAPER['uniform']:.2f} |"
+        )
+        lines.append(f"| here: {cmp['data']} | {cmp['balance']:.3f} | {cmp['uniform']:.3f} | {cmp['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def paper_comparison(rows: list[dict]) -> dict | None:
     """Our BalanceKV and uniform errors at the paper's point (layer 1, rate 1/2), if both were run."""
-    pick = {r["method"]: r for r in rows if r["layer"] == PAPER["layer"] and r["rate"] == PAPER["rate"]
-            and not r.get("failed")}
+    pick = {
+        r["method"]: r
+        for r in rows
+        if r["layer"] == PAPER["layer"] and r["rate"] == PAPER["rate"] and not r.get("failed")
+    }
     if "balance" not in pick or "uniform" not in pick:
         return None
     b, u = pick["balance"]["error"], pick["uniform"]["error"]
@@ -275,13 +331,18 @@ def plot(rows: list[dict], path_kept: Path, path_bytes: Path) -> None:
 
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for xkey, xlabel, path in (("kept_middle", "kept fraction of the middle tokens", path_kept),
-                               ("ratio", "cache bytes / fp16 cache bytes", path_bytes)):
+    for xkey, xlabel, path in (
+        ("kept_middle", "kept fraction of the middle tokens", path_kept),
+        ("ratio", "cache bytes / fp16 cache bytes", path_bytes),
+    ):
         fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
         for ax, L in zip(axes[0], layers):
             for m in methods:
-                pts = sorted((r[xkey], r["error"]) for r in rows
-                             if r["layer"] == L and r["method"] == m and not r.get("failed") and r["error"] > 0)
+                pts = sorted(
+                    (r[xkey], r["error"])
+                    for r in rows
+                    if r["layer"] == L and r["method"] == m and not r.get("failed") and r["error"] > 0
+                )
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o", ms=3, label=m)
@@ -297,8 +358,9 @@ def plot(rows: list[dict], path_kept: Path, path_bytes: Path) -> None:
         plt.close(fig)
 
 
-def write_results(rows: list[dict], cfg: Fig1Config, out_dir, stem: str | None = None,
-                  command: str = "", plots: bool = True) -> dict[str, Path]:
+def write_results(
+    rows: list[dict], cfg: Fig1Config, out_dir, stem: str | None = None, command: str = "", plots: bool = True
+) -> dict[str, Path]:
     """Write ``<stem>.md`` (tables), ``<stem>.json`` (rows) and two PNG plots under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,18 +368,24 @@ def write_results(rows: list[dict], cfg: Fig1Config, out_dir, stem: str | None =
     stem = stem or f"fig1_{cfg.model}_{label}_n{cfg.n}"
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
     data = "; ".join(dict.fromkeys(r["data"] for r in rows))
-    head = ["# [BKV] Fig. 1 protocol (single-layer approximation)\n", f"Data: {data}.\n",
-            f"n={cfg.n} tokens; first {cfg.head} and last {cfg.tail} exact; middle compressed; causal attention of the "
-            f"last {cfg.queries} queries; error = mean over queries and query heads of ||a^ - a|| / ||a||; "
-            f"seeds: {cfg.seeds}. Methods that keep every token (quant, 2 bits) appear at rate 1. "
-            "The last column lists the whole cache's bytes (ends included) over fp16, rate by rate.\n"]
+    head = [
+        "# [BKV] Fig. 1 protocol (single-layer approximation)\n",
+        f"Data: {data}.\n",
+        f"n={cfg.n} tokens; first {cfg.head} and last {cfg.tail} exact; middle compressed; causal attention of the "
+        f"last {cfg.queries} queries; error = mean over queries and query heads of ||a^ - a|| / ||a||; "
+        f"seeds: {cfg.seeds}. Methods that keep every token (quant, 2 bits) appear at rate 1. "
+        "The last column lists the whole cache's bytes (ends included) over fp16, rate by rate.\n",
+    ]
     if command:
         head.append(f"Command: `{command}`\n")
     failed = [r for r in rows if r.get("failed")]
     body = markdown_table(rows, cfg)
     if failed:
-        body += "\nFailures:\n\n" + "\n".join(f"- layer {r['layer']} {r['method']} rate {_frac(r['rate'])}: {r['failed']}"
-                                              for r in failed) + "\n"
+        body += (
+            "\nFailures:\n\n"
+            + "\n".join(f"- layer {r['layer']} {r['method']} rate {_frac(r['rate'])}: {r['failed']}" for r in failed)
+            + "\n"
+        )
     paths["md"].write_text("\n".join(head) + body)
     paths["json"].write_text(json.dumps({"config": asdict(cfg), "paper": PAPER, "rows": rows}, indent=1, default=str))
     if plots:
@@ -329,14 +397,20 @@ def write_results(rows: list[dict], cfg: Fig1Config, out_dir, stem: str | None =
 
 def main(args) -> int:
     """Entry point of ``balancekv reproduce fig1`` (arguments from :mod:`balancekv.cli`)."""
-    cfg = Fig1Config(n=args.n, layers=tuple(args.layers), methods=tuple(args.methods), text=args.text,
-                     seeds=args.seeds, model=args.model)
+    cfg = Fig1Config(
+        n=args.n,
+        layers=tuple(args.layers),
+        methods=tuple(args.methods),
+        text=args.text,
+        seeds=args.seeds,
+        model=args.model,
+    )
     data = synthetic_problems if args.synthetic else None
     rows = run_fig1(cfg, problems=data, progress=not args.no_progress)
     cmd = "balancekv " + " ".join(getattr(args, "argv", None) or ["reproduce", "fig1"])
     stem = f"fig1_synthetic_n{cfg.n}" if args.synthetic else None
     paths = write_results(rows, cfg, args.out, stem=stem, command=cmd, plots=not args.no_plot)
     print(paths["md"].read_text())
-    for k, p in paths.items():
+    for p in paths.values():
         print(f"wrote {p}")
     return 0

@@ -9,6 +9,7 @@ concatenates ``[exact head] + [compressed middle] + [exact tail]`` into one
 quantized middles stay quantized and ``nbytes`` stays honest). Slot positions
 are shifted back to stream indices, so ``attend(Q, positions=…)`` is causal.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -40,9 +41,19 @@ def middle_options(method: str, options: dict | None = None) -> dict:
     return out
 
 
-def compress_middle(K, V, *, method: str, keep: float = 1.0, head: int = 256, tail: int = 256,
-                    queries=None, scale: float | None = None, seed: int | None = 0,
-                    **options) -> CompressedKV:
+def compress_middle(
+    K,
+    V,
+    *,
+    method: str,
+    keep: float = 1.0,
+    head: int = 256,
+    tail: int = 256,
+    queries=None,
+    scale: float | None = None,
+    seed: int | None = 0,
+    **options,
+) -> CompressedKV:
     """``K (…, n, d)``, ``V (…, n, s)`` with tokens ``[head, n - tail)`` compressed by ``method`` at ``keep``.
 
     ``queries`` (optional ``(…, p, d)``) are passed to :func:`balancekv.compress` as
@@ -50,8 +61,14 @@ def compress_middle(K, V, *, method: str, keep: float = 1.0, head: int = 256, ta
     Methods that keep every token (quantization) are called with ``keep=1``.
     Options are passed through after :func:`middle_options`.
     """
-    if isinstance(head, bool) or isinstance(tail, bool) or not isinstance(head, (int, np.integer)) \
-            or not isinstance(tail, (int, np.integer)) or head < 0 or tail < 0:
+    if (
+        isinstance(head, bool)
+        or isinstance(tail, bool)
+        or not isinstance(head, (int, np.integer))
+        or not isinstance(tail, (int, np.integer))
+        or head < 0
+        or tail < 0
+    ):
         raise ValueError(f"head and tail must be non-negative ints, got head={head!r}, tail={tail!r}")
     n = K.shape[-2]
     if n - head - tail < 1:
@@ -60,8 +77,16 @@ def compress_middle(K, V, *, method: str, keep: float = 1.0, head: int = 256, ta
     opts = middle_options(method, options)
     if not meth.selects_tokens:
         keep = 1.0
-    mid = balancekv.compress(K[..., head:n - tail, :], V[..., head:n - tail, :], keep=keep, method=method,
-                             queries=queries, scale=scale, seed=seed, **opts)
+    mid = balancekv.compress(
+        K[..., head : n - tail, :],
+        V[..., head : n - tail, :],
+        keep=keep,
+        method=method,
+        queries=queries,
+        scale=scale,
+        seed=seed,
+        **opts,
+    )
     own = lambda x: x.clone() if is_torch(x) else np.array(x, copy=True)  # never hold the caller's memory
     segments = []
     if head:
@@ -69,7 +94,18 @@ def compress_middle(K, V, *, method: str, keep: float = 1.0, head: int = 256, ta
     for seg in mid.segments:
         segments.append(replace(seg, positions=np.where(seg.positions >= 0, seg.positions + head, -1)))
     if tail:
-        segments.append(exact_segment(own(K[..., n - tail:, :]), own(V[..., n - tail:, :]), np.arange(n - tail, n), "tail"))
+        segments.append(
+            exact_segment(own(K[..., n - tail :, :]), own(V[..., n - tail :, :]), np.arange(n - tail, n), "tail")
+        )
     diag = dict(mid.diagnostics, middle=(head, n - tail), middle_options=opts)
-    return CompressedKV(segments, lead=tuple(K.shape[:-2]), d=K.shape[-1], s=V.shape[-1], n_seen=n,
-                        scale=mid.scale, kind=Kind.of(K), method=f"{method}[middle]", diagnostics=diag)
+    return CompressedKV(
+        segments,
+        lead=tuple(K.shape[:-2]),
+        d=K.shape[-1],
+        s=V.shape[-1],
+        n_seen=n,
+        scale=mid.scale,
+        kind=Kind.of(K),
+        method=f"{method}[middle]",
+        diagnostics=diag,
+    )

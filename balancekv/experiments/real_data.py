@@ -7,6 +7,7 @@ that read each KV head stacked along the query axis ``(Hkv, g * q, dh)`` (``g``
 query heads per KV head under grouped-query attention) with their positions,
 so causal attention can be evaluated with ``CompressedKV.attend(Q, positions=…)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,17 @@ def resolve_text(text: str) -> tuple[str, str]:
     return f"text#{models.text_hash(text)}", text
 
 
-def capture(model: str = "smollm2", text: str = REPORT_TEXT, n: int = 2048, layers=(1,),
-            use_cache: bool = True) -> dict[int, models.LayerCapture]:
+def capture(
+    model: str = "smollm2", text: str = REPORT_TEXT, n: int = 2048, layers=(1,), use_cache: bool = True
+) -> dict[int, models.LayerCapture]:
     """Per-layer queries/keys/values of ``model`` on the first ``n`` tokens of ``text`` (cached on disk)."""
     _, body = resolve_text(text)
     return models.capture_layers(model, body, n, layers, use_cache=use_cache)
 
 
-def kv_head_problem(cap: models.LayerCapture, last: int, description: str = "", probes: int = 0,
-                    probes_end: int | None = None) -> KVProblem:
+def kv_head_problem(
+    cap: models.LayerCapture, last: int, description: str = "", probes: int = 0, probes_end: int | None = None
+) -> KVProblem:
     """Keys/values per KV head and the last ``last`` query positions of every query head, grouped per KV head.
 
     ``probes > 0``: also the ``probes`` query positions ending before ``probes_end``
@@ -69,8 +72,9 @@ def kv_head_problem(cap: models.LayerCapture, last: int, description: str = "", 
         Pall, _ = cap.queries_by_kv_head(cap.n - end + probes, order="position")
         g = int(np.count_nonzero(cap.kv_group == 0))
         P = Pall[:, : probes * g]
-    return KVProblem(cap.keys, cap.values, Q, qpos, cap.scale,
-                     description or f"{cap.model} layer {cap.layer}, n={cap.n}", P)
+    return KVProblem(
+        cap.keys, cap.values, Q, qpos, cap.scale, description or f"{cap.model} layer {cap.layer}, n={cap.n}", P
+    )
 
 
 def demo_capture(n: int = 2048, layer: int = DEMO_LAYER, text: str = REPORT_TEXT, q: int = 64) -> KVProblem:
@@ -86,7 +90,9 @@ def demo_capture(n: int = 2048, layer: int = DEMO_LAYER, text: str = REPORT_TEXT
     models.check_available("smollm2")
     label, _ = resolve_text(text)
     cap = capture("smollm2", text, n, [layer])[layer]
-    desc = (f"SmolLM2-135M-Instruct layer {layer}, text '{label}', n={n}, 3 KV heads x d=64 "
-            f"(post-RoPE keys); scored: last {q} positions x 3 query heads per KV head (causal); "
-            f"observed queries: the {q} positions before")
+    desc = (
+        f"SmolLM2-135M-Instruct layer {layer}, text '{label}', n={n}, 3 KV heads x d=64 "
+        f"(post-RoPE keys); scored: last {q} positions x 3 query heads per KV head (causal); "
+        f"observed queries: the {q} positions before"
+    )
     return kv_head_problem(cap, q, desc, probes=q)

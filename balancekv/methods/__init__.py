@@ -3,6 +3,7 @@
 Entries name ``module:Class`` and are imported on first use, so a method's
 optional dependencies load only when it is asked for.
 """
+
 from __future__ import annotations
 
 import importlib

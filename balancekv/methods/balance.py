@@ -60,6 +60,7 @@ only the keys kernel), whatever ``backend``.
 The gamma-walk clips ``p`` to ``[0, 1]`` and cannot FAIL, so ``retries`` and
 ``fallbacks`` are always 0 here (the theory walk of ``balance-stream`` can FAIL).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,9 +76,20 @@ ESTIMATORS = ("consistent", "published")
 
 class Balance(Method):
     name = "balance"
-    defaults = {"value_centering": "auto", "gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.0,
-                "block": 64, "sink": 32, "window": 32, "estimator": "consistent", "kernel": "auto",
-                "heavy_rounds": "auto", "heavy_pool": 1}
+    defaults = {
+        "value_centering": "auto",
+        "gamma": 4.0,
+        "temp": 1.0,
+        "beta": 0.0,
+        "a2": 0.0,
+        "block": 64,
+        "sink": 32,
+        "window": 32,
+        "estimator": "consistent",
+        "kernel": "auto",
+        "heavy_rounds": "auto",
+        "heavy_pool": 1,
+    }
     fixed_gamma: float | None = None
 
     def check_options(self, opts):
@@ -151,10 +163,24 @@ class Balance(Method):
         protect, T_rest = None, T
         if r > 0 and T > 0:
             protect, T_rest = self.heavy_hitters(K, T, r, opts, ctx)
-        idx, lw = blocked_balance(K, V, itrs=T_rest, block=opts["block"], sink=opts["sink"], window=opts["window"],
-                                  scale=ctx.scale, rng=ctx.rng, gamma=self.gamma(opts), temp=opts["temp"],
-                                  beta=opts["beta"], a2=opts["a2"], value_centering=vc,
-                                  walk_signs=walk, protect=protect, **extra)
+        idx, lw = blocked_balance(
+            K,
+            V,
+            itrs=T_rest,
+            block=opts["block"],
+            sink=opts["sink"],
+            window=opts["window"],
+            scale=ctx.scale,
+            rng=ctx.rng,
+            gamma=self.gamma(opts),
+            temp=opts["temp"],
+            beta=opts["beta"],
+            a2=opts["a2"],
+            value_centering=vc,
+            walk_signs=walk,
+            protect=protect,
+            **extra,
+        )
         den = lw.copy()
         if opts["estimator"] == "published":
             s0 = min(opts["sink"], n)
@@ -163,9 +189,19 @@ class Balance(Method):
             den = np.where(mid, T * np.log(2.0), 0.0)
         seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den, idx, self.name)
         m = idx.shape[1]
-        return Built([seg], info={"kept": m, "keep_effective": m / n, "itrs": T, "retries": 0, "fallbacks": 0,
-                                  "kernel": kernel, "value_centering": vc,
-                                  "heavy": 0 if protect is None else int(protect.shape[1])})
+        return Built(
+            [seg],
+            info={
+                "kept": m,
+                "keep_effective": m / n,
+                "itrs": T,
+                "retries": 0,
+                "fallbacks": 0,
+                "kernel": kernel,
+                "value_centering": vc,
+                "heavy": 0 if protect is None else int(protect.shape[1]),
+            },
+        )
 
     # ----------------------------------------------------------------- heavy hitters
     @staticmethod
@@ -191,7 +227,7 @@ class Balance(Method):
         M, blk = n - s0 - w0, opts["block"]
         target = halving_sizes(M, blk, T)[-1]
         R = T + r
-        h = int(np.floor((target - M / 2 ** R) / (1 - 2.0 ** -R)))
+        h = int(np.floor((target - M / 2**R) / (1 - 2.0**-R)))
         h = max(0, min(h, target))
         while h > 0 and h + halving_sizes(M - h, blk, R)[-1] > target:
             h -= 1
@@ -200,12 +236,12 @@ class Balance(Method):
         a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
         a -= a.max(axis=-1, keepdims=True)
         p = np.exp(a)
-        score = (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)[:, s0:n - w0]
+        score = (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)[:, s0 : n - w0]
         k = int(opts["heavy_pool"])
         if k > 1:
             pad = np.full((H, k // 2), -np.inf)
             sp = np.concatenate([pad, score, pad], axis=1)
-            score = np.max(np.stack([sp[:, t:t + M] for t in range(k)], axis=-1), axis=-1)
+            score = np.max(np.stack([sp[:, t : t + M] for t in range(k)], axis=-1), axis=-1)
         top = np.argsort(-score, axis=1, kind="stable")[:, :h] + s0
         return np.sort(top, axis=1), R
 

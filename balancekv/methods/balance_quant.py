@@ -18,6 +18,7 @@ any single-set weights).
 Levels for ``eps``: BalanceKV halving rounds times bits 8, 4, 2, ordered by
 estimated size ``kept_fraction * (bits + 32/group) / 16``.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -44,8 +45,7 @@ class BalanceQuant(Method):
         return {**bal, **QUANT_OPTIONS}
 
     def split(self, opts):
-        return ({k: v for k, v in opts.items() if k not in QUANT_OPTIONS},
-                {k: opts[k] for k in QUANT_OPTIONS})
+        return ({k: v for k, v in opts.items() if k not in QUANT_OPTIONS}, {k: opts[k] for k in QUANT_OPTIONS})
 
     def check_options(self, opts):
         bopts, q = self.split(opts)
@@ -58,12 +58,13 @@ class BalanceQuant(Method):
     def kept_fraction(self, n, itrs, opts) -> float:
         s0 = min(opts["sink"], n)
         w0 = min(opts["window"], n - s0)
-        return (s0 + w0 + (n - s0 - w0) / 2 ** itrs) / n
+        return (s0 + w0 + (n - s0 - w0) / 2**itrs) / n
 
     def levels(self, n, opts):
         est = lambda lv: self.kept_fraction(n, lv["itrs"], opts) * (lv["bits"] + 32.0 / opts["group"])
-        out = [{"itrs": lv["itrs"], "bits": b} for lv in _balance().levels(n, self.balance_opts(opts))
-               for b in (8, 4, 2)]
+        out = [
+            {"itrs": lv["itrs"], "bits": b} for lv in _balance().levels(n, self.balance_opts(opts)) for b in (8, 4, 2)
+        ]
         return sorted(out, key=est, reverse=True)
 
     def level_for_keep(self, keep, n, opts):
@@ -75,8 +76,18 @@ class BalanceQuant(Method):
         built = _balance().build(K, V, {"itrs": level["itrs"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments
         lw = np.asarray(seg.num_logw, np.float64)
-        stream = QuantizedStream(np.asarray(seg.keys.dense()), np.asarray(seg.values.dense()), seg.positions, lw,
-                                 bits=level["bits"], group=q["group"], residual=q["residual"], policy=q["policy"],
-                                 scale_dtype=q["scale_dtype"], label=f"balance+quant{level['bits']}")
-        return Built(stream.segments(), stream=stream,
-                     info={**built.info, "bits": level["bits"], "quantized_keys": stream.nk})
+        stream = QuantizedStream(
+            np.asarray(seg.keys.dense()),
+            np.asarray(seg.values.dense()),
+            seg.positions,
+            lw,
+            bits=level["bits"],
+            group=q["group"],
+            residual=q["residual"],
+            policy=q["policy"],
+            scale_dtype=q["scale_dtype"],
+            label=f"balance+quant{level['bits']}",
+        )
+        return Built(
+            stream.segments(), stream=stream, info={**built.info, "bits": level["bits"], "quantized_keys": stream.nk}
+        )

@@ -29,6 +29,7 @@ count. The walk threshold is ``c = 30 log(|merged| / delta)`` unless the option
 ``c`` is given. A walk FAIL is retried ``max_retries`` times with fresh uniforms,
 then the merged set is kept exactly (``Built.info["retries"]``/``["fallbacks"]``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,16 +50,28 @@ def predicted_slots(n: int, t: int, instances: int) -> int:
 class BalanceKVStream:
     """Decode-time BalanceKV state for ``H`` heads; ``append(k, v, pos)`` returns all current segments."""
 
-    def __init__(self, H: int, d: int, s: int, *, t: int, scale: float, rng: np.random.Generator,
-                 c: float | None = None, delta: float = 0.01, max_retries: int = 3, eps: float | None = None):
+    def __init__(
+        self,
+        H: int,
+        d: int,
+        s: int,
+        *,
+        t: int,
+        scale: float,
+        rng: np.random.Generator,
+        c: float | None = None,
+        delta: float = 0.01,
+        max_retries: int = 3,
+        eps: float | None = None,
+    ):
         self.H, self.d, self.s, self.t = H, d, s, int(t)
         self.kw = dict(scale=scale, rng=rng, c=c, delta=delta, max_retries=max_retries)
         self.eps = eps
-        self.num = [dict() for _ in range(H)]          # bucket -> MergeAndReduce
+        self.num = [dict() for _ in range(H)]  # bucket -> MergeAndReduce
         self.den = [MergeAndReduce(self.t, d, 1, **self.kw) for _ in range(H)]
         self.total_sq = np.zeros(H)
         self.erased_sq = np.zeros(H)
-        self.erased = [[] for _ in range(H)]            # positions erased from the numerator
+        self.erased = [[] for _ in range(H)]  # positions erased from the numerator
 
     def _add(self, h: int, k: np.ndarray, v: np.ndarray, pos: int) -> None:
         self.den[h].add(k, np.ones(1), pos)
@@ -161,12 +174,25 @@ class BalanceStream(Method):
         H, n, d = K.shape
         s = V.shape[-1]
         t = level["t"] if "t" in level else self._t_for_keep(level["keep"], V)
-        stream = BalanceKVStream(H, d, s, t=t, scale=ctx.scale, rng=ctx.rng, c=ctx.opts["c"], delta=ctx.delta,
-                                 max_retries=ctx.opts["max_retries"], eps=level.get("eps"))
+        stream = BalanceKVStream(
+            H,
+            d,
+            s,
+            t=t,
+            scale=ctx.scale,
+            rng=ctx.rng,
+            c=ctx.opts["c"],
+            delta=ctx.delta,
+            max_retries=ctx.opts["max_retries"],
+            eps=level.get("eps"),
+        )
         stream.extend(K, V, np.arange(n))
         segs = stream.segments()
-        return Built(segs, stream=stream, info={"t": t, "kept": int(stream.memory().max()),
-                                                "retries": stream.retries, "fallbacks": stream.fallbacks})
+        return Built(
+            segs,
+            stream=stream,
+            info={"t": t, "kept": int(stream.memory().max()), "retries": stream.retries, "fallbacks": stream.fallbacks},
+        )
 
     def theorem_level(self, K, V, eps, ctx):
         """Smallest ``t`` certified by Thm 3.1 [BKV] (our constants) for every head, or ``None`` (exact).

@@ -14,6 +14,7 @@ dims flattened into one head axis: keys ``(H, n, d)``, values ``(H, n, s)``.
   (``None``: only the exact cache is certified); methods without a theorem
   leave ``has_theorem = False``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ class Context:
 
     scale: float
     rng: np.random.Generator
-    probes: np.ndarray          # (H, p, d) probe queries (for query-aware methods)
+    probes: np.ndarray  # (H, p, d) probe queries (for query-aware methods)
     delta: float
     opts: dict
     queries_given: bool = False
@@ -56,8 +57,9 @@ class Method:
     def resolve_options(self, options: dict) -> dict:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise TypeError(f"method {self.name!r} got unknown option(s) {unknown}; "
-                            f"its options are {sorted(self.defaults)}")
+            raise TypeError(
+                f"method {self.name!r} got unknown option(s) {unknown}; its options are {sorted(self.defaults)}"
+            )
         opts = {**self.defaults, **options}
         self.check_options(opts)
         return opts
@@ -83,8 +85,8 @@ class Method:
 def halving_levels(n: int, min_kept: int = 1) -> list[dict]:
     """Kept fractions ``1/2, 1/4, …`` while at least ``min_kept`` tokens remain."""
     out, j = [], 1
-    while n >= min_kept * 2 ** j:
-        out.append({"keep": 2.0 ** -j})
+    while n >= min_kept * 2**j:
+        out.append({"keep": 2.0**-j})
         j += 1
     return out
 
@@ -102,8 +104,7 @@ def check_int_option(opts: dict, name: str, minimum: int = 0) -> None:
         raise ValueError(f"option {name} must be >= {minimum}, got {v}")
 
 
-def check_float_option(opts: dict, name: str, lo: float = -np.inf, hi: float = np.inf,
-                       lo_open: bool = False) -> None:
+def check_float_option(opts: dict, name: str, lo: float = -np.inf, hi: float = np.inf, lo_open: bool = False) -> None:
     v = opts[name]
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
         raise TypeError(f"option {name} must be a real number, got {type(v).__name__}")

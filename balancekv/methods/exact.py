@@ -1,4 +1,5 @@
 """``exact``: the uncompressed cache (every token, log-weight 0)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -14,6 +14,7 @@ its own query (the full causal self-attention of ``K``), a proxy we document
 rather than hide. Heavy hitters are chosen once here and persist through
 decoding; decode tokens are appended exactly.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -22,6 +22,7 @@ Bytes are billed honestly: with ``bits=2``, ``group=16`` and fp16 scale and zero
 Levels for ``eps`` (budgets and bits): kept fractions ``1/2, 1/4, …`` times bits
 8, 4, 2, ordered by their estimated size ``keep * (bits + 32/group) / 16``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,17 @@ def bits_budget_levels(keeps: list[float], group: int, key: str = "keep") -> lis
 
 class MiniKV(Method):
     name = "minikv"
-    defaults = {"heavy": 0.25, "recent": 0.25, "bits": 2, "group": 16, "residual": 128,
-                "layer": None, "layers": None, "beta": 7.0, "scale_dtype": "float16"}
+    defaults = {
+        "heavy": 0.25,
+        "recent": 0.25,
+        "bits": 2,
+        "group": 16,
+        "residual": 128,
+        "layer": None,
+        "layers": None,
+        "beta": 7.0,
+        "scale_dtype": "float16",
+    }
 
     def check_options(self, opts):
         check_float_option(opts, "heavy", 0.0, 1.0)
@@ -80,7 +90,19 @@ class MiniKV(Method):
         idx = select_top(h2o_scores(selection_queries(K, ctx), K, ctx.scale), m, recent)
         Ks = np.take_along_axis(K, idx[..., None], axis=-2)
         Vs = np.take_along_axis(V, idx[..., None], axis=-2)
-        stream = QuantizedStream(Ks, Vs, idx, bits=level["bits"], group=o["group"], residual=o["residual"],
-                                 policy="minikv", scale_dtype=o["scale_dtype"], label=f"minikv{level['bits']}")
-        return Built(stream.segments(), stream=stream,
-                     info={"kept": m, "recent": recent, "bits": level["bits"], "quantized_keys": stream.nk})
+        stream = QuantizedStream(
+            Ks,
+            Vs,
+            idx,
+            bits=level["bits"],
+            group=o["group"],
+            residual=o["residual"],
+            policy="minikv",
+            scale_dtype=o["scale_dtype"],
+            label=f"minikv{level['bits']}",
+        )
+        return Built(
+            stream.segments(),
+            stream=stream,
+            info={"kept": m, "recent": recent, "bits": level["bits"], "quantized_keys": stream.nk},
+        )

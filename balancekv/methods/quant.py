@@ -9,6 +9,7 @@ Every token is kept, so ``keep < 1`` is refused; ``keep=1`` stores at ``bits``.
 In ``eps`` mode the levels are 8, 4 and 2 bits (least to most compressed).
 Deterministic error bounds: :mod:`balancekv.bounds.quantization`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,19 @@ class Quant(Method):
 
     def build(self, K, V, level, ctx):
         o = ctx.opts
-        stream = QuantizedStream(K, V, np.arange(K.shape[-2]), bits=level["bits"], group=o["group"],
-                                 residual=o["residual"], policy=o["policy"], scale_dtype=o["scale_dtype"],
-                                 label=f"quant{level['bits']}")
-        return Built(stream.segments(), stream=stream,
-                     info={"bits": level["bits"], "quantized_keys": stream.nk, "quantized_values": stream.nv})
+        stream = QuantizedStream(
+            K,
+            V,
+            np.arange(K.shape[-2]),
+            bits=level["bits"],
+            group=o["group"],
+            residual=o["residual"],
+            policy=o["policy"],
+            scale_dtype=o["scale_dtype"],
+            label=f"quant{level['bits']}",
+        )
+        return Built(
+            stream.segments(),
+            stream=stream,
+            info={"bits": level["bits"], "quantized_keys": stream.nk, "quantized_values": stream.nv},
+        )

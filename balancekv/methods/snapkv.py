@@ -11,6 +11,7 @@ queries (``ctx.probes``): the caller's ``queries`` when given (taken as the last
 prompt queries, aligned to the end of the cache), otherwise the last
 ``min(64, n)`` keys standing in for queries. Decode tokens are appended exactly.
 """
+
 from __future__ import annotations
 
 from balancekv.reference.selection import POOLS, select_top, snapkv_scores

@@ -6,6 +6,7 @@ baseline of [BKV]'s tables (needle retrieval 0.31 against BalanceKV's 0.99).
 During decoding the budget stays fixed: each new token enters the window and
 the oldest window token leaves.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -31,6 +31,7 @@ slot per cluster; ``info["kept"]`` reports the truth). Not billed in ``nbytes``:
 ``m`` centres (``m * d`` floats) and counts the stream needs to keep compressing
 during decoding; ``info["state_floats"]`` reports them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -97,8 +98,8 @@ class SubGen(Method):
 
     def levels(self, n, opts):
         out, seen, j = [], set(), 1
-        while round(n * 2.0 ** -j) >= 2:
-            lv = self.level_for_keep(2.0 ** -j, n, opts)
+        while round(n * 2.0**-j) >= 2:
+            lv = self.level_for_keep(2.0**-j, n, opts)
             sig = tuple(sorted((k, v) for k, v in lv.items() if k != "keep"))
             if sig not in seen:
                 seen.add(sig)
@@ -111,8 +112,7 @@ class SubGen(Method):
         if ctx.opts["threshold"] is not None:
             return np.full(K.shape[0], float(ctx.opts["threshold"]))
         gkc = resolve("greedy_k_center", ctx.backend)
-        return np.asarray([gkc(fold_scale(K[h], ctx.scale), ctx.opts["m"])[2].max()
-                           for h in range(K.shape[0])])
+        return np.asarray([gkc(fold_scale(K[h], ctx.scale), ctx.opts["m"])[2].max() for h in range(K.shape[0])])
 
     def _clusterings(self, K, ctx, m=None):
         """Per head ``(assign, dist)`` of the clustering the level uses (deterministic)."""
@@ -135,8 +135,9 @@ class SubGen(Method):
         s_num = int(level["s_num"])
         info: dict = {"variant": ctx.opts["variant"], "s_num": s_num}
         if ctx.opts["variant"] == "offline":
-            state = resolve("subgen_offline", ctx.backend)(K, V, t=level["t"], s_num=s_num, m=level["m"],
-                                                           scale=ctx.scale, rng=ctx.rng)
+            state = resolve("subgen_offline", ctx.backend)(
+                K, V, t=level["t"], s_num=s_num, m=level["m"], scale=ctx.scale, rng=ctx.rng
+            )
         else:
             thr = self._thresholds(K, ctx)
             if "t" in level:
@@ -145,14 +146,18 @@ class SubGen(Method):
                 onc = resolve("online_clusters", ctx.backend)
                 clusters = [int(onc(fold_scale(K[h], ctx.scale), thr[h])[0].size) for h in range(H)]
                 t = [max(1, level["den_budget"] // c) for c in clusters]
-            state = resolve("subgen_stream", ctx.backend)(K, V, t=t, s_num=s_num, threshold=thr, scale=ctx.scale,
-                                                          rng=ctx.rng)
+            state = resolve("subgen_stream", ctx.backend)(
+                K, V, t=t, s_num=s_num, threshold=thr, scale=ctx.scale, rng=ctx.rng
+            )
             info["threshold"] = thr.tolist()
         segs = state_segments(state)
-        info.update(t=[h.t for h in state.heads], clusters=[h.m for h in state.heads],
-                    cluster_radius=[h.cluster_radius for h in state.heads],
-                    kept=np.count_nonzero(segs[0].valid(), axis=-1).tolist(),
-                    state_floats=state.stored_floats().tolist())
+        info.update(
+            t=[h.t for h in state.heads],
+            clusters=[h.m for h in state.heads],
+            cluster_radius=[h.cluster_radius for h in state.heads],
+            kept=np.count_nonzero(segs[0].valid(), axis=-1).tolist(),
+            state_floats=state.stored_floats().tolist(),
+        )
         return Built(segs, stream=SubGenStream(state, ctx.rng), info=info)
 
     # ------------------------------------------------------------------ theorem
@@ -185,8 +190,9 @@ class SubGen(Method):
                 return None
             r = float(np.linalg.norm(ctx.probes[h], axis=-1).max())
             assign, dist = clus[h]
-            t, s = subgen_sample_sizes(min(eps_h, 1.0), r, float(dist.max()), int(assign.max()) + 1,
-                                       stable_rank(V[h]), ctx.delta)
+            t, s = subgen_sample_sizes(
+                min(eps_h, 1.0), r, float(dist.max()), int(assign.max()) + 1, stable_rank(V[h]), ctx.delta
+            )
             T, S = max(T, t), max(S, s)
         if not np.isfinite(T):
             return None

@@ -1,4 +1,5 @@
 """``uniform``: keep ``m`` tokens uniformly without replacement, each with weight ``n/m`` (SPEC 4c)."""
+
 from __future__ import annotations
 
 import numpy as np
