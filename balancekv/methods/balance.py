@@ -146,7 +146,7 @@ class Balance(Method):
             vc = kernel == "queries"
         return kernel, bool(vc)
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         opts = ctx.opts
         H, n, _ = K.shape
         T = int(level["itrs"])

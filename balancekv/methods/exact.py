@@ -21,7 +21,7 @@ class Exact(Method):
             raise ValueError(f"method 'exact' keeps every token; keep must be 1, got {keep}")
         return {"keep": 1.0}
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         return Built([exact_segment(K.copy(), V.copy(), np.arange(K.shape[-2]))])
 
     def theorem_level(self, K, V, eps, ctx):

@@ -48,7 +48,7 @@ class Streaming(Method):
     def check_options(self, opts):
         check_int_option(opts, "sink", 0)
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)
         sink = min(ctx.opts["sink"], m)

@@ -14,7 +14,7 @@ class Uniform(Method):
     name = "uniform"
     defaults: dict = {}
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         H, n, _ = K.shape
         m = kept_count(level["keep"], n)
         idx = uniform_sample_indices(n, m, H, ctx.rng)
