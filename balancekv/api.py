@@ -143,11 +143,11 @@ def working_arrays(K, V, queries, path: str, H: int):
     if path == "reference":
         conv = lambda x: to_numpy(x).reshape(H, *x.shape[-2:])
     else:
+        dt = torch.float64 if K.dtype in (torch.float64, np.float64) else torch.float32
 
         def conv(x):
             t = x.detach() if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
-            dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-            return t.to(dt).reshape(H, *t.shape[-2:])
+            return t.to(device=K.device if is_torch(K) else t.device, dtype=dt).reshape(H, *t.shape[-2:])
 
     return conv(K), conv(V), None if queries is None else conv(queries)
 
@@ -275,7 +275,9 @@ def compress(
     errors = None
     if keep is not None or guarantee == "theorem":
         if keep is not None:
-            level = meth.level_for_keep(keep, n, opts)
+            # keep=1 keeps every token exactly for every token-selecting method (quantization keeps
+            # every token too, at its bits)
+            level = None if (keep == 1 and meth.selects_tokens) else meth.level_for_keep(keep, n, opts)
         else:
             ctx = Context(scale=scale, rng=level_rng(entropy, method, None), probes=probes, delta=delta, opts=opts)
             level = meth.theorem_level(Kw, Vw, eps, ctx)
@@ -315,6 +317,9 @@ def compress(
     )
     if errors is not None:
         diag.update({"error_per_head": errors.reshape(lead), "error": float(errors.mean())})
+    if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
+        stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
+        segs = stream.segments()
     if stream is not None:
         stream = _LeadStream(stream, lead)
     out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
