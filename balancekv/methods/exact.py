@@ -12,6 +12,7 @@ class Exact(Method):
     name = "exact"
     defaults: dict = {}
     has_theorem = True
+    selects_tokens = False  # every token, always: keep < 1 is refused
 
     def levels(self, n, opts):
         return []  # the exact cache is the implicit fallback level of every method
