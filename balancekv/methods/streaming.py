@@ -69,7 +69,10 @@ class SinkWindowStream:
         slots = (self.count + np.arange(t)) % w
         if is_torch(self.wk):
             slots = torch.as_tensor(slots, device=self.wk.device)
-        self.wk[:, slots], self.wv[:, slots] = k, v
+        self.wk[:, slots], self.wv[:, slots] = (
+            k.to(self.wk.dtype) if is_torch(k) else k,
+            (v.to(self.wv.dtype) if is_torch(v) else v),
+        )
         self.wlogw[:, slots] = 0
         self.wpos[:, slots] = pos
         self.count += t
