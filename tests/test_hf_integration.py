@@ -101,7 +101,7 @@ def test_pipeline_with_a_compressed_cache(prompt):
     with hf.compressed(model, method="balance", keep=0.25) as cache, torch.no_grad():
         out = gen(text, cache=cache, max_new_tokens=3, do_sample=False, return_full_text=False)
     assert len(out[0]["generated_text"].split()) == 3
-    assert cache.get_seq_length() == n_prompt + 2 and cache.ratio < 0.5
+    assert cache.get_seq_length() == n_prompt + 2 and cache.ratio < 0.75
 
 
 def test_no_deprecation_warning_from_our_code(prompt):
