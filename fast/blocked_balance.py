@@ -43,11 +43,12 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
     return kappa.mul_(value_factor(V, weights, valid, a2=a2, value_centering=value_centering))
 
 
-def query_kernel_factor(K, probes, valid, *, scale, temp, beta):
+def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
     """The query-aware key factor ``G_ij / max_i G_ii * e^{-beta}`` ``(B, blk, blk)`` of the reference's
-    ``kernel="queries"`` (``phi_l(k_i) = exp(s_li - max_i s_li)``, ``G = phi^T phi``)."""
+    ``kernel="queries"`` (``phi_l(k_i) = exp(s_li - max_i s_li)``, ``G = phi^T phi``). ``scores``
+    (optional): the logits ``temp * scale * <q_l, k_i>`` ``(B, L, blk)`` already computed."""
     ok = valid
-    sc = float(temp * scale) * (probes @ K.transpose(-1, -2))  # (B, L, blk)
+    sc = float(temp * scale) * (probes @ K.transpose(-1, -2)) if scores is None else scores  # (B, L, blk)
     sc = sc.masked_fill(~ok[:, None, :], float("-inf"))
     m = sc.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -90,6 +91,7 @@ def blocked_walk_signs(
     value_centering: bool = True,
     kernel: str = "keys",
     probes=None,
+    scores=None,
     backend: str = "auto",
 ):
     """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
@@ -134,12 +136,14 @@ def blocked_walk_signs(
     if tuple(w.shape) != (B, blk) or tuple(ok.shape) != (B, blk):
         raise ValueError(f"weights and valid must have shape {(B, blk)}")
     if kernel == "queries":
-        if probes is None:
-            raise ValueError("probes (B, L, d) are required for kernel='queries'")
-        P = _as_tensor(probes, "probes", dtype=dt, device=dev)
-        if P.ndim != 3 or P.shape[0] != B or P.shape[2] != d or P.shape[1] < 1:
-            raise ValueError(f"probes must have shape ({B}, L>=1, {d}), got {tuple(P.shape)}")
-        kappa = query_kernel_factor(Kt, P, ok, scale=scale, temp=temp, beta=beta)
+        P = None
+        if scores is None:
+            if probes is None:
+                raise ValueError("probes (B, L, d) are required for kernel='queries'")
+            P = _as_tensor(probes, "probes", dtype=dt, device=dev)
+            if P.ndim != 3 or P.shape[0] != B or P.shape[2] != d or P.shape[1] < 1:
+                raise ValueError(f"probes must have shape ({B}, L>=1, {d}), got {tuple(P.shape)}")
+        kappa = query_kernel_factor(Kt, P, ok, scale=scale, temp=temp, beta=beta, scores=scores)
         kappa = kappa * value_factor(Vt, w, ok, a2=a2, value_centering=value_centering)
         first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
         xf, _ = walk_loop(kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None), forced_first=first, valid=ok)
@@ -299,7 +303,10 @@ def blocked_balance(
         okb = ok.reshape(H * nb, blk)
         extra = {}
         if P is not None:
-            extra = {"kernel": "queries", "probes": P.repeat_interleave(nb, dim=0)}
+            # the logits of every block from one matmul per head, (H, L, nb*blk) -> (H*nb, L, blk)
+            sc = float(temp * scale) * (P @ Kb.reshape(H, nb * blk, -1).transpose(-1, -2))
+            sc = sc.reshape(H, P.shape[1], nb, blk).transpose(1, 2).reshape(H * nb, P.shape[1], blk)
+            extra = {"kernel": "queries", "scores": sc}
         signs = blocked_walk_signs(
             Kb,
             Vb,
