@@ -70,7 +70,7 @@ from balancekv.reference.blocked_balance import KERNELS, blocked_balance, blocke
 
 from .._arrays import is_torch
 from ..storage import dense_segment, gather_tokens
-from .base import Built, Method, check_float_option, check_int_option
+from .base import Built, Method, check_float_option, check_int_option, halving_levels
 
 ESTIMATORS = ("consistent", "published")
 
@@ -122,15 +122,55 @@ class Balance(Method):
         return n - s0 - min(opts["window"], n - s0)
 
     def levels(self, n, opts):
-        nm, out, T = self.middle(n, opts), [], 1
-        while halving_sizes(nm, opts["block"], T - 1)[-1] >= 2:
-            out.append({"itrs": T})
-            T += 1
-        return out
+        """Kept fractions ``1/2, 1/4, …`` (budgets ``ceil(n/2^j)``, at least one token), as ``keep`` uses."""
+        return halving_levels(n)
 
     def level_for_keep(self, keep, n, opts):
-        T = int(round(np.log2(1.0 / keep)))
-        return {"itrs": max(0, min(T, len(self.levels(n, opts))))}
+        return {"keep": float(keep)}
+
+    @staticmethod
+    def fill(target: int, M: int, blk: int, R: int) -> int:
+        """The most exact tokens ``h`` with ``h + halving_sizes(M - h, blk, R)[-1] <= target``."""
+        h = int(np.floor((target - M / 2**R) / (1 - 2.0**-R))) if R > 0 else target
+        h = max(0, min(h, target, M))
+        while h > 0 and h + halving_sizes(M - h, blk, R)[-1] > target:
+            h -= 1
+        while h < min(target, M) and h + 1 + halving_sizes(M - h - 1, blk, R)[-1] <= target:
+            h += 1
+        return h
+
+    def plan(self, n: int, level: dict, opts, queries_given: bool) -> tuple[int, int, int, int]:
+        """``(sink, window, rounds, h)``: exact sink and window, halving rounds on the middle, and ``h``
+        middle tokens kept exactly besides (heavy hitters with queries, else the tokens just before the
+        window).
+
+        ``{"keep": f}``: at most ``B = ceil(f n)`` tokens in all — sink and window (each at most B/4), the
+        middle's share ``b`` is met with the fewest rounds ``T`` whose halved size fits, and the slack
+        is filled with exact tokens (with queries, ``heavy_rounds`` more rounds free room for heavy
+        hitters). ``{"itrs": T}``: exactly ``T`` rounds on the middle (the hybrid keeps the ``T``-round
+        size with ``T + heavy_rounds`` rounds and heavy hitters).
+        """
+        blk = opts["block"]
+        r = self.resolved_heavy_rounds(opts, queries_given)
+        if "itrs" in level:
+            s0 = min(opts["sink"], n)
+            w0 = min(opts["window"], n - s0)
+            M, T = n - s0 - w0, int(level["itrs"])
+            if r == 0 or T == 0:
+                return s0, w0, T, 0
+            return s0, w0, T + r, self.fill(halving_sizes(M, blk, T)[-1], M, blk, T + r)
+        B = min(n, max(1, int(np.ceil(level["keep"] * n - 1e-9))))
+        # sink and window take at most a quarter of the budget each, so the middle is never evicted
+        s0 = min(opts["sink"], B // 4, n)
+        w0 = min(opts["window"], B // 4, n - s0)
+        M, b = n - s0 - w0, B - s0 - w0
+        if M <= b:
+            return s0, n - s0, 0, 0  # everything fits: exact
+        T = 1
+        while halving_sizes(M, blk, T)[-1] > b:
+            T += 1  # terminates: halving reaches one token and b >= 1
+        R = T + r
+        return s0, w0, R, self.fill(b, M, blk, R)
 
     # ----------------------------------------------------------------- build
     def gamma(self, opts) -> float:
@@ -147,30 +187,65 @@ class Balance(Method):
             vc = kernel == "queries"
         return kernel, bool(vc)
 
+    def _kernel(self, opts, queries_given):
+        kernel, vc = self.resolved_kernel(opts, queries_given)
+        if self.gamma(opts) == 0.0:
+            kernel = "keys"  # gamma = 0 gives p = 1/2 whatever the kernel: the same signs
+        return kernel, vc
+
+    def _finish(self, K, V, idx, lw, level, plan, protect, kernel, vc, ctx):
+        """The segment and info of a build (either path): gathered tokens, weights, the estimator."""
+        opts = ctx.opts
+        n = K.shape[1]
+        s0, w0, R, h = plan
+        den = lw
+        if opts["estimator"] == "published":  # numerator by token weight, denominator 2^R (comparison only)
+            mid = (idx >= s0) & (idx < n - w0)
+            if is_torch(idx):
+                import torch  # noqa: PLC0415  (torch path only)
+
+                if protect is not None:
+                    mid = mid & ~torch.isin(idx, protect)
+                den = torch.where(mid, torch.full_like(lw, R * float(np.log(2.0))), torch.zeros_like(lw))
+            else:
+                if protect is not None:
+                    mid = mid & ~np.isin(idx, protect)
+                den = np.where(mid, R * np.log(2.0), 0.0)
+        den = den.clone() if is_torch(den) else den.copy()
+        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den, idx, self.name)
+        m = idx.shape[1]
+        info = {
+            "kept": m,
+            "keep_effective": m / n,
+            "rounds": R,
+            "sink": s0,
+            "window": w0,
+            "exact_extra": h,
+            "retries": 0,
+            "fallbacks": 0,
+            "kernel": kernel,
+            "value_centering": vc,
+        }
+        return Built([seg], info=info)
+
     def build_reference(self, K, V, level, ctx):
         opts = ctx.opts
-        H, n, _ = K.shape
-        T = int(level["itrs"])
-        kernel, vc = self.resolved_kernel(opts, ctx.queries_given)
-        if self.gamma(opts) == 0.0:
-            kernel = "keys"  # gamma = 0 gives p = 1/2 whatever the kernel: same signs, fast walk
+        kernel, vc = self._kernel(opts, ctx.queries_given)
+        plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
         extra = {}
         if kernel == "queries":
-            walk = blocked_walk_signs  # reference only: the fast walk implements the keys kernel
+            walk = blocked_walk_signs  # the reference walk (the definition)
             extra = {"kernel": "queries", "probes": ctx.probes}
         else:
             walk = resolve("blocked_walk_signs", ctx.backend)
-        r = self.resolved_heavy_rounds(opts, ctx.queries_given)
-        protect, T_rest = None, T
-        if r > 0 and T > 0:
-            protect, T_rest = self.heavy_hitters(K, T, r, opts, ctx)
+        protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
         idx, lw = blocked_balance(
             K,
             V,
-            itrs=T_rest,
+            itrs=R,
             block=opts["block"],
-            sink=opts["sink"],
-            window=opts["window"],
+            sink=s0,
+            window=w0,
             scale=ctx.scale,
             rng=ctx.rng,
             gamma=self.gamma(opts),
@@ -182,51 +257,24 @@ class Balance(Method):
             protect=protect,
             **extra,
         )
-        den = lw.copy()
-        if opts["estimator"] == "published":
-            s0 = min(opts["sink"], n)
-            w0 = min(opts["window"], n - s0)
-            mid = (idx >= s0) & (idx < n - w0)
-            den = np.where(mid, T * np.log(2.0), 0.0)
-        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den, idx, self.name)
-        m = idx.shape[1]
-        return Built(
-            [seg],
-            info={
-                "kept": m,
-                "keep_effective": m / n,
-                "itrs": T,
-                "retries": 0,
-                "fallbacks": 0,
-                "kernel": kernel,
-                "value_centering": vc,
-                "heavy": 0 if protect is None else int(protect.shape[1]),
-            },
-        )
+        return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
 
     def build_torch(self, K, V, level, ctx):
         """The same build on torch tensors (device-native: walk, heavy hitters, gathers in torch)."""
-        import torch  # noqa: PLC0415  (torch path only)
-
         from balancekv.fast.blocked_balance import blocked_balance as fast_blocked_balance  # noqa: PLC0415
 
         opts = ctx.opts
-        H, n, _ = K.shape
-        T = int(level["itrs"])
-        kernel, vc = self.resolved_kernel(opts, ctx.queries_given)
-        if self.gamma(opts) == 0.0:
-            kernel = "keys"  # gamma = 0 gives p = 1/2 whatever the kernel: the same signs
-        r = self.resolved_heavy_rounds(opts, ctx.queries_given)
-        protect, T_rest = None, T
-        if r > 0 and T > 0:
-            protect, T_rest = self.heavy_hitters(K, T, r, opts, ctx)
+        kernel, vc = self._kernel(opts, ctx.queries_given)
+        plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
+        protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
+        backend = ctx.backend if ctx.backend in ("triton", "auto") else "torch"
         idx, lw = fast_blocked_balance(
             K,
             V,
-            itrs=T_rest,
+            itrs=R,
             block=opts["block"],
-            sink=opts["sink"],
-            window=opts["window"],
+            sink=s0,
+            window=w0,
             scale=ctx.scale,
             rng=ctx.rng,
             gamma=self.gamma(opts),
@@ -237,31 +285,11 @@ class Balance(Method):
             kernel=kernel,
             probes=ctx.probes if kernel == "queries" else None,
             protect=protect,
-            backend="triton" if ctx.backend == "triton" else ("auto" if ctx.backend == "auto" else "torch"),
+            backend=backend,
         )
-        den = lw
-        if opts["estimator"] == "published":
-            s0 = min(opts["sink"], n)
-            w0 = min(opts["window"], n - s0)
-            mid = (idx >= s0) & (idx < n - w0)
-            den = torch.where(mid, torch.full_like(lw, T * float(np.log(2.0))), torch.zeros_like(lw))
-        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den.clone(), idx, self.name)
-        m = idx.shape[1]
-        return Built(
-            [seg],
-            info={
-                "kept": m,
-                "keep_effective": m / n,
-                "itrs": T,
-                "retries": 0,
-                "fallbacks": 0,
-                "kernel": kernel,
-                "value_centering": vc,
-                "heavy": 0 if protect is None else int(protect.shape[1]),
-            },
-        )
+        return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
 
-    # ----------------------------------------------------------------- heavy hitters
+    # ----------------------------------------------------------------- exact tokens of the middle
     @staticmethod
     def resolved_heavy_rounds(opts, queries_given: bool) -> int:
         r = opts["heavy_rounds"]
@@ -269,29 +297,23 @@ class Balance(Method):
             return 2 if queries_given else 0
         return int(r)
 
-    def heavy_hitters(self, K, T, r, opts, ctx):
-        """``(protect (H, h), rounds)``: the top-``h`` middle tokens by probe attention, and the halving
-        rounds for the rest, chosen so that ``h + halving_sizes(M - h, block, T + r)`` matches the
-        ``halving_sizes(M, block, T)`` tokens a plain ``T``-round run keeps.
-
-        Scores: ``sum_l softmax(scale * <p_l, k_i>)`` over the probe queries ``p_l`` (``ctx.probes``:
-        the ``queries`` given to ``compress``, else the last keys), the softmax over all ``n`` tokens,
-        optionally max-pooled along positions (``heavy_pool``, SnapKV's trick). Heavy hitters are
-        kept exactly; balancing then estimates the mass of the rest, which eviction would drop.
-        """
+    def extra_exact(self, K, s0: int, w0: int, h: int, ctx):
+        """``(H, h)`` middle tokens kept exactly. With observed queries and ``heavy_rounds > 0``: the heavy
+        hitters (largest ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens,
+        optionally max-pooled along positions, ``heavy_pool``: SnapKV's trick). Otherwise the ``h``
+        tokens just before the window (a longer recent window: the neutral choice of the
+        ``uniform-halving`` baseline). Eviction methods keep the heavy hitters and drop the rest's
+        mass; here the walk estimates that mass."""
         H, n, _ = K.shape
-        s0 = min(opts["sink"], n)
-        w0 = min(opts["window"], n - s0)
-        M, blk = n - s0 - w0, opts["block"]
-        target = halving_sizes(M, blk, T)[-1]
-        R = T + r
-        h = int(np.floor((target - M / 2**R) / (1 - 2.0**-R)))
-        h = max(0, min(h, target))
-        while h > 0 and h + halving_sizes(M - h, blk, R)[-1] > target:
-            h -= 1
-        if h == 0:
-            return None, T
-        k = int(opts["heavy_pool"])
+        M = n - s0 - w0
+        if not ctx.queries_given or self.resolved_heavy_rounds(ctx.opts, True) == 0:
+            rows = np.broadcast_to(np.arange(n - w0 - h, n - w0), (H, h))
+            if is_torch(K):
+                import torch  # noqa: PLC0415  (torch path only)
+
+                return torch.arange(n - w0 - h, n - w0, device=K.device).expand(H, h)
+            return rows.copy()
+        k = int(ctx.opts["heavy_pool"])
         if is_torch(K):
             import torch  # noqa: PLC0415  (torch path only)
             import torch.nn.functional as F  # noqa: PLC0415
@@ -300,7 +322,7 @@ class Balance(Method):
             if k > 1:
                 score = F.max_pool1d(score[:, None], k, stride=1, padding=k // 2)[:, 0]
             top = torch.sort(-score, dim=1, stable=True).indices[:, :h] + s0
-            return torch.sort(top, dim=1).values, R
+            return torch.sort(top, dim=1).values
         a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
         a -= a.max(axis=-1, keepdims=True)
         p = np.exp(a)
@@ -310,7 +332,7 @@ class Balance(Method):
             sp = np.concatenate([pad, score, pad], axis=1)
             score = np.max(np.stack([sp[:, t : t + M] for t in range(k)], axis=-1), axis=-1)
         top = np.argsort(-score, axis=1, kind="stable")[:, :h] + s0
-        return np.sort(top, axis=1), R
+        return np.sort(top, axis=1)
 
 
 class UniformHalving(Balance):
