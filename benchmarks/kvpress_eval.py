@@ -9,7 +9,8 @@ kvpress Python as the worker, then stores the worker's rows in
 ``eval_smollm2.json`` (and raw in ``eval_kvpress_raw.json``) and rewrites
 ``eval_smollm2.md`` / ``.png``. The worker imports only torch, transformers and
 kvpress, plus ``balancekv/experiments/eval_decode.py`` loaded by path (the same
-scoring and greedy decoding as the balancekv side).
+scoring and greedy decoding as the balancekv side). kvpress's transformers (5.2) names the
+forward's cache argument ``past_key_values``; ours (5.24) calls it ``cache``.
 
 Setup and run (CPU)::
 
@@ -108,7 +109,11 @@ def worker(prompts_path: str, model_dir: str, gguf: str, out_path: str, fraction
                     kept = cache.get_seq_length() / L
                     pos = torch.arange(L, L + q.shape[1])[None]
                     logits = net(q, past_key_values=cache, use_cache=True, position_ids=pos).logits
-                    answer = tok.decode(dec.greedy(net, logits, cache, 8, L + q.shape[1], position_ids=True))
+                    answer = tok.decode(
+                        dec.greedy(
+                            net, logits, cache, 8, L + q.shape[1], position_ids=True, cache_arg="past_key_values"
+                        )
+                    )
                     row.update(kept=kept, answer=answer, correct=nd["key"] in answer)
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {err}"

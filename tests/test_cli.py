@@ -125,3 +125,30 @@ def test_reproduce_default_out_is_a_run_folder_and_reruns_are_byte_identical(tmp
     (a / "fig1_synthetic_n600_bytes.png").unlink()
     assert cli.main(["reproduce", "fig1", "--replot", str(a / "fig1_synthetic_n600.json")]) == 0
     assert (a / "fig1_synthetic_n600_bytes.png").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+def test_eval_tiny_end_to_end_and_replot(tmp_path, capsys):
+    """``balancekv eval`` at a tiny size on the real SmolLM2: results, report and plot in the given folder;
+    ``--replot`` rewrites the report from the JSON alone, identically."""
+    from balancekv import models
+
+    try:
+        models.check_available("smollm2")
+    except ImportError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "ev"
+    argv = ["eval", "--methods", "uniform", "balance", "--keeps", "0.5", "--n-prefix", "128", "--n-cont", "4"]
+    argv += ["--lengths", "128", "--depths", "0.5", "--tasks", "nll", "needle", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"eval_prompts.json", "eval_smollm2.json", "eval_smollm2.md", "eval_smollm2.png"} <= names
+    md = (out / "eval_smollm2.md").read_text()
+    assert "| balance |" in md and "| uniform |" in md
+    assert "Command: `balancekv eval --methods uniform balance --keeps 0.5" in md
+    png = (out / "eval_smollm2.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["eval", "--replot", str(out)]) == 0
+    assert (out / "eval_smollm2.md").read_text() == md
+    assert (out / "eval_smollm2.png").read_bytes() == png

@@ -17,12 +17,16 @@ def nll(logits, cont) -> float:
     return float(-lp.gather(-1, cont[0, 1:, None]).mean())
 
 
-def greedy(model, first_logits, cache, steps: int, pos0, position_ids: bool) -> list[int]:
-    """Greedy decoding from ``first_logits`` for ``steps`` tokens (plain forward loop through ``cache``)."""
+def greedy(model, first_logits, cache, steps: int, pos0, position_ids: bool, cache_arg: str = "cache") -> list[int]:
+    """Greedy decoding from ``first_logits`` for ``steps`` tokens (plain forward loop through ``cache``).
+
+    ``cache_arg``: the forward's name for the cache, ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (older versions, as in kvpress's environment)."""
     out, nxt = [], int(first_logits[0, -1].argmax())
     for i in range(steps):
         out.append(nxt)
         kw = {"position_ids": torch.tensor([[pos0 + i]])} if position_ids else {}
-        logits = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True, **kw).logits
+        kw[cache_arg] = cache
+        logits = model(torch.tensor([[nxt]]), use_cache=True, **kw).logits
         nxt = int(logits[0, -1].argmax())
     return out

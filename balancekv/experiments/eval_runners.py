@@ -106,7 +106,7 @@ def _prefill(net, ids):
     from balancekv import hf  # noqa: PLC0415
 
     src = hf.CompressedCache(net, "exact", retain_prefill=True)
-    logits = net(torch.tensor([ids]), past_key_values=src, use_cache=True).logits[:, -1:]
+    logits = net(torch.tensor([ids]), cache=src, use_cache=True).logits[:, -1:]
     return src, logits
 
 
@@ -119,7 +119,7 @@ def _window_baseline(net, window, n: int):
     src, _ = _prefill(net, window[:n])
     cont = torch.tensor([window[n:]])
     full = hf.CompressedCache.recompress(src, "exact", keep=1.0)
-    return src, cont, nll(net(cont, past_key_values=full, use_cache=True).logits, cont)
+    return src, cont, nll(net(cont, cache=full, use_cache=True).logits, cont)
 
 
 def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
@@ -147,7 +147,7 @@ def run_nll(prompts, methods, keeps, seed=0, progress=True) -> list[dict]:
                     cache = bal if m == "balance" else _matched(src, m, k, frac, n, seed)
                     kept, ratio = realised(cache, n), cache.ratio
                     try:
-                        value = nll(net(cont, past_key_values=cache, use_cache=True).logits, cont)
+                        value = nll(net(cont, cache=cache, use_cache=True).logits, cont)
                     except ValueError as err:  # activations became non-finite: the estimator blew up
                         value = float("inf")
                         rows.append({"task": "nll", "sample": s, "method": m, "keep": k, "note": str(err)})
@@ -200,7 +200,7 @@ def run_needle(prompts, methods, keep, steps=8, seed=0, progress=True) -> list[d
                 )
                 kept, ratio = realised(cache, n), cache.ratio
                 try:
-                    logits = net(q, past_key_values=cache, use_cache=True).logits
+                    logits = net(q, cache=cache, use_cache=True).logits
                     answer = lm.tokenizer.decode(greedy(net, logits, cache, steps, None, position_ids=False))
                 except ValueError as err:  # activations became non-finite: the estimator blew up
                     answer = f"<diverged: {err}>"
@@ -251,7 +251,7 @@ def run_bytes(prompts, seed=0, progress=True) -> list[dict]:
             for m, kw in BYTE_CONFIGS:
                 cache = hf.CompressedCache.recompress(src, m, seed=seed, **kw)
                 ratio = cache.ratio  # before the continuation is appended
-                value = nll(net(cont, past_key_values=cache, use_cache=True).logits, cont)
+                value = nll(net(cont, cache=cache, use_cache=True).logits, cont)
                 rows.append(
                     {
                         "task": "bytes",
