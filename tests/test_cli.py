@@ -43,17 +43,18 @@ def _usage_error(argv, capsys, *needles):
         (["eval", "--depths", "1.5"], "--depths: must lie in [0, 1]"),
     ],
 )
-def test_bad_values_are_usage_errors(argv, needle, capsys, monkeypatch):
-    """Exit 2 with the argument named, and nothing run: the model loader and the experiments must not be
-    reached (they would raise here)."""
+def test_bad_values_are_usage_errors(argv, needle, capsys, monkeypatch, tmp_path):
+    """Exit 2 with the argument named, and nothing run: the model loader must not be reached (it would
+    raise here) and no run folder is created."""
     import balancekv.models as models
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(models, "load_model", no_model)
-    monkeypatch.setattr(results, "run_dir", no_model)
+    monkeypatch.chdir(tmp_path)
     _usage_error(argv, capsys, needle)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_version(capsys):
@@ -80,8 +81,8 @@ def test_help_shows_defaults_and_every_option_has_help(argv, capsys):
 
 
 def test_recorded_command_leaves_out_where_and_progress():
-    argv = ["reproduce", "fig1", "--out", "x/y", "--n", "640", "--no-progress", "--out=z"]
-    assert results.command_line(argv) == "balancekv reproduce fig1 --n 640"
+    argv = ["reproduce", "fig1", "--out", "x/y", "--n", "640", "--no-progress", "--out=z", "--text", "a b"]
+    assert results.command_line(argv) == "balancekv reproduce fig1 --n 640 --text 'a b'"
 
 
 def test_run_dir_is_fresh_per_run(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def recorded_argv(argv) -> list[str]:
 
 
 def command_line(argv, prog: str = "balancekv") -> str:
-    """The command as recorded in result files: ``prog`` and :func:`recorded_argv`."""
-    return " ".join([prog, *recorded_argv(argv)])
+    """The command as recorded in result files: ``prog`` and :func:`recorded_argv`, shell-quoted."""
+    return shlex.join([prog, *recorded_argv(argv)])
 
 
 def normalize(obj):
