@@ -153,3 +153,49 @@ def test_eval_tiny_end_to_end_and_replot(tmp_path, capsys):
     assert cli.main(["eval", "--replot", str(out)]) == 0
     assert (out / "eval_smollm2.md").read_text() == md
     assert (out / "eval_smollm2.png").read_bytes() == png
+
+
+def test_kvpress_orchestration_with_a_stand_in_worker(tmp_path, capsys):
+    """benchmarks/kvpress_eval.py on a copy of the committed eval results, with a stand-in for the kvpress
+    Python that returns the committed kvpress rows: it passes BalanceKV's realised fractions, stores the
+    rows, and the report it rewrites equals the committed one."""
+    import importlib.util
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from balancekv import models
+
+    try:
+        models.model_dir("smollm2")
+    except ImportError as err:
+        pytest.skip(str(err))
+    root = Path(__file__).resolve().parents[1]
+    res = root / "benchmarks" / "results"
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("eval_smollm2.json", "eval_prompts.json"):
+        shutil.copy(res / name, run / name)
+    d = json.loads((run / "eval_smollm2.json").read_text())
+    d["kvpress"] = []
+    (run / "eval_smollm2.json").write_text(json.dumps(d))
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import shutil, sys, pathlib\n"
+        "pathlib.Path(sys.argv[6]).with_name('fractions.json').write_text(sys.argv[7])\n"
+        f"shutil.copy({str(res / 'eval_kvpress_raw.json')!r}, sys.argv[6])\n"
+    )
+    fake.chmod(0o755)
+    spec = importlib.util.spec_from_file_location("kvpress_eval", root / "benchmarks" / "kvpress_eval.py")
+    kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv)
+    assert kv.main([str(run), "--kvpress-python", str(fake)]) == 0
+    fr = json.loads((run / "fractions.json").read_text())
+    assert fr["nll"]["0.25"] == pytest.approx(0.296875) and set(fr["needle"]) == {"512", "1024"}
+    assert (run / "eval_smollm2.md").read_text() == (res / "eval_smollm2.md").read_text()
+    assert len(json.loads((run / "eval_smollm2.json").read_text())["kvpress"]) == len(
+        json.loads((res / "eval_kvpress_raw.json").read_text())
+    )
+    capsys.readouterr()
