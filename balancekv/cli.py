@@ -79,9 +79,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every option's default (``(default: …)``), except where there is none to show."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        d = action.default
+        if d is None or d is False or d == argparse.SUPPRESS or not action.option_strings:
             return action.help
-        return super()._get_help_string(action)
+        shown = " ".join(str(x) for x in d) if isinstance(d, (list, tuple)) else str(d)
+        return f"{action.help} (default: {shown})"
 
 
 def _parser(sub, name: str, **kw):
@@ -150,7 +152,9 @@ def _add_reproduce_fig1(rsub):
     p = _parser(
         rsub, "fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)"
     )
-    p.add_argument("--n", type=positive_int, default=2048, help="tokens of the text to capture (> 512)")
+    p.add_argument(
+        "--n", type=positive_int, default=2048, help="tokens of the cache (more than the 512 exact head and tail)"
+    )
     p.add_argument("--layers", type=nonnegative_int, nargs="+", default=list(DEFAULT_LAYERS), help="layer indices")
     p.add_argument(
         "--methods",
@@ -158,7 +162,9 @@ def _add_reproduce_fig1(rsub):
         default=list(DEFAULT_METHODS),
         help="names or name:key=value,... configurations; unregistered ones are skipped with a note",
     )
-    p.add_argument("--text", default="python-docs", help=f"one of {', '.join(TEXTS)} (balancekv.texts)")
+    p.add_argument(
+        "--text", default="python-docs", help=f"a text of balancekv.texts ({', '.join(TEXTS)}) or the text itself"
+    )
     p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0..seeds-1) averaged per point")
     p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"], help="model whose caches are captured")
     p.add_argument("--synthetic", action="store_true", help="seeded synthetic caches instead of a real model")
@@ -277,7 +283,13 @@ COMMANDS = [_add_demo, _add_reproduce, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="balancekv", description=__doc__.splitlines()[0], formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(
+        prog="balancekv",
+        description="KV-cache compression with provable error bounds: demo, paper reproductions, evaluation.",
+        epilog="reproduce and eval write into a new runs/<command>-<UTC time>/ unless --out names a folder. "
+        "A bad value is a usage error (exit status 2). Help of a command: balancekv <command> --help.",
+        formatter_class=_Formatter,
+    )
     parser.add_argument("--version", action="version", version=f"balancekv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
