@@ -132,11 +132,21 @@ def _fig1_config(args):
 
 
 def _check_fig1(args):
-    if not args.replot:
-        try:
-            _fig1_config(args).validate()
-        except (TypeError, ValueError) as err:
-            args.parser.error(str(err))
+    if args.replot:
+        return
+    try:
+        _fig1_config(args).validate()
+    except (TypeError, ValueError) as err:
+        args.parser.error(str(err))
+    if not args.synthetic:
+        from balancekv.models import get_spec  # noqa: PLC0415
+
+        spec = get_spec(args.model)
+        bad = [L for L in args.layers if L >= spec.n_layers]
+        if bad:
+            args.parser.error(f"argument --layers: {args.model} has layers 0..{spec.n_layers - 1}, got {bad}")
+        if args.n > spec.max_tokens:
+            args.parser.error(f"argument --n: {args.model} takes at most {spec.max_tokens} tokens, got {args.n}")
 
 
 def _reproduce_fig1(args):

@@ -36,6 +36,7 @@ def _usage_error(argv, capsys, *needles):
         (["reproduce", "bounds", "--only", "X"], "--only: unknown check 'X'; available:"),
         (["reproduce", "bounds", "--seeds", "0"], "--seeds: must be an integer >= 1"),
         (["reproduce", "fig1", "--synthetic", "--n", "64"], "n=64 leaves no middle between head=256 and tail=256"),
+        (["reproduce", "fig1", "--layers", "1", "30"], "--layers: smollm2 has layers 0..29, got [30]"),
         (["eval", "--keeps", "7"], "--keeps: must be a fraction in (0, 1], got 7"),
         (["eval", "--methods", "bogus"], "--methods: unknown method 'bogus'; available:"),
         (["eval", "--n-prefix", "-1"], "--n-prefix: must be an integer >= 128, got -1"),
