@@ -31,7 +31,7 @@ import numpy as np
 from balancekv.reference import softmax_attention as ra
 
 from . import _validate as V_
-from ._arrays import Kind, to_numpy
+from ._arrays import Kind, cat, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV
 from .methods import get_method
 from .methods.base import Built, Context
@@ -47,30 +47,59 @@ def level_rng(entropy: int, method: str, level: dict | None) -> np.random.Genera
     return np.random.default_rng([int(entropy), tag])
 
 
-def segments_attention(segments: list[Segment], Q: np.ndarray, scale: float) -> np.ndarray:
-    """The estimator of SPEC section 1 over NumPy segments (reference path)."""
-    cat = lambda f, ax: np.concatenate([np.asarray(to_numpy(f(s))) for s in segments], axis=ax)
-    return ra.weighted_attention(
-        Q,
-        cat(lambda s: s.keys.dense(), -2),
-        cat(lambda s: s.values.dense(), -2),
-        cat(lambda s: s.num_logw, -1),
-        cat(lambda s: s.den_logw, -1),
-        scale,
-    )
+def segments_attention(segments: list[Segment], Q, scale: float):
+    """The estimator of SPEC section 1 over one path's segments (NumPy reference or torch)."""
+    K = cat([s.keys.dense() for s in segments], -2)
+    Vv = cat([s.values.dense() for s in segments], -2)
+    nl = cat([s.num_logw for s in segments], -1)
+    dl = cat([s.den_logw for s in segments], -1)
+    if is_torch(Q):
+        from balancekv.fast import softmax_attention as fa  # noqa: PLC0415  (torch path only)
+
+        return fa.weighted_attention(Q, K, Vv, nl, dl, scale)
+    return ra.weighted_attention(Q, K, Vv, nl, dl, scale)
 
 
-def per_head_error(segments, probes, exact, scale) -> np.ndarray:
-    """Mean over probe queries of ``||z(q) - Attn(q)|| / ||Attn(q)||``, per head."""
-    z = segments_attention(segments, probes, scale)
-    return ra.relative_error(z, exact).mean(axis=-1)
+def relative_error(z, exact):
+    """``||z - a|| / ||a||`` per query, on either path (norms scaled, so 1e154 does not overflow)."""
+    if is_torch(z):
+        return torch.linalg.vector_norm(z - exact, dim=-1) / torch.linalg.vector_norm(exact, dim=-1)
+    return ra.relative_error(z, exact)
+
+
+def per_head_error(segments, probes, exact, scale):
+    """Mean over probe queries of ``||z(q) - Attn(q)|| / ||Attn(q)||``, per head (the path's kind)."""
+    return relative_error(segments_attention(segments, probes, scale), exact).mean(-1)
+
+
+def exact_attention(probes, K, Vv, scale):
+    if is_torch(K):
+        from balancekv.fast import softmax_attention as fa  # noqa: PLC0415  (torch path only)
+
+        return fa.attention(probes, K, Vv, scale)
+    return ra.attention(probes, K, Vv, scale)
+
+
+def host(x) -> np.ndarray:
+    """A small per-head result (errors, a choice) on the host: decisions are taken there."""
+    return np.asarray(x.detach().cpu().tolist()) if is_torch(x) else np.asarray(x)
 
 
 class PerHeadStream:
-    """Decode-time state when heads chose different levels: each level's stream serves its heads."""
+    """Decode-time state when heads chose different levels: each level's stream serves its heads.
+
+    Heads whose level has no stream (exact fallback, or a method that stores decode tokens
+    exactly) get every appended token in one exact tail that grows with each append.
+    """
 
     def __init__(self, parts):
         self.parts = parts  # list of (head mask, stream or None, segments)
+        streamed = np.zeros_like(parts[0][0])
+        for mask, stream, _ in parts:
+            if stream is not None:
+                streamed |= mask
+        self.exact_tail_mask = ~streamed
+        self.tail = None  # (k, v, pos) of every appended token, for the heads without a stream
 
     def append(self, k, v, pos):
         out = []
@@ -79,16 +108,15 @@ class PerHeadStream:
                 segs = stream.append(k, v, pos)
                 self.parts[i] = (mask, stream, segs)
             out.extend(s.masked(mask) for s in segs)
-        out.append(exact_segment(k.copy(), v.copy(), pos, "appended").masked(self.exact_tail_mask))
+        new = (k, v, pos)
+        self.tail = (
+            new
+            if self.tail is None
+            else tuple(cat([a, b], -2 if j < 2 else -1) for j, (a, b) in enumerate(zip(self.tail, new)))
+        )
+        tk, tv, tp = self.tail
+        out.append(exact_segment(tk, tv, tp, "appended").masked(self.exact_tail_mask))
         return out
-
-    @property
-    def exact_tail_mask(self):
-        streamed = np.zeros_like(self.parts[0][0])
-        for mask, stream, _ in self.parts:
-            if stream is not None:
-                streamed |= mask
-        return ~streamed
 
 
 def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment], Any]:
@@ -105,6 +133,37 @@ def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment], An
     return segs, stream
 
 
+def working_arrays(K, V, queries, path: str, H: int):
+    """``(K, V, queries)`` flattened to ``(H, …)`` on the chosen path, in its compute dtype.
+
+    Reference path: float64 NumPy copies. Torch path: tensors on the caller's device (CPU for
+    NumPy input), float32 (float64 for float64 input); the caller's tensors are never written
+    (methods gather or clone, they do not modify their input).
+    """
+    if path == "reference":
+        conv = lambda x: to_numpy(x).reshape(H, *x.shape[-2:])
+    else:
+        dt = torch.float64 if K.dtype in (torch.float64, np.float64) else torch.float32
+
+        def conv(x):
+            t = x.detach() if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
+            return t.to(device=K.device if is_torch(K) else t.device, dtype=dt).reshape(H, *t.shape[-2:])
+
+    return conv(K), conv(V), None if queries is None else conv(queries)
+
+
+def choose_path(kind: Kind, backend: str) -> tuple[str, str]:
+    """``(path, method backend)``: NumPy input runs the reference unless a fast backend is asked for;
+    torch input runs the torch path (Triton kernels on CUDA) unless ``backend="reference"``."""
+    if backend == "reference":
+        return "reference", "reference"
+    if backend == "auto":
+        if not kind.is_torch:
+            return "reference", "reference"
+        return "torch", "triton" if str(kind.device).startswith("cuda") else "torch"
+    return "torch", backend
+
+
 def compress(
     K,
     V,
@@ -118,6 +177,7 @@ def compress(
     scale: float | None = None,
     seed: int | None = None,
     backend: str = "auto",
+    measure: bool | None = None,
     progress: bool = False,
     **options,
 ) -> CompressedKV:
@@ -135,9 +195,16 @@ def compress(
     delta : failure probability for theorem budgets and walk thresholds.
     scale : logit scale, default ``1/sqrt(d)``.
     seed : makes the result reproducible; drawn (and recorded in ``diagnostics``) if ``None``.
-    backend : ``"auto"``, ``"reference"`` (NumPy), ``"torch"`` or ``"triton"``.
+    backend : ``"auto"`` (torch input: torch path, Triton kernels on CUDA; NumPy input: the NumPy
+        reference), ``"reference"`` (NumPy, for any input), ``"torch"`` or ``"triton"``.
+    measure : compute the probe error (``diagnostics["error"]``, ``["error_per_head"]``); default
+        True in ``eps`` mode (the search needs it) and False otherwise (it costs an exact attention).
     progress : show a progress bar over levels of the ``eps`` search.
     **options : the method's options (see ``get_method(method).defaults``).
+
+    Torch input stays torch on its device end to end: validation, probes, the probe error, the
+    ``eps`` search, every method's build and the stores run in torch, computing in float32
+    (float64 for float64 input); kept tokens are stored in the input's dtype.
     """
     V_.check_kv(K, V)
     if (eps is None) == (keep is None):
@@ -151,6 +218,8 @@ def compress(
     delta = V_.check_open_unit("delta", delta)
     V_.check_scale(scale)
     V_.check_seed(seed)
+    if measure is not None and not isinstance(measure, bool):
+        raise TypeError(f"measure must be a bool or None, got {type(measure).__name__}")
     meth = get_method(method)
     opts = meth.resolve_options(options)
     lead, (n, d), s = tuple(K.shape[:-2]), tuple(K.shape[-2:]), int(V.shape[-1])
@@ -160,20 +229,14 @@ def compress(
     if keep is not None and keep < 1 and not meth.selects_tokens:
         raise ValueError(f"method {method!r} keeps every token; keep must be 1 (use eps or its options)")
     kind = Kind.of(K)
-    Kn, Vn = to_numpy(K).reshape(H, n, d), to_numpy(V).reshape(H, n, s)
+    path, method_backend = choose_path(kind, backend)
+    Kw, Vw, Qw = working_arrays(K, V, queries, path, H)
     scale = ra.default_scale(d, scale)
-    if queries is not None:
-        probes = to_numpy(queries).reshape(H, -1, d)
-    else:
-        probes = Kn[:, -min(MAX_PROBES, n) :]
+    probes = Qw if Qw is not None else Kw[:, -min(MAX_PROBES, n) :]
     entropy = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
-    exact_probe = ra.attention(probes, Kn, Vn, scale)
-    # auto: Triton for CUDA tensors, torch for CPU tensors, the NumPy reference for NumPy input
-    method_backend = backend
-    if backend == "auto":
-        method_backend = (
-            ("triton" if str(kind.device).startswith("cuda") else "torch") if kind.is_torch else "reference"
-        )
+    if measure is None:
+        measure = eps is not None and guarantee == "empirical"
+    exact_probe = exact_attention(probes, Kw, Vw, scale) if (measure or eps is not None) else None
 
     def build(level):
         ctx = Context(
@@ -186,8 +249,17 @@ def compress(
             backend=method_backend,
         )
         if level is None:
-            return Built([exact_segment(Kn.copy(), Vn.copy(), np.arange(n))], info={"exact": True})
-        return meth.build(Kn, Vn, level, ctx)
+            return Built(
+                [
+                    exact_segment(
+                        Kw.clone() if path == "torch" else Kw.copy(),
+                        Vw.clone() if path == "torch" else Vw.copy(),
+                        np.arange(n),
+                    )
+                ],
+                info={"exact": True},
+            )
+        return meth.build(Kw, Vw, level, ctx)
 
     diag: dict[str, Any] = {
         "method": method,
@@ -198,30 +270,35 @@ def compress(
         "guarantee": guarantee,
         "probes": int(probes.shape[-2]),
         "queries_given": queries is not None,
+        "path": path,
     }
+    errors = None
     if keep is not None or guarantee == "theorem":
         if keep is not None:
-            level = meth.level_for_keep(keep, n, opts)
+            # keep=1 keeps every token exactly for every token-selecting method (quantization keeps
+            # every token too, at its bits)
+            level = None if (keep == 1 and meth.selects_tokens) else meth.level_for_keep(keep, n, opts)
         else:
             ctx = Context(scale=scale, rng=level_rng(entropy, method, None), probes=probes, delta=delta, opts=opts)
-            level = meth.theorem_level(Kn, Vn, eps, ctx)
+            level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
         built = build(level)
         levels, choice = [level], np.zeros(H, dtype=int)
-        errors = per_head_error(built.segments, probes, exact_probe, scale)
+        if measure:
+            errors = host(per_head_error(built.segments, probes, exact_probe, scale))
         segs, stream, infos = built.segments, built.stream, [built.info]
     else:
         levels = [None] + meth.levels(n, opts)  # index 0: the exact fallback
         builts, errs = [], []
         iterator = levels
         if progress:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm  # noqa: PLC0415  (only when asked for)
 
             iterator = tqdm(levels, desc=f"compress[{method}] levels")
         for level in iterator:
             b = build(level)
             builts.append(b)
-            errs.append(per_head_error(b.segments, probes, exact_probe, scale))
+            errs.append(host(per_head_error(b.segments, probes, exact_probe, scale)))
         errs = np.stack(errs)  # (levels, H)
         ok = errs <= eps
         idx = np.arange(len(levels))[:, None]
@@ -233,13 +310,16 @@ def compress(
         {
             "levels": levels,
             "level_per_head": choice.reshape(lead),
-            "error_per_head": errors.reshape(lead),
-            "error": float(errors.mean()),
             "level_info": infos,
             "retries": int(sum(i.get("retries", 0) for i in infos)),
             "fallbacks": int(sum(i.get("fallbacks", 0) for i in infos)),
         }
     )
+    if errors is not None:
+        diag.update({"error_per_head": errors.reshape(lead), "error": float(errors.mean())})
+    if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
+        stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
+        segs = stream.segments()
     if stream is not None:
         stream = _LeadStream(stream, lead)
     out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
@@ -254,11 +334,12 @@ def compress(
         method=method,
         diagnostics=diag,
         stream=stream,
+        work_kind=Kind("torch", Kw.dtype, Kw.device) if path == "torch" else Kind("numpy", np.float64),
     )
 
 
 class _LeadStream:
-    """Adapts a method's ``(H, …)`` stream to the cache's leading dims."""
+    """Adapts a method's ``(H, …)`` stream to the cache's leading dims and the caller's kind."""
 
     def __init__(self, stream, lead):
         self.stream, self.lead = stream, tuple(lead)

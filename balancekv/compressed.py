@@ -11,19 +11,127 @@ two-set methods (theory BalanceKV, SubGen) put numerator and denominator
 samples in separate slots, ``-inf`` in the set they do not belong to. Padding
 slots, needed because heads keep different numbers of tokens, are ``-inf`` in
 both.
+
+Where the data lives: a cache built from torch tensors holds torch tensors on
+the caller's device (kept tokens in the caller's dtype, log-weights in the
+compute dtype, positions int64), one built from NumPy holds NumPy arrays.
+Dense slots sit in one buffer with spare capacity (:class:`SlotArena`), so
+decode tokens are written in place and a cache of dense single-set slots is
+attended by one ``scaled_dot_product_attention`` call over a view; quantized
+stores stay packed and are dequantized on the fly (Triton reads the codes in
+place on CUDA). Memory accounting: :mod:`balancekv.storage`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from . import _validate as V_
-from ._arrays import Kind, is_torch, to_numpy, torch
-from .storage import Segment, exact_segment, xp_cat
+from ._arrays import Kind, cat, compute_dtype, held_nbytes, is_torch, isfinite, to_numpy, torch
+from .storage import DenseStore, Segment, dense_segment
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def _zeros(kind: Kind, shape, dtype):
+    if kind.is_torch:
+        return torch.zeros(shape, dtype=dtype, device=kind.device)
+    return np.zeros(shape, dtype=dtype)
+
+
+class SlotArena:
+    """Every dense slot of a cache in one buffer with spare capacity, in stream order of arrival.
+
+    The segments a method built are copied in once (``prefix``) and become views of the
+    buffer; decode tokens are written after them, growing the buffer by a quarter (at least 16
+    slots) when it is full, so the spare capacity stays below a quarter of what is held.
+    """
+
+    def __init__(self, segments: list[Segment], kind: Kind, lead: tuple, d: int, s: int):
+        self.kind, self.lead = kind, tuple(lead)
+        wdt = kind.compute if kind.is_torch else np.float64
+        self.bounds = []  # (start, stop, label, meta) of each prefix segment
+        a = 0
+        for sg in segments:
+            self.bounds.append((a, a + sg.m, sg.label, sg.meta))
+            a += sg.m
+        self.used = a
+        if segments:
+            self.keys = cat([sg.keys.dense() for sg in segments], -2)
+            self.values = cat([sg.values.dense() for sg in segments], -2)
+            self.num = cat([sg.num_logw for sg in segments], -1)
+            self.den = cat([sg.den_logw for sg in segments], -1)
+            self.pos = cat([sg.positions for sg in segments], -1)
+        else:
+            sdt = kind.dtype
+            self.keys = _zeros(kind, self.lead + (0, d), sdt)
+            self.values = _zeros(kind, self.lead + (0, s), sdt)
+            self.num = _zeros(kind, self.lead + (0,), wdt)
+            self.den = _zeros(kind, self.lead + (0,), wdt)
+            self.pos = _zeros(kind, self.lead + (0,), torch.int64 if kind.is_torch else np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[-2])
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, self.capacity + max(16, self.capacity // 4))
+
+        new = {}
+        for name in ("keys", "values"):
+            x = getattr(self, name)
+            y = _zeros(self.kind, self.lead + (cap, x.shape[-1]), x.dtype)
+            y[..., : self.used, :] = x[..., : self.used, :]
+            new[name] = y
+        for name in ("num", "den", "pos"):
+            x = getattr(self, name)
+            y = _zeros(self.kind, self.lead + (cap,), x.dtype)
+            y[..., : self.used] = x[..., : self.used]
+            new[name] = y
+        for name, y in new.items():
+            setattr(self, name, y)
+
+    def append(self, k, v, pos) -> None:
+        """Exact tokens ``k (…, t, d)``, ``v (…, t, s)`` at stream positions ``pos (t,)``."""
+        t = int(k.shape[-2])
+        if self.used + t > self.capacity:
+            self._grow(self.used + t)
+        a, b = self.used, self.used + t
+        self.keys[..., a:b, :] = k
+        self.values[..., a:b, :] = v
+        self.num[..., a:b] = 0
+        self.den[..., a:b] = 0
+        self.pos[..., a:b] = pos
+        self.used = b
+
+    def view(self, a: int, b: int, label: str = "", meta: dict | None = None) -> Segment:
+        seg = dense_segment(
+            self.keys[..., a:b, :],
+            self.values[..., a:b, :],
+            self.num[..., a:b],
+            self.den[..., a:b],
+            self.pos[..., a:b],
+            label,
+        )
+        return replace(seg, meta=dict(meta or {}))
+
+    def segments(self) -> list[Segment]:
+        out = [self.view(a, b, label, meta) for a, b, label, meta in self.bounds]
+        end = self.bounds[-1][1] if self.bounds else 0
+        if self.used > end:
+            out.append(self.view(end, self.used, "appended"))
+        return out
+
+    def whole(self) -> Segment:
+        return self.view(0, self.used, "all")
+
+
+def _is_dense(sg: Segment) -> bool:
+    return isinstance(sg.keys, DenseStore) and isinstance(sg.values, DenseStore)
 
 
 class CompressedKV:
@@ -31,13 +139,14 @@ class CompressedKV:
 
     Attributes
     ----------
-    keys, values : array in the caller's kind (NumPy or torch, same device)
-        Dequantized on read when a method stores them in low bits.
+    keys, values : array in the caller's kind (NumPy or torch, same device), a concatenated copy
+        (dequantized when a method stores them in low bits).
     num_logw, den_logw : ``(…, m)`` log-weights of the numerator and denominator estimates.
-    positions : ``(…, m)`` int64 NumPy array, index in the input stream of each slot (-1 = padding).
-    nbytes : bytes of the compressed cache as deployed (see :mod:`balancekv.storage`).
-    ratio : ``nbytes`` divided by the input cache's bytes in fp16 (``n * (d + s) * 2`` per head).
-    diagnostics : dict with the method, options, per-head level and error on the probes, seed, retries.
+    positions : ``(…, m)`` int64 (the cache's kind), index in the input stream of each slot (-1 = padding).
+    nbytes : bytes of every array the cache holds, each storage once (see :mod:`balancekv.storage`).
+    ratio : ``nbytes`` divided by the input cache's bytes in the input's dtype.
+    diagnostics : dict with the method, options, per-head level, seed, retries, and the probe error
+        when it was measured (``compress(..., measure=True)``, always in ``eps`` mode).
     """
 
     def __init__(
@@ -53,8 +162,8 @@ class CompressedKV:
         method: str,
         diagnostics: dict | None = None,
         stream: Any = None,
+        work_kind: Kind | None = None,
     ):
-        self._segments = list(segments)  # already in the cache's kind (see compress)
         self.lead, self.d, self.s = tuple(lead), int(d), int(s)
         self.n_seen = int(n_seen)
         self.scale = float(scale)
@@ -62,146 +171,224 @@ class CompressedKV:
         self.method = method
         self.diagnostics = dict(diagnostics or {})
         self._stream = stream
+        # the dtype streams compute in (float64 NumPy on the reference path)
+        self.work_kind = work_kind or (
+            Kind("torch", compute_dtype(kind.dtype), kind.device) if kind.is_torch else Kind("numpy", np.float64)
+        )
+        self._set_segments(segments)
+
+    def _set_segments(self, segments: list[Segment]) -> None:
+        """Dense segments go into one arena (views of it stay the segments); others stay as they are.
+
+        A cache with a decode stream keeps the stream's segments as they are (the stream owns them)."""
+        segments = list(segments)  # already in the cache's kind (see compress)
+        if self._stream is not None:  # the stream owns its storage: its segments are used as they are
+            dense, self._other = [], segments
+        else:
+            dense = [sg for sg in segments if _is_dense(sg)]
+            self._other = [sg for sg in segments if not _is_dense(sg)]
+        self._arena = SlotArena(dense, self.kind, self.lead, self.d, self.s)
 
     # ------------------------------------------------------------------ contents
     @property
     def segments(self) -> list[Segment]:
-        return list(self._segments)
+        return self._other + self._arena.segments()
+
+    def _cat(self, f, axis):
+        return cat([f(sg) for sg in self.segments], axis)
 
     @property
     def keys(self):
-        return xp_cat([s.keys.dense() for s in self._segments], axis=-2)
+        return self._cat(lambda sg: sg.keys.dense(), -2)
 
     @property
     def values(self):
-        return xp_cat([s.values.dense() for s in self._segments], axis=-2)
+        return self._cat(lambda sg: sg.values.dense(), -2)
 
     @property
     def num_logw(self):
-        return xp_cat([s.num_logw for s in self._segments], axis=-1)
+        return self._cat(lambda sg: sg.num_logw, -1)
 
     @property
     def den_logw(self):
-        return xp_cat([s.den_logw for s in self._segments], axis=-1)
+        return self._cat(lambda sg: sg.den_logw, -1)
 
     @property
-    def positions(self) -> np.ndarray:
-        return np.concatenate([s.positions for s in self._segments], axis=-1)
+    def positions(self):
+        return self._cat(lambda sg: sg.positions, -1)
 
     @property
     def m(self) -> int:
         """Slots in the rectangular arrays (the largest head's size, padding included)."""
-        return sum(s.m for s in self._segments)
+        return sum(sg.m for sg in self._other) + self._arena.used
 
     def kept(self) -> np.ndarray:
-        """Number of non-padding slots per head, shape ``lead``."""
-        return sum(np.count_nonzero(s.valid(), axis=-1) for s in self._segments)
+        """Number of non-padding slots per head, shape ``lead`` (NumPy, on the host)."""
+        total = 0
+        for sg in self.segments:
+            v = sg.valid()
+            c = v.sum(-1)
+            total = total + (np.asarray(c.cpu().tolist()) if is_torch(c) else c)
+        return np.asarray(total).reshape(self.lead)
 
     @property
     def nbytes(self) -> int:
-        return int(sum(s.nbytes() for s in self._segments))
+        """Bytes of every array and tensor the cache holds (slots, weights, positions, codes, scales,
+        spare capacity, decode-stream state), each storage counted once."""
+        return held_nbytes(self._other, self._arena, self._stream)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the input cache's dtype."""
+        return int(
+            torch.empty((), dtype=self.kind.dtype).element_size()
+            if self.kind.is_torch
+            else np.dtype(self.kind.dtype).itemsize
+        )
 
     @property
     def input_nbytes(self) -> int:
-        """Bytes of the uncompressed input cache in fp16: ``heads * n * (d + s) * 2``."""
-        return int(np.prod(self.lead, dtype=np.int64)) * self.n_seen * (self.d + self.s) * 2
+        """Bytes of the uncompressed cache of the same tokens in the input's dtype:
+        ``heads * n * (d + s) * itemsize``."""
+        return int(np.prod(self.lead, dtype=np.int64)) * self.n_seen * (self.d + self.s) * self.itemsize
 
     @property
     def ratio(self) -> float:
-        """``nbytes / input_nbytes``: 1.0 for an exact fp16 cache, 0.25 for a 4x smaller one."""
+        """``nbytes / input_nbytes``: about 1 for the exact cache, 0.25 for a 4x smaller one."""
         return self.nbytes / self.input_nbytes
 
     @property
     def single_set(self) -> bool:
         """True when one log-weight set serves numerator and denominator (an attention bias)."""
-        nl, dl = to_numpy(self.num_logw), to_numpy(self.den_logw)
-        return bool(np.array_equal(nl, dl))
+        for sg in self.segments:
+            same = (
+                torch.equal(sg.num_logw, sg.den_logw)
+                if is_torch(sg.num_logw)
+                else np.array_equal(sg.num_logw, sg.den_logw)
+            )
+            if not same:
+                return False
+        return True
 
     # ------------------------------------------------------------------ queries
+    def parts(self):
+        """The cache as parts for :func:`balancekv.fast.attend_parts` (torch caches): dense slots as
+        tensor views, quantized stores as :class:`~balancekv.fast.Packed` codes (never dequantized here)."""
+        from balancekv.quantized import store_parts  # noqa: PLC0415  (quantized imports this module)
+
+        L = int(math.prod(self.lead)) if self.lead else 1
+        out = []
+        for sg in self._other:
+            out.extend(store_parts(sg, L))
+        if self._arena.used:
+            w = self._arena.whole()
+            r = lambda x: x.reshape((L,) + tuple(x.shape[len(self.lead) :]))
+            out.append((r(w.keys.dense()), r(w.values.dense()), r(w.num_logw), r(w.den_logw), r(w.positions)))
+        return out
+
     def attend(self, Q, *, positions=None, backend: str = "auto"):
         """Estimated attention ``z(q)`` for queries ``Q (…, mq, d)`` (same leading dims as the cache).
 
         ``positions`` (optional, ints of shape ``(mq,)`` or ``(…, mq)``): the stream index of
         each query; slots holding later tokens are masked out (causal attention).
-        Returns ``(…, mq, s)`` in ``Q``'s kind, device and dtype.
+        Returns ``(…, mq, s)`` in ``Q``'s kind, device and dtype. Torch caches run the torch
+        estimator (SDPA for one dense single-set buffer, split partial sums otherwise; the
+        Triton split-K kernel on CUDA); NumPy caches the NumPy reference.
         """
-        V_.check_queries("Q", Q, self.lead, self.d, like=self.keys)
+        V_.check_queries("Q", Q, self.lead, self.d, like=self._arena.keys)
         V_.check_choice("backend", backend, BACKENDS)
-        mask = None
+        qpos = None
         if positions is not None:
-            qpos = np.asarray(to_numpy(positions, np.int64) if is_torch(positions) else positions)
-            if qpos.shape[-1] != Q.shape[-2] or not np.issubdtype(qpos.dtype, np.integer):
+            qpos = positions if is_torch(positions) else np.asarray(positions)
+            dt_ok = (
+                (not qpos.is_floating_point() and qpos.dtype != torch.bool)
+                if is_torch(qpos)
+                else (np.issubdtype(qpos.dtype, np.integer))
+            )
+            if qpos.ndim == 0 or qpos.shape[-1] != Q.shape[-2] or not dt_ok:
                 raise ValueError(
                     f"positions must be integers with last dim {Q.shape[-2]} (one per query), "
-                    f"got shape {qpos.shape} dtype {qpos.dtype}"
+                    f"got shape {tuple(qpos.shape)} dtype {qpos.dtype}"
                 )
-            mask = self.positions[..., None, :] <= qpos[..., :, None]
-        use_torch = backend in ("torch", "triton") or (backend == "auto" and self.kind.is_torch)
-        if backend in ("triton", "auto") and is_torch(Q):
-            # Triton split-K decode kernel (packed stores read in place): CUDA tensors, or
-            # backend="triton" under TRITON_INTERPRET=1; otherwise the torch estimator below.
-            from balancekv.fast import _triton as ft  # noqa: PLC0415
+            if qpos.ndim > 1 and tuple(qpos.shape[:-1]) != self.lead:
+                raise ValueError(
+                    f"positions must have shape ({Q.shape[-2]},) or {self.lead + (Q.shape[-2],)}, "
+                    f"got {tuple(qpos.shape)}"
+                )
+        if self.kind.is_torch:
+            from balancekv.fast.decode_attention import attend_parts  # noqa: PLC0415  (torch path only)
 
-            if ft.can_run(Q) if backend == "triton" else ft.use_triton("auto", Q):
-                from balancekv.fast.decode_attention import attend_compressed  # noqa: PLC0415
-
-                out = attend_compressed(self, Q, query_positions=None if positions is None else qpos, backend="triton")
-                return out.to(Q.dtype)
-        if use_torch:
-            from balancekv.fast import softmax_attention as fa  # noqa: PLC0415
-
-            Kt, Vt, nl, dl = (
-                x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
-                for x in (self.keys, self.values, self.num_logw, self.den_logw)
+            L = int(math.prod(self.lead)) if self.lead else 1
+            mq = Q.shape[-2]
+            qp = None
+            if qpos is not None:
+                qp = torch.as_tensor(qpos, device=Q.device).to(torch.int64)
+                qp = torch.broadcast_to(qp, tuple(Q.shape[:-1])).reshape(L, mq)
+            out = attend_parts(
+                Q.reshape(L, mq, self.d),
+                self.parts(),
+                self.scale,
+                query_positions=qp,
+                backend="torch" if backend == "reference" else backend,
             )
-            Qt = Q if is_torch(Q) else torch.from_numpy(np.ascontiguousarray(Q))
-            mt = None if mask is None else torch.from_numpy(mask).to(Qt.device)
-            out = fa.weighted_attention(
-                Qt, Kt.to(Qt.device), Vt.to(Qt.device), nl.to(Qt.device), dl.to(Qt.device), self.scale, mask=mt
-            )
-            if is_torch(Q):
-                return out.to(Q.dtype)
-            return out.numpy().astype(np.result_type(Q.dtype, np.float32))
-        from balancekv.reference import softmax_attention as ra  # noqa: PLC0415
+            return out.reshape(tuple(Q.shape[:-1]) + (self.s,)).to(Q.dtype)
+        from balancekv.reference import softmax_attention as ra  # noqa: PLC0415  (reference path only)
 
+        mask = None
+        if qpos is not None:
+            mask = self.positions[..., None, :] <= np.asarray(qpos)[..., :, None]
         out = ra.weighted_attention(
-            to_numpy(Q),
-            to_numpy(self.keys),
-            to_numpy(self.values),
-            to_numpy(self.num_logw),
-            to_numpy(self.den_logw),
-            self.scale,
-            mask=mask,
+            to_numpy(Q), to_numpy(self.keys), to_numpy(self.values), self.num_logw, self.den_logw, self.scale, mask=mask
         )
-        if is_torch(Q):
-            return torch.from_numpy(out).to(device=Q.device, dtype=Q.dtype)
         return out.astype(np.result_type(Q.dtype, np.float32))
 
     # ------------------------------------------------------------------ decoding
-    def append(self, k, v) -> "CompressedKV":
+    def _working(self, x, name: str):
+        """An appended array in the cache's storage dtype; ``ValueError`` naming it if that overflows."""
+        if is_torch(x):
+            y = x.detach().to(device=self.kind.device, dtype=self.kind.dtype)
+        else:
+            y = np.asarray(x, dtype=self.kind.dtype)
+        if not bool(isfinite(y).all()):
+            raise ValueError(f"{name} does not fit the cache's dtype {self.kind.dtype} (it would overflow to inf)")
+        return y
+
+    def append(self, k, v) -> CompressedKV:
         """Add decode-time tokens ``k (…, t, d)``, ``v (…, t, s)``; returns ``self``.
 
         Streaming methods (``balance-stream``, ``subgen``, the quantization decode
         policies, ``streaming``) keep compressing; every other method stores the new
-        tokens exactly. The caller's arrays are copied, never kept or modified.
+        tokens exactly, written in place into the cache's slot buffer. Tokens are stored in
+        the cache's dtype (a ``ValueError`` names ``k`` or ``v`` if they do not fit it). The
+        caller's arrays are copied, never kept or modified.
         """
         V_.check_kv(k, v, "k", "v")
-        V_.check_same_kind(("k", "the cache"), (k, self.keys))
+        V_.check_same_kind(("k", "the cache"), (k, self._arena.keys))
         if tuple(k.shape[:-2]) != self.lead:
             raise ValueError(f"k must have the cache's leading dims {self.lead}, got {tuple(k.shape[:-2])}")
         if k.shape[-1] != self.d or v.shape[-1] != self.s:
             raise ValueError(
                 f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}"
             )
-        t = k.shape[-2]
-        pos = np.arange(self.n_seen, self.n_seen + t)
-        if self._stream is not None:
-            segs = self._stream.append(to_numpy(k), to_numpy(v), pos)
-            self._segments = [s.to_kind(self.kind) for s in segs] if self.kind.is_torch else segs
+        t = int(k.shape[-2])
+        ks, vs = self._working(k, "k"), self._working(v, "v")
+        if self.kind.is_torch:
+            pos = torch.arange(self.n_seen, self.n_seen + t, device=self.kind.device)
         else:
-            kk = k.detach().clone() if is_torch(k) else np.array(k, copy=True)
-            vv = v.detach().clone() if is_torch(v) else np.array(v, copy=True)
-            self._segments.append(exact_segment(kk, vv, pos, label="appended"))
+            pos = np.arange(self.n_seen, self.n_seen + t)
+        if self._stream is not None:
+            wk = self.work_kind
+            if wk.is_torch:
+                as_t = lambda x: (x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))).to(
+                    device=wk.device, dtype=wk.dtype
+                )
+                kw, vw, pw = as_t(ks), as_t(vs), as_t(pos).to(torch.int64)
+            else:
+                kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, np.int64)
+            segs = self._stream.append(kw, vw, pw)
+            self._set_segments([sg.to_kind(self.kind) for sg in segs])
+        else:
+            self._arena.append(ks, vs, pos)
         self.n_seen += t
         return self
 

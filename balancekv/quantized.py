@@ -360,3 +360,58 @@ def quantize_segments_dense(K, V, positions, logw, **policy_options) -> tuple[li
     """Store a weighted token set ``(H, m, ·)`` with a :class:`QuantizedStream`; returns its segments and stream."""
     stream = QuantizedStream(np.asarray(to_numpy(K)), np.asarray(to_numpy(V)), positions, logw, **policy_options)
     return stream.segments(), stream
+
+
+# ---------------------------------------------------------------------------- attention parts
+def _store_pieces(store):
+    """``[(start, stop, store)]``: the runs of slots of a (possibly concatenated) store."""
+    pieces = store.parts if isinstance(store, TokenConcatStore) else [store]
+    out, a = [], 0
+    for p in pieces:
+        m = p.shape[-2]
+        out.append((a, a + m, p))
+        a += m
+    return out
+
+
+def _slice_store(piece, a: int, b: int, role: str, L: int):
+    """Slots ``[a, b)`` (local to the piece) as a dense ``(L, b-a, f)`` tensor or a ``Packed``."""
+    from balancekv.fast.decode_attention import Packed  # noqa: PLC0415  (torch path only)
+
+    if isinstance(piece, QuantStore):
+        f = piece.f
+        if role == "keys" and piece.axis == -2:
+            words = piece.packed.reshape(L, f, -1)
+            sc, ze = piece.scale.reshape(L, -1, f), piece.zero.reshape(L, -1, f)
+            return Packed(words, sc, ze, piece.bits, piece.group, "tokens", b - a, f, offset=a)
+        if role == "values" and piece.axis == -1:
+            words = piece.packed.reshape(L, piece.m, -1)[:, a:b]
+            sc = piece.scale.reshape(L, piece.m, -1)[:, a:b]
+            ze = piece.zero.reshape(L, piece.m, -1)[:, a:b]
+            return Packed(words, sc, ze, piece.bits, piece.group, "channels", b - a, f)
+    x = piece.dense()
+    return x.reshape((L,) + tuple(x.shape[-2:]))[:, a:b]
+
+
+def store_parts(seg: Segment, L: int) -> list:
+    """A torch segment as parts for :func:`balancekv.fast.attend_parts` (flattened heads ``L``).
+
+    The segment is cut where its key store or its value store changes representation (packed
+    codes vs dense floats), so every part is uniform for the kernel; codes stay packed.
+    """
+    m = seg.m
+    if m == 0:
+        return []
+    kp, vp = _store_pieces(seg.keys), _store_pieces(seg.values)
+    cuts = sorted({0, m} | {a for a, _, _ in kp} | {a for a, _, _ in vp})
+    nl, dl, pos = seg.num_logw.reshape(L, m), seg.den_logw.reshape(L, m), seg.positions.reshape(L, m)
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b <= a:
+            continue
+        ka, _, kpiece = next(p for p in kp if p[0] <= a < p[1])
+        va, _, vpiece = next(p for p in vp if p[0] <= a < p[1])
+        K = _slice_store(kpiece, a - ka, b - ka, "keys", L)
+        Vv = _slice_store(vpiece, a - va, b - va, "values", L)
+        parts.append((K, Vv, nl[:, a:b], dl[:, a:b], pos[:, a:b]))
+    return parts

@@ -5,21 +5,25 @@ arrays and the original position of each slot. A :class:`~balancekv.CompressedKV
 is a list of segments concatenated along the token axis, so that exact tokens,
 a compressed middle and a quantized block can sit side by side.
 
-Keys and values are held by a *store*. :class:`DenseStore` keeps the floats
-themselves; quantized stores (:mod:`balancekv.quantized`) keep codes, scales
-and zeros and dequantize on read. Every store reports its own ``nbytes``.
+Every array of a segment is of the cache's kind: NumPy (the reference path) or
+torch tensors on the caller's device (the fast path) — positions included.
 
-Accounting convention (stated once, used everywhere): a dense entry is billed
-at ``billed_bytes`` per element, 2 by default (fp16, the dtype of the input
-cache that ``ratio`` compares against). The object holds dense entries at the
-caller's precision, so errors we report exclude fp16 rounding (a relative
-1e-3 effect, far below every compression error measured here). Log-weights
-are billed per slot and per distinct weight set: 1 byte when every weight of
-the set is a power of two ``2^k`` (halving methods; an int8 exponent holds it
-exactly), else 4 bytes (fp32); a segment whose weights are all zero (exact
-tokens) bills none. Padding slots (``-inf``
-in both sets) are not billed: they exist only because heads keep different
-numbers of slots in one rectangular array.
+Keys and values are held by a *store*. :class:`DenseStore` keeps the floats
+themselves, in the dtype they are held in (the caller's dtype on the torch
+path: the model's fp16/bf16 in generation); quantized stores
+(:mod:`balancekv.quantized`) keep packed codes, scales and zeros and
+dequantize on read.
+
+Accounting convention (stated once, used everywhere): **a cache bills the
+bytes it holds.** ``nbytes`` of a store, a segment or a cache is the size of
+every array it keeps alive, each storage counted once
+(:func:`balancekv._arrays.held_nbytes`): dense entries at their dtype's size,
+codes, scales and zeros, both log-weight arrays, positions, padding slots and
+spare capacity. ``ratio`` divides by the bytes of the uncompressed cache in the
+*same* dtype as the input (``heads * n * (d + s) * itemsize``), so a float64
+NumPy cache and a bf16 torch cache of the same tokens report the same ratio
+for dense methods; quantized stores, whose codes do not depend on the input
+dtype, look smaller against a float64 input than against fp16.
 """
 
 from __future__ import annotations
@@ -29,54 +33,35 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import Kind, is_torch, to_numpy, torch
+from ._arrays import Kind, cat, held_nbytes, is_torch, isfinite, take_rows, to_numpy, torch
 
-WEIGHT_BYTES = 4
-EXPONENT_BYTES = 1
-FP16_BYTES = 2
-
-
-def weight_bytes(logw: np.ndarray) -> int:
-    """Bytes per slot for one weight set: 1 when every finite weight is a power of two ``2^k``
-    with ``0 <= k < 128`` (halving methods: an int8 exponent stores it exactly; ``-inf``, "absent",
-    takes a reserved code), otherwise 4 (fp32)."""
-    fin = logw[np.isfinite(logw)]
-    k = fin / np.log(2.0)
-    if fin.size and np.all(np.abs(k - np.round(k)) < 1e-9) and np.all((k >= -0.5) & (k < 127.5)):
-        return EXPONENT_BYTES
-    return WEIGHT_BYTES
-
-
-def xp_cat(arrays, axis: int):
-    if is_torch(arrays[0]):
-        return torch.cat(list(arrays), dim=axis)
-    return np.concatenate(arrays, axis=axis)
+xp_cat = cat  # kept for the modules that concatenate stores
 
 
 class Store:
-    """Protocol: ``dense()`` (…, m, f) array in the cache's kind; ``nbytes(valid)``; ``to_kind(kind)``."""
+    """Protocol: ``dense()`` (…, m, f) array in the cache's kind (compute dtype); ``to_kind(kind)``;
+    ``reshape_lead(lead)``; ``take(idx)``. Bytes held are found by walking the store's arrays."""
 
     shape: tuple
 
     def dense(self):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def nbytes(self, valid: np.ndarray) -> int:  # pragma: no cover - interface
+    def nbytes(self) -> int:
+        return held_nbytes(self)
+
+    def to_kind(self, kind: Kind) -> Store:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def to_kind(self, kind: Kind) -> "Store":  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def reshape_lead(self, lead: tuple) -> "Store":  # pragma: no cover - interface
+    def reshape_lead(self, lead: tuple) -> Store:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 @dataclass
 class DenseStore(Store):
-    """Floats stored as they are; billed at ``billed_bytes`` per element (fp16 by default)."""
+    """Floats stored as they are (``x`` in its storage dtype); ``dense()`` returns ``x`` itself."""
 
     x: Any
-    billed_bytes: int = FP16_BYTES
 
     @property
     def shape(self):
@@ -85,18 +70,15 @@ class DenseStore(Store):
     def dense(self):
         return self.x
 
-    def nbytes(self, valid: np.ndarray) -> int:
-        return int(np.count_nonzero(valid)) * self.shape[-1] * self.billed_bytes
+    def to_kind(self, kind: Kind) -> DenseStore:
+        if kind.is_torch:
+            x = self.x if is_torch(self.x) else torch.from_numpy(np.ascontiguousarray(self.x))
+            return replace(self, x=x.to(device=kind.device, dtype=kind.dtype))
+        if isinstance(self.x, np.ndarray) and self.x.dtype == kind.dtype:
+            return self  # already in this kind: no copy
+        return replace(self, x=to_numpy(self.x, kind.dtype))
 
-    def to_kind(self, kind: Kind) -> "DenseStore":
-        return replace(
-            self,
-            x=kind.wrap(to_numpy(self.x))
-            if kind.is_torch or is_torch(self.x)
-            else np.asarray(self.x, dtype=kind.dtype),
-        )
-
-    def reshape_lead(self, lead: tuple) -> "DenseStore":
+    def reshape_lead(self, lead: tuple) -> DenseStore:
         return replace(self, x=self.x.reshape(tuple(lead) + self.shape[-2:]))
 
 
@@ -106,14 +88,14 @@ class Segment:
 
     ``positions[i]`` is the index in the input stream of the token stored in slot
     ``i`` (used for causal masking); padding slots hold position -1 and ``-inf``
-    weights in both sets.
+    weights in both sets. All arrays are of one kind (NumPy, or torch on one device).
     """
 
     keys: Store
     values: Store
     num_logw: Any
     den_logw: Any
-    positions: np.ndarray
+    positions: Any
     label: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -121,36 +103,32 @@ class Segment:
     def m(self) -> int:
         return self.keys.shape[-2]
 
-    def valid(self) -> np.ndarray:
-        nl, dl = to_numpy(self.num_logw), to_numpy(self.den_logw)
-        return np.isfinite(nl) | np.isfinite(dl)
-
-    def weight_nbytes(self) -> int:
-        nl, dl = to_numpy(self.num_logw), to_numpy(self.den_logw)
-        valid = np.isfinite(nl) | np.isfinite(dl)
-        nv = int(np.count_nonzero(valid))
-        if nv == 0:
-            return 0
-        if np.all(nl[valid] == 0) and np.all(dl[valid] == 0):
-            return 0  # exact tokens: weight 1 is implied
-        same = np.array_equal(nl[valid], dl[valid])
-        sets = [nl[valid]] if same else [nl[valid], dl[valid]]
-        return sum(nv * weight_bytes(w) for w in sets)
+    def valid(self):
+        """Non-padding slots ``(…, m)`` (bool, the segment's kind)."""
+        return isfinite(self.num_logw) | isfinite(self.den_logw)
 
     def nbytes(self) -> int:
-        valid = self.valid()
-        return self.keys.nbytes(valid) + self.values.nbytes(valid) + self.weight_nbytes()
+        return held_nbytes(self)
 
-    def to_kind(self, kind: Kind) -> "Segment":
+    def to_kind(self, kind: Kind) -> Segment:
+        """This segment in ``kind``: stores in ``kind.dtype``, weights in its compute dtype."""
+        if kind.is_torch:
+            wdt = kind.compute
+            w = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, wdt)
+            p = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, torch.int64)
+        else:
+            w = lambda a: np.asarray(a, np.float64) if isinstance(a, np.ndarray) else to_numpy(a)
+            p = lambda a: np.asarray(a, np.int64) if isinstance(a, np.ndarray) else to_numpy(a, np.int64)
         return replace(
             self,
             keys=self.keys.to_kind(kind),
             values=self.values.to_kind(kind),
-            num_logw=kind.wrap_float(to_numpy(self.num_logw)),
-            den_logw=kind.wrap_float(to_numpy(self.den_logw)),
+            num_logw=w(self.num_logw),
+            den_logw=w(self.den_logw),
+            positions=p(self.positions),
         )
 
-    def reshape_lead(self, lead: tuple) -> "Segment":
+    def reshape_lead(self, lead: tuple) -> Segment:
         lead = tuple(lead)
         m = self.m
         return replace(
@@ -162,60 +140,83 @@ class Segment:
             positions=self.positions.reshape(lead + (m,)),
         )
 
-    def masked(self, keep_heads: np.ndarray) -> "Segment":
+    def masked(self, keep_heads) -> Segment:
         """The same segment with every slot of the heads where ``keep_heads`` is False made padding."""
+        if is_torch(self.num_logw):
+            keep = torch.as_tensor(np.asarray(keep_heads, bool), device=self.num_logw.device)[..., None]
+            ninf = torch.tensor(-np.inf, dtype=self.num_logw.dtype, device=self.num_logw.device)
+            return replace(
+                self,
+                num_logw=torch.where(keep, self.num_logw, ninf),
+                den_logw=torch.where(keep, self.den_logw, ninf),
+                positions=torch.where(keep, self.positions, torch.full_like(self.positions, -1)),
+            )
         keep = np.asarray(keep_heads, bool)[..., None]
-        nl = np.where(keep, to_numpy(self.num_logw), -np.inf)
-        dl = np.where(keep, to_numpy(self.den_logw), -np.inf)
-        kind = Kind.of(self.keys.dense())
         return replace(
             self,
-            num_logw=kind.wrap_float(nl) if kind.is_torch else nl,
-            den_logw=kind.wrap_float(dl) if kind.is_torch else dl,
+            num_logw=np.where(keep, self.num_logw, -np.inf),
+            den_logw=np.where(keep, self.den_logw, -np.inf),
             positions=np.where(keep, self.positions, -1),
         )
 
 
 def dense_segment(K, V, num_logw, den_logw, positions, label: str = "") -> Segment:
-    """A segment of dense keys ``K (…, m, d)`` and values ``V (…, m, s)``."""
-    return Segment(DenseStore(K), DenseStore(V), num_logw, den_logw, np.asarray(positions, np.int64), label)
+    """A segment of dense keys ``K (…, m, d)`` and values ``V (…, m, s)`` (all arrays of one kind)."""
+    if not is_torch(K):
+        positions = np.asarray(positions, np.int64)
+    return Segment(DenseStore(K), DenseStore(V), num_logw, den_logw, positions, label)
 
 
-def exact_segment(K, V, positions, label: str = "exact") -> Segment:
-    """Tokens kept exactly: log-weight 0 in both sets."""
-    z = np.zeros(np.shape(K)[:-1])
+def exact_segment(K, V, positions, label: str = "exact", weight_dtype: Any = None) -> Segment:
+    """Tokens kept exactly: log-weight 0 in both sets. ``positions``: ints broadcastable to ``(…, m)``."""
+    shape = tuple(K.shape[:-1])
     if is_torch(K):
-        z = Kind.of(K).wrap_float(z)
-    pos = np.broadcast_to(np.asarray(positions, np.int64), np.shape(K)[:-1]).copy()
-    return dense_segment(K, V, z, z.clone() if is_torch(z) else z.copy(), pos, label)
+        wdt = weight_dtype or (torch.float64 if K.dtype == torch.float64 else torch.float32)
+        z = torch.zeros(shape, dtype=wdt, device=K.device)
+        pos = torch.as_tensor(positions, device=K.device, dtype=torch.int64).expand(shape).clone()
+        return dense_segment(K, V, z, z.clone(), pos, label)
+    z = np.zeros(shape)
+    pos = np.broadcast_to(np.asarray(positions, np.int64), shape).copy()
+    return dense_segment(K, V, z, z.copy(), pos, label)
 
 
-def gather_tokens(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def gather_tokens(X, idx):
     """``X[..., idx[..., j], :]`` per leading index: rows ``idx (…, m)`` of ``X (…, n, f)``."""
-    return np.take_along_axis(X, idx[..., None], axis=-2)
+    return take_rows(X, idx)
 
 
 def compact_dense(segments: list[Segment], label: str = "") -> Segment:
-    """One dense segment holding the valid slots of ``segments`` (NumPy, dense stores only).
+    """One dense segment holding the valid slots of ``segments`` (dense stores only, either kind).
 
     Each head's valid slots are packed to the front in stream order; the array is as
-    wide as the largest head, the rest padding. Estimates and ``nbytes`` are unchanged.
+    wide as the largest head, the rest padding. Estimates are unchanged.
     """
-    K = np.concatenate([np.asarray(s.keys.dense()) for s in segments], axis=-2)
-    Vv = np.concatenate([np.asarray(s.values.dense()) for s in segments], axis=-2)
-    nl = np.concatenate([to_numpy(s.num_logw) for s in segments], axis=-1)
-    dl = np.concatenate([to_numpy(s.den_logw) for s in segments], axis=-1)
-    pos = np.concatenate([s.positions for s in segments], axis=-1)
+    K = cat([s.keys.dense() for s in segments], -2)
+    Vv = cat([s.values.dense() for s in segments], -2)
+    nl = cat([s.num_logw for s in segments], -1)
+    dl = cat([s.den_logw for s in segments], -1)
+    pos = cat([s.positions for s in segments], -1)
+    if is_torch(K):
+        valid = torch.isfinite(nl) | torch.isfinite(dl)
+        width = max(int(valid.sum(-1).max()), 1)
+        big = torch.iinfo(torch.int64).max
+        order = torch.sort(torch.where(valid, pos, torch.full_like(pos, big)), dim=-1, stable=True).indices
+        order = order[..., :width]
+        take = lambda a: torch.gather(a, -1, order)
+        tv = take(valid)
+        return dense_segment(
+            take_rows(K, order),
+            take_rows(Vv, order),
+            take(nl),
+            take(dl),
+            torch.where(tv, take(pos), torch.full_like(order, -1)),
+            label,
+        )
     valid = np.isfinite(nl) | np.isfinite(dl)
     width = max(int(np.count_nonzero(valid, axis=-1).max()), 1)
     # sort key: valid slots first, by position (ties keep segment order)
     order = np.argsort(np.where(valid, pos, np.iinfo(np.int64).max), axis=-1, kind="stable")[..., :width]
     take = lambda a: np.take_along_axis(a, order, axis=-1)
     return dense_segment(
-        gather_tokens(K, order),
-        gather_tokens(Vv, order),
-        take(nl),
-        take(dl),
-        np.where(take(valid), take(pos), -1),
-        label,
+        take_rows(K, order), take_rows(Vv, order), take(nl), take(dl), np.where(take(valid), take(pos), -1), label
     )

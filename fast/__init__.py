@@ -4,7 +4,7 @@ Same names and semantics as :mod:`balancekv.reference`; only speed and device di
 """
 
 from .blocked_balance import blocked_balance, blocked_walk_signs, fixed_size_halving
-from .decode_attention import Packed, attend_compressed, attend_parts, decode_attention
+from .decode_attention import Packed, attend_parts, decode_attention
 from .quantization import dequantize, pack, quantize, quantize_pack, unpack
 from .selection import h2o_scores, snapkv_scores
 from .softmax_attention import attention, weighted_attention
@@ -13,7 +13,6 @@ from .walk import gram_walk_signs
 
 __all__ = [
     "Packed",
-    "attend_compressed",
     "attend_parts",
     "attention",
     "blocked_balance",

@@ -27,12 +27,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import _triton as T
 
-__all__ = ["Packed", "attend_compressed", "attend_parts", "combine_partials", "compressed_parts", "decode_attention"]
+__all__ = ["Packed", "attend_parts", "combine_partials", "decode_attention"]
 
 
 @dataclass
@@ -98,6 +98,18 @@ def _partials_torch(Qr, K, V, nl, dl, kpos, qpos, scale, dt):
     sn = torch.exp(an - mn_s[..., None]) @ Vd
     sd = torch.exp(ad - md_s[..., None]).sum(-1)
     return mn[:, None], md[:, None], sn[:, None], sd[:, None]
+
+
+def _single_set_sdpa(Qr, K, V, bias, kpos, qpos, scale, dt):
+    """Attention with an additive logit bias ``(L, n)`` through SDPA; ``FloatingPointError`` if a
+    query sees no slot (the estimate would be 0/0)."""
+    mask = bias.to(dt)[:, None, :]
+    if kpos is not None:
+        mask = mask.masked_fill(~(kpos[:, None, :] <= qpos[:, :, None]), float("-inf"))
+    out = F.scaled_dot_product_attention(Qr.to(dt), K.to(dt), V.to(dt), attn_mask=mask, scale=scale)
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
+    return out
 
 
 def _split_plan(n: int, L: int, block_n: int, num_splits: int | None, device) -> tuple[int, int]:
@@ -243,6 +255,7 @@ def attend_parts(
     backend: str = "auto",
     num_splits: int | None = None,
     block_n: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The estimator over a cache made of ``parts``; each part is ``(K, V, num_logw, den_logw, key_positions)``.
 
@@ -251,7 +264,13 @@ def attend_parts(
     (or ``(n,)``). ``Q (..., Hq, mq, d)``: leading dims equal to the cache's except ``Hq``, a multiple
     of ``Hkv`` (GQA). ``query_positions`` ``(mq,)`` or ``(..., Hq, mq)`` masks slots of later tokens
     (needs every part's key positions). Returns ``(..., Hq, mq, s)`` in the compute dtype
-    (float64 if any input is float64, else float32).
+    (float64 if any input is float64, else float32) or in ``dtype`` when given (generation passes
+    the model's dtype, as its own attention would compute).
+
+    One dense single-set part (``num_logw == den_logw``: ordinary attention with an additive
+    logit bias) runs torch's ``scaled_dot_product_attention`` with a float mask; anything else
+    computes max-shifted partial sums per part (two log-sum-exps for two-set caches, each with
+    its own maximum) and combines them.
     """
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q must be a torch tensor, got {type(Q).__name__}")
@@ -271,12 +290,26 @@ def attend_parts(
     L = int(math.prod(klead)) if klead else 1
     R = G * mq
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    dt = _compute_dtype(Q, *[x for p in parts for x in p[:4]])
+    dt = dtype or _compute_dtype(Q, *[x for p in parts for x in p[:4]])
     Qr = Q.reshape(L, R, d)
     qpos = None
     if query_positions is not None:
         qp = torch.as_tensor(query_positions, device=Q.device).to(torch.int64)
         qpos = torch.broadcast_to(qp, qlead + (mq,)).reshape(L, R).contiguous()
+    if len(parts) == 1 and not T.use_triton(backend, Qr):
+        K, V, nl, dl, kpos = parts[0]
+        if not isinstance(K, Packed) and not isinstance(V, Packed) and (nl is dl or torch.equal(nl, dl)):
+            kp = None
+            if qpos is not None:
+                if kpos is None:
+                    raise ValueError("query_positions needs the key positions of every part")
+                n = nl.shape[-1]
+                kp = torch.broadcast_to(torch.as_tensor(kpos, device=Q.device).to(torch.int64), klead + (n,))
+                kp = kp.reshape(L, n)
+            out = _single_set_sdpa(
+                Qr, _flatten_lead(K, len(klead)), _flatten_lead(V, len(klead)), nl.reshape(L, -1), kp, qpos, scale, dt
+            )
+            return out.reshape(qlead + (mq, out.shape[-1]))
     outs = []
     for K, V, nl, dl, kpos in parts:
         n = nl.shape[-1]
@@ -329,97 +362,3 @@ def decode_attention(
         num_splits=num_splits,
         block_n=block_n,
     )
-
-
-# ---------------------------------------------------------------------------- CompressedKV
-def _store_pieces(store):
-    """``[(start, stop, store)]``: the runs of slots of a (possibly concatenated) store."""
-    from balancekv.quantized import TokenConcatStore  # noqa: PLC0415
-
-    parts = store.parts if isinstance(store, TokenConcatStore) else [store]
-    out, a = [], 0
-    for p in parts:
-        m = p.shape[-2]
-        out.append((a, a + m, p))
-        a += m
-    return out
-
-
-def _torch_of(x, device):
-    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(device)
-
-
-def _slice_store(piece, a: int, b: int, role: str, L: int, device, dtype):
-    """Slots ``[a, b)`` (local to the piece) as a dense ``(L, b-a, f)`` tensor or a :class:`Packed`."""
-    from balancekv.quantized import QuantStore  # noqa: PLC0415
-
-    if isinstance(piece, QuantStore):
-        f = piece.f
-        if role == "keys" and piece.axis == -2:
-            words = _torch_of(piece.packed, device).reshape(L, f, -1)
-            sc = _torch_of(piece.scale, device).reshape(L, -1, f)
-            ze = _torch_of(piece.zero, device).reshape(L, -1, f)
-            return Packed(words, sc, ze, piece.bits, piece.group, "tokens", b - a, f, offset=a)
-        if role == "values" and piece.axis == -1:
-            words = _torch_of(piece.packed, device).reshape(L, piece.m, -1)[:, a:b]
-            sc = _torch_of(piece.scale, device).reshape(L, piece.m, -1)[:, a:b]
-            ze = _torch_of(piece.zero, device).reshape(L, piece.m, -1)[:, a:b]
-            return Packed(words, sc, ze, piece.bits, piece.group, "channels", b - a, f)
-    x = _torch_of(piece.dense(), device)
-    return x.reshape((L,) + tuple(x.shape[-2:]))[:, a:b].to(dtype)
-
-
-def compressed_parts(cache, device, dtype) -> list:
-    """The parts of :func:`attend_parts` for a :class:`~balancekv.CompressedKV` (flattened heads).
-
-    Each segment is cut where its key store or its value store changes representation
-    (packed codes vs dense floats), so every part is uniform for the kernel.
-    """
-    L = int(math.prod(cache.lead)) if cache.lead else 1
-    parts = []
-    for seg in cache.segments:
-        m = seg.m
-        if m == 0:
-            continue
-        kp, vp = _store_pieces(seg.keys), _store_pieces(seg.values)
-        cuts = sorted({0, m} | {a for a, _, _ in kp} | {a for a, _, _ in vp})
-        nl = _torch_of(seg.num_logw, device).reshape(L, m)
-        dl = _torch_of(seg.den_logw, device).reshape(L, m)
-        pos = torch.from_numpy(np.ascontiguousarray(seg.positions)).to(device).reshape(L, m)
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if b <= a:
-                continue
-            ka, _, kpiece = next(p for p in kp if p[0] <= a < p[1])
-            va, _, vpiece = next(p for p in vp if p[0] <= a < p[1])
-            K = _slice_store(kpiece, a - ka, b - ka, "keys", L, device, dtype)
-            V = _slice_store(vpiece, a - va, b - va, "values", L, device, dtype)
-            parts.append((K, V, nl[:, a:b], dl[:, a:b], pos[:, a:b]))
-    return parts
-
-
-def attend_compressed(
-    cache,
-    Q,
-    *,
-    query_positions=None,
-    backend: str = "triton",
-    num_splits: int | None = None,
-    block_n: int | None = None,
-) -> torch.Tensor:
-    """:meth:`CompressedKV.attend` through :func:`attend_parts` (packed stores stay packed).
-
-    ``Q`` is a torch tensor with the cache's leading dims. Returns the compute-dtype result ``(..., mq, s)``.
-    """
-    dt = torch.float64 if Q.dtype == torch.float64 else torch.float32
-    parts = compressed_parts(cache, Q.device, dt)
-    L = int(math.prod(cache.lead)) if cache.lead else 1
-    mq, d = Q.shape[-2:]
-    Ql = Q.reshape(L, mq, d)
-    qpos = None
-    if query_positions is not None:
-        qp = torch.as_tensor(np.asarray(query_positions), device=Q.device).to(torch.int64)
-        qpos = torch.broadcast_to(qp, tuple(Q.shape[:-1])).reshape(L, mq)
-    out = attend_parts(
-        Ql, parts, cache.scale, query_positions=qpos, backend=backend, num_splits=num_splits, block_n=block_n
-    )
-    return out.reshape(tuple(Q.shape[:-1]) + (out.shape[-1],))

@@ -12,7 +12,8 @@ def test_demo_table_covers_every_method_and_is_sane(capsys):
     rows = run_demo(keep=0.25, eps=0.05, n=256, seed=0, source="synthetic")
     assert [r["method"] for r in rows] == balancekv.available_methods()
     by = {r["method"]: r for r in rows}
-    assert by["exact"]["error"] == 0.0 and by["exact"]["ratio"] == 1.0
+    # the exact cache holds every token plus its weights and position (storage accounting)
+    assert by["exact"]["error"] == 0.0 and 1.0 <= by["exact"]["ratio"] <= 1.1
     for r in rows:
         assert np.isfinite(r["error"]) and r["nbytes"] > 0
         if r["method"] != "exact":

@@ -34,7 +34,7 @@ def test_fig1_tiny_synthetic_run_is_finite_and_exact_is_exact():
     rows = _rows(cfg)
     assert not [r for r in rows.values() if r.get("failed")]
     assert rows[("exact", 1.0)]["error"] < 1e-12
-    assert rows[("exact", 1.0)]["ratio"] == pytest.approx(1.0)
+    assert 1.0 <= rows[("exact", 1.0)]["ratio"] <= 1.1  # every token + weights and positions
     assert ("exact", 0.5) not in rows  # the exact cache has a single point
     assert rows[("uniform", 1.0)]["error"] < 1e-12
     assert 0 < rows[("uniform", 0.5)]["error"] < rows[("uniform", 0.125)]["error"]

@@ -71,7 +71,7 @@ class BalanceQuant(Method):
         lv = _balance().level_for_keep(keep, n, self.balance_opts(opts))
         return {"itrs": lv["itrs"], "bits": int(opts["bits"])}
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         bopts, q = self.split(ctx.opts)
         built = _balance().build(K, V, {"itrs": level["itrs"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments

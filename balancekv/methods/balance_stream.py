@@ -170,7 +170,7 @@ class BalanceStream(Method):
                 best = t
         return best
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         H, n, d = K.shape
         s = V.shape[-1]
         t = level["t"] if "t" in level else self._t_for_keep(level["keep"], V)

@@ -1,27 +1,42 @@
 """What a compression method provides to :func:`balancekv.compress`.
 
 A method is a small class with a name, its options and their defaults, and
-four hooks. It works on NumPy float64 arrays with the leading (batch, head)
-dims flattened into one head axis: keys ``(H, n, d)``, values ``(H, n, s)``.
+these hooks. It works on keys ``(H, n, d)`` and values ``(H, n, s)`` with the
+leading (batch, head) dims flattened into one head axis, on one of two paths:
+
+- ``build_reference(K, V, level, ctx)``: NumPy float64, the reference pipeline
+  (the definition; reads like the paper);
+- ``build_torch(K, V, level, ctx)``: torch tensors on the caller's device in the
+  compute dtype (float32, or float64 for float64 input), every step in torch.
+  Fed the same generator, a float64 build keeps the same tokens with the same
+  weights as the reference (SPEC section 11); randomness is drawn on the host
+  from ``ctx.rng`` (:func:`balancekv._arrays.host_uniforms`) and moved once.
+
+``build`` dispatches on the array kind. Segments returned by either are of the
+path's kind (positions included); :func:`balancekv.compress` casts dense stores
+to the caller's dtype at the end.
 
 - ``levels(n, opts)``: the method's compression levels, least to most
   compressed (halving rounds, sample counts, bits, budgets). The empirical
   ``eps`` search picks, per head, the most compressed level that meets
   ``eps``; a head that meets it at no level is stored exactly.
 - ``level_for_keep(keep, n, opts)``: the level for a kept fraction of tokens.
-- ``build(K, V, level, ctx)``: the compressed segments at one level.
 - ``theorem_level(K, V, eps, ctx)``: the level a theorem certifies for ``eps``
   (``None``: only the exact cache is certified); methods without a theorem
-  leave ``has_theorem = False``.
+  leave ``has_theorem = False``. ``K``, ``V`` are of either kind.
+
+Decode streams (``Built.stream``) implement one protocol, declared by
+:class:`DecodeStream`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from .._arrays import is_torch
 from ..storage import Segment
 
 
@@ -31,7 +46,7 @@ class Context:
 
     scale: float
     rng: np.random.Generator
-    probes: np.ndarray  # (H, p, d) probe queries (for query-aware methods)
+    probes: Any  # (H, p, d) probe queries, the path's kind (for query-aware methods)
     delta: float
     opts: dict
     queries_given: bool = False
@@ -45,6 +60,24 @@ class Built:
     segments: list[Segment]
     stream: Any = None
     info: dict = field(default_factory=dict)
+
+
+class DecodeStream(Protocol):
+    """Decode-time state of a method that keeps compressing after the prefill.
+
+    ``append(k, v, pos)`` takes new tokens ``k (H, t, d)``, ``v (H, t, s)`` (the cache's kind and
+    compute dtype) and their stream positions ``pos (t,)`` (ints, the cache's kind) and returns the
+    segments of the whole cache after the append. Every token appended is accounted for: it is
+    stored, merged into a compressed set, or evicted by the method's stated policy.
+    """
+
+    def append(self, k, v, pos) -> list[Segment]: ...
+
+    def segments(self) -> list[Segment]: ...
+
+    # optional: ``to_kind(kind)`` converts the stream's state to the cache's kind and storage dtype
+    # once, after the build, so that its segments are the cache's storage (no second copy) and
+    # appends write into them in place.
 
 
 class Method:
@@ -75,8 +108,26 @@ class Method:
         """Default: the kept fraction itself is the level."""
         return {"keep": float(keep)}
 
-    def build(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
+    def build(self, K, V, level: dict, ctx: Context) -> Built:
+        """The compressed segments at one level, on the path of ``K``'s kind."""
+        if is_torch(K):
+            return self.build_torch(K, V, level, ctx)
+        return self.build_reference(K, V, level, ctx)
+
+    def build_reference(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
         raise NotImplementedError
+
+    def build_torch(self, K, V, level: dict, ctx: Context) -> Built:
+        # TRANSITIONAL: methods not yet ported run the reference and convert back
+        from .._arrays import Kind, to_numpy  # noqa: PLC0415
+
+        kind = Kind("torch", K.dtype, K.device)
+        from dataclasses import replace  # noqa: PLC0415
+
+        b = self.build_reference(to_numpy(K), to_numpy(V), level, replace(ctx, probes=to_numpy(ctx.probes)))
+        b.segments = [sg.to_kind(kind) for sg in b.segments]
+        b.info["transitional_reference"] = True
+        return b
 
     def theorem_level(self, K: np.ndarray, V: np.ndarray, eps: float, ctx: Context) -> dict | None:
         raise ValueError(f"method {self.name!r} has no theorem; use guarantee='empirical'")

@@ -42,7 +42,7 @@ class H2O(Method):
     def check_options(self, opts):
         check_float_option(opts, "recent_share", 0.0, 1.0)
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)
         recent = min(m, int(round(ctx.opts["recent_share"] * m)))

@@ -81,7 +81,7 @@ class MiniKV(Method):
             return float(mean_ratio)
         return float(pyramid_budgets(mean_ratio, opts["layers"], opts["beta"])[opts["layer"]])
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         o = ctx.opts
         n = K.shape[-2]
         h = level.get("keep", o["heavy"] + o["recent"])

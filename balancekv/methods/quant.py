@@ -34,7 +34,7 @@ class Quant(Method):
             raise ValueError(f"method 'quant' keeps every token; keep must be 1, got {keep}")
         return {"bits": int(opts["bits"])}
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         o = ctx.opts
         stream = QuantizedStream(
             K,

@@ -32,7 +32,7 @@ class SnapKV(Method):
         if opts["pool"] not in POOLS:
             raise ValueError(f"option pool must be one of {POOLS}, got {opts['pool']!r}")
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)
         w = min(ctx.opts["window"], m, ctx.probes.shape[-2])

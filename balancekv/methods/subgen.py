@@ -130,7 +130,7 @@ class SubGen(Method):
                 out.append((assign, dist))
         return out
 
-    def build(self, K, V, level, ctx):
+    def build_reference(self, K, V, level, ctx):
         H, n, _ = K.shape
         s_num = int(level["s_num"])
         info: dict = {"variant": ctx.opts["variant"], "s_num": s_num}
