@@ -105,7 +105,9 @@ def _demo(args):
 def _add_demo(sub):
     p = _parser(sub, "demo", help="compress a KV cache with every method and print a table")
     p.add_argument("--keep", type=fraction, default=0.25, help="kept fraction for token-selecting methods, in (0, 1]")
-    p.add_argument("--eps", type=open_unit, default=0.05, help="target error for methods that keep every token")
+    p.add_argument(
+        "--eps", type=open_unit, default=0.05, help="target error, in (0, 1), for methods that keep every token"
+    )
     p.add_argument("--n", type=int_at_least(DEMO_MIN_N), default=2048, help="tokens in the cache")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data and the compressors")
     p.add_argument(
