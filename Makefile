@@ -36,8 +36,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# the pytest-benchmark suite (fast paths against the NumPy reference, CPU); the reproduction scripts
+# in benchmarks/ run one by one, each with the command in its docstring (see benchmarks/README.md)
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider
+	$(PY) -m pytest benchmarks/bench_fast_paths.py --benchmark-only -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -1,13 +1,99 @@
 """The ``balancekv`` command line: ``demo``, ``reproduce …``, ``eval``.
 
 Each subcommand lives in :mod:`balancekv.experiments`; this file only parses
-arguments. Register a new subcommand with one entry in ``COMMANDS``.
+and checks arguments (a bad value is a usage error, exit status 2, before any
+model loads). Register a new subcommand with one entry in ``COMMANDS``.
+
+``reproduce …`` and ``eval`` write into a fresh ``runs/<command>-<UTC time>/``
+unless ``--out`` names a folder (``--out benchmarks/results`` updates the
+committed results); see :mod:`balancekv.experiments.results`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+from balancekv import __version__
+
+OUT_HELP = (
+    "folder for the results (default: a new runs/<command>-<UTC time>/; benchmarks/results updates the committed ones)"
+)
+
+
+# ---------------------------------------------------------------------- argument types (usage errors, exit 2)
+def _number(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return x
+
+
+def fraction(s: str) -> float:
+    """A kept fraction in (0, 1]."""
+    x = _number(s)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {s}")
+    return x
+
+
+def open_unit(s: str) -> float:
+    """A target error in (0, 1)."""
+    x = _number(s)
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {s}")
+    return x
+
+
+def unit(s: str) -> float:
+    """A depth in [0, 1]."""
+    x = _number(s)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {s}")
+    return x
+
+
+def int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            x = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if x < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {s}")
+        return x
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (``(default: …)``), except where there is none to show."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        shown = " ".join(str(x) for x in d) if isinstance(d, (list, tuple)) else str(d)
+        return f"{action.help} (default: {shown})"
+
+
+def _parser(sub, name: str, **kw):
+    return sub.add_parser(name, formatter_class=_Formatter, **kw)
+
+
+# ---------------------------------------------------------------------- demo
+#: Fewest tokens the demo runs on: 64 observed + 64 scored query positions (real data), and every
+#: method's fixed parts (sink 32 + window 32 + a middle) on synthetic data.
+DEMO_MIN_N = 128
 
 
 def _demo(args):
@@ -17,13 +103,52 @@ def _demo(args):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="compress a KV cache with every method and print a table")
-    p.add_argument("--keep", type=float, default=0.25, help="kept fraction for token-selecting methods")
-    p.add_argument("--eps", type=float, default=0.05, help="target error for methods that keep every token")
-    p.add_argument("--n", type=int, default=2048, help="tokens in the cache")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", choices=["auto", "synthetic", "smollm2"], default="auto")
+    p = _parser(sub, "demo", help="compress a KV cache with every method and print a table")
+    p.add_argument("--keep", type=fraction, default=0.25, help="kept fraction for token-selecting methods, in (0, 1]")
+    p.add_argument(
+        "--eps", type=open_unit, default=0.05, help="target error, in (0, 1), for methods that keep every token"
+    )
+    p.add_argument("--n", type=int_at_least(DEMO_MIN_N), default=2048, help="tokens in the cache")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data and the compressors")
+    p.add_argument(
+        "--data",
+        choices=["auto", "synthetic", "smollm2"],
+        default="auto",
+        help="auto: a SmolLM2 layer when the hf extra is installed, else synthetic",
+    )
     p.set_defaults(func=_demo)
+
+
+# ---------------------------------------------------------------------- reproduce fig1
+def _fig1_config(args):
+    from balancekv.experiments.fig1 import Fig1Config  # noqa: PLC0415
+
+    return Fig1Config(
+        n=args.n,
+        layers=tuple(args.layers),
+        methods=tuple(args.methods),
+        text=args.text,
+        seeds=args.seeds,
+        model=args.model,
+    )
+
+
+def _check_fig1(args):
+    if args.replot:
+        return
+    try:
+        _fig1_config(args).validate()
+    except (TypeError, ValueError) as err:
+        args.parser.error(str(err))
+    if not args.synthetic:
+        from balancekv.models import get_spec  # noqa: PLC0415
+
+        spec = get_spec(args.model)
+        bad = [L for L in args.layers if L >= spec.n_layers]
+        if bad:
+            args.parser.error(f"argument --layers: {args.model} has layers 0..{spec.n_layers - 1}, got {bad}")
+        if args.n > spec.max_tokens:
+            args.parser.error(f"argument --n: {args.model} takes at most {spec.max_tokens} tokens, got {args.n}")
 
 
 def _reproduce_fig1(args):
@@ -34,23 +159,47 @@ def _reproduce_fig1(args):
 
 def _add_reproduce_fig1(rsub):
     from balancekv.experiments.fig1 import DEFAULT_LAYERS, DEFAULT_METHODS  # noqa: PLC0415
+    from balancekv.texts import TEXTS  # noqa: PLC0415
 
-    p = rsub.add_parser(
-        "fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)"
+    p = _parser(
+        rsub, "fig1", help="[BKV] Fig. 1: single-layer error vs kept rate on SmolLM2 (ends exact, middle compressed)"
     )
-    p.add_argument("--n", type=int, default=2048, help="tokens of the text to capture")
-    p.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS))
     p.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="unregistered ones are skipped with a note"
+        "--n", type=positive_int, default=2048, help="tokens of the cache (more than the 512 exact head and tail)"
     )
-    p.add_argument("--text", default="python-docs", help="a name from balancekv.texts.TEXTS")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..seeds-1) averaged per point")
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    p.add_argument("--layers", type=nonnegative_int, nargs="+", default=list(DEFAULT_LAYERS), help="layer indices")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="names or name:key=value,... configurations; unregistered ones are skipped with a note",
+    )
+    p.add_argument(
+        "--text", default="python-docs", help=f"a text of balancekv.texts ({', '.join(TEXTS)}) or the text itself"
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0..seeds-1) averaged per point")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"], help="model whose caches are captured")
     p.add_argument("--synthetic", action="store_true", help="seeded synthetic caches instead of a real model")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the markdown table, JSON and plots")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_reproduce_fig1)
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--replot",
+        metavar="JSON",
+        default=None,
+        help="only redraw the PNGs from a results JSON a run wrote (no experiment is run)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_reproduce_fig1, check=_check_fig1, parser=p, run_name="reproduce-fig1")
+
+
+# ---------------------------------------------------------------------- reproduce bounds
+def _check_name(s: str) -> str:
+    from balancekv.experiments.bounds_table import CHECKS  # noqa: PLC0415
+
+    names = [c.name for c in CHECKS]
+    if s not in names:
+        raise argparse.ArgumentTypeError(f"unknown check {s!r}; available: {', '.join(repr(n) for n in names)}")
+    return s
 
 
 def _reproduce_bounds(args):
@@ -60,12 +209,14 @@ def _reproduce_bounds(args):
 
 
 def _add_reproduce_bounds(rsub):
-    p = rsub.add_parser("bounds", help="one row per theorem in proofs/: bound, worst observed value, ratio")
-    p.add_argument("--seeds", type=int, default=3, help="seeded instances per check")
-    p.add_argument("--only", nargs="+", default=None, help="names of the checks to run (default: all)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for bounds.md and bounds.json")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_reproduce_bounds)
+    p = _parser(rsub, "bounds", help="one row per theorem in proofs/: bound, worst observed value, ratio")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeded instances per check")
+    p.add_argument(
+        "--only", nargs="+", type=_check_name, default=None, help="names of the checks to run (default: all)"
+    )
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_reproduce_bounds, parser=p, run_name="reproduce-bounds")
 
 
 #: ``balancekv reproduce <name>`` subcommands, one entry each.
@@ -73,15 +224,30 @@ REPRODUCE = [_add_reproduce_fig1, _add_reproduce_bounds]
 
 
 def _add_reproduce(sub):
-    p = sub.add_parser("reproduce", help="reproduce a paper's experiment or the bounds table")
+    p = _parser(sub, "reproduce", help="reproduce a paper's experiment or the bounds table")
     rsub = p.add_subparsers(dest="experiment", required=True)
     for add in REPRODUCE:
         add(rsub)
 
 
+# ---------------------------------------------------------------------- eval
+def _eval_method(s: str) -> str:
+    from balancekv import available_methods  # noqa: PLC0415
+
+    names = [m for m in available_methods() if m != "exact"]
+    if s not in names:
+        raise argparse.ArgumentTypeError(f"unknown method {s!r}; available: {', '.join(names)}")
+    return s
+
+
 def _eval(args):
     from balancekv.experiments.evaluate import run_eval  # noqa: PLC0415
 
+    if args.replot:
+        from balancekv.experiments.eval_report import write_report  # noqa: PLC0415
+
+        print(write_report(args.replot))
+        return 0
     run_eval(
         methods=args.methods,
         keeps=tuple(args.keeps),
@@ -93,38 +259,69 @@ def _eval(args):
         needle_keep=args.needle_keep,
         out_dir=args.out,
         seed=args.seed,
-        kvpress_python=args.kvpress_python,
         tasks=tuple(args.tasks),
+        progress=not args.no_progress,
+        command=args.recorded,
     )
+    return 0
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="SmolLM2 end to end: NLL and pass-key retrieval from compressed caches")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    p.add_argument("--n-prefix", type=int, default=1024)
-    p.add_argument("--n-cont", type=int, default=64)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="pass-key prompt lengths")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75], help="pass-key depths")
-    p.add_argument("--needle-keep", type=float, default=0.25)
-    p.add_argument("--tasks", nargs="+", choices=["nll", "needle", "bytes"], default=["nll", "needle", "bytes"])
-    p.add_argument("--kvpress-python", default=None, help="python of a separate venv with kvpress installed")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_eval)
+    p = _parser(sub, "eval", help="SmolLM2 end to end: NLL and pass-key retrieval from compressed caches")
+    p.add_argument("--methods", nargs="+", type=_eval_method, default=None, help="default: every registered method")
+    p.add_argument("--keeps", type=fraction, nargs="+", default=[0.5, 0.25, 0.125], help="nominal kept fractions")
+    p.add_argument("--n-prefix", type=int_at_least(128), default=1024, help="prompt tokens per NLL window")
+    p.add_argument("--n-cont", type=int_at_least(2), default=64, help="continuation tokens per NLL window")
+    p.add_argument("--samples", type=positive_int, default=1, help="NLL windows (consecutive pieces of the text)")
+    p.add_argument("--lengths", type=int_at_least(128), nargs="+", default=[512, 1024], help="pass-key prompt lengths")
+    p.add_argument("--depths", type=unit, nargs="+", default=[0.25, 0.75], help="pass-key depths in [0, 1]")
+    p.add_argument("--needle-keep", type=fraction, default=0.25, help="nominal kept fraction for pass-key prompts")
+    p.add_argument(
+        "--tasks", nargs="+", choices=["nll", "needle", "bytes"], default=["nll", "needle", "bytes"], help="what to run"
+    )
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument(
+        "--replot",
+        metavar="DIR",
+        default=None,
+        help="only rewrite eval_smollm2.md and .png from the eval_smollm2.json in DIR (no model runs)",
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the pass keys and the compressors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_eval, parser=p, run_name="eval")
 
 
 COMMANDS = [_add_demo, _add_reproduce, _add_eval]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="balancekv", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancekv",
+        description="KV-cache compression with provable error bounds: demo, paper reproductions, evaluation.",
+        epilog="reproduce and eval write into a new runs/<command>-<UTC time>/ unless --out names a folder. "
+        "A bad value is a usage error (exit status 2). Help of a command: balancekv <command> --help.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"balancekv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if getattr(args, "check", None):
+        args.check(args)  # cross-argument checks: a usage error before anything is written
+    if hasattr(args, "out") and not getattr(args, "replot", None):
+        from balancekv.experiments.results import command_line, recorded_argv, run_dir  # noqa: PLC0415
+
+        # what the experiment modules record: the command without --out / --no-progress
+        args.argv = recorded_argv(argv)
+        args.recorded = command_line(argv)
+        args.out = str(run_dir(args.run_name, args.out))
     return args.func(args) or 0
 
 

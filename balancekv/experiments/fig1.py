@@ -34,6 +34,7 @@ import numpy as np
 
 from balancekv.experiments.middle import compress_middle
 from balancekv.experiments.real_data import KVProblem, capture, kv_head_problem, resolve_text
+from balancekv.experiments.results import command_line, run_dir, write_json
 from balancekv.methods import available_methods, get_method
 from balancekv.reference.softmax_attention import relative_error, weighted_attention
 from balancekv.texts import REPORT_TEXT
@@ -53,6 +54,8 @@ DEFAULT_LAYERS = (1, 2, 5, 15, 29)
 RATES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 #: Options fixed by the protocol (beyond ``sink=0``/``window=0``, see :func:`middle_options`).
 METHOD_OPTIONS = {"quant": {"bits": 2}}
+#: Row fields that vary from run to run (wall time); kept in memory, not written.
+UNRECORDED = ("seconds",)
 #: [BKV] Fig. 1, Llama-3.1-8B layer 1 at rate 1/2.
 PAPER = {"model": "Llama-3.1-8B", "layer": 1, "rate": 0.5, "balance": 0.104, "uniform": 0.149}
 
@@ -322,46 +325,123 @@ def paper_comparison(rows: list[dict]) -> dict | None:
     return {"balance": b, "uniform": u, "ratio": b / u, "data": pick["balance"]["data"]}
 
 
-def plot(rows: list[dict], path_kept: Path, path_bytes: Path) -> None:
-    """Error vs kept fraction of the middle, and error vs cache bytes (fraction of fp16), one panel per layer."""
-    import matplotlib  # noqa: PLC0415
+MODEL_LABELS = {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
 
+def _title(cfg: dict, rows: list[dict]) -> str:
+    """``model, text, n, seeds`` of the run, from its config (as stored in the JSON)."""
+    data = rows[0]["data"] if rows else ""
+    if data.startswith("synthetic"):
+        family = data.split("'")[1] if data.count("'") >= 2 else ""
+        what = f"synthetic caches ('{family}' family)" if family else "synthetic caches"
+    else:
+        text = cfg.get("text", "")
+        label = text if text in _texts() else "custom text"
+        what = f"{MODEL_LABELS.get(cfg.get('model'), cfg.get('model'))}, text '{label}'"
+    seeds = cfg.get("seeds", 1)
+    n, head, tail = cfg.get("n"), cfg.get("head"), cfg.get("tail")
+    return (
+        f"[BKV] Fig. 1 protocol on {what}, n={n}\n"
+        f"first {head} and last {tail} tokens exact, the middle compressed; "
+        f"mean over {seeds} seed{'s' if seeds != 1 else ''}" + (" (bars: ±1 sd over seeds)" if seeds > 1 else "")
+    )
+
+
+def _texts():
+    from balancekv.texts import TEXTS  # noqa: PLC0415
+
+    return TEXTS
+
+
+def plot(rows: list[dict], path_kept: Path, path_bytes: Path, cfg: dict | None = None) -> None:
+    """Error vs kept fraction of the middle, and error vs cache bytes (fraction of fp16), one panel per layer.
+
+    One colour per method (:mod:`~balancekv.experiments.plotstyle`); a failed or non-finite point is a
+    triangle on the top edge and an error of 0 (not on a log axis) one on the bottom edge, never dropped.
+    """
+    import math  # noqa: PLC0415
+
+    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415
+
+    from balancekv.experiments import plotstyle as ps  # noqa: PLC0415
+
+    plt = ps.pyplot()
+    cfg = cfg or {}
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    ncols = min(3, len(layers) + 1)
+    nrows = math.ceil((len(layers) + 1) / ncols)
     for xkey, xlabel, path in (
         ("kept_middle", "kept fraction of the middle tokens", path_kept),
-        ("ratio", "cache bytes / fp16 cache bytes", path_bytes),
+        ("ratio", "cache bytes / fp16 cache (whole cache)", path_bytes),
     ):
-        fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
-        for ax, L in zip(axes[0], layers):
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(ps.FIGSIZE_WIDTH, 0.6 + 3.2 * nrows), squeeze=False, sharey=True
+        )
+        flat = list(axes.flat)
+        marks = {"top": False, "bottom": False}
+        for ax, L in zip(flat, layers):
+            top = blended_transform_factory(ax.transData, ax.transAxes)
+            xs_all = []
             for m in methods:
-                pts = sorted(
-                    (r[xkey], r["error"])
-                    for r in rows
-                    if r["layer"] == L and r["method"] == m and not r.get("failed") and r["error"] > 0
-                )
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o", ms=3, label=m)
-            ax.set_xscale("log", base=2)
+                st = ps.style(m)
+                mine = sorted((r for r in rows if r["layer"] == L and r["method"] == m), key=lambda r: r["rate"])
+                good = [r for r in mine if not r.get("failed") and np.isfinite(r["error"]) and r["error"] > 0]
+                if good:
+                    x = np.array([r[xkey] for r in good])
+                    y = np.array([r["error"] for r in good])
+                    sd = np.array([r.get("error_std", 0.0) if r.get("seeds", 1) > 1 else 0.0 for r in good])
+                    lower = np.minimum(sd, 0.9 * y)  # keep the bar on a log axis
+                    ax.errorbar(x, y, yerr=[lower, sd], capsize=2.5, elinewidth=1, **st)
+                    xs_all += list(x)
+                for r in mine:
+                    if r in good:
+                        continue
+                    x = r[xkey] if np.isfinite(r.get(xkey, float("nan"))) else r["rate"]
+                    xs_all.append(x)
+                    edge = "bottom" if not r.get("failed") and r["error"] == 0 else "top"
+                    marks[edge] = True
+                    ax.plot(
+                        [x],
+                        [1.0 if edge == "top" else 0.0],
+                        transform=top,
+                        clip_on=False,
+                        ls="none",
+                        marker="^" if edge == "top" else "v",
+                        markersize=9,
+                        color=st["color"],
+                    )
+            if xs_all:
+                ps.log2_ticks(ax, min(xs_all), max(xs_all))
             ax.set_yscale("log")
             ax.set_title(f"layer {L}")
             ax.set_xlabel(xlabel)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("mean relative error")
-        axes[0][-1].legend(fontsize=7)
+            ax.grid(True, which="major", alpha=0.3)
+        for row in axes:
+            row[0].set_ylabel("mean relative error")
+        for ax in flat[len(layers) :]:
+            ax.axis("off")
+        handles = [plt.Line2D([], [], label=ps.label(m), **ps.style(m)) for m in methods]
+        if marks["top"]:
+            handles.append(ps.missing_handle("failed / non-finite (top edge)"))
+        if marks["bottom"]:
+            handles.append(
+                plt.Line2D([], [], color="0.3", ls="none", marker="v", markersize=8, label="error 0 (bottom edge)")
+            )
+        flat[-1].legend(handles=handles, loc="center", frameon=False, handlelength=3)
+        fig.suptitle(_title(cfg, rows))
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=ps.DPI)
         plt.close(fig)
 
 
 def write_results(
     rows: list[dict], cfg: Fig1Config, out_dir, stem: str | None = None, command: str = "", plots: bool = True
 ) -> dict[str, Path]:
-    """Write ``<stem>.md`` (tables), ``<stem>.json`` (rows) and two PNG plots under ``out_dir``."""
+    """Write ``<stem>.md`` (tables), ``<stem>.json`` (rows) and two PNG plots under ``out_dir``.
+
+    Deterministic: the same rows give byte-identical files (wall times are not written, see
+    :mod:`balancekv.experiments.results`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label, _ = resolve_text(cfg.text)
@@ -387,16 +467,29 @@ def write_results(
             + "\n"
         )
     paths["md"].write_text("\n".join(head) + body)
-    paths["json"].write_text(json.dumps({"config": asdict(cfg), "paper": PAPER, "rows": rows}, indent=1, default=str))
+    kept_rows = [{k: v for k, v in r.items() if k not in UNRECORDED} for r in rows]
+    write_json(paths["json"], {"config": asdict(cfg), "paper": PAPER, "rows": kept_rows})
     if plots:
-        paths["png_kept"] = out / f"{stem}_kept.png"
-        paths["png_bytes"] = out / f"{stem}_bytes.png"
-        plot(rows, paths["png_kept"], paths["png_bytes"])
+        paths.update(replot(paths["json"]))
+    return paths
+
+
+def replot(json_path) -> dict[str, Path]:
+    """Redraw ``<stem>_kept.png`` and ``<stem>_bytes.png`` beside a results JSON written by :func:`write_results`."""
+    json_path = Path(json_path)
+    d = json.loads(json_path.read_text())
+    stem = json_path.with_suffix("")
+    paths = {"png_kept": Path(f"{stem}_kept.png"), "png_bytes": Path(f"{stem}_bytes.png")}
+    plot(d["rows"], paths["png_kept"], paths["png_bytes"], cfg=d.get("config"))
     return paths
 
 
 def main(args) -> int:
     """Entry point of ``balancekv reproduce fig1`` (arguments from :mod:`balancekv.cli`)."""
+    if getattr(args, "replot", None):
+        for p in replot(args.replot).values():
+            print(f"wrote {p}")
+        return 0
     cfg = Fig1Config(
         n=args.n,
         layers=tuple(args.layers),
@@ -407,9 +500,10 @@ def main(args) -> int:
     )
     data = synthetic_problems if args.synthetic else None
     rows = run_fig1(cfg, problems=data, progress=not args.no_progress)
-    cmd = "balancekv " + " ".join(getattr(args, "argv", None) or ["reproduce", "fig1"])
+    cmd = command_line(getattr(args, "argv", None) or ["reproduce", "fig1"])
     stem = f"fig1_synthetic_n{cfg.n}" if args.synthetic else None
-    paths = write_results(rows, cfg, args.out, stem=stem, command=cmd, plots=not args.no_plot)
+    out = run_dir("reproduce-fig1", args.out)
+    paths = write_results(rows, cfg, out, stem=stem, command=cmd, plots=not args.no_plot)
     print(paths["md"].read_text())
     for p in paths.values():
         print(f"wrote {p}")
