@@ -26,7 +26,13 @@ import numpy as np
 
 from .walk import WalkFailure, default_threshold, gram_walk_signs
 
-__all__ = ["BalanceHalf", "normalized_softmax_gram", "softmax_balance", "softmax_balance_signs"]
+__all__ = [
+    "BalanceHalf",
+    "normalized_softmax_gram",
+    "softmax_balance",
+    "softmax_balance_signs",
+    "softmax_balance_signs_incremental",
+]
 
 
 class BalanceHalf(NamedTuple):
@@ -65,6 +71,48 @@ def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float 
     n = K.shape[-2]
     c = default_threshold(n, delta) if c is None else c
     return gram_walk_signs(normalized_softmax_gram(K, V, scale), uniforms, c)
+
+
+def softmax_balance_signs_incremental(K, V, uniforms, *, scale: float, c: float):
+    """``B`` independent SoftmaxBalance walks on one set ``K (n, d)``, ``V (n, s)``, without the ``n x n`` Gram.
+
+    Step ``j`` computes the kernel row ``kappa_{j, i<j} / R^2`` on the fly (``O(n d)``) and
+    ``g = sum_{i<j} x_i kappa_ji / R^2`` for all ``B`` walks (rows of ``uniforms (B, n)``) at once, so
+    ``n = 10^4`` costs ``O(n^2 (d + s + B))`` time and ``O(n B)`` memory. Same rule and same signs as
+    :func:`softmax_balance_signs` on the broadcast problem: FAIL iff ``|g| > c``; a walk that fails
+    gets sign 0 from its failing step on. Returns ``(signs (B, n) int8, failed_at (B,))``.
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    if K.ndim != 2 or V.ndim != 2 or K.shape[0] != V.shape[0]:
+        raise ValueError(f"K and V must have shapes (n, d) and (n, s) with equal n, got {K.shape} and {V.shape}")
+    n = K.shape[0]
+    r = np.asarray(uniforms, np.float64)
+    if r.ndim != 2 or r.shape[1] != n or not np.all((r >= 0) & (r < 1)):
+        raise ValueError(f"uniforms must have shape (B, {n}) with entries in [0, 1)")
+    c = float(c)
+    if not c > 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    B = r.shape[0]
+    kk = np.einsum("nd,nd->n", K, K)
+    rk2 = float(kk.max()) if n else 0.0
+    rv2 = float(np.max(np.einsum("ns,ns->n", V, V))) if n else 0.0
+    rv2 = rv2 if rv2 > 0 else 1.0
+    x = np.zeros((B, n), dtype=np.float64)
+    failed_at = np.full(B, -1, dtype=np.int64)
+    alive = np.ones(B, dtype=bool)
+    for j in range(n):
+        if j:
+            expo = np.minimum(scale * (K[:j] @ K[j] - rk2), 0.0)
+            row = np.exp(expo) * (V[:j] @ V[j]) / rv2
+            g = x[:, :j] @ row
+        else:
+            g = np.zeros(B)
+        fail = alive & (np.abs(g) > c)
+        failed_at[fail] = j
+        alive &= ~fail
+        x[:, j] = np.where(alive, np.where(r[:, j] < 0.5 - g / (2 * c), 1.0, -1.0), 0.0)
+    return x.astype(np.int8), failed_at
 
 
 def kept_class(signs: np.ndarray) -> int:
