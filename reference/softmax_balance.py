@@ -53,11 +53,15 @@ def normalized_softmax_gram(K, V, scale: float) -> np.ndarray:
     V = np.asarray(V, np.float64)
     rk2 = np.max(np.einsum("bnd,bnd->bn", K, K), axis=-1)  # (B,)
     rv2 = np.max(np.einsum("bns,bns->bn", V, V), axis=-1)  # (B,)
-    expo = scale * (np.einsum("bid,bjd->bij", K, K) - rk2[:, None, None])
-    expo = np.minimum(expo, 0.0)  # exact value is <= 0; clip rounding noise
-    vv = np.einsum("bis,bjs->bij", V, V)
+    expo = K @ np.swapaxes(K, -1, -2)  # (B, n, n); matmul, not einsum: same values, much faster for small d
+    expo -= rk2[:, None, None]
+    expo *= scale
+    np.minimum(expo, 0.0, out=expo)  # exact value is <= 0; clip rounding noise
+    np.exp(expo, out=expo)
+    expo *= V @ np.swapaxes(V, -1, -2)
     safe = np.where(rv2 > 0, rv2, 1.0)
-    return np.exp(expo) * vv / safe[:, None, None]
+    expo /= safe[:, None, None]
+    return expo
 
 
 def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float = 0.01):

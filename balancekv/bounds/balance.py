@@ -14,12 +14,14 @@ import math
 
 import numpy as np
 
-from .walk import als_direction_bound, als_failure_probability, als_threshold
+from .walk import als_direction_bound, als_failure_probability, als_threshold, check_theorem_threshold
 
 __all__ = [
     "balance_stream_error_bound",
     "balance_stream_theorem_t",
     "lower_bound_space_order",
+    "balance_stream_failure_split",
+    "merge_reduce_failure_probability",
     "merge_reduce_memory_bound",
     "merge_reduce_sum_error_bound",
     "softmax_balance_bound",
@@ -92,9 +94,36 @@ def merge_reduce_sum_error_bound(
     R = sum(counts)
     if R == 0:
         return 0.0
-    c = als_threshold(2 * t, delta) if c is None else c
+    c = als_threshold(2 * t, delta) if c is None else check_theorem_threshold(c, 2 * t, delta)
     D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / R)
     return float(sum(N * 2**l for l, N in enumerate(counts)) * D)
+
+
+def merge_reduce_failure_probability(n: int, t: int, c: float | None = None, delta: float = 0.01) -> float:
+    """Probability that some reduction of one instance over ``n`` tokens FAILs or draws all-equal signs.
+
+    ``R = sum_l N_l`` reductions of ``2t`` tokens: ``R * (2 (2t) e^{-c/4} + 2^{1 - 2t})`` (walk FAIL,
+    [ALS]; an all-equal sign vector is retried like a FAIL, probability ``<= 2^{1-2t}`` for the first
+    sign's class and at most that for any walk whose signs are not forced). Outside this event no
+    reduction retries and no set falls back to exact storage, so the merged sets have exactly
+    ``2t`` tokens and the threshold ``c`` of the bound is the one used (``c`` default
+    ``30 log(2t/delta)``).
+    """
+    R = sum(_reduction_counts(n, t))
+    if R == 0:
+        return 0.0
+    c = als_threshold(2 * t, delta) if c is None else float(c)
+    return min(1.0, R * (als_failure_probability(2 * t, c) + 2.0 ** (1 - 2 * t)))
+
+
+def balance_stream_failure_split(delta: float, instances: int) -> float:
+    """Per-instance discrepancy level of a composed guarantee over ``instances`` MergeAndReduce instances.
+
+    The overall failure probability ``delta`` is split as ``delta/2`` for the walk FAILs / fallbacks
+    of all instances (checked against :func:`merge_reduce_failure_probability`) and ``delta/2`` shared
+    equally by the instances' discrepancy bounds: each gets ``delta / (2 * instances)``.
+    """
+    return float(delta) / (2.0 * max(1, int(instances)))
 
 
 def balance_stream_error_bound(
@@ -110,9 +139,14 @@ def balance_stream_error_bound(
         E_Z = merge_reduce_sum_error_bound(n, t, 1, ||q||, r_k, 1)
         ||z - Attn|| <= (E_N + ||Attn|| E_Z) / (Z - E_Z)         (inf if E_Z >= Z)
 
-    using ``z - N/Z = (dN - (N/Z) dZ) / (Z + dZ)``. Holds with probability ``>= 1 - (B + 1) delta``
-    minus the failure terms, ``B`` the number of buckets. Exponentials are taken relative to
-    ``max_i a_i`` (the common factor cancels), so large norms do not overflow.
+    using ``z - N/Z = (dN - (N/Z) dZ) / (Z + dZ)``. **Overall failure probability: ``delta``.** The
+    ``B + 1`` instances (``B`` value-norm buckets and the denominator) each get the discrepancy level
+    ``delta / (2 (B + 1))`` (:func:`balance_stream_failure_split`); the other ``delta / 2`` covers
+    every walk FAIL and fallback (:func:`merge_reduce_failure_probability`, summed over instances;
+    if that sum exceeds ``delta/2`` the bound is ``inf``). Outside that event no set fell back, which
+    is what the bound assumes. ``c``: ``None`` (default ``30 log(2t/delta)``) or at least that
+    (``ValueError`` naming ``c`` below it). Exponentials are taken relative to ``max_i a_i``
+    (the common factor cancels), so large norms do not overflow.
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
@@ -134,11 +168,16 @@ def balance_stream_error_bound(
         keep[er] = False
         EN += float(e[er] @ vn[er])
     b = value_norm_bucket(vn)
-    for bucket in np.unique(b[keep & (vn > 0)]):
+    buckets = np.unique(b[keep & (vn > 0)])
+    dinst = balance_stream_failure_split(delta, len(buckets) + 1)
+    fail = merge_reduce_failure_probability(n, t, c, delta)
+    for bucket in buckets:
         sel = keep & (b == bucket)
-        EN += merge_reduce_sum_error_bound(int(sel.sum()), t, s, qn, r_k, float(vn[sel].max()), scale, delta, c) * shift
-    EZ = merge_reduce_sum_error_bound(n, t, 1, qn, r_k, 1.0, scale, delta, c) * shift
-    if not EZ < Z:
+        nb = int(sel.sum())
+        fail += merge_reduce_failure_probability(nb, t, c, delta)
+        EN += merge_reduce_sum_error_bound(nb, t, s, qn, r_k, float(vn[sel].max()), scale, dinst, c) * shift
+    EZ = merge_reduce_sum_error_bound(n, t, 1, qn, r_k, 1.0, scale, dinst, c) * shift
+    if fail > delta / 2 or not EZ < Z:
         return math.inf
     return (EN + float(np.linalg.norm(attn)) * EZ) / (Z - EZ)
 
@@ -149,11 +188,20 @@ def balance_stream_theorem_t(
     """The batch size ``t`` that Thm 3.1 [BKV] (our constants) certifies for Eq. 2 at precision ``eps``.
 
     Eq. 2: ``||z(q) - Attn(q)|| <= eps ||softmax(Kq)||_2 ||V||_F`` for every fixed ``q`` with
-    ``||q|| <= r`` (default ``r = max ||k_i||``). Half of ``eps`` goes to bucket erasure (exact
-    rule in ``proofs/merge_reduce.md``); the other half must cover balancing, with the worst
-    case over ``||q|| <= r``: ``Z >= n e^{-scale r r_k}``, ``||Attn|| <= max ||v||`` and
-    ``||softmax||_2 >= 1/sqrt(n)``. Returns the smallest power-of-two ``t < n`` that meets it,
-    or ``None`` when only the exact cache is certified.
+    ``||q|| <= r`` (default ``r = max ||k_i||``), with overall failure probability ``delta`` per query
+    (split as in :func:`balance_stream_error_bound`). Erasure (exact rule in
+    ``proofs/merge_reduce.md``) moves the numerator by at most ``(eps/2) ||e||_2 ||V||_F``; with the
+    balancing errors ``E_N``, ``E_Z`` and ``x = ||softmax||_2 ||V||_F``::
+
+        ||z - Attn|| <= ((eps/2) x Z + E_N + ||Attn|| E_Z) / (Z - E_Z) <= eps x
+        <=>  E_N / Z + ||Attn|| E_Z / Z <= eps x (1/2 - E_Z / Z)
+
+    (the erasure term is divided by the *estimate* ``Z - E_Z``, not by ``Z``, hence the
+    ``1/2 - E_Z/Z``). Worst case over ``||q|| <= r``: ``Z >= n e^{-scale r r_k}``,
+    ``||Attn|| <= max ||v||``, ``x >= ||V||_F / sqrt(n)``. Returns the smallest power-of-two
+    ``t < n`` meeting it, or ``None`` when only the exact cache is certified. ``c`` (if given)
+    must be at least ``30 log(2t/delta)`` (``ValueError`` naming ``c`` if it is below that even for
+    ``t = 1``; larger ``t`` for which it is too small are not offered).
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
@@ -162,17 +210,27 @@ def balance_stream_theorem_t(
     fro = float(np.sqrt(np.sum(vn**2)))
     r_k = float(np.max(np.linalg.norm(K, axis=1)))
     r = r_k if r is None else float(r)
-    target = 0.5 * eps * fro / math.sqrt(n)
+    if c is not None:
+        check_theorem_threshold(c, 2, delta)
+    xmin = eps * fro / math.sqrt(n)
     b = value_norm_bucket(vn)
+    buckets = np.unique(b[vn > 0])
+    dinst = balance_stream_failure_split(delta, len(buckets) + 1)
     Zlow = n * math.exp(-scale * r * r_k)
     t = 1
     while t < n:
-        EN = sum(
-            merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale, delta, c)
-            for u in np.unique(b[vn > 0])
+        if c is not None and c < als_threshold(2 * t, delta):
+            return None
+        fail = merge_reduce_failure_probability(n, t, c, delta) + sum(
+            merge_reduce_failure_probability(int((b == u).sum()), t, c, delta) for u in buckets
         )
-        EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, delta, c)
-        if EZ < Zlow and (EN + float(vn.max()) * EZ) / (Zlow - EZ) <= target:
+        EN = sum(
+            merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale, dinst, c)
+            for u in buckets
+        )
+        EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, dinst, c)
+        rho = EZ / Zlow
+        if fail <= delta / 2 and rho < 0.5 and EN / Zlow + float(vn.max()) * rho <= xmin * (0.5 - rho):
             return t
         t *= 2
     return None
