@@ -77,14 +77,14 @@ def res_n(res):
 def test_sum_error_bound_counts_reductions_and_failure_probability():
     """merge_reduce_sum_error_bound = sum_l N_l 2^l D with N_l = floor(n / (t 2^(l+1))) (here 16+8+4+2+1
     reductions, sum N_l 2^l = 80) and D = softmax_balance_bound at delta/R; the FAIL/fallback probability is
-    R (4t e^{-c/4} + 2^{1-2t}); a c below 30 log(2t/delta) is refused with a ValueError naming c."""
+    R 4t e^{-c/4}; a c below 30 log(2t/delta) is refused with a ValueError naming c."""
     from balancekv.bounds.balance import softmax_balance_bound
 
     n, t = 32 * 64, 64
-    D = softmax_balance_bound(1, 0.0, 0.0, 1.0, 1.0, als_threshold(2 * t, 0.01), 0.01 / 31)
+    D = softmax_balance_bound(1, 0.0, 0.0, 1.0, 1.0, als_threshold(2 * t, 0.01), 0.01 / 93)
     assert merge_reduce_sum_error_bound(n, t, 1, 0.0, 0.0, 1.0, 1.0, 0.01) == pytest.approx(80 * D)
     c = als_threshold(2 * t, 0.01)
-    assert merge_reduce_failure_probability(n, t) == pytest.approx(31 * (4 * t * np.exp(-c / 4) + 2.0 ** (1 - 2 * t)))
+    assert merge_reduce_failure_probability(n, t) == pytest.approx(31 * 4 * t * np.exp(-c / 4))
     with pytest.raises(ValueError, match="c = 40"):
         merge_reduce_sum_error_bound(n, t, 1, 0.0, 0.0, 1.0, 1.0, 0.01, c=40.0)
 

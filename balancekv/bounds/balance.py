@@ -82,38 +82,47 @@ def merge_reduce_sum_error_bound(
     """Thm 3.4 of [BKV], one instance: ``|| sum_stored w e^a v - sum_all e^a v ||_2`` after ``n`` tokens.
 
     Level ``l`` performs ``N_l = floor(n / (t 2^(l+1)))`` reductions of at most ``2t`` tokens of
-    weight ``2^l``; each errs by at most ``2^l`` times :func:`softmax_balance_bound` (threshold
-    ``c``, default ``30 log(2t/delta)``, per-reduction failure ``delta / R``, ``R = sum_l N_l``)::
+    weight ``2^l`` (fewer when a kept class was smaller than half: the walk's threshold there,
+    ``30 log(|merged|/delta)``, is at most the ``c`` used here, so ``D`` is conservative); each errs
+    by at most ``2^l`` times :func:`softmax_balance_bound` (threshold ``c``, default
+    ``30 log(2t/delta)``, per-reduction level ``delta / (3R)``, ``R = sum_l N_l``; the factor 3 pays
+    for retrying all-equal sign vectors, which conditions on an event of probability
+    ``>= 1/2 - 1/(2c) >= 1/3``)::
 
-        error <= sum_l N_l 2^l D,     D = softmax_balance_bound(s, ||q||, r_k, r_v, scale, c, delta / R)
+        error <= sum_l N_l 2^l D,     D = softmax_balance_bound(s, ||q||, r_k, r_v, scale, c, delta / (3R))
 
-    with probability ``>= 1 - delta - R * 2 (2t) exp(-c/4)``. The sum is ``<= (n / 2t) L D`` for
-    ``L`` levels: relative to ``Z >= n e^{-scale ||q|| r_k}`` this is the ``1/t`` rate of Thm 3.4.
+    with probability ``>= 1 - delta - merge_reduce_failure_probability(n, t, c)``, on the event
+    that no set fell back to exact storage (a fallback pushes up a set of more than ``t`` tokens,
+    whose later reductions the bound does not cover: callers assert ``fallbacks == 0``). The sum is
+    ``<= (n / 2t) L D`` for ``L`` levels: relative to ``Z >= n e^{-scale ||q|| r_k}`` this is the
+    ``1/t`` rate of Thm 3.4.
     """
     counts = _reduction_counts(n, t)
     R = sum(counts)
     if R == 0:
         return 0.0
     c = als_threshold(2 * t, delta) if c is None else check_theorem_threshold(c, 2 * t, delta)
-    D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / R)
+    # delta / (3R) per reduction: a reduction whose signs are all equal is retried, i.e. the kept signs are
+    # conditioned on "not all equal", of probability >= 1 - P(x_2 = x_1) >= 1/2 - 1/(2c) >= 1/3 (c >= 3),
+    # which at most triples that reduction's failure probability
+    D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / (3 * R))
     return float(sum(N * 2**l for l, N in enumerate(counts)) * D)
 
 
 def merge_reduce_failure_probability(n: int, t: int, c: float | None = None, delta: float = 0.01) -> float:
-    """Probability that some reduction of one instance over ``n`` tokens FAILs or draws all-equal signs.
+    """Probability bound that some walk of one instance over ``n`` tokens FAILs: ``R * 2 (2t) e^{-c/4}``.
 
-    ``R = sum_l N_l`` reductions of ``2t`` tokens: ``R * (2 (2t) e^{-c/4} + 2^{1 - 2t})`` (walk FAIL,
-    [ALS]; an all-equal sign vector is retried like a FAIL, probability ``<= 2^{1-2t}`` for the first
-    sign's class and at most that for any walk whose signs are not forced). Outside this event no
-    reduction retries and no set falls back to exact storage, so the merged sets have exactly
-    ``2t`` tokens and the threshold ``c`` of the bound is the one used (``c`` default
-    ``30 log(2t/delta)``).
+    ``R = sum_l N_l`` reductions of at most ``2t`` tokens at threshold ``c`` (default
+    ``30 log(2t/delta)``; a reduction's own default threshold ``30 log(|merged|/delta)`` fails with
+    probability at most ``2 |merged| (delta/|merged|)^7.5``, below this). Not included: fallbacks
+    after ``max_retries`` all-equal sign vectors, which happen only for tiny merged sets (two tokens:
+    probability 1/16 with 3 retries) and are asserted absent by the checks (``fallbacks == 0``).
     """
     R = sum(_reduction_counts(n, t))
     if R == 0:
         return 0.0
     c = als_threshold(2 * t, delta) if c is None else float(c)
-    return min(1.0, R * (als_failure_probability(2 * t, c) + 2.0 ** (1 - 2 * t)))
+    return min(1.0, R * als_failure_probability(2 * t, c))
 
 
 def balance_stream_failure_split(delta: float, instances: int) -> float:
