@@ -432,8 +432,8 @@ def _q2(seed: int):
     bound="balancekv.bounds.quantization.attention_error_bound",
     note="keys 2-bit per channel and values 2-bit per token (KIVI's arrangement), groups of 32. The bound "
     "reported is min(Q3, trivial) with trivial = 2 max||v^|| + max||v - v^|| (||p^ - p||_1 <= 2); at 2 bits "
-    "on LLM-like keys Q3 alone is ~1e7 and the trivial bound binds (which one binds: see the `binds` field "
-    "of bounds.json)",
+    "on LLM-like keys Q3 alone is astronomically large (~1e16 here) and the trivial bound binds (the status "
+    "says which binds; `binds` in bounds.json)",
 )
 def _q3(seed: int):
     from balancekv.bounds.quantization import attention_error_bound, logit_error_bound  # noqa: PLC0415
