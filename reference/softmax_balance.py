@@ -80,7 +80,7 @@ def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float 
 def softmax_balance_signs_incremental(K, V, uniforms, *, scale: float, c: float):
     """``B`` independent SoftmaxBalance walks on one set ``K (n, d)``, ``V (n, s)``, without the ``n x n`` Gram.
 
-    Step ``j`` computes the kernel row ``kappa_{j, i<j} / R^2`` on the fly (``O(n d)``) and
+    Step ``j`` uses the kernel row ``kappa_{j, i<j} / R^2``, computed on the fly in chunks of 256 rows, and
     ``g = sum_{i<j} x_i kappa_ji / R^2`` for all ``B`` walks (rows of ``uniforms (B, n)``) at once, so
     ``n = 10^4`` costs ``O(n^2 (d + s + B))`` time and ``O(n B)`` memory. Same rule and same signs as
     :func:`softmax_balance_signs` on the broadcast problem: FAIL iff ``|g| > c``; a walk that fails
@@ -105,11 +105,20 @@ def softmax_balance_signs_incremental(K, V, uniforms, *, scale: float, c: float)
     x = np.zeros((B, n), dtype=np.float64)
     failed_at = np.full(B, -1, dtype=np.int64)
     alive = np.ones(B, dtype=bool)
+    chunk = 256  # kernel rows j0..j0+chunk are computed together (one matmul), then used one by one
+    rows = np.empty((0, 0))
     for j in range(n):
+        if j % chunk == 0:
+            j1 = min(n, j + chunk)
+            rows = K[j:j1] @ K[:j1].T
+            rows -= rk2
+            rows *= scale
+            np.minimum(rows, 0.0, out=rows)
+            np.exp(rows, out=rows)
+            rows *= V[j:j1] @ V[:j1].T
+            rows /= rv2
         if j:
-            expo = np.minimum(scale * (K[:j] @ K[j] - rk2), 0.0)
-            row = np.exp(expo) * (V[:j] @ V[j]) / rv2
-            g = x[:, :j] @ row
+            g = x[:, :j] @ rows[j % chunk, :j]
         else:
             g = np.zeros(B)
         fail = alive & (np.abs(g) > c)

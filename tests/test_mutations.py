@@ -87,3 +87,13 @@ def test_unmutated_checks_separate_cheaply():
     """Sanity for the fixtures above: without a mutation, the cheap checks separate algorithm and controls."""
     for check in (checks.subgen_check,):
         assert check(0).separates
+
+
+def test_binomial_allowance_is_the_smallest_count_with_tail_below_alpha():
+    """binomial_allowance(N, p) = min{k : P(Binomial(N, p) > k) <= 1e-6}, checked against scipy."""
+    from scipy import stats
+
+    for N, p in [(48, 0.05), (64, 0.05), (16, 0.1), (400, 0.05), (8, 0.001)]:
+        k = checks.binomial_allowance(N, p)
+        assert stats.binom.sf(k, N, p) <= checks.ALPHA < stats.binom.sf(k - 1, N, p)
+    assert checks.binomial_allowance(10, 0.0) == 0 and checks.binomial_allowance(10, 1.0) == 10
