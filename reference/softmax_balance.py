@@ -26,7 +26,13 @@ import numpy as np
 
 from .walk import WalkFailure, default_threshold, gram_walk_signs
 
-__all__ = ["BalanceHalf", "normalized_softmax_gram", "softmax_balance", "softmax_balance_signs"]
+__all__ = [
+    "BalanceHalf",
+    "normalized_softmax_gram",
+    "softmax_balance",
+    "softmax_balance_signs",
+    "softmax_balance_signs_incremental",
+]
 
 
 class BalanceHalf(NamedTuple):
@@ -47,11 +53,15 @@ def normalized_softmax_gram(K, V, scale: float) -> np.ndarray:
     V = np.asarray(V, np.float64)
     rk2 = np.max(np.einsum("bnd,bnd->bn", K, K), axis=-1)  # (B,)
     rv2 = np.max(np.einsum("bns,bns->bn", V, V), axis=-1)  # (B,)
-    expo = scale * (np.einsum("bid,bjd->bij", K, K) - rk2[:, None, None])
-    expo = np.minimum(expo, 0.0)  # exact value is <= 0; clip rounding noise
-    vv = np.einsum("bis,bjs->bij", V, V)
+    expo = K @ np.swapaxes(K, -1, -2)  # (B, n, n); matmul, not einsum: same values, much faster for small d
+    expo -= rk2[:, None, None]
+    expo *= scale
+    np.minimum(expo, 0.0, out=expo)  # exact value is <= 0; clip rounding noise
+    np.exp(expo, out=expo)
+    expo *= V @ np.swapaxes(V, -1, -2)
     safe = np.where(rv2 > 0, rv2, 1.0)
-    return np.exp(expo) * vv / safe[:, None, None]
+    expo /= safe[:, None, None]
+    return expo
 
 
 def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float = 0.01):
@@ -65,6 +75,57 @@ def softmax_balance_signs(K, V, uniforms, *, scale: float, c=None, delta: float 
     n = K.shape[-2]
     c = default_threshold(n, delta) if c is None else c
     return gram_walk_signs(normalized_softmax_gram(K, V, scale), uniforms, c)
+
+
+def softmax_balance_signs_incremental(K, V, uniforms, *, scale: float, c: float):
+    """``B`` independent SoftmaxBalance walks on one set ``K (n, d)``, ``V (n, s)``, without the ``n x n`` Gram.
+
+    Step ``j`` uses the kernel row ``kappa_{j, i<j} / R^2``, computed on the fly in chunks of 256 rows, and
+    ``g = sum_{i<j} x_i kappa_ji / R^2`` for all ``B`` walks (rows of ``uniforms (B, n)``) at once, so
+    ``n = 10^4`` costs ``O(n^2 (d + s + B))`` time and ``O(n B)`` memory. Same rule and same signs as
+    :func:`softmax_balance_signs` on the broadcast problem: FAIL iff ``|g| > c``; a walk that fails
+    gets sign 0 from its failing step on. Returns ``(signs (B, n) int8, failed_at (B,))``.
+    """
+    K = np.asarray(K, np.float64)
+    V = np.asarray(V, np.float64)
+    if K.ndim != 2 or V.ndim != 2 or K.shape[0] != V.shape[0]:
+        raise ValueError(f"K and V must have shapes (n, d) and (n, s) with equal n, got {K.shape} and {V.shape}")
+    n = K.shape[0]
+    r = np.asarray(uniforms, np.float64)
+    if r.ndim != 2 or r.shape[1] != n or not np.all((r >= 0) & (r < 1)):
+        raise ValueError(f"uniforms must have shape (B, {n}) with entries in [0, 1)")
+    c = float(c)
+    if not c > 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    B = r.shape[0]
+    kk = np.einsum("nd,nd->n", K, K)
+    rk2 = float(kk.max()) if n else 0.0
+    rv2 = float(np.max(np.einsum("ns,ns->n", V, V))) if n else 0.0
+    rv2 = rv2 if rv2 > 0 else 1.0
+    x = np.zeros((B, n), dtype=np.float64)
+    failed_at = np.full(B, -1, dtype=np.int64)
+    alive = np.ones(B, dtype=bool)
+    chunk = 256  # kernel rows j0..j0+chunk are computed together (one matmul), then used one by one
+    rows = np.empty((0, 0))
+    for j in range(n):
+        if j % chunk == 0:
+            j1 = min(n, j + chunk)
+            rows = K[j:j1] @ K[:j1].T
+            rows -= rk2
+            rows *= scale
+            np.minimum(rows, 0.0, out=rows)
+            np.exp(rows, out=rows)
+            rows *= V[j:j1] @ V[:j1].T
+            rows /= rv2
+        if j:
+            g = x[:, :j] @ rows[j % chunk, :j]
+        else:
+            g = np.zeros(B)
+        fail = alive & (np.abs(g) > c)
+        failed_at[fail] = j
+        alive &= ~fail
+        x[:, j] = np.where(alive, np.where(r[:, j] < 0.5 - g / (2 * c), 1.0, -1.0), 0.0)
+    return x.astype(np.int8), failed_at
 
 
 def kept_class(signs: np.ndarray) -> int:

@@ -11,10 +11,12 @@ balanced estimate leaves its discrepancy regime (at m = 32 its error blows up pa
 uniform's: the relative error is > 1 and the ratio estimate is no longer linear in
 the sum errors), so those m are not part of a rate statement.
 
-`uniform` samples without replacement, whose error is proportional to
-sqrt(1/m - 1/n), not 1/sqrt(m); its slope is fitted against the finite-population
-sample size m_eff = 1/(1/m - 1/n) (the standard correction; at m = n/4 it changes m by
-a third). `balance`'s slope is fitted against m itself.
+Every method is fitted against the finite-population sample size m_eff = 1/(1/m - 1/n) of its
+kept tokens (applied alike to all; for uniform sampling without replacement the error is
+proportional to sqrt(1/m - 1/n), and at m = n/4 the correction changes m by a third). The fit and
+the data are those of `balancekv reproduce bounds` (balancekv.experiments.bounds_table.rate_errors,
+fitted_slope), which also reports the default `balance` (measured slope -0.81 with sink/window
+counted as kept; no assertion here: making the default win is another issue's goal).
 
 Error metric: mean over queries of ||z(q) - Attn(q)||, divided by the mean ||Attn(q)||
 (one constant per data set, so the slope is that of the absolute error; per-query
@@ -23,40 +25,17 @@ Data and compression seeds are fixed: the test is deterministic.
 """
 
 import numpy as np
-from balancekv.reference.softmax_attention import attention
 
-import balancekv
-from balancekv.synthetic import make_kv
-
-N = 2048
-TS = (2, 3, 4, 5)
-
-
-def errors(method, **opts):
-    out = []
-    for T in TS:
-        es = []
-        for ds in range(2):
-            K, V, Q = make_kv("bounded", heads=2, n=N, d=16, q=32, seed=700 + ds)
-            ex = attention(Q, K, V)
-            for seed in range(2):
-                ckv = balancekv.compress(K, V, keep=2.0**-T, method=method, seed=seed, **opts)
-                es.append(np.linalg.norm(ckv.attend(Q) - ex, axis=-1).mean() / np.linalg.norm(ex, axis=-1).mean())
-        out.append(np.mean(es))
-    return np.array(out)
-
-
-def slope(err, finite_population=False):
-    m = N / 2.0 ** np.array(TS)
-    if finite_population:
-        m = 1.0 / (1.0 / m - 1.0 / N)
-    return np.polyfit(np.log(m), np.log(err), 1)[0]
+from balancekv.experiments.bounds_table import RATE_N, fitted_slope, rate_errors
 
 
 def test_balance_error_falls_like_one_over_m_and_uniform_like_one_over_sqrt_m():
-    eb = errors("balance", block=N, sink=0, window=0)
-    eu = errors("uniform")
-    sb, su = slope(eb), slope(eu, finite_population=True)
+    """[BKV] Thm 3.4's 1/m rate for one walk per round against sampling's 1/sqrt(m), both fitted against
+    the FPC-corrected kept size. Measured: -0.97 (balance, block = n, sink = window = 0) and -0.55 (uniform).
+    Control: uniform sampling, fitted the same way, must stay near -1/2 and above balance at every m."""
+    mb, eb = rate_errors("balance", {"block": "n", "sink": 0, "window": 0})
+    mu, eu = rate_errors("uniform", {})
+    sb, su = fitted_slope(mb, eb, RATE_N), fitted_slope(mu, eu, RATE_N)
     assert sb <= -0.8, (sb, eb)
-    assert -0.6 <= su <= -0.4, (su, eu)
+    assert -0.65 <= su <= -0.4, (su, eu)
     assert np.all(eb < eu)

@@ -14,12 +14,14 @@ import math
 
 import numpy as np
 
-from .walk import als_direction_bound, als_failure_probability, als_threshold
+from .walk import als_direction_bound, als_failure_probability, als_threshold, check_theorem_threshold
 
 __all__ = [
     "balance_stream_error_bound",
     "balance_stream_theorem_t",
     "lower_bound_space_order",
+    "balance_stream_failure_split",
+    "merge_reduce_failure_probability",
     "merge_reduce_memory_bound",
     "merge_reduce_sum_error_bound",
     "softmax_balance_bound",
@@ -80,21 +82,57 @@ def merge_reduce_sum_error_bound(
     """Thm 3.4 of [BKV], one instance: ``|| sum_stored w e^a v - sum_all e^a v ||_2`` after ``n`` tokens.
 
     Level ``l`` performs ``N_l = floor(n / (t 2^(l+1)))`` reductions of at most ``2t`` tokens of
-    weight ``2^l``; each errs by at most ``2^l`` times :func:`softmax_balance_bound` (threshold
-    ``c``, default ``30 log(2t/delta)``, per-reduction failure ``delta / R``, ``R = sum_l N_l``)::
+    weight ``2^l`` (fewer when a kept class was smaller than half: the walk's threshold there,
+    ``30 log(|merged|/delta)``, is at most the ``c`` used here, so ``D`` is conservative); each errs
+    by at most ``2^l`` times :func:`softmax_balance_bound` (threshold ``c``, default
+    ``30 log(2t/delta)``, per-reduction level ``delta / (3R)``, ``R = sum_l N_l``; the factor 3 pays
+    for retrying all-equal sign vectors, which conditions on an event of probability
+    ``>= 1/2 - 1/(2c) >= 1/3``)::
 
-        error <= sum_l N_l 2^l D,     D = softmax_balance_bound(s, ||q||, r_k, r_v, scale, c, delta / R)
+        error <= sum_l N_l 2^l D,     D = softmax_balance_bound(s, ||q||, r_k, r_v, scale, c, delta / (3R))
 
-    with probability ``>= 1 - delta - R * 2 (2t) exp(-c/4)``. The sum is ``<= (n / 2t) L D`` for
-    ``L`` levels: relative to ``Z >= n e^{-scale ||q|| r_k}`` this is the ``1/t`` rate of Thm 3.4.
+    with probability ``>= 1 - delta - merge_reduce_failure_probability(n, t, c)``, on the event
+    that no set fell back to exact storage (a fallback pushes up a set of more than ``t`` tokens,
+    whose later reductions the bound does not cover: callers assert ``fallbacks == 0``). The sum is
+    ``<= (n / 2t) L D`` for ``L`` levels: relative to ``Z >= n e^{-scale ||q|| r_k}`` this is the
+    ``1/t`` rate of Thm 3.4.
     """
     counts = _reduction_counts(n, t)
     R = sum(counts)
     if R == 0:
         return 0.0
-    c = als_threshold(2 * t, delta) if c is None else c
-    D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / R)
+    c = als_threshold(2 * t, delta) if c is None else check_theorem_threshold(c, 2 * t, delta)
+    # delta / (3R) per reduction: a reduction whose signs are all equal is retried, i.e. the kept signs are
+    # conditioned on "not all equal", of probability >= 1 - P(x_2 = x_1) >= 1/2 - 1/(2c) >= 1/3 (c >= 3),
+    # which at most triples that reduction's failure probability
+    D = softmax_balance_bound(s, q_norm, r_k, r_v, scale, c, delta / (3 * R))
     return float(sum(N * 2**l for l, N in enumerate(counts)) * D)
+
+
+def merge_reduce_failure_probability(n: int, t: int, c: float | None = None, delta: float = 0.01) -> float:
+    """Probability bound that some walk of one instance over ``n`` tokens FAILs: ``R * 2 (2t) e^{-c/4}``.
+
+    ``R = sum_l N_l`` reductions of at most ``2t`` tokens at threshold ``c`` (default
+    ``30 log(2t/delta)``; a reduction's own default threshold ``30 log(|merged|/delta)`` fails with
+    probability at most ``2 |merged| (delta/|merged|)^7.5``, below this). Not included: fallbacks
+    after ``max_retries`` all-equal sign vectors, which happen only for tiny merged sets (two tokens:
+    probability 1/16 with 3 retries) and are asserted absent by the checks (``fallbacks == 0``).
+    """
+    R = sum(_reduction_counts(n, t))
+    if R == 0:
+        return 0.0
+    c = als_threshold(2 * t, delta) if c is None else float(c)
+    return min(1.0, R * als_failure_probability(2 * t, c))
+
+
+def balance_stream_failure_split(delta: float, instances: int) -> float:
+    """Per-instance discrepancy level of a composed guarantee over ``instances`` MergeAndReduce instances.
+
+    The overall failure probability ``delta`` is split as ``delta/2`` for the walk FAILs / fallbacks
+    of all instances (checked against :func:`merge_reduce_failure_probability`) and ``delta/2`` shared
+    equally by the instances' discrepancy bounds: each gets ``delta / (2 * instances)``.
+    """
+    return float(delta) / (2.0 * max(1, int(instances)))
 
 
 def balance_stream_error_bound(
@@ -110,9 +148,14 @@ def balance_stream_error_bound(
         E_Z = merge_reduce_sum_error_bound(n, t, 1, ||q||, r_k, 1)
         ||z - Attn|| <= (E_N + ||Attn|| E_Z) / (Z - E_Z)         (inf if E_Z >= Z)
 
-    using ``z - N/Z = (dN - (N/Z) dZ) / (Z + dZ)``. Holds with probability ``>= 1 - (B + 1) delta``
-    minus the failure terms, ``B`` the number of buckets. Exponentials are taken relative to
-    ``max_i a_i`` (the common factor cancels), so large norms do not overflow.
+    using ``z - N/Z = (dN - (N/Z) dZ) / (Z + dZ)``. **Overall failure probability: ``delta``.** The
+    ``B + 1`` instances (``B`` value-norm buckets and the denominator) each get the discrepancy level
+    ``delta / (2 (B + 1))`` (:func:`balance_stream_failure_split`); the other ``delta / 2`` covers
+    every walk FAIL and fallback (:func:`merge_reduce_failure_probability`, summed over instances;
+    if that sum exceeds ``delta/2`` the bound is ``inf``). Outside that event no set fell back, which
+    is what the bound assumes. ``c``: ``None`` (default ``30 log(2t/delta)``) or at least that
+    (``ValueError`` naming ``c`` below it). Exponentials are taken relative to ``max_i a_i``
+    (the common factor cancels), so large norms do not overflow.
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
@@ -134,11 +177,16 @@ def balance_stream_error_bound(
         keep[er] = False
         EN += float(e[er] @ vn[er])
     b = value_norm_bucket(vn)
-    for bucket in np.unique(b[keep & (vn > 0)]):
+    buckets = np.unique(b[keep & (vn > 0)])
+    dinst = balance_stream_failure_split(delta, len(buckets) + 1)
+    fail = merge_reduce_failure_probability(n, t, c, delta)
+    for bucket in buckets:
         sel = keep & (b == bucket)
-        EN += merge_reduce_sum_error_bound(int(sel.sum()), t, s, qn, r_k, float(vn[sel].max()), scale, delta, c) * shift
-    EZ = merge_reduce_sum_error_bound(n, t, 1, qn, r_k, 1.0, scale, delta, c) * shift
-    if not EZ < Z:
+        nb = int(sel.sum())
+        fail += merge_reduce_failure_probability(nb, t, c, delta)
+        EN += merge_reduce_sum_error_bound(nb, t, s, qn, r_k, float(vn[sel].max()), scale, dinst, c) * shift
+    EZ = merge_reduce_sum_error_bound(n, t, 1, qn, r_k, 1.0, scale, dinst, c) * shift
+    if fail > delta / 2 or not EZ < Z:
         return math.inf
     return (EN + float(np.linalg.norm(attn)) * EZ) / (Z - EZ)
 
@@ -149,11 +197,20 @@ def balance_stream_theorem_t(
     """The batch size ``t`` that Thm 3.1 [BKV] (our constants) certifies for Eq. 2 at precision ``eps``.
 
     Eq. 2: ``||z(q) - Attn(q)|| <= eps ||softmax(Kq)||_2 ||V||_F`` for every fixed ``q`` with
-    ``||q|| <= r`` (default ``r = max ||k_i||``). Half of ``eps`` goes to bucket erasure (exact
-    rule in ``proofs/merge_reduce.md``); the other half must cover balancing, with the worst
-    case over ``||q|| <= r``: ``Z >= n e^{-scale r r_k}``, ``||Attn|| <= max ||v||`` and
-    ``||softmax||_2 >= 1/sqrt(n)``. Returns the smallest power-of-two ``t < n`` that meets it,
-    or ``None`` when only the exact cache is certified.
+    ``||q|| <= r`` (default ``r = max ||k_i||``), with overall failure probability ``delta`` per query
+    (split as in :func:`balance_stream_error_bound`). Erasure (exact rule in
+    ``proofs/merge_reduce.md``) moves the numerator by at most ``(eps/2) ||e||_2 ||V||_F``; with the
+    balancing errors ``E_N``, ``E_Z`` and ``x = ||softmax||_2 ||V||_F``::
+
+        ||z - Attn|| <= ((eps/2) x Z + E_N + ||Attn|| E_Z) / (Z - E_Z) <= eps x
+        <=>  E_N / Z + ||Attn|| E_Z / Z <= eps x (1/2 - E_Z / Z)
+
+    (the erasure term is divided by the *estimate* ``Z - E_Z``, not by ``Z``, hence the
+    ``1/2 - E_Z/Z``). Worst case over ``||q|| <= r``: ``Z >= n e^{-scale r r_k}``,
+    ``||Attn|| <= max ||v||``, ``x >= ||V||_F / sqrt(n)``. Returns the smallest power-of-two
+    ``t < n`` meeting it, or ``None`` when only the exact cache is certified. ``c`` (if given)
+    must be at least ``30 log(2t/delta)`` (``ValueError`` naming ``c`` if it is below that even for
+    ``t = 1``; larger ``t`` for which it is too small are not offered).
     """
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
@@ -162,17 +219,27 @@ def balance_stream_theorem_t(
     fro = float(np.sqrt(np.sum(vn**2)))
     r_k = float(np.max(np.linalg.norm(K, axis=1)))
     r = r_k if r is None else float(r)
-    target = 0.5 * eps * fro / math.sqrt(n)
+    if c is not None:
+        check_theorem_threshold(c, 2, delta)
+    xmin = eps * fro / math.sqrt(n)
     b = value_norm_bucket(vn)
+    buckets = np.unique(b[vn > 0])
+    dinst = balance_stream_failure_split(delta, len(buckets) + 1)
     Zlow = n * math.exp(-scale * r * r_k)
     t = 1
     while t < n:
-        EN = sum(
-            merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale, delta, c)
-            for u in np.unique(b[vn > 0])
+        if c is not None and c < als_threshold(2 * t, delta):
+            return None
+        fail = merge_reduce_failure_probability(n, t, c, delta) + sum(
+            merge_reduce_failure_probability(int((b == u).sum()), t, c, delta) for u in buckets
         )
-        EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, delta, c)
-        if EZ < Zlow and (EN + float(vn.max()) * EZ) / (Zlow - EZ) <= target:
+        EN = sum(
+            merge_reduce_sum_error_bound(int((b == u).sum()), t, s, r, r_k, float(vn[b == u].max()), scale, dinst, c)
+            for u in buckets
+        )
+        EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, dinst, c)
+        rho = EZ / Zlow
+        if fail <= delta / 2 and rho < 0.5 and EN / Zlow + float(vn.max()) * rho <= xmin * (0.5 - rho):
             return t
         t *= 2
     return None

@@ -5,8 +5,12 @@ Setting (one head, one query ``q`` with ``||q|| <= r``, logits ``a_i = scale <q,
 folded key ``scale * k`` within ``rho`` of its centre, with ``m`` clusters. Then,
 with ``t`` reservoir slots per cluster and ``s_num`` l2 slots,
 
-* denominator (Hoeffding per cluster, union over clusters):
-  ``P(|Z^ - Z| > eps_Z Z) <= 2 m exp(-2 t eps_Z^2 / (e^{2 r rho} - 1)^2)``;
+* denominator, per cluster, union over clusters: each reservoir slot of a cluster is a uniform
+  member, whose ``e^{a}`` lies in ``[L, L e^{2 r rho}]``. Multiplicative Chernoff (``eps_Z <= 1``,
+  summands in ``[0, U]``, mean of the sum ``>= t L = t U e^{-2 r rho}``) gives [SUB]'s
+  ``P(|Z^ - Z| > eps_Z Z) <= 2 m exp(-eps_Z^2 t e^{-2 r rho} / 3)``; Hoeffding gives
+  ``2 m exp(-2 t eps_Z^2 / (e^{2 r rho} - 1)^2)``. Both hold; we use the smaller sample size
+  (Hoeffding binds for ``2 r rho`` below about 1.8, Chernoff above);
 * numerator (exact second moment of l2 sampling, then Markov):
   ``E||N^ - N||^2 = (mu ||e||^2 - ||N||^2) / s_num <= ||V||_F^2 ||e||^2 / s_num``, so
   ``P(||N^ - N|| > eps_N ||e|| ||V||_op) <= srank(V) / (s_num eps_N^2)`` with
@@ -29,6 +33,8 @@ __all__ = [
     "subgen_combined_eps",
     "subgen_denominator_fail_prob",
     "subgen_denominator_samples",
+    "subgen_denominator_samples_chernoff",
+    "subgen_denominator_samples_hoeffding",
     "subgen_numerator_fail_prob",
     "subgen_numerator_samples",
     "subgen_sample_sizes",
@@ -54,21 +60,40 @@ def stable_rank(V: np.ndarray) -> float:
 def subgen_denominator_fail_prob(
     t: int, eps_z: float, query_radius: float, cluster_radius: float, clusters: int
 ) -> float:
-    """Hoeffding + union bound: ``min(1, 2 m exp(-2 t eps_Z^2 / (e^{2 r rho} - 1)^2))`` (0 if ``rho r = 0``)."""
-    spread = math.expm1(2.0 * query_radius * cluster_radius)
+    """``min(1, 2 m min(exp(-2 t eps_Z^2 / (e^{2 r rho} - 1)^2), exp(-eps_Z^2 t e^{-2 r rho} / 3)))``.
+
+    Hoeffding and multiplicative Chernoff (``eps_Z <= 1``) for the reservoir estimate of each
+    cluster, union over the ``m`` clusters; 0 if ``r rho = 0`` (a cluster of identical logits).
+    """
+    x = 2.0 * query_radius * cluster_radius
+    spread = math.expm1(x)
     if spread == 0.0:
         return 0.0
-    return min(1.0, 2.0 * clusters * math.exp(-2.0 * t * eps_z**2 / spread**2))
+    hoeff = math.exp(-2.0 * t * eps_z**2 / spread**2)
+    chern = math.exp(-(eps_z**2) * t * math.exp(-x) / 3.0) if eps_z <= 1 else 1.0
+    return min(1.0, 2.0 * clusters * min(hoeff, chern))
+
+
+def subgen_denominator_samples_hoeffding(eps_z: float, x: float, clusters: int, fail_prob: float) -> float:
+    """``(e^x - 1)^2 ln(2 m / delta_Z) / (2 eps_Z^2)`` with ``x = 2 r rho`` (real-valued)."""
+    return math.expm1(x) ** 2 * math.log(2.0 * clusters / fail_prob) / (2.0 * eps_z**2)
+
+
+def subgen_denominator_samples_chernoff(eps_z: float, x: float, clusters: int, fail_prob: float) -> float:
+    """[SUB]'s form: ``3 e^x ln(2 m / delta_Z) / eps_Z^2`` with ``x = 2 r rho`` (real-valued)."""
+    return 3.0 * math.exp(x) * math.log(2.0 * clusters / fail_prob) / eps_z**2
 
 
 def subgen_denominator_samples(
     eps_z: float, query_radius: float, cluster_radius: float, clusters: int, fail_prob: float
 ) -> int:
-    """Smallest ``t >= 1`` with ``subgen_denominator_fail_prob <= fail_prob``:
-    ``t = ceil((e^{2 r rho} - 1)^2 ln(2 m / delta_Z) / (2 eps_Z^2))``.
+    """Smallest ``t >= 1`` certified by :func:`subgen_denominator_fail_prob` ``<= fail_prob``:
+    ``t = ceil(min((e^{2 r rho} - 1)^2 / (2 eps_Z^2), 3 e^{2 r rho} / eps_Z^2) * ln(2 m / delta_Z))``.
 
-    ``r``: bound on ``||q||``; ``rho``: largest distance of a folded key ``scale * k`` to its
-    centre; ``m``: number of clusters. ``inf`` spreads give ``inf`` (never certified).
+    The second (multiplicative Chernoff) is [SUB]'s ``e^{2 r rho}`` dependence; the first
+    (Hoeffding) is smaller when ``2 r rho`` is small. ``r``: bound on ``||q||``; ``rho``: largest
+    distance of a folded key ``scale * k`` to its centre; ``m``: number of clusters. Spreads with
+    ``2 r rho > 700`` give ``inf`` (never certified).
     """
     eps_z = _check_unit("eps_z", eps_z)
     fail_prob = _check_unit("fail_prob", fail_prob)
@@ -77,8 +102,11 @@ def subgen_denominator_samples(
     x = 2.0 * query_radius * cluster_radius
     if x > 700:
         return math.inf
-    spread = math.expm1(x)
-    return max(1, math.ceil(spread**2 * math.log(2.0 * clusters / fail_prob) / (2.0 * eps_z**2)))
+    t = min(
+        subgen_denominator_samples_hoeffding(eps_z, x, clusters, fail_prob),
+        subgen_denominator_samples_chernoff(eps_z, x, clusters, fail_prob),
+    )
+    return max(1, math.ceil(t))
 
 
 def subgen_numerator_fail_prob(s_num: int, eps_n: float, srank: float) -> float:

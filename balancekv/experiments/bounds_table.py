@@ -1,4 +1,13 @@
-"""``balancekv reproduce bounds``: one row per theorem in ``proofs/`` — bound vs worst observed value.
+"""``balancekv reproduce bounds``: one row per theorem in ``proofs/`` — bound vs observed value.
+
+Three sections: the probabilistic theorems ([ALS] walk direction and FAIL, [BKV] Thm 3.3,
+Eq. 2 / Thm 3.1/3.4, [SUB] Thm 2.4), each run by :mod:`balancekv.bounds.checks` in a regime where
+the bound is informative and printed beside its controls (fair coins, anti-walk, zero estimator,
+equal-memory uniform sampling) — :func:`run_theorems`; the deterministic bounds below (Q1–Q3,
+memory) — :func:`run_bounds`; and the rate (fitted slopes of error against kept tokens for the
+one-walk procedure, the default ``balance`` and uniform sampling) — :func:`run_rate`.
+
+Deterministic rows:
 
 Each row comes from a :class:`BoundCheck`: a name, the source (paper and
 theorem, and the ``proofs/`` file), the bound function in
@@ -85,8 +94,11 @@ def evaluate(check: BoundCheck, seeds=range(3)) -> dict:
         return row
     worst = None
     count = 0
+    infos = {}
     for seed in seeds:
-        obs, bnd = check.run(int(seed))
+        out = check.run(int(seed))
+        obs, bnd = out[0], out[1]
+        infos[int(seed)] = out[2] if len(out) > 2 else {}
         obs, bnd = np.broadcast_arrays(np.asarray(obs, np.float64), np.asarray(bnd, np.float64))
         if not (np.all(np.isfinite(obs)) and np.all(bnd > 0)):
             raise FloatingPointError(
@@ -105,6 +117,8 @@ def evaluate(check: BoundCheck, seeds=range(3)) -> dict:
         worst_seed=worst[3],
         instances=count,
     )
+    if infos.get(worst[3]):
+        row["info"] = infos[worst[3]]
     return row
 
 
@@ -135,6 +149,8 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"| {r['name']} | {r['source']} | {fn} | | | | | not implemented yet |")
             continue
         status = r["status"] + (" (probabilistic)" if r["probabilistic"] else "")
+        if r.get("info", {}).get("binds"):
+            status += f"; binds: {r['info']['binds']}"
         lines.append(
             f"| {r['name']} | {r['source']} | {fn} | {r['observed']:.4g} | {r['bound']:.4g} | "
             f"{r['ratio']:.3g} | {r['instances']} | {status} |"
@@ -143,23 +159,219 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
+# ====================================================================== theorem checks with controls
+#: the probabilistic theorems, each run with its controls (balancekv.bounds.checks)
+THEOREMS = [
+    "walk_direction_check",
+    "walk_fail_check",
+    "softmax_balance_check",
+    "eq2_stream_check",
+    "subgen_check",
+]
+
+
+def run_theorems(seeds=range(3), only=None, progress: bool = True) -> list[dict]:
+    """Each theorem check of :mod:`balancekv.bounds.checks` on every seed.
+
+    Per row: the algorithm's worst ``observed / bound`` over seeds (``(1 - p)``-quantile over trials,
+    worst element; the theorem says ``<= 1``) and, per control, its *smallest* value over seeds (it
+    must stay ``> 1``); ``held`` iff the algorithm was within its binomial allowance on every seed and
+    ``controls broke it`` iff every control was outside it on every seed.
+    """
+    from balancekv.bounds import checks  # noqa: PLC0415
+
+    names = THEOREMS if only is None else [n for n in THEOREMS if n in set(only)]
+    it = names
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        it = tqdm(names, desc="theorems", unit="check")
+    rows = []
+    for name in it:
+        per = [getattr(checks, name)(int(seed)) for seed in seeds]
+        first = per[0]
+        row = dict(
+            check=name,
+            name=first.name,
+            source=first.source,
+            bound_fn=first.bound_fn,
+            regime=first.regime,
+            algorithm=dict(
+                name=first.algorithm.name,
+                ratio=max(r.algorithm.ratio for r in per),
+                within=all(r.algorithm.within for r in per),
+            ),
+            controls=[
+                dict(
+                    name=first.controls[i].name.split(" (")[0],
+                    ratio=min(r.controls[i].ratio for r in per),
+                    outside=all(not r.controls[i].within for r in per),
+                )
+                for i in range(len(first.controls))
+            ],
+            seeds=len(per),
+            per_seed=[r.summary() for r in per],
+        )
+        row["status"] = ("held" if row["algorithm"]["within"] else "VIOLATED") + (
+            "; controls broke it" if all(c["outside"] for c in row["controls"]) else "; a CONTROL HELD (vacuous)"
+        )
+        rows.append(row)
+    return rows
+
+
+def theorem_table(rows: list[dict]) -> str:
+    lines = [
+        "| theorem | source | bound function | regime | algorithm: observed / bound | controls: observed / bound "
+        "| status |",
+        "|---|---|---|---|---:|---|---|",
+    ]
+    for r in rows:
+        fn = f"`{r['bound_fn'].replace('balancekv.bounds.', '')}`"
+        ctl = "; ".join(f"{c['name']} {c['ratio']:.3g}" for c in r["controls"])
+        lines.append(
+            f"| {r['name']} | {r['source']} | {fn} | {r['regime']} | {r['algorithm']['name']} "
+            f"{r['algorithm']['ratio']:.3g} | {ctl} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ====================================================================== the rate
+#: the three configurations of the rate section: (label, method, options)
+RATE_CONFIGS = [
+    ("one walk per round (balance, block=n, sink=window=0)", "balance", {"block": "n", "sink": 0, "window": 0}),
+    ("default balance (package defaults)", "balance", {}),
+    ("uniform sampling", "uniform", {}),
+]
+RATE_N = 2048
+RATE_TS = (2, 3, 4, 5)
+
+
+def rate_errors(method: str, opts: dict, n: int = RATE_N, Ts=RATE_TS, datasets: int = 2, seeds: int = 2):
+    """Mean ``||z - Attn|| / mean ||Attn||`` over 32 queries, 2 data sets and 2 seeds at keep ``2^-T``
+    (``bounded`` family, 2 heads, d = 16); returns ``(kept tokens m (mean), errors)`` per ``T``."""
+    from balancekv import compress  # noqa: PLC0415
+    from balancekv.reference.softmax_attention import attention  # noqa: PLC0415
+    from balancekv.synthetic import make_kv  # noqa: PLC0415
+
+    opts = {k: (n if v == "n" else v) for k, v in opts.items()}
+    ms, errs = [], []
+    for T in Ts:
+        es, ks = [], []
+        for ds in range(datasets):
+            K, V, Q = make_kv("bounded", heads=2, n=n, d=16, q=32, seed=700 + ds)
+            ex = attention(Q, K, V)
+            for seed in range(seeds):
+                ckv = compress(K, V, keep=2.0**-T, method=method, seed=seed, **opts)
+                es.append(np.linalg.norm(ckv.attend(Q) - ex, axis=-1).mean() / np.linalg.norm(ex, axis=-1).mean())
+                ks.append(float(np.mean(ckv.kept())))
+        ms.append(float(np.mean(ks)))
+        errs.append(float(np.mean(es)))
+    return np.array(ms), np.array(errs)
+
+
+def fpc_size(m, n: int):
+    """Finite-population sample size ``1 / (1/m - 1/n)``, applied to every method alike."""
+    m = np.asarray(m, np.float64)
+    return 1.0 / (1.0 / m - 1.0 / n)
+
+
+def fitted_slope(m, err, n: int) -> float:
+    """Slope of ``log err`` against ``log fpc_size(m, n)`` (least squares)."""
+    return float(np.polyfit(np.log(fpc_size(m, n)), np.log(err), 1)[0])
+
+
+def run_rate(out: Path | None = None, plot: bool = True) -> list[dict]:
+    rows = []
+    for label, method, opts in RATE_CONFIGS:
+        m, e = rate_errors(method, opts)
+        rows.append(
+            dict(
+                label=label,
+                method=method,
+                options=opts,
+                kept=m.tolist(),
+                error=e.tolist(),
+                slope=fitted_slope(m, e, RATE_N),
+            )
+        )
+    if plot and out is not None:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for r in rows:
+            x = fpc_size(r["kept"], RATE_N)
+            ax.loglog(x, r["error"], "o-", label=f"{r['label']}: slope {r['slope']:.2f}")
+        x = fpc_size(rows[0]["kept"], RATE_N)
+        ax.loglog(x, rows[0]["error"][0] * x[0] / x, "k:", label="1/m")
+        ax.loglog(x, rows[-1]["error"][0] * np.sqrt(x[0] / x), "k--", label="1/sqrt(m)")
+        ax.set_xlabel("kept tokens, finite-population size 1/(1/m - 1/n)")
+        ax.set_ylabel("mean ||z - Attn|| / mean ||Attn||")
+        ax.set_title(f"Rate on `bounded` (n={RATE_N}, d=16, 2 heads, 32 queries)")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "rate.png", dpi=120)
+        plt.close(fig)
+    return rows
+
+
+def rate_table(rows: list[dict]) -> str:
+    lines = [
+        "| configuration | method, options | kept tokens m | error | fitted slope (vs FPC m) |",
+        "|---|---|---|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | `{r['method']}` {r['options'] or '(defaults)'} | "
+            f"{', '.join(f'{k:.0f}' for k in r['kept'])} | {', '.join(f'{x:.3g}' for x in r['error'])} | "
+            f"{r['slope']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     """Entry point of ``balancekv reproduce bounds``."""
-    rows = run_bounds(only=args.only, seeds=range(args.seeds), progress=not args.no_progress)
+    only = args.only
+    det_only = None if only is None else [o for o in only if o not in THEOREMS and o != "rate"]
+    rows = [] if det_only == [] else run_bounds(only=det_only, seeds=range(args.seeds), progress=not args.no_progress)
+    thm_only = None if only is None else [o for o in only if o in THEOREMS]
+    theorems = (
+        [] if thm_only == [] else run_theorems(seeds=range(args.seeds), only=thm_only, progress=not args.no_progress)
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rate = run_rate(out) if only is None or "rate" in only else []
     md = out / "bounds.md"
     cmd = "balancekv " + " ".join(getattr(args, "argv", None) or ["reproduce", "bounds"])
-    md.write_text(
-        "# Bounds against observed values\n\nOne row per theorem in `proofs/`: the worst ratio "
-        f"observed / bound over {args.seeds} seeded instances of each check "
-        "(every element of an instance is one inequality).\n\n"
-        f"Command: `{cmd}`\n\n" + markdown_table(rows)
+    text = (
+        "# Bounds against observed values\n\n"
+        f"Command: `{cmd}`\n\n"
+        "## Probabilistic theorems, each beside controls that must break it\n\n"
+        f"Over {args.seeds} seeds. Observed / bound is the empirical (1 - p)-quantile over independent runs of "
+        "stat / bound, worst element (direction or query), p the failure probability the theorem allows; the "
+        "algorithm's is its worst seed, a control's its best. The theorem says the algorithm's is <= 1 (tested "
+        "with a binomial allowance); each control must exceed it. Checks: `balancekv/bounds/checks.py`.\n\n"
+        + theorem_table(theorems)
+        + "\n## Deterministic bounds\n\nThe worst ratio observed / bound over "
+        f"{args.seeds} seeded instances of each check (every element of an instance is one inequality).\n\n"
+        + markdown_table(rows)
     )
-    (out / "bounds.json").write_text(json.dumps(rows, indent=1))
+    if rate:
+        text += (
+            "\n## The rate: error against kept tokens\n\nAll three fitted against the finite-population size "
+            "1/(1/m - 1/n) (m = mean kept tokens per head, n = 2048), `bounded` family, keep 1/4 .. 1/32. "
+            "Plot: `rate.png`.\n\n" + rate_table(rate)
+        )
+    md.write_text(text)
+    (out / "bounds.json").write_text(json.dumps({"theorems": theorems, "deterministic": rows, "rate": rate}, indent=1))
     print(md.read_text())
     print(f"wrote {md}")
-    return 0 if all(r["status"] != "VIOLATED" or r["probabilistic"] for r in rows) else 1
+    ok = all(r["status"] != "VIOLATED" or r["probabilistic"] for r in rows)
+    ok = ok and all(r["status"] == "held; controls broke it" for r in theorems)
+    return 0 if ok else 1
 
 
 # ====================================================================== the checks
@@ -218,7 +430,10 @@ def _q2(seed: int):
     "Q3 attention error",
     source="[KIVI]/[MINI]; proofs/quantization.md Thm Q3",
     bound="balancekv.bounds.quantization.attention_error_bound",
-    note="keys 2-bit per channel and values 2-bit per token (KIVI's arrangement), groups of 32",
+    note="keys 2-bit per channel and values 2-bit per token (KIVI's arrangement), groups of 32. The bound "
+    "reported is min(Q3, trivial) with trivial = 2 max||v^|| + max||v - v^|| (||p^ - p||_1 <= 2); at 2 bits "
+    "on LLM-like keys Q3 alone is astronomically large (~1e16 here) and the trivial bound binds (the status "
+    "says which binds; `binds` in bounds.json)",
 )
 def _q3(seed: int):
     from balancekv.bounds.quantization import attention_error_bound, logit_error_bound  # noqa: PLC0415
@@ -232,111 +447,38 @@ def _q3(seed: int):
     Vh = dequantize(codes, s, z, 32, axis=-1)
     err = np.linalg.norm(attention(Q, Kh, Vh, scale) - attention(Q, K, V, scale), axis=-1)  # (h, q)
     bnd = np.empty_like(err)
+    triv = np.empty_like(err)
     for h in range(Q.shape[0]):
         vhat = np.linalg.norm(Vh[h], axis=-1).max()
         verr = np.linalg.norm(V[h] - Vh[h], axis=-1).max()
         for j in range(Q.shape[1]):
             bnd[h, j] = attention_error_bound(logit_error_bound(Q[h, j], e[h], scale).max(), vhat, verr)
-    return err, bnd
-
-
-@bound_check(
-    "SubGen attention error",
-    source="[SUB] Thm 2.4; proofs/subgen.md",
-    bound="balancekv.bounds.subgen.subgen_theorem_rhs",
-    probabilistic=True,
-    note="offline SubGen on clustered keys with (t, s_num) from subgen_sample_sizes(eps=0.5, "
-    "delta=0.1): each query may exceed eps ||softmax||_2 ||V||_op with probability <= 0.1",
-)
-def _subgen(seed: int):
-    from balancekv.api import segments_attention  # noqa: PLC0415
-    from balancekv.bounds.subgen import stable_rank, subgen_sample_sizes, subgen_theorem_rhs  # noqa: PLC0415
-    from balancekv.methods.subgen import state_segments  # noqa: PLC0415
-    from balancekv.reference.softmax_attention import attention  # noqa: PLC0415
-    from balancekv.reference.subgen import fold_scale, greedy_k_center, subgen_offline  # noqa: PLC0415
-    from balancekv.synthetic import make_kv  # noqa: PLC0415
-
-    eps, delta, m = 0.5, 0.1, 8
-    K, V, Q = make_kv("clustered", heads=1, n=512, d=16, q=16, seed=seed, clusters=m, radius=0.05)
-    scale = 1 / np.sqrt(K.shape[-1])
-    _, _, dist = greedy_k_center(fold_scale(K[0], scale), m)
-    r = float(np.linalg.norm(Q[0], axis=-1).max())
-    t, s = subgen_sample_sizes(eps, r, float(dist.max()), m, stable_rank(V[0]), delta)
-    state = subgen_offline(K, V, t=int(t), s_num=int(s), m=m, scale=scale, rng=np.random.default_rng(seed))
-    z = segments_attention(state_segments(state), Q, scale)
-    obs = np.linalg.norm(z - attention(Q, K, V, scale), axis=-1)[0]
-    return obs, subgen_theorem_rhs(Q[0], K[0], V[0], eps, scale)
-
-
-@bound_check(
-    "ALS walk, fixed direction",
-    source="[ALS] §2; proofs/self_balancing_walk.md",
-    bound="balancekv.bounds.walk.als_direction_bound",
-    probabilistic=True,
-    note="n=512 random unit vectors in R^16, c = 30 log(n/delta), delta=0.01; |<w_n, t>| for 16 fixed "
-    "unit directions t; each may exceed the bound with probability <= delta",
-)
-def _als(seed: int):
-    from balancekv.bounds.walk import als_direction_bound, als_threshold  # noqa: PLC0415
-    from balancekv.reference.walk import self_balancing_walk  # noqa: PLC0415
-
-    rng = np.random.default_rng([seed, 7])
-    n, D, delta = 512, 16, 0.01
-    U = rng.normal(size=(n, D))
-    U /= np.linalg.norm(U, axis=1, keepdims=True)
-    c = als_threshold(n, delta)
-    x = self_balancing_walk(U, rng.random(n), c=c)
-    T = rng.normal(size=(16, D))
-    T /= np.linalg.norm(T, axis=1, keepdims=True)
-    obs = np.abs(T @ (x @ U))
-    return obs, np.full(obs.shape, als_direction_bound(c, delta))
-
-
-@bound_check(
-    "SoftmaxBalance discrepancy (Thm 3.3)",
-    source="[BKV] Thm 3.3; proofs/softmax_balance.md",
-    bound="balancekv.bounds.balance.softmax_balance_bound",
-    probabilistic=True,
-    note="one halving of n=256 bounded-norm tokens (d=s=16), 16 random queries; numerator "
-    "discrepancy ||2 sum_C' e^a v - sum e^a v|| against the bound at delta=0.01",
-)
-def _softmax_balance(seed: int):
-    from balancekv.bounds.balance import softmax_balance_bound  # noqa: PLC0415
-    from balancekv.bounds.walk import als_threshold  # noqa: PLC0415
-    from balancekv.reference.softmax_balance import softmax_balance  # noqa: PLC0415
-    from balancekv.synthetic import make_kv  # noqa: PLC0415
-
-    K, V, Q = make_kv("bounded", heads=1, n=256, d=16, q=16, seed=seed)
-    K, V, Q = K[0], V[0], Q[0]
-    scale, delta = 1 / np.sqrt(16), 0.01
-    c = als_threshold(256, delta)
-    half = softmax_balance(K, V, np.random.default_rng([seed, 3]).random(256), scale=scale, c=c, delta=delta)
-    e = np.exp(scale * Q @ K.T)  # (q, n)
-    w = np.zeros(256)
-    w[half.indices] = 2.0
-    obs = np.linalg.norm((e * w) @ V - e @ V, axis=-1)
-    r_k, r_v = np.linalg.norm(K, axis=1).max(), np.linalg.norm(V, axis=1).max()
-    bnd = np.array([softmax_balance_bound(V.shape[1], float(np.linalg.norm(q)), r_k, r_v, scale, c, delta) for q in Q])
-    return obs, bnd
+            triv[h, j] = 2 * vhat + verr
+    binds = "Q3" if np.all(bnd <= triv) else ("trivial" if np.all(triv < bnd) else "mixed")
+    return err, np.minimum(bnd, triv), {"binds": binds, "q3_max": float(bnd.max()), "trivial_max": float(triv.max())}
 
 
 @bound_check(
     "MergeAndReduce memory",
     source="[BKV] Alg. 1, Thm 3.1; proofs/merge_and_reduce.md",
     bound="balancekv.bounds.balance.merge_reduce_memory_bound",
-    note="one instance, t=16, a stream of 1000 bounded-norm tokens (d=s=8); tokens held after every "
-    "step against t (2 + floor(log2(n/t))) — deterministic while no walk falls back",
+    note="one instance, t=8, a stream of n=16384 bounded-norm tokens (d=s=8, n/t = 2048); tokens held after "
+    "every step against t (2 + floor(log2(n/t))) — deterministic on the event of no fallback (the count "
+    "is in bounds.json; a fallback happens when a merged set of a few tokens draws all-equal signs 4 times)",
 )
 def _merge_reduce_memory(seed: int):
     from balancekv.bounds.balance import merge_reduce_memory_bound  # noqa: PLC0415
     from balancekv.reference.merge_reduce import MergeAndReduce  # noqa: PLC0415
     from balancekv.synthetic import make_kv  # noqa: PLC0415
 
-    K, V, _ = make_kv("bounded", heads=1, n=1000, d=8, seed=seed)
-    mr = MergeAndReduce(16, 8, 8, scale=1 / np.sqrt(8), rng=np.random.default_rng(seed))
-    obs, bnd = [], []
-    for i in range(1000):
+    n, t = 16384, 8
+    K, V, _ = make_kv("bounded", heads=1, n=n, d=8, seed=seed)
+    mr = MergeAndReduce(t, 8, 8, scale=1 / np.sqrt(8), rng=np.random.default_rng(seed))
+    obs, bnd = np.empty(n), np.empty(n)
+    for i in range(n):
         mr.add(K[0, i], V[0, i], i)
-        obs.append(mr.size)
-        bnd.append(merge_reduce_memory_bound(i + 1, 16))
-    return np.array(obs, float), np.array(bnd, float)
+        obs[i] = mr.size
+        bnd[i] = merge_reduce_memory_bound(i + 1, t)
+    # a fallback (all-equal signs max_retries + 1 times, only for tiny merged sets) pushes up a set of
+    # more than t tokens; the bound assumes none, so the run reports how many there were
+    return obs, bnd, {"fallbacks": int(mr.fallbacks)}
