@@ -20,7 +20,7 @@ from balancekv.reference.quantization import BITS, SCALE_DTYPES  # noqa: F401  (
 
 from . import _triton as T
 
-__all__ = ["dequantize", "pack", "quantize", "quantize_pack", "unpack"]
+__all__ = ["dequantize", "dequantize_packed", "pack", "quantize", "quantize_pack", "unpack"]
 
 _TORCH_SCALE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
@@ -256,3 +256,36 @@ def unpack(packed, bits: int, axis: int, length: int, *, backend: str = "auto") 
     c = ((w[..., None] >> shifts) & (2**b - 1)).to(torch.uint8)
     c = c.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :length]
     return c.movedim(-1, ax)
+
+
+def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: int, start: int = 0, n=None, dtype=None):
+    """Tokens ``[start, start + n)`` of a packed store as floats ``(L, n, f)``: ``code * scale + zero``.
+
+    The one torch dequantization (CPU decode attention, :meth:`Packed.dense`, quantized stores'
+    ``dense()``). ``axis="tokens"`` (keys): ``words (L, f, W)`` packed along tokens, ``scale``,
+    ``zero`` ``(L, groups, f)``; ``axis="channels"`` (values): ``words (L, rows, W)`` packed along
+    channels, ``scale``, ``zero`` ``(L, rows, f / group)``. Buffers may hold more tokens than are
+    read (spare capacity). Only the words and groups covering the range are unpacked. The
+    arithmetic runs in ``dtype`` (default float32): float64 reproduces the reference exactly.
+    """
+    dtype = dtype or torch.float32
+    b = int(bits)
+    per = 32 // b
+    mask = (1 << b) - 1
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * b
+    if axis in ("tokens", -2):
+        n = words.shape[-1] * per - start if n is None else int(n)
+        w0, w1 = start // per, -(-(start + n) // per)
+        codes = ((words[..., w0:w1, None] >> shifts) & mask).reshape(*words.shape[:-1], -1)
+        codes = codes[..., start - w0 * per : start - w0 * per + n].transpose(-1, -2)  # (L, n, f)
+        g0, g1 = start // group, -(-(start + n) // group)
+        a = start - g0 * group
+        sc = scale[..., g0:g1, :].to(dtype).repeat_interleave(group, dim=-2)[..., a : a + n, :]
+        ze = zero[..., g0:g1, :].to(dtype).repeat_interleave(group, dim=-2)[..., a : a + n, :]
+    else:
+        n = words.shape[-2] - start if n is None else int(n)
+        w = words[..., start : start + n, :]
+        codes = ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)[..., :f]
+        sc = scale[..., start : start + n, :].to(dtype).repeat_interleave(group, dim=-1)[..., :f]
+        ze = zero[..., start : start + n, :].to(dtype).repeat_interleave(group, dim=-1)[..., :f]
+    return codes.to(dtype) * sc + ze
