@@ -59,10 +59,12 @@ def _colsum_torch(Qf, Kf, scale, group, dt, block_elems=1 << 22):
     for m0 in range(0, Lq, block_m):
         m1 = min(Lq, m0 + block_m)
         kmax = L - Lq + m1  # keys 0 .. kmax - 1 are seen by some row of the block
-        a = scale * torch.einsum("hgqd,hkd->hgqk", Qg[:, :, m0:m1], Kd[:, :kmax])
+        r = m1 - m0
+        a = torch.matmul(Qg[:, :, m0:m1].reshape(Hkv, group * r, d), Kd[:, :kmax].transpose(-1, -2))
+        a = a.view(Hkv, group, r, kmax).mul_(scale)
         qpos = L - Lq + torch.arange(m0, m1, device=Kf.device)
-        live = torch.arange(kmax, device=Kf.device)[None, :] <= qpos[:, None]
-        a = a.masked_fill(~live, float("-inf"))
+        dead = torch.arange(kmax, device=Kf.device)[None, :] > qpos[:, None]
+        a.masked_fill_(dead, float("-inf"))
         p = torch.softmax(a, dim=-1)  # max-shifted; each row has >= 1 live key
         out[:, :kmax] += p.sum(dim=(1, 2))
     return out
