@@ -180,14 +180,24 @@ def dequantize(codes, scale, zero, group: int, axis: int) -> torch.Tensor:
     if torch.is_floating_point(c) or c.is_complex():
         raise TypeError(f"codes must be integers, got {c.dtype}")
     ax = int(axis) % c.ndim
-    s = _tensor(scale, "scale").to(torch.float64).repeat_interleave(group, dim=ax)
-    z = _tensor(zero, "zero").to(torch.float64).repeat_interleave(group, dim=ax)
-    if s.shape != c.shape or z.shape != c.shape:
+    sc, ze = _tensor(scale, "scale"), _tensor(zero, "zero")
+    want = list(c.shape)
+    want[ax] = -(-c.shape[ax] // group)
+    if list(sc.shape) != want or list(ze.shape) != want or c.shape[ax] % group:
         raise ValueError(
             f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not match codes "
             f"{tuple(c.shape)} with group={group} along axis {axis}"
         )
-    return c.to(torch.float64) * s + z
+    return _affine(c, sc, ze, group, ax, torch.float64)
+
+
+def _affine(codes, scale, zero, group: int, axis: int, dtype, offset: int = 0):
+    """``code * scale + zero`` in ``dtype``, scales expanded ``group``-fold along ``axis`` and read from
+    ``offset`` on (the one torch dequantization arithmetic; the Triton kernels inline the same)."""
+    n = codes.shape[axis]
+    s = scale.to(dtype).repeat_interleave(group, dim=axis).narrow(axis, offset, n)
+    z = zero.to(dtype).repeat_interleave(group, dim=axis).narrow(axis, offset, n)
+    return codes.to(dtype) * s + z
 
 
 def pack(codes, bits: int, axis: int) -> torch.Tensor:
@@ -279,13 +289,10 @@ def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: i
         codes = ((words[..., w0:w1, None] >> shifts) & mask).reshape(*words.shape[:-1], -1)
         codes = codes[..., start - w0 * per : start - w0 * per + n].transpose(-1, -2)  # (L, n, f)
         g0, g1 = start // group, -(-(start + n) // group)
-        a = start - g0 * group
-        sc = scale[..., g0:g1, :].to(dtype).repeat_interleave(group, dim=-2)[..., a : a + n, :]
-        ze = zero[..., g0:g1, :].to(dtype).repeat_interleave(group, dim=-2)[..., a : a + n, :]
-    else:
-        n = words.shape[-2] - start if n is None else int(n)
-        w = words[..., start : start + n, :]
-        codes = ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)[..., :f]
-        sc = scale[..., start : start + n, :].to(dtype).repeat_interleave(group, dim=-1)[..., :f]
-        ze = zero[..., start : start + n, :].to(dtype).repeat_interleave(group, dim=-1)[..., :f]
-    return codes.to(dtype) * sc + ze
+        sc, ze = scale[..., g0:g1, :], zero[..., g0:g1, :]
+        return _affine(codes, sc, ze, group, codes.ndim - 2, dtype, offset=start - g0 * group)
+    n = words.shape[-2] - start if n is None else int(n)
+    w = words[..., start : start + n, :]
+    codes = ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)[..., :f]
+    sc, ze = scale[..., start : start + n, :], zero[..., start : start + n, :]
+    return _affine(codes, sc, ze, group, codes.ndim - 1, dtype)
