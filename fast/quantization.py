@@ -54,9 +54,10 @@ def _checks(x, bits, group, axis, scale_dtype):
     )
     if sdt is None:
         raise ValueError(f"scale_dtype must be float16 or float32, got {scale_dtype}")
-    if not bool(torch.isfinite(x).all()):
+    big = float(x.abs().amax()) if x.numel() else 0.0  # one reduction: NaN and Inf propagate into it
+    if not np.isfinite(big):
         raise ValueError("x contains NaN or Inf")
-    if x.numel() and float(x.abs().max()) > torch.finfo(sdt).max:
+    if big > torch.finfo(sdt).max:
         raise ValueError(
             f"x has entries of magnitude above {torch.finfo(sdt).max:g}, beyond the range of "
             f"scale_dtype {sdt}; pass scale_dtype=np.float32"
@@ -212,16 +213,21 @@ def pack(codes, bits: int, axis: int) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 2**b - 1):
         raise ValueError(f"codes must lie in [0, {2**b - 1}] for bits={b}")
     per = 32 // b
-    c = c.movedim(ax, -1).to(torch.int64)
+    c = c.movedim(ax, -1).to(torch.int32)
     L = c.shape[-1]
     W = -(-L // per)
     if W * per != L:
         c = torch.cat([c, c.new_zeros(c.shape[:-1] + (W * per - L,))], dim=-1)
     c = c.reshape(c.shape[:-1] + (W, per))
-    shifts = torch.arange(per, device=c.device, dtype=torch.int64) * b
-    words = (c << shifts).sum(-1)  # disjoint bit fields: sum == or, < 2^32
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
-    return words.to(torch.int32).contiguous()
+    # int32 arithmetic without overflow: the low codes sum to < 2^(32-b) (disjoint bit fields: sum == or);
+    # the top code is taken as a signed b-bit number times 2^(32-b), in [-2^31, 2^31), which gives the
+    # two's-complement word of the unsigned bit pattern
+    words = c[..., per - 1] - (c[..., per - 1] >= 2 ** (b - 1)).to(torch.int32) * (2**b)
+    words = words * (2 ** (32 - b))
+    if per > 1:
+        weights = torch.tensor([2 ** (j * b) for j in range(per - 1)], dtype=torch.int32, device=c.device)
+        words = words + (c[..., : per - 1] * weights).sum(-1, dtype=torch.int32)
+    return words.contiguous()
 
 
 def unpack(packed, bits: int, axis: int, length: int, *, backend: str = "auto") -> torch.Tensor:
