@@ -189,16 +189,18 @@ def dequantize(codes, scale, zero, group: int, axis: int) -> torch.Tensor:
             f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not match codes "
             f"{tuple(c.shape)} with group={group} along axis {axis}"
         )
-    return _affine(c, sc, ze, group, ax, torch.float64)
+    out = _affine_last(c.movedim(ax, -1), sc.movedim(ax, -1), ze.movedim(ax, -1), group, torch.float64)
+    return out.movedim(-1, ax)
 
 
-def _affine(codes, scale, zero, group: int, axis: int, dtype, offset: int = 0):
-    """``code * scale + zero`` in ``dtype``, scales expanded ``group``-fold along ``axis`` and read from
-    ``offset`` on (the one torch dequantization arithmetic; the Triton kernels inline the same)."""
-    n = codes.shape[axis]
-    s = scale.to(dtype).repeat_interleave(group, dim=axis).narrow(axis, offset, n)
-    z = zero.to(dtype).repeat_interleave(group, dim=axis).narrow(axis, offset, n)
-    return codes.to(dtype) * s + z
+def _affine_last(codes, scale, zero, group: int, dtype):
+    """``code * scale + zero`` in ``dtype`` with groups of ``group`` along the last axis: ``codes (…, g*G)``,
+    ``scale``, ``zero`` ``(…, g)`` (broadcast, never repeated). The one torch dequantization arithmetic
+    (the Triton kernels inline the same)."""
+    g = scale.shape[-1]
+    c = codes.reshape(*codes.shape[:-1], g, group).to(dtype)
+    out = torch.addcmul(zero.to(dtype)[..., None], c, scale.to(dtype)[..., None])
+    return out.reshape(*codes.shape[:-1], g * group)
 
 
 def pack(codes, bits: int, axis: int) -> torch.Tensor:
@@ -289,16 +291,20 @@ def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: i
     per = 32 // b
     mask = (1 << b) - 1
     shifts = torch.arange(per, device=words.device, dtype=torch.int32) * b
+    unpack_words = lambda w: ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)
     if axis in ("tokens", -2):
         n = words.shape[-1] * per - start if n is None else int(n)
-        w0, w1 = start // per, -(-(start + n) // per)
-        codes = ((words[..., w0:w1, None] >> shifts) & mask).reshape(*words.shape[:-1], -1)
-        codes = codes[..., start - w0 * per : start - w0 * per + n].transpose(-1, -2)  # (L, n, f)
         g0, g1 = start // group, -(-(start + n) // group)
-        sc, ze = scale[..., g0:g1, :], zero[..., g0:g1, :]
-        return _affine(codes, sc, ze, group, codes.ndim - 2, dtype, offset=start - g0 * group)
+        t0, t1 = g0 * group, g1 * group  # whole groups covering the range
+        w0 = t0 // per
+        codes = unpack_words(words[..., w0 : -(-t1 // per)])[..., t0 - w0 * per : t1 - w0 * per]  # (L, f, <= t1-t0)
+        if codes.shape[-1] < t1 - t0:  # the last group runs past the buffer (never read): pad
+            codes = torch.nn.functional.pad(codes, (0, t1 - t0 - codes.shape[-1]))
+        sc, ze = scale[..., g0:g1, :].transpose(-1, -2), zero[..., g0:g1, :].transpose(-1, -2)  # (L, f, g)
+        out = _affine_last(codes, sc, ze, group, dtype)[..., start - t0 : start - t0 + n]
+        return out.transpose(-1, -2)  # (L, n, f)
     n = words.shape[-2] - start if n is None else int(n)
-    w = words[..., start : start + n, :]
-    codes = ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)[..., :f]
-    sc, ze = scale[..., start : start + n, :], zero[..., start : start + n, :]
-    return _affine(codes, sc, ze, group, codes.ndim - 1, dtype)
+    ng = scale.shape[-1]
+    codes = unpack_words(words[..., start : start + n, :])[..., : ng * group]
+    out = _affine_last(codes, scale[..., start : start + n, :], zero[..., start : start + n, :], group, dtype)
+    return out[..., :f]
