@@ -26,6 +26,10 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def is_torch_dtype(dtype: Any) -> bool:
+    return torch is not None and isinstance(dtype, torch.dtype)
+
+
 def compute_dtype(dtype: Any):
     """The dtype the fast path computes in for storage ``dtype``: float64 stays, the rest is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -38,12 +42,27 @@ class Kind:
     lib: str
     dtype: Any
     device: Any = None
+    #: the values' storage dtype when it differs from the keys' (mixed-precision input keeps both)
+    vdtype: Any = None
 
     @classmethod
-    def of(cls, x: Any) -> Kind:
+    def of(cls, x: Any, values: Any = None) -> Kind:
+        vd = None if values is None else values.dtype
         if is_torch(x):
-            return cls("torch", x.dtype, x.device)
-        return cls("numpy", np.asarray(x).dtype)
+            return cls("torch", x.dtype, x.device, vd if vd != x.dtype else None)
+        return cls("numpy", np.asarray(x).dtype, None, vd if vd != np.asarray(x).dtype else None)
+
+    @property
+    def value_dtype(self):
+        return self.dtype if self.vdtype is None else self.vdtype
+
+    def for_values(self) -> Kind:
+        """The kind of the values' stores (their own dtype)."""
+        return Kind(self.lib, self.value_dtype, self.device)
+
+    @staticmethod
+    def itemsize(dtype) -> int:
+        return int(torch.empty((), dtype=dtype).element_size()) if is_torch_dtype(dtype) else np.dtype(dtype).itemsize
 
     @property
     def is_torch(self) -> bool:

@@ -21,11 +21,21 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
     if is_torch(x):
         if x.is_complex() or not x.is_floating_point():
             raise TypeError(f"{name} must have a real floating dtype, got torch {x.dtype}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; use {name}.to_dense()")
+        if x.device.type == "meta":
+            raise TypeError(f"{name} is a meta tensor (it holds no data); materialise it on a real device first")
         ndim = x.dim()
         finite = bool(torch.isfinite(x).all()) if x.numel() else True
     elif isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must have a real floating dtype, got numpy {x.dtype}")
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(
+                f"{name} must be float16, float32 or float64, got numpy {x.dtype}; use {name}.astype(float)"
+            )
+        if not x.dtype.isnative:
+            raise TypeError(f"{name} has a non-native byte order ({x.dtype.str}); use {name}.astype(float)")
         ndim = x.ndim
         finite = bool(np.isfinite(x).all()) if x.size else True
     else:
@@ -36,6 +46,8 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
         )
     if not finite:
         raise ValueError(f"{name} contains NaN or Inf")
+    if any(int(k) == 0 for k in tuple(x.shape)[:-2]):
+        raise ValueError(f"{name} has an empty leading (batch, head) dim: shape {tuple(x.shape)}")
 
 
 def check_same_kind(names: tuple[str, ...], arrays: tuple[Any, ...]) -> None:
@@ -108,3 +120,9 @@ def check_seed(seed: Any) -> None:
 def check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)

@@ -31,7 +31,7 @@ import numpy as np
 from balancekv.reference import softmax_attention as ra
 
 from . import _validate as V_
-from ._arrays import Kind, cat, is_torch, to_numpy, torch
+from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV
 from .methods import get_method
 from .methods.base import Built, Context
@@ -78,6 +78,14 @@ def exact_attention(probes, K, Vv, scale):
 
         return fa.attention(probes, K, Vv, scale)
     return ra.attention(probes, K, Vv, scale)
+
+
+def exact_slot_bytes(K, V) -> int:
+    """Bytes one head's exact slot holds on this path: key, value, two log-weights, one position."""
+    if is_torch(K):
+        w = 8 if K.dtype == torch.float64 else 4
+        return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + 2 * w + 8
+    return (K.shape[-1] + V.shape[-1]) * 8 + 3 * 8
 
 
 def host(x) -> np.ndarray:
@@ -143,11 +151,11 @@ def working_arrays(K, V, queries, path: str, H: int):
     if path == "reference":
         conv = lambda x: to_numpy(x).reshape(H, *x.shape[-2:])
     else:
+        dt = torch.float64 if K.dtype in (torch.float64, np.float64) else torch.float32
 
         def conv(x):
             t = x.detach() if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
-            dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-            return t.to(dt).reshape(H, *t.shape[-2:])
+            return t.to(device=K.device if is_torch(K) else t.device, dtype=dt).reshape(H, *t.shape[-2:])
 
     return conv(K), conv(V), None if queries is None else conv(queries)
 
@@ -228,7 +236,7 @@ def compress(
         V_.check_queries("queries", queries, lead, d, like=K)
     if keep is not None and keep < 1 and not meth.selects_tokens:
         raise ValueError(f"method {method!r} keeps every token; keep must be 1 (use eps or its options)")
-    kind = Kind.of(K)
+    kind = Kind.of(K, V)  # keys and values keep their own dtypes (mixed precision is not cast down)
     path, method_backend = choose_path(kind, backend)
     Kw, Vw, Qw = working_arrays(K, V, queries, path, H)
     scale = ra.default_scale(d, scale)
@@ -275,12 +283,20 @@ def compress(
     errors = None
     if keep is not None or guarantee == "theorem":
         if keep is not None:
-            level = meth.level_for_keep(keep, n, opts)
+            # keep=1 keeps every token exactly for every token-selecting method (quantization keeps
+            # every token too, at its bits)
+            level = None if (keep == 1 and meth.selects_tokens) else meth.level_for_keep(keep, n, opts)
         else:
             ctx = Context(scale=scale, rng=level_rng(entropy, method, None), probes=probes, delta=delta, opts=opts)
             level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
         built = build(level)
+        if level is not None and held_nbytes(built.segments) > H * n * exact_slot_bytes(Kw, Vw):
+            # never larger than the exact cache: a level that holds more bytes than every token falls back
+            tried = built.info
+            built, level = build(None), None
+            built.info.update({k: tried[k] for k in ("retries", "fallbacks") if k in tried})
+            diag["fallback_exact"] = True
         levels, choice = [level], np.zeros(H, dtype=int)
         if measure:
             errors = host(per_head_error(built.segments, probes, exact_probe, scale))
@@ -299,8 +315,12 @@ def compress(
             errs.append(host(per_head_error(b.segments, probes, exact_probe, scale)))
         errs = np.stack(errs)  # (levels, H)
         ok = errs <= eps
-        idx = np.arange(len(levels))[:, None]
-        choice = np.where(ok, idx, 0).max(axis=0)  # most compressed level meeting eps (0 = exact)
+        ok[0] = True  # the exact fallback always qualifies
+        # per head, the fewest held bytes among the levels meeting eps (every level builds every head
+        # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
+        per_head = np.array([held_nbytes(b.segments) / H for b in builts])
+        cost = np.where(ok, per_head[:, None], np.inf) - 1e-9 * np.arange(len(levels))[:, None]
+        choice = np.argmin(cost, axis=0)
         errors = errs[choice, np.arange(H)]
         segs, stream = _combine(builts, choice)
         infos = [b.info for b in builts]
@@ -315,6 +335,9 @@ def compress(
     )
     if errors is not None:
         diag.update({"error_per_head": errors.reshape(lead), "error": float(errors.mean())})
+    if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
+        stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
+        segs = stream.segments()
     if stream is not None:
         stream = _LeadStream(stream, lead)
     out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
@@ -355,6 +378,12 @@ def attention(Q, K, V, scale: float | None = None, causal: bool = False, backend
     V_.check_queries("Q", Q, tuple(K.shape[:-2]), K.shape[-1], like=K)
     V_.check_scale(scale)
     V_.check_choice("backend", backend, BACKENDS)
+    causal = V_.check_bool("causal", causal)
+    if causal and Q.shape[-2] > K.shape[-2]:
+        raise ValueError(
+            f"causal attention aligns the last query with the last key, so Q may hold at most n={K.shape[-2]} "
+            f"queries; got {Q.shape[-2]}"
+        )
     kind = Kind.of(Q)
     if backend in ("torch", "triton") or (backend == "auto" and kind.is_torch):
         import torch  # noqa: PLC0415

@@ -60,16 +60,24 @@ class SlotArena:
             self.bounds.append((a, a + sg.m, sg.label, sg.meta))
             a += sg.m
         self.used = a
-        if segments:
+        if len(segments) == 1:  # one segment: its arrays become the buffer (no copy until it grows)
+            (sg,) = segments
+            self.keys, self.values, self.num, self.den, self.pos = (
+                sg.keys.dense(),
+                sg.values.dense(),
+                sg.num_logw,
+                sg.den_logw,
+                sg.positions,
+            )
+        elif segments:
             self.keys = cat([sg.keys.dense() for sg in segments], -2)
             self.values = cat([sg.values.dense() for sg in segments], -2)
             self.num = cat([sg.num_logw for sg in segments], -1)
             self.den = cat([sg.den_logw for sg in segments], -1)
             self.pos = cat([sg.positions for sg in segments], -1)
         else:
-            sdt = kind.dtype
-            self.keys = _zeros(kind, self.lead + (0, d), sdt)
-            self.values = _zeros(kind, self.lead + (0, s), sdt)
+            self.keys = _zeros(kind, self.lead + (0, d), kind.dtype)
+            self.values = _zeros(kind, self.lead + (0, s), kind.value_dtype)
             self.num = _zeros(kind, self.lead + (0,), wdt)
             self.den = _zeros(kind, self.lead + (0,), wdt)
             self.pos = _zeros(kind, self.lead + (0,), torch.int64 if kind.is_torch else np.int64)
@@ -238,19 +246,11 @@ class CompressedKV:
         return held_nbytes(self._other, self._arena, self._stream)
 
     @property
-    def itemsize(self) -> int:
-        """Bytes per element of the input cache's dtype."""
-        return int(
-            torch.empty((), dtype=self.kind.dtype).element_size()
-            if self.kind.is_torch
-            else np.dtype(self.kind.dtype).itemsize
-        )
-
-    @property
     def input_nbytes(self) -> int:
-        """Bytes of the uncompressed cache of the same tokens in the input's dtype:
-        ``heads * n * (d + s) * itemsize``."""
-        return int(np.prod(self.lead, dtype=np.int64)) * self.n_seen * (self.d + self.s) * self.itemsize
+        """Bytes of the uncompressed cache of the same tokens in the input's dtypes:
+        ``heads * n * (d * itemsize(K) + s * itemsize(V))``."""
+        per = self.d * Kind.itemsize(self.kind.dtype) + self.s * Kind.itemsize(self.kind.value_dtype)
+        return int(np.prod(self.lead, dtype=np.int64)) * self.n_seen * per
 
     @property
     def ratio(self) -> float:
@@ -291,7 +291,8 @@ class CompressedKV:
 
         ``positions`` (optional, ints of shape ``(mq,)`` or ``(…, mq)``): the stream index of
         each query; slots holding later tokens are masked out (causal attention).
-        Returns ``(…, mq, s)`` in ``Q``'s kind, device and dtype. Torch caches run the torch
+        Returns ``(…, mq, s)`` in ``Q``'s kind and device, in ``Q``'s dtype promoted with the values' (fp16 queries
+        over fp32 values give fp32, so large values do not overflow). Torch caches run the torch
         estimator (SDPA for one dense single-set buffer, split partial sums otherwise; the
         Triton split-K kernel on CUDA); NumPy caches the NumPy reference.
         """
@@ -331,7 +332,7 @@ class CompressedKV:
                 query_positions=qp,
                 backend="torch" if backend == "reference" else backend,
             )
-            return out.reshape(tuple(Q.shape[:-1]) + (self.s,)).to(Q.dtype)
+            return out.reshape(tuple(Q.shape[:-1]) + (self.s,)).to(torch.promote_types(Q.dtype, self.kind.value_dtype))
         from balancekv.reference import softmax_attention as ra  # noqa: PLC0415  (reference path only)
 
         mask = None
@@ -345,10 +346,11 @@ class CompressedKV:
     # ------------------------------------------------------------------ decoding
     def _working(self, x, name: str):
         """An appended array in the cache's storage dtype; ``ValueError`` naming it if that overflows."""
+        dt = self.kind.dtype if name == "k" else self.kind.value_dtype
         if is_torch(x):
-            y = x.detach().to(device=self.kind.device, dtype=self.kind.dtype)
+            y = x.detach().to(device=self.kind.device, dtype=dt)
         else:
-            y = np.asarray(x, dtype=self.kind.dtype)
+            y = np.asarray(x, dtype=dt)
         if not bool(isfinite(y).all()):
             raise ValueError(f"{name} does not fit the cache's dtype {self.kind.dtype} (it would overflow to inf)")
         return y
@@ -362,7 +364,9 @@ class CompressedKV:
         the cache's dtype (a ``ValueError`` names ``k`` or ``v`` if they do not fit it). The
         caller's arrays are copied, never kept or modified.
         """
-        V_.check_kv(k, v, "k", "v")
+        V_.check_kv(k, v, "k", "v", allow_empty=True)
+        if k.shape[-2] == 0:
+            return self  # nothing to add
         V_.check_same_kind(("k", "the cache"), (k, self._arena.keys))
         if tuple(k.shape[:-2]) != self.lead:
             raise ValueError(f"k must have the cache's leading dims {self.lead}, got {tuple(k.shape[:-2])}")

@@ -2,63 +2,68 @@
 
 A :class:`CompressedCache` is a ``transformers`` :class:`~transformers.Cache`
 whose layers hold a :class:`balancekv.CompressedKV` instead of the full key and
-value tensors. It works with ``model.generate(..., past_key_values=cache)`` and
-with a plain forward loop::
+value tensors. It works with ``model.generate(..., cache=cache)``, with
+``pipeline("text-generation")`` (pass ``cache=`` through the call) and with a
+plain forward loop::
 
     from balancekv import hf
-    hf.enable(model)                                   # registers the "balancekv" attention
-    cache = hf.CompressedCache(model, method="balance", keep=0.25)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    with hf.compressed(model, method="balance", keep=0.25) as cache:
+        out = model.generate(ids, cache=cache, max_new_tokens=32)
     cache.nbytes, cache.ratio
+
+    hf.enable(model)                                   # or by hand: wrap the attention ...
+    cache = hf.CompressedCache(model, method="snapkv", keep=0.25)
+    out = model.generate(ids, cache=cache, max_new_tokens=32)
+    hf.disable(model)                                  # ... and restore it
 
 What happens, per attention layer:
 
 1. **Prefill** (the first forward through an empty layer): the prompt attends to
-   itself exactly (transformers' own ``sdpa`` path, so the prompt's hidden
-   states are untouched). Right after, the layer compresses the prompt's keys
-   and values with :func:`balancekv.compress` (any registered method, at the
-   layer's ``keep`` or ``eps``), using the last ``probe_window`` queries of each
-   query head as probe queries (SnapKV's observation window, H2O's queries, the
+   itself with the model's own attention implementation (``eager``, ``sdpa``,
+   ... — :func:`enable` wraps it, it does not replace it, so the prompt's hidden
+   states and ``output_attentions`` are untouched). Right after, the layer
+   compresses the prompt's keys and values with :func:`balancekv.compress` on the
+   model's device and in its dtype (any registered method, at the layer's
+   ``keep`` or ``eps``), using the last ``probe_window`` queries of each query
+   head as probe queries (SnapKV's observation window, H2O's queries, the
    ``eps`` search).
 2. **Decoding** (every later forward, one token or many): the new keys and
-   values go through :meth:`CompressedKV.append` (the method's decode policy:
-   exact tokens for most methods, continued compression for streaming ones),
-   and attention runs over the compressed slots with the estimator of SPEC
-   section 1: ``z(q) = sum_i e^{a_i + num_i} v_i / sum_i e^{a_i + den_i}``.
-   Single-set caches (``num == den``) are ordinary attention with an additive
-   logit bias (``sdpa`` with a float mask); two-set caches (``subgen``,
-   ``balance-stream``) compute ``exp(lse(a + num) - lse(a + den)) *
-   softmax(a + num) @ V``, each log-sum-exp with its own maximum, so neither
-   sum underflows against the other in float32.
-   Queries attend causally by the stream position of each slot, so a
-   multi-token forward (teacher forcing) is causal inside the new tokens.
+   values go through :meth:`CompressedKV.append` — written in place into the
+   cache's slot buffer, or handed to the method's decode stream — and attention
+   runs over the compressed slots with the one estimator of SPEC section 1
+   (:func:`balancekv.fast.attend_parts`): one ``scaled_dot_product_attention``
+   with a float bias for a dense single-set cache; per-part partial sums (two
+   log-sum-exps for two-set caches, each with its own maximum) otherwise;
+   packed low-bit stores read by the Triton split-K kernel on CUDA and
+   dequantized on the fly on CPU. Queries attend causally by the stream
+   position of each slot, so a multi-token forward (teacher forcing) is causal
+   inside the new tokens.
+
+Memory: a layer holds its :class:`CompressedKV` and nothing else (kept tokens
+in the model's dtype, packed codes and scales, weights, positions, spare slot
+capacity); ``nbytes`` is exactly what it holds and ``ratio`` compares it with
+the full cache in the model's dtype (:mod:`balancekv.storage`).
 
 Grouped-query attention: a :class:`CompressedKV` is per KV head; the ``g`` query
 heads of a group share it (query head ``h`` reads KV head ``h // g``, the order
 of transformers' ``repeat_kv``). The probe queries of a KV head are the last
-``probe_window`` queries of each of its ``g`` query heads, stacked head by head
-(as :meth:`balancekv.models.LayerCapture.queries_by_kv_head` does). Methods that
-read probes as "the last prompt queries aligned to the end of the cache" (SnapKV,
-H2O with queries) therefore see the group's heads one after another; SnapKV's
-observation window (its last ``window`` rows) is the last query head's window.
+``probe_window`` queries of each of its ``g`` query heads, stacked head by head.
 
-How it plugs into transformers 5.x: the cache layer tags the key tensor it
-returns with itself (a Python attribute on the tensor); the attention function
-registered as ``"balancekv"`` in :class:`~transformers.AttentionInterface` finds
-the tag, runs the prefill compression or the compressed decode attention, and
-falls back to plain ``sdpa`` for untagged tensors (so an enabled model behaves
-exactly as before with an ordinary cache).
-
-Limits: batches must be unpadded (every sequence of the batch has the same
-length; a padded prefill raises ``NotImplementedError``); beam search and
-cropping (assisted decoding) are refused; the model must follow transformers'
-functional attention interface (Llama, Mistral, Qwen2, SmolLM2, ...).
+Limits: batches must be unpadded (a padded prefill raises
+``NotImplementedError``); beam search and cropping (assisted decoding) are
+refused; sliding-window models (Gemma 2/3, Mistral) serve only prompts within
+their window (a longer prefill raises ``NotImplementedError`` saying so); the
+model must follow transformers' functional attention interface (Llama, Mistral,
+Qwen2, SmolLM2, ...). A cache serves one prompt: call
+:meth:`CompressedCache.reset` (or make a new cache) for the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import math
+import sys
+from numbers import Integral, Real
 from types import SimpleNamespace
 
 import numpy as np
@@ -69,26 +74,26 @@ if importlib.util.find_spec("transformers") is None:  # pragma: no cover - depen
     )
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from .api import compress
+from .fast.decode_attention import attend_parts
 from .methods import get_method
 
-ATTN_NAME = "balancekv"
+PREFIX = "balancekv_"
 BUDGETS = ("uniform", "pyramid")
 _TAG = "_balancekv_layer"
 
 __all__ = [
-    "ATTN_NAME",
     "CompressedCache",
     "CompressedLayer",
-    "balancekv_attention",
+    "compressed",
+    "disable",
     "enable",
     "generate",
+    "group_probes",
     "layer_keeps",
 ]
 
@@ -104,7 +109,7 @@ def layer_keeps(keep: float, layers: int, budgets="uniform", beta: float = 20.0)
     floats gives each layer's fraction directly. Fractions are later raised to at least one
     token per head.
     """
-    from balancekv.reference.selection import pyramid_budgets  # noqa: PLC0415
+    from balancekv.reference.selection import pyramid_budgets  # noqa: PLC0415  (only for pyramid budgets)
 
     if isinstance(budgets, str):
         if budgets not in BUDGETS:
@@ -126,18 +131,16 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, parent: "CompressedCache", layer_idx: int):
+    def __init__(self, parent: CompressedCache, layer_idx: int):
         super().__init__()
         self.parent, self.layer_idx = parent, int(layer_idx)
         self.ckv = None  # the CompressedKV once the prompt is compressed
         self.n_seen = 0  # tokens of the stream seen (RoPE positions), not slots held
         self._prefill = None  # (K, V) of the prompt until the attention function compresses it
         self.retained = None  # (K, V, probes, scale) when the cache keeps the prompt for re-compression
-        self._segs: list = []  # segments of ckv already in the dense tensors below
-        self._dense = None  # (keys, values, bias-or-(num, den), positions) as torch tensors
 
     # -- transformers' layer protocol --------------------------------------------------
-    def lazy_initialization(self, key_states, value_states) -> None:
+    def lazy_initialization(self, key_states, value_states=None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -148,32 +151,38 @@ class CompressedLayer(CacheLayerMixin):
             if self._prefill is not None:
                 raise RuntimeError(
                     "the prompt of this CompressedCache layer was never compressed: the model's attention is not "
-                    f"balancekv's. Call balancekv.hf.enable(model) (attn_implementation={ATTN_NAME!r}) before using "
+                    "balancekv's. Call balancekv.hf.enable(model) (or use hf.compressed(model, ...)) before using "
                     "a CompressedCache"
                 )
-            self._prefill = (key_states.detach().clone(), value_states.detach().clone())
+            sw = self.parent.sliding_window
+            if sw is not None and key_states.shape[-2] > sw:
+                raise NotImplementedError(
+                    f"this model attends through a sliding window of {sw} tokens (Gemma 2/3, Mistral, ...), and the "
+                    f"prompt has {key_states.shape[-2]}: a compressed prompt has no notion of the window, so "
+                    "CompressedCache supports such models only for prompts within the window"
+                )
+            self._prefill = (key_states.detach(), value_states.detach())
             self.n_seen = key_states.shape[-2]
             keys = key_states.view_as(key_states)  # a fresh tensor object to carry the tag
             setattr(keys, _TAG, (self, "prefill"))
             return keys, value_states
         self.ckv.append(key_states.detach(), value_states.detach())
         self.n_seen = self.ckv.n_seen
-        self._refresh()
-        keys = self._dense[0].view_as(self._dense[0])
+        keys = key_states.view_as(key_states)
         setattr(keys, _TAG, (self, "decode"))
-        return keys, self._dense[1]
+        return keys, value_states
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.n_seen + query_length, 0
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, *args, **kwargs) -> int:
         return self.n_seen
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.ckv, self.n_seen, self._prefill, self.retained, self._segs, self._dense = None, 0, None, None, [], None
+        self.ckv, self.n_seen, self._prefill, self.retained = None, 0, None, None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -216,69 +225,31 @@ class CompressedLayer(CacheLayerMixin):
             kw["keep"] = float(min(1.0, max(p.keeps[self.layer_idx], 1.0 / n)))
         self.ckv = compress(K, V, **kw)
         self.n_seen = n
-        self._segs, self._dense = [], None
-        self._refresh()
-
-    def _refresh(self) -> None:
-        """Bring the dense torch view of the slots up to date with ``self.ckv`` (incrementally when possible)."""
-        segs = self.ckv.segments
-        old = self._segs
-        incremental = self._dense is not None and len(segs) >= len(old) and all(a is b for a, b in zip(old, segs))
-        new = segs[len(old) :] if incremental else segs
-        if incremental and not new:
-            return
-        dev, dt = self.device, self.dtype
-        parts = [
-            torch.cat([torch.as_tensor(f(s)) for s in new], dim=-2 if i < 2 else -1)
-            for i, f in enumerate(
-                (lambda s: s.keys.dense(), lambda s: s.values.dense(), lambda s: s.num_logw, lambda s: s.den_logw)
-            )
-        ]
-        pos = torch.from_numpy(np.concatenate([s.positions for s in new], axis=-1))
-        parts = [
-            parts[0].to(dev, dt),
-            parts[1].to(dev, dt),
-            parts[2].to(dev, torch.float32),
-            parts[3].to(dev, torch.float32),
-            pos.to(dev),
-        ]
-        if incremental:
-            parts = [torch.cat([a, b], dim=-2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self._dense, parts))]
-        self._dense = tuple(parts)
-        self._segs = segs
-        self.keys, self.values = parts[0], parts[1]
 
     # -- attention -------------------------------------------------------------------------
     def attend(self, query, scaling: float):
         """The estimator ``z(q)`` for ``query (B, Hq, t, d)`` over the slots (after this step's append).
 
-        Returns ``(B, t, Hq, s)`` like transformers' attention functions.
+        Returns ``(B, t, Hq, s)`` like transformers' attention functions, in the query's dtype.
         """
-        K, Vv, num, den, pos = self._dense
+        ckv = self.ckv
         B, Hq, t, d = query.shape
-        Hkv = K.shape[1]
+        Hkv = ckv.lead[-1]
         g = Hq // Hkv
-        q = query.reshape(B, Hkv, g * t, d)  # row j*t + i: query head kv*g + j, new token i
-        visible = None
+        q = query.reshape(B * Hkv, g * t, d)  # row j*t + i: query head kv*g + j, new token i
+        qpos = None
         if t > 1:  # causal inside the new tokens: slot position <= query position
-            qpos = torch.arange(self.n_seen - t, self.n_seen, device=pos.device).repeat(g)
-            visible = pos[:, :, None, :] <= qpos[None, None, :, None]
-        if torch.equal(num, den):  # single set: attention with an additive logit bias
-            mask = num[:, :, None, :]
-            if visible is not None:
-                mask = mask.masked_fill(~visible, -math.inf)
-            out = F.scaled_dot_product_attention(q, K, Vv, attn_mask=mask.to(q.dtype), scale=scaling)
-        else:
-            # two sets: z = exp(lse(a + num) - lse(a + den)) * softmax(a + num) @ V, each sum
-            # normalised by its own maximum, so neither part underflows against the other
-            a = scaling * (q.float() @ K.float().transpose(-1, -2))
-            if visible is not None:
-                a = a.masked_fill(~visible, -math.inf)
-            an, ad = a + num[:, :, None, :], a + den[:, :, None, :]
-            lse_n, lse_d = torch.logsumexp(an, dim=-1, keepdim=True), torch.logsumexp(ad, dim=-1, keepdim=True)
-            out = (torch.softmax(an, dim=-1) @ Vv.float()) * torch.exp(lse_n - lse_d)
-            out = out.to(q.dtype)
-        return out.reshape(B, Hq, t, -1).transpose(1, 2).contiguous()
+            qpos = torch.arange(self.n_seen - t, self.n_seen, device=query.device).repeat(g)
+            qpos = qpos.expand(B * Hkv, g * t)
+        out = attend_parts(
+            q,
+            ckv.parts(),
+            scaling,
+            query_positions=qpos,
+            dtype=query.dtype,
+            backend=self.parent.backend if self.parent.backend != "reference" else "torch",
+        )
+        return out.to(query.dtype).reshape(B, Hq, t, -1).transpose(1, 2).contiguous()
 
     @property
     def nbytes(self) -> int:
@@ -292,16 +263,27 @@ class CompressedLayer(CacheLayerMixin):
 def group_probes(query, n_kv_heads: int, window: int):
     """Probe queries per KV head: the last ``window`` queries of each of its query heads, head by head.
 
-    ``query (B, Hq, n, d)`` -> ``(B, Hkv, g * w, d)`` with ``w = min(window, n // g)`` (at
-    least 1) so that no more probes than keys are handed over (H2O's alignment needs it).
+    ``query (B, Hq, n, d)`` -> ``(B, Hkv, g * w, d)`` with ``w = min(window, n)``: a prompt shorter
+    than the window gives all of its queries.
     """
     B, Hq, n, d = query.shape
     g = Hq // n_kv_heads
-    w = max(1, min(int(window), n // g))
+    w = max(1, min(int(window), n))
     return query[:, :, n - w :].reshape(B, n_kv_heads, g * w, d)
 
 
 # ---------------------------------------------------------------------- the cache
+def _check_real(name, v, lo, hi, lo_open=True, hi_open=False):
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+        raise ValueError(
+            f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v!r}"
+        )
+    return v
+
+
 class CompressedCache(Cache):
     """A transformers cache compressing each layer's prompt with a ``balancekv`` method.
 
@@ -314,6 +296,7 @@ class CompressedCache(Cache):
     budgets : ``"uniform"``, ``"pyramid"`` (SPEC 7, with ``beta``) or per-layer fractions.
     probe_window : prompt queries per query head used as probes (default 32, SnapKV's window).
     seed : layer ``l`` compresses with seed ``seed + l``.
+    backend : as for :func:`balancekv.compress` (``"auto"``: torch, Triton kernels on CUDA).
     retain_prefill : keep the prompt's keys, values and probes so :meth:`recompress` can
         build other caches from the same prefill (evaluation; costs the full cache's memory).
     **options : the method's options (``balancekv.get_method(method).defaults``).
@@ -339,6 +322,11 @@ class CompressedCache(Cache):
         n_layers = getattr(config, "num_hidden_layers", None)
         if not isinstance(n_layers, int) or n_layers < 1:
             raise TypeError("model must be a transformers model or config with num_hidden_layers")
+        sw = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None) or []
+        sliding = any("sliding" in str(t) for t in layer_types) or getattr(config, "use_sliding_window", sw is not None)
+        #: a prompt longer than this cannot be served (sliding-window layers); None: no limit
+        self.sliding_window = int(sw) if (sliding and sw) else None
         meth = get_method(method)  # ValueError for an unknown name
         meth.resolve_options(options)  # TypeError/ValueError for a bad option, before any forward pass
         if keep is not None and eps is not None:
@@ -346,26 +334,25 @@ class CompressedCache(Cache):
         if keep is None and eps is None:
             keep = 1.0
         if keep is not None:
-            if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-                raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+            keep = _check_real("keep", keep, 0.0, 1.0)
             if keep < 1 and not meth.selects_tokens:
                 raise ValueError(f"method {method!r} keeps every token; use keep=1 (or eps) and its options")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
-            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-        if isinstance(probe_window, bool) or not isinstance(probe_window, int) or probe_window < 1:
+        if eps is not None:
+            eps = _check_real("eps", eps, 0.0, 1.0, hi_open=True)
+        if isinstance(probe_window, bool) or not isinstance(probe_window, Integral) or probe_window < 1:
             raise ValueError(f"probe_window must be a positive int, got {probe_window!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.method, self.keep, self.eps, self.options = method, keep, eps, dict(options)
         self.budgets, self.beta = budgets, float(beta)
         self.keeps = layer_keeps(keep if keep is not None else 1.0, n_layers, budgets, beta)
-        self.probe_window, self.seed, self.backend = probe_window, seed, backend
+        self.probe_window, self.seed, self.backend = int(probe_window), int(seed), backend
         self.retain_prefill = bool(retain_prefill)
         self.n_layers = n_layers
         super().__init__(layers=[CompressedLayer(self, i) for i in range(n_layers)])
 
     @classmethod
-    def recompress(cls, source: "CompressedCache", method: str, **kwargs) -> "CompressedCache":
+    def recompress(cls, source: CompressedCache, method: str, **kwargs) -> CompressedCache:
         """A new cache holding ``source``'s prompt compressed with ``method`` (``source`` needs ``retain_prefill``).
 
         The prompt's forward pass is not repeated: each layer compresses the keys, values and
@@ -380,14 +367,19 @@ class CompressedCache(Cache):
             layer.compress_from(K, V, probes, scaling)
         return new
 
+    def reset(self) -> None:
+        """Forget the prompt: the cache can serve a new one."""
+        for layer in self.layers:
+            layer.reset()
+
     @property
     def nbytes(self) -> int:
-        """Bytes of every layer's compressed cache (SPEC 1 accounting: fp16 entries, fp32 weights)."""
+        """Bytes every layer's compressed cache holds (:mod:`balancekv.storage`)."""
         return sum(layer.nbytes for layer in self.layers)
 
     @property
     def input_nbytes(self) -> int:
-        """Bytes the full cache of the same tokens would take in fp16."""
+        """Bytes the full cache of the same tokens would take in the model's dtype."""
         return sum(layer.input_nbytes for layer in self.layers)
 
     @property
@@ -413,39 +405,77 @@ def _check_prefill_mask(mask, q_len: int, kv_len: int) -> None:
         )
 
 
-def balancekv_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
-):
-    """transformers attention function: compressed-cache attention for tagged keys, ``sdpa`` otherwise."""
-    tag = getattr(key, _TAG, None)
-    if tag is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    layer, phase = tag
-    scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if phase == "prefill":
-        _check_prefill_mask(attention_mask, query.shape[-2], key.shape[-2])
-        out = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-        layer.finish_prefill(query, scaling)
-        return out
-    return layer.attend(query, scaling), None
+def _original_attention(name: str, module):
+    """The attention function the model used before :func:`enable` (``eager``: the model's own)."""
+    if name == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:  # pragma: no cover - models without a module-level eager function
+            raise TypeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
+        return fn
+    return AttentionInterface._global_mapping[name]
+
+
+def _wrapping(original: str):
+    """The attention function registered as ``balancekv_<original>``."""
+
+    def balancekv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kw):
+        tag = getattr(key, _TAG, None)
+        inner = _original_attention(original, module)
+        if tag is None:
+            return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+        layer, phase = tag
+        scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        if phase == "prefill":
+            _check_prefill_mask(attention_mask, query.shape[-2], key.shape[-2])
+            out = inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+            layer.finish_prefill(query, scaling)
+            return out
+        return layer.attend(query, scaling), None
+
+    balancekv_attention.__name__ = f"balancekv_attention_{original}"
+    return balancekv_attention
 
 
 def enable(model):
-    """Register the ``"balancekv"`` attention and switch ``model`` to it; returns ``model``.
+    """Wrap ``model``'s attention implementation so that it serves :class:`CompressedCache`; returns ``model``.
 
-    With an ordinary cache (or none) the model computes exactly what ``sdpa`` computes.
+    The model's own implementation (``eager``, ``sdpa``, ...) keeps computing everything it
+    computed before — with an ordinary cache (or none) an enabled model is unchanged, and the
+    prefill of a compressed cache runs through it too. :func:`disable` restores it.
     """
-    AttentionInterface.register(ATTN_NAME, balancekv_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:  # pragma: no cover - models without the interface
+    current = getattr(model.config, "_attn_implementation", None) or "eager"
+    if current.startswith(PREFIX):
+        return model
+    name = PREFIX + current
+    AttentionInterface.register(name, _wrapping(current))
+    mask_fn = AttentionMaskInterface._global_mapping.get(current) or AttentionMaskInterface._global_mapping["sdpa"]
+    AttentionMaskInterface.register(name, mask_fn)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # pragma: no cover - models without the interface
         raise TypeError(f"{type(model).__name__} does not accept a custom attention implementation")
     return model
+
+
+def disable(model):
+    """Undo :func:`enable`: the model's original attention implementation again; returns ``model``."""
+    current = getattr(model.config, "_attn_implementation", None) or ""
+    if current.startswith(PREFIX):
+        model.set_attn_implementation(current[len(PREFIX) :])
+    return model
+
+
+@contextlib.contextmanager
+def compressed(model, method: str = "balance", **cache_kwargs):
+    """``with hf.compressed(model, method=..., keep=...) as cache:`` — :func:`enable` for the block, a fresh
+    :class:`CompressedCache` to pass as ``generate(..., cache=cache)``, and :func:`disable` afterwards
+    (unless the model was already enabled)."""
+    was = (getattr(model.config, "_attn_implementation", None) or "").startswith(PREFIX)
+    enable(model)
+    try:
+        yield CompressedCache(model, method, **cache_kwargs)
+    finally:
+        if not was:
+            disable(model)
 
 
 def generate(
@@ -464,9 +494,9 @@ def generate(
     """``model.generate`` from a compressed prompt cache; returns ``(token ids, cache)``.
 
     ``generate_kwargs`` go to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample``).
+    The model's attention is restored afterwards.
     """
-    enable(model)
-    cache = CompressedCache(
+    with compressed(
         model,
         method,
         keep=keep,
@@ -475,6 +505,6 @@ def generate(
         seed=seed,
         probe_window=probe_window,
         **(cache_options or {}),
-    )
-    out = model.generate(input_ids, past_key_values=cache, use_cache=True, **generate_kwargs)
+    ) as cache:
+        out = model.generate(input_ids, cache=cache, use_cache=True, **generate_kwargs)
     return out, cache

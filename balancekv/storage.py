@@ -111,7 +111,8 @@ class Segment:
         return held_nbytes(self)
 
     def to_kind(self, kind: Kind) -> Segment:
-        """This segment in ``kind``: stores in ``kind.dtype``, weights in its compute dtype."""
+        """This segment in ``kind``: keys in ``kind.dtype``, values in ``kind.value_dtype``, weights in the
+        compute dtype."""
         if kind.is_torch:
             wdt = kind.compute
             w = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, wdt)
@@ -122,7 +123,7 @@ class Segment:
         return replace(
             self,
             keys=self.keys.to_kind(kind),
-            values=self.values.to_kind(kind),
+            values=self.values.to_kind(kind.for_values()),
             num_logw=w(self.num_logw),
             den_logw=w(self.den_logw),
             positions=p(self.positions),

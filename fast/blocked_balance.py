@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from balancekv.reference.blocked_balance import EXP_CLIP, halving_sizes
+from balancekv.reference.blocked_balance import EXP_CLIP, KERNELS, halving_sizes
+
+from balancekv._arrays import host_uniforms
 
 from . import _triton as T
 from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
@@ -30,13 +32,6 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
     nv = okf.sum(-1).clamp_min(1.0)
     kbar = torch.einsum("bi,bid->bd", okf, K) / nv[:, None]
     Kc = (K - kbar[:, None, :]) * okf[..., None]
-    if value_centering:
-        wv = weights * okf
-        vbar = torch.einsum("bi,bis->bs", wv, V) / wv.sum(-1).clamp_min(torch.finfo(K.dtype).tiny)[:, None]
-        Vp = weights[..., None] * (V - vbar[:, None, :])
-    else:
-        Vp = weights[..., None] * V
-    Vp = Vp * okf[..., None]
     # in place on one (B, blk, blk) buffer: the kernel matrix is the memory-bound part
     kappa = torch.baddbmm(
         torch.full((), -float(beta), dtype=K.dtype, device=K.device).expand(Kc.shape[0], Kc.shape[1], Kc.shape[1]),
@@ -45,10 +40,40 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
         alpha=float(temp * scale),
     )
     kappa.clamp_(max=EXP_CLIP).exp_()
-    vv = torch.baddbmm(
-        torch.full((), float(a2), dtype=K.dtype, device=K.device).expand_as(kappa), Vp, Vp.transpose(-1, -2)
+    return kappa.mul_(value_factor(V, weights, valid, a2=a2, value_centering=value_centering))
+
+
+def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
+    """The query-aware key factor ``G_ij / max_i G_ii * e^{-beta}`` ``(B, blk, blk)`` of the reference's
+    ``kernel="queries"`` (``phi_l(k_i) = exp(s_li - max_i s_li)``, ``G = phi^T phi``). ``scores``
+    (optional): the logits ``temp * scale * <q_l, k_i>`` ``(B, L, blk)`` already computed."""
+    ok = valid
+    sc = float(temp * scale) * (probes @ K.transpose(-1, -2)) if scores is None else scores  # (B, L, blk)
+    sc = sc.masked_fill(~ok[:, None, :], float("-inf"))
+    m = sc.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    phi = torch.exp((sc - m).clamp_min(-EXP_CLIP)) * ok[:, None, :].to(K.dtype)
+    G = phi.transpose(-1, -2) @ phi
+    gmax = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1)
+    tiny = torch.finfo(K.dtype).tiny
+    return G / gmax.clamp_min(tiny)[:, None, None] * float(np.exp(min(-beta, EXP_CLIP)))
+
+
+def value_factor(V, weights, valid, *, a2, value_centering):
+    """``<v'_i, v'_j> + a2`` ``(B, blk, blk)`` with ``v'`` the weighted (optionally centred) values."""
+    okf = valid.to(V.dtype)
+    if value_centering:
+        wv = weights * okf
+        vbar = torch.einsum("bi,bis->bs", wv, V) / wv.sum(-1).clamp_min(torch.finfo(V.dtype).tiny)[:, None]
+        Vp = weights[..., None] * (V - vbar[:, None, :])
+    else:
+        Vp = weights[..., None] * V
+    Vp = Vp * okf[..., None]
+    return torch.baddbmm(
+        torch.full((), float(a2), dtype=V.dtype, device=V.device).expand(Vp.shape[0], Vp.shape[1], Vp.shape[1]),
+        Vp,
+        Vp.transpose(-1, -2),
     )
-    return kappa.mul_(vv)
 
 
 def blocked_walk_signs(
@@ -64,13 +89,21 @@ def blocked_walk_signs(
     beta: float = 0.0,
     a2: float = 0.025,
     value_centering: bool = True,
+    kernel: str = "keys",
+    probes=None,
+    scores=None,
     backend: str = "auto",
 ):
     """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
 
     Accepts NumPy arrays (returned as NumPy) or torch tensors (returned as torch on the
-    same device). Computes in float64 for float64 keys, else float32.
+    same device). Computes in float64 for float64 keys, else float32. ``kernel="keys"`` runs the
+    Triton kernel on CUDA (Gram tile and running dots in registers); ``kernel="queries"`` (the
+    query-aware kernel, ``probes (B, L, d)``) builds its kernel matrix with batched matmuls and
+    runs the torch sign loop on every device.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     numpy_in = not isinstance(K, torch.Tensor)
     Kt = _as_tensor(K, "K")
     if Kt.ndim != 3:
@@ -102,7 +135,20 @@ def blocked_walk_signs(
     )
     if tuple(w.shape) != (B, blk) or tuple(ok.shape) != (B, blk):
         raise ValueError(f"weights and valid must have shape {(B, blk)}")
-    if blk <= MAX_TRITON_BLOCK and T.use_triton(backend, Kt):
+    if kernel == "queries":
+        P = None
+        if scores is None:
+            if probes is None:
+                raise ValueError("probes (B, L, d) are required for kernel='queries'")
+            P = _as_tensor(probes, "probes", dtype=dt, device=dev)
+            if P.ndim != 3 or P.shape[0] != B or P.shape[2] != d or P.shape[1] < 1:
+                raise ValueError(f"probes must have shape ({B}, L>=1, {d}), got {tuple(P.shape)}")
+        kappa = query_kernel_factor(Kt, P, ok, scale=scale, temp=temp, beta=beta, scores=scores)
+        kappa = kappa * value_factor(Vt, w, ok, a2=a2, value_centering=value_centering)
+        first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
+        xf, _ = walk_loop(kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None), forced_first=first, valid=ok)
+        x = xf.to(torch.int8)
+    elif blk <= MAX_TRITON_BLOCK and T.use_triton(backend, Kt):
         ker = T.kernels("kernels_walk")
         X = torch.empty((B, blk), dtype=torch.int8, device=dev)
         ker.blocked_walk_kernel[(B,)](
@@ -182,30 +228,58 @@ def blocked_balance(
     beta: float = 0.0,
     a2: float = 0.025,
     value_centering: bool = True,
-    walk_signs=None,
+    kernel: str = "keys",
+    probes=None,
+    protect=None,
     backend: str = "auto",
     dtype=None,
 ):
     """The SPEC 4b procedure on ``H`` heads, on torch tensors; see the reference for the contract.
 
-    ``K (H, n, d)``, ``V (H, n, s)`` (NumPy or torch). Uniforms come from ``rng`` in the
-    reference's order (round ``r``: ``rng.random((H, nblocks_r, blk_r))``) or are given.
-    ``dtype`` (default: float64 for NumPy/float64 input, else float32) is the compute dtype.
-    Returns ``(indices, log_weights)`` as NumPy arrays ``(H, m)``, like the reference.
+    ``K (H, n, d)``, ``V (H, n, s)``; torch in, torch out on the same device (NumPy in, NumPy
+    out, computing in float64). Uniforms come from ``rng`` in the reference's order (round ``r``:
+    ``rng.random((H, nblocks_r, blk_r))``, drawn on the host and moved once) or are given;
+    ``kernel``, ``probes (H, L, d)`` and ``protect (H, h)`` as in the reference. ``dtype``
+    (default: float64 for NumPy/float64 input, else float32) is the compute dtype.
+    Returns ``(indices (H, m) int64, log_weights (H, m))``.
     """
     if (rng is None) == (uniforms is None):
         raise ValueError("give exactly one of rng and uniforms")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    numpy_in = not isinstance(K, torch.Tensor)
     Kt = _as_tensor(K, "K")
     if dtype is None:
-        dtype = torch.float64 if (not isinstance(K, torch.Tensor) or Kt.dtype == torch.float64) else torch.float32
+        dtype = torch.float64 if (numpy_in or Kt.dtype == torch.float64) else torch.float32
     Kt = Kt.to(dtype)
-    Vt = _as_tensor(V, "V", dtype=dtype, device=Kt.device)
     dev = Kt.device
-    H, n, _ = Kt.shape
+    Vt = _as_tensor(V, "V", dtype=dtype, device=dev)
+    H, n, d = Kt.shape
+    P = None
+    if kernel == "queries":
+        if probes is None:
+            raise ValueError("probes (H, L, d) are required for kernel='queries'")
+        P = _as_tensor(probes, "probes", dtype=dtype, device=dev)
+        if P.ndim != 3 or P.shape[0] != H or P.shape[2] != d:
+            raise ValueError(f"probes must have shape ({H}, L, {d}), got {tuple(P.shape)}")
     s0 = min(sink, n)
     w0 = min(window, n - s0)
-    cur = torch.arange(s0, n - w0, device=dev).expand(H, n - s0 - w0).clone()
-    logw = torch.zeros(cur.shape, dtype=torch.float64, device=dev)
+    cur = torch.arange(s0, n - w0, device=dev).expand(H, n - s0 - w0)
+    prot = torch.zeros((H, 0), dtype=torch.int64, device=dev)
+    if protect is not None:
+        prot = torch.sort(_as_tensor(protect, "protect", device=dev).to(torch.int64), dim=1).values
+        if (
+            prot.ndim != 2
+            or prot.shape[0] != H
+            or bool((prot < s0).any())
+            or bool((prot >= n - w0).any())
+            or bool((prot.diff(dim=1) == 0).any())
+        ):
+            raise ValueError(f"protect must hold ({H}, h) distinct middle indices in [{s0}, {n - w0})")
+        rest = torch.ones(cur.shape, dtype=torch.bool, device=dev)
+        rest.scatter_(1, prot - s0, False)
+        cur = cur[rest].reshape(H, -1)
+    logw = torch.zeros(cur.shape, dtype=dtype, device=dev)
     heads = torch.arange(H, device=dev)[:, None]
     log2 = float(np.log(2.0))
     for rnd in range(itrs):
@@ -217,59 +291,51 @@ def blocked_balance(
         pad = nb * blk - m
         idx = torch.cat([cur, torch.zeros((H, pad), dtype=cur.dtype, device=dev)], dim=1)
         ok = (torch.arange(nb * blk, device=dev) < m).expand(H, nb * blk)
-        wts = torch.cat([torch.exp(logw), torch.ones((H, pad), dtype=logw.dtype, device=dev)], dim=1).to(dtype)
-        r = rng.random((H, nb, blk)) if uniforms is None else np.asarray(uniforms[rnd], np.float64)
-        if r.shape != (H, nb, blk):
-            raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {r.shape}")
-        rt = torch.from_numpy(np.ascontiguousarray(r)).to(device=dev, dtype=dtype)
+        wts = torch.cat([torch.exp(logw), torch.ones((H, pad), dtype=logw.dtype, device=dev)], dim=1)
+        if uniforms is None:
+            rt = host_uniforms(rng, (H, nb, blk), Kt)
+        else:
+            rt = _as_tensor(uniforms[rnd], "uniforms", dtype=dtype, device=dev)
+            if tuple(rt.shape) != (H, nb, blk):
+                raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {tuple(rt.shape)}")
         Kb = Kt[heads, idx].reshape(H * nb, blk, -1)
         Vb = Vt[heads, idx].reshape(H * nb, blk, -1)
         okb = ok.reshape(H * nb, blk)
-        if walk_signs is None:
-            signs = blocked_walk_signs(
-                Kb,
-                Vb,
-                rt.reshape(H * nb, blk),
-                weights=wts.reshape(H * nb, blk),
-                valid=okb,
-                scale=scale,
-                gamma=gamma,
-                temp=temp,
-                beta=beta,
-                a2=a2,
-                value_centering=value_centering,
-                backend=backend,
-            )
-        else:
-            signs = walk_signs(
-                Kb,
-                Vb,
-                rt.reshape(H * nb, blk),
-                weights=wts.reshape(H * nb, blk),
-                valid=okb,
-                scale=scale,
-                gamma=gamma,
-                temp=temp,
-                beta=beta,
-                a2=a2,
-                value_centering=value_centering,
-            )
-            signs = _as_tensor(signs, "signs", device=dev)
+        extra = {}
+        if P is not None:
+            # the logits of every block from one matmul per head, (H, L, nb*blk) -> (H*nb, L, blk)
+            sc = float(temp * scale) * (P @ Kb.reshape(H, nb * blk, -1).transpose(-1, -2))
+            sc = sc.reshape(H, P.shape[1], nb, blk).transpose(1, 2).reshape(H * nb, P.shape[1], blk)
+            extra = {"kernel": "queries", "scores": sc}
+        signs = blocked_walk_signs(
+            Kb,
+            Vb,
+            rt.reshape(H * nb, blk),
+            weights=wts.reshape(H * nb, blk),
+            valid=okb,
+            scale=scale,
+            gamma=gamma,
+            temp=temp,
+            beta=beta,
+            a2=a2,
+            value_centering=value_centering,
+            backend=backend,
+            **extra,
+        )
         keep, dbl = fixed_size_halving(signs, okb)
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
         lw = torch.cat([logw, torch.zeros((H, pad), dtype=logw.dtype, device=dev)], dim=1) + dbl.to(logw.dtype) * log2
-        new_m = int(keep[0].sum())
+        new_m = halving_sizes(m, block, 1)[-1]  # the same count in every head (a deterministic size)
         cur = idx[keep].reshape(H, new_m)
         logw = lw[keep].reshape(H, new_m)
     head = torch.arange(s0, device=dev).expand(H, s0)
     tail = torch.arange(n - w0, n, device=dev).expand(H, w0)
-    out_idx = torch.cat([head, cur, tail], dim=1)
-    out_lw = torch.cat(
-        [
-            torch.zeros((H, s0), dtype=torch.float64, device=dev),
-            logw,
-            torch.zeros((H, w0), dtype=torch.float64, device=dev),
-        ],
-        dim=1,
-    )
-    return out_idx.cpu().numpy(), out_lw.cpu().numpy()
+    out_idx = torch.cat([head, cur, prot, tail], dim=1)
+    zeros = lambda k: torch.zeros((H, k), dtype=dtype, device=dev)
+    out_lw = torch.cat([zeros(s0), logw, zeros(prot.shape[1]), zeros(w0)], dim=1)
+    if prot.shape[1]:
+        order = torch.sort(out_idx, dim=1, stable=True).indices
+        out_idx, out_lw = out_idx.gather(1, order), out_lw.gather(1, order)
+    if numpy_in:
+        return out_idx.cpu().numpy(), out_lw.cpu().numpy()
+    return out_idx, out_lw

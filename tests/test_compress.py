@@ -105,7 +105,8 @@ def test_streaming_decode_keeps_budget(kv_factory):
         c.append(K[:, t : t + 10], V[:, t : t + 10])
         assert np.all(c.kept() == 20)
     pos = c.positions[0]
-    assert list(pos[:4]) == [0, 1, 2, 3] and list(pos[4:]) == list(range(184, 200))
+    # the window is a ring buffer: slots hold the last 16 tokens in some order (positions say which)
+    assert list(pos[:4]) == [0, 1, 2, 3] and sorted(pos[4:].tolist()) == list(range(184, 200))
     # the sink + window cache attends exactly over the tokens it holds
     idx = pos
     np.testing.assert_allclose(c.attend(Q), attention(Q, K[:, idx], V[:, idx]), rtol=1e-10)

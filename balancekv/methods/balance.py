@@ -68,6 +68,7 @@ import numpy as np
 from balancekv.backends import resolve
 from balancekv.reference.blocked_balance import KERNELS, blocked_balance, blocked_walk_signs, halving_sizes
 
+from .._arrays import is_torch
 from ..storage import dense_segment, gather_tokens
 from .base import Built, Method, check_float_option, check_int_option
 
@@ -203,6 +204,63 @@ class Balance(Method):
             },
         )
 
+    def build_torch(self, K, V, level, ctx):
+        """The same build on torch tensors (device-native: walk, heavy hitters, gathers in torch)."""
+        import torch  # noqa: PLC0415  (torch path only)
+
+        from balancekv.fast.blocked_balance import blocked_balance as fast_blocked_balance  # noqa: PLC0415
+
+        opts = ctx.opts
+        H, n, _ = K.shape
+        T = int(level["itrs"])
+        kernel, vc = self.resolved_kernel(opts, ctx.queries_given)
+        if self.gamma(opts) == 0.0:
+            kernel = "keys"  # gamma = 0 gives p = 1/2 whatever the kernel: the same signs
+        r = self.resolved_heavy_rounds(opts, ctx.queries_given)
+        protect, T_rest = None, T
+        if r > 0 and T > 0:
+            protect, T_rest = self.heavy_hitters(K, T, r, opts, ctx)
+        idx, lw = fast_blocked_balance(
+            K,
+            V,
+            itrs=T_rest,
+            block=opts["block"],
+            sink=opts["sink"],
+            window=opts["window"],
+            scale=ctx.scale,
+            rng=ctx.rng,
+            gamma=self.gamma(opts),
+            temp=opts["temp"],
+            beta=opts["beta"],
+            a2=opts["a2"],
+            value_centering=vc,
+            kernel=kernel,
+            probes=ctx.probes if kernel == "queries" else None,
+            protect=protect,
+            backend="triton" if ctx.backend == "triton" else ("auto" if ctx.backend == "auto" else "torch"),
+        )
+        den = lw
+        if opts["estimator"] == "published":
+            s0 = min(opts["sink"], n)
+            w0 = min(opts["window"], n - s0)
+            mid = (idx >= s0) & (idx < n - w0)
+            den = torch.where(mid, torch.full_like(lw, T * float(np.log(2.0))), torch.zeros_like(lw))
+        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den.clone(), idx, self.name)
+        m = idx.shape[1]
+        return Built(
+            [seg],
+            info={
+                "kept": m,
+                "keep_effective": m / n,
+                "itrs": T,
+                "retries": 0,
+                "fallbacks": 0,
+                "kernel": kernel,
+                "value_centering": vc,
+                "heavy": 0 if protect is None else int(protect.shape[1]),
+            },
+        )
+
     # ----------------------------------------------------------------- heavy hitters
     @staticmethod
     def resolved_heavy_rounds(opts, queries_given: bool) -> int:
@@ -233,11 +291,20 @@ class Balance(Method):
             h -= 1
         if h == 0:
             return None, T
+        k = int(opts["heavy_pool"])
+        if is_torch(K):
+            import torch  # noqa: PLC0415  (torch path only)
+            import torch.nn.functional as F  # noqa: PLC0415
+
+            score = torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)[:, s0 : n - w0]
+            if k > 1:
+                score = F.max_pool1d(score[:, None], k, stride=1, padding=k // 2)[:, 0]
+            top = torch.sort(-score, dim=1, stable=True).indices[:, :h] + s0
+            return torch.sort(top, dim=1).values, R
         a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
         a -= a.max(axis=-1, keepdims=True)
         p = np.exp(a)
         score = (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)[:, s0 : n - w0]
-        k = int(opts["heavy_pool"])
         if k > 1:
             pad = np.full((H, k // 2), -np.inf)
             sp = np.concatenate([pad, score, pad], axis=1)

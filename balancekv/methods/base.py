@@ -73,6 +73,12 @@ class DecodeStream(Protocol):
 
     def append(self, k, v, pos) -> list[Segment]: ...
 
+    def segments(self) -> list[Segment]: ...
+
+    # optional: ``to_kind(kind)`` converts the stream's state to the cache's kind and storage dtype
+    # once, after the build, so that its segments are the cache's storage (no second copy) and
+    # appends write into them in place.
+
 
 class Method:
     name: ClassVar[str] = ""

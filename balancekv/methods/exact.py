@@ -12,6 +12,7 @@ class Exact(Method):
     name = "exact"
     defaults: dict = {}
     has_theorem = True
+    selects_tokens = False  # every token, always: keep < 1 is refused
 
     def levels(self, n, opts):
         return []  # the exact cache is the implicit fallback level of every method
@@ -23,6 +24,9 @@ class Exact(Method):
 
     def build_reference(self, K, V, level, ctx):
         return Built([exact_segment(K.copy(), V.copy(), np.arange(K.shape[-2]))])
+
+    def build_torch(self, K, V, level, ctx):
+        return Built([exact_segment(K.clone(), V.clone(), np.arange(K.shape[-2]))])
 
     def theorem_level(self, K, V, eps, ctx):
         return None

@@ -1,0 +1,262 @@
+"""Device-native compression and real inference: the targets of the device-native issue, side by side.
+
+Run:  python benchmarks/bench_inference.py [--quick] [--repeats R] [--sections compress,eps,generate,memory]
+
+Prints markdown tables (record them in benchmarks/README.md with the command and the machine):
+
+1. ``compress`` speed, float32 torch CPU vs the NumPy reference, ``balance`` with observed
+   queries: 8 heads x 8192 tokens x d 64, and one SmolLM2 layer (3 heads x 2048). The ideal
+   time is the FLOP count of the build (Gram tiles of every round, the query-aware key factor,
+   the heavy-hitter scores) divided by this machine's measured fp32 matmul rate on the same
+   threads (a 2048^3 matmul), stated beside it.
+2. ``eps`` mode against ``keep`` mode at the level the eps search picked.
+3. SmolLM2 generation (2048-token prompt of real text, 32 greedy tokens): end-to-end
+   ``generate`` time, compression share of the prefill, decode time per token, each method
+   against the plain cache, interleaved, median of repeats.
+4. Memory: bytes of every tensor reachable from the cache (gc walk, each storage once) against
+   its ``nbytes`` and against the plain cache's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import balancekv
+from balancekv.synthetic import make_kv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _memory import reachable_array_bytes
+
+GEN_METHODS = ["balance", "snapkv", "minikv", "quant", "balance+quant"]
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_rate(threads: int) -> float:
+    """Measured fp32 FLOP/s of a 2048^3 matmul on ``threads`` threads (this machine's limit proxy)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = timed(lambda: a @ b, 5)
+    return 2 * 2048**3 / t
+
+
+def balance_flops(H: int, n: int, d: int, L: int, itrs: int, block: int = 64, heavy_rounds: int = 2) -> float:
+    """FLOPs of ``balance`` with ``L`` observed queries at ``itrs`` rounds (heavy-hitter hybrid):
+    heavy-hitter scores ``2 H L n d``; per walk round over ``m`` tokens, the query factor
+    ``2 m L d`` (scores) + ``2 m block L`` (G = phi^T phi) and the value factor ``2 m block d``."""
+    fl = 2 * H * L * n * d
+    m = n
+    for _ in range(itrs + heavy_rounds):
+        fl += H * (2 * m * L * d + 2 * m * block * L + 2 * m * block * d)
+        m //= 2
+    return float(fl)
+
+
+def section_compress(args, rate):
+    print("\n### compress speed (balance, observed queries, keep 0.25)\n")
+    print("| problem | NumPy reference (s) | torch f32 (s) | speed-up | ideal (s) | torch / ideal | GFLOP |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [(8, 8192, 64, 64), (3, 2048, 64, 96)] if not args.quick else [(3, 2048, 64, 96)]
+    for H, n, d, L in cases:
+        K, V, Q = make_kv("llm", heads=H, n=n, d=d, q=L, seed=0)
+        Kt, Vt, Qt = (torch.from_numpy(x).float() for x in (K, V, Q))
+        ref = lambda K=K, V=V, Q=Q: balancekv.compress(K, V, keep=0.25, method="balance", queries=Q, seed=0)
+        fast = lambda K=Kt, V=Vt, Q=Qt: balancekv.compress(K, V, keep=0.25, method="balance", queries=Q, seed=0)
+        t_ref = timed(ref, max(1, args.repeats // 2))
+        t_fast = timed(fast, args.repeats)
+        fl = balance_flops(H, n, d, L, itrs=2)
+        ideal = fl / rate
+        print(
+            f"| {H} x {n} x {d}, {L} queries | {t_ref:.3f} | {t_fast:.4f} | {t_ref / t_fast:.1f}x | {ideal:.4f} | "
+            f"{t_fast / ideal:.1f}x | {fl / 1e9:.2f} |"
+        )
+
+
+def section_eps(args):
+    print("\n### eps mode against keep mode at the level it picks (torch f32, balance, observed queries)\n")
+    print("| problem | eps | level picked (itrs per head) | keep-mode time (s) | eps-mode time (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    H, n, d, L = (3, 2048, 64, 96)
+    K, V, Q = (torch.from_numpy(x).float() for x in make_kv("llm", heads=H, n=n, d=d, q=L, seed=0))
+    for eps in (0.05, 0.1, 0.2):
+        c = balancekv.compress(K, V, eps, method="balance", queries=Q, seed=0)
+        lv = c.diagnostics["level_per_head"].ravel().tolist()
+        levels = c.diagnostics["levels"]
+        top = max(lv)
+        if top == 0:
+            print(f"| {H} x {n} | {eps} | exact | - | - | - |")
+            continue
+        keep = 2.0 ** -levels[top]["itrs"]
+        t_keep = timed(
+            lambda keep=keep: balancekv.compress(K, V, keep=keep, method="balance", queries=Q, seed=0), args.repeats
+        )
+        t_eps = timed(lambda eps=eps: balancekv.compress(K, V, eps, method="balance", queries=Q, seed=0), args.repeats)
+        picked = [levels[i]["itrs"] if i else 0 for i in lv]
+        print(f"| {H} x {n} | {eps} | {picked} | {t_keep:.4f} | {t_eps:.4f} | {t_eps / t_keep:.2f}x |")
+
+
+def _prompt(n):
+    from balancekv import models
+    from balancekv.texts import get_text
+
+    ids = models.tokenize("smollm2", get_text("python-docs"), n)
+    return torch.tensor([ids])
+
+
+def section_generate(args):
+    from transformers import DynamicCache
+
+    from balancekv import hf, models
+
+    net = models.load_model("smollm2").model
+    n = 512 if args.quick else 2048
+    new = 8 if args.quick else 32
+    ids = _prompt(n)
+    methods = GEN_METHODS[:2] if args.quick else GEN_METHODS
+    kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
+
+    comp_time = {}
+    original = hf.CompressedLayer.compress_from
+
+    def timed_compress(self, *a, **k):
+        t0 = time.perf_counter()
+        original(self, *a, **k)
+        comp_time[self.parent.method] = comp_time.get(self.parent.method, 0.0) + time.perf_counter() - t0
+
+    hf.CompressedLayer.compress_from = timed_compress
+
+    def run(method):
+        """(end-to-end generate, prefill forward, decode per token) seconds for one method (None: plain)."""
+        comp_time.pop(method, None)
+        if method is None:
+            hf.disable(net)
+            make = lambda: DynamicCache(config=net.config)
+        else:
+            hf.enable(net)
+            make = lambda: hf.CompressedCache(net, method, **kwargs[method])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            net.generate(ids, cache=make(), max_new_tokens=new, do_sample=False)
+            e2e = time.perf_counter() - t0
+            cache = make()
+            t0 = time.perf_counter()
+            out = net(ids, cache=cache, use_cache=True)
+            prefill = time.perf_counter() - t0
+            tok = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                tok = net(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            decode = (time.perf_counter() - t0) / new
+        return e2e, prefill, decode, comp_time.get(method, 0.0), cache
+
+    rows = {m: [] for m in [None] + methods}
+    for _ in tqdm(range(args.repeats), desc="generate (interleaved repeats)"):
+        for m in [None] + methods:
+            rows[m].append(run(m)[:4])
+    med = {m: [statistics.median(r[i] for r in rs) for i in range(4)] for m, rs in rows.items()}
+    e0, p0, d0, _ = med[None]
+    print(
+        f"\n### SmolLM2 generation, {n}-token prompt (python-docs text), {new} greedy tokens, "
+        f"median of {args.repeats} interleaved runs\n"
+    )
+    print(
+        "| method | generate (s) | vs plain | prefill (s) | compression (s) | compression / prefill | "
+        "decode / token (ms) | vs plain |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| plain DynamicCache | {e0:.2f} | 1.00x | {p0:.2f} | - | - | {1e3 * d0:.1f} | 1.00x |")
+    for m in methods:
+        e, p, d, c = med[m]
+        print(
+            f"| {m} ({kwargs[m]}) | {e:.2f} | {e / e0:.2f}x | {p:.2f} | {c:.3f} | {c / max(p - c, 1e-9):.1%} | "
+            f"{1e3 * d:.1f} | {d / d0:.2f}x |"
+        )
+    hf.CompressedLayer.compress_from = original
+    hf.disable(net)
+    return net, ids, methods, kwargs
+
+
+def section_memory(args, net=None, ids=None, methods=None, kwargs=None):
+    from transformers import DynamicCache
+
+    from balancekv import hf, models
+
+    if net is None:
+        net = models.load_model("smollm2").model
+        ids = _prompt(512 if args.quick else 2048)
+        methods = balancekv.available_methods()
+        kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
+    else:
+        methods = balancekv.available_methods()
+        kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
+    with torch.no_grad():
+        plain = DynamicCache(config=net.config)
+        hf.disable(net)
+        net(ids, cache=plain, use_cache=True)
+    plain_bytes = reachable_array_bytes(plain, stop=(net,))
+    print(
+        f"\n### memory held by the cache after a {ids.shape[1]}-token prefill + 8 decode tokens "
+        f"(plain cache: {plain_bytes / 1e6:.1f} MB)\n"
+    )
+    print("| method | held (MB, gc walk) | nbytes (MB) | held / nbytes | held / plain cache |")
+    print("|---|---|---|---|---|")
+    for m in tqdm(methods, desc="memory"):
+        with hf.compressed(net, m, **kwargs[m]) as cache, torch.no_grad():
+            tok = net(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(8):
+                tok = net(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        gc.collect()
+        held = reachable_array_bytes(cache, stop=(net,))
+        print(
+            f"| {m} ({kwargs[m]}) | {held / 1e6:.2f} | {cache.nbytes / 1e6:.2f} | {held / cache.nbytes:.3f} | "
+            f"{held / plain_bytes:.3f} |"
+        )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    ap.add_argument("--sections", default="compress,eps,generate,memory", help="comma-separated sections to run")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    print(
+        f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+    )
+    if "compress" in sections:
+        rate = matmul_rate(args.threads)
+        print(f"measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s ({args.threads} threads)")
+        section_compress(args, rate)
+    if "eps" in sections:
+        section_eps(args)
+    state = {}
+    if "generate" in sections:
+        net, ids, methods, kwargs = section_generate(args)
+        state = dict(net=net, ids=ids, methods=methods, kwargs=kwargs)
+    if "memory" in sections:
+        section_memory(args, **state)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""transformers conventions around ``balancekv.hf``: wrapping (not replacing) the model's attention,
+``disable``, the ``compressed`` context manager, ``pipeline``, no deprecation warnings from our code,
+and a cache that holds only what it bills.
+
+Tiny local GQA Llama (no hub), as in ``test_hf.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from _memory import reachable_array_bytes  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from balancekv import hf  # noqa: E402
+from balancekv.methods import available_methods, get_method  # noqa: E402
+
+N = 256
+
+
+def tiny(impl: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    net = LlamaForCausalLM(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    net.set_attn_implementation(impl)
+    return net
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 128, (1, N), generator=torch.Generator().manual_seed(1))
+
+
+def test_enable_wraps_eager_and_keeps_attention_weights(prompt):
+    """An eager model stays eager: output_attentions still returns the prompt's attention weights
+    (a replaced implementation returned none), and disable() restores the original name."""
+    model = tiny("eager")
+    with torch.no_grad():
+        ref = model(prompt, output_attentions=True)
+        hf.enable(model)
+        assert model.config._attn_implementation == "balancekv_eager"
+        got = model(prompt, output_attentions=True, cache=hf.CompressedCache(model, "uniform", keep=0.5))
+    assert got.attentions is not None and got.attentions[0] is not None
+    torch.testing.assert_close(got.attentions[0], ref.attentions[0])
+    torch.testing.assert_close(got.logits, ref.logits)
+    hf.disable(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_context_manager_enables_for_the_block_only(prompt):
+    model = tiny("sdpa")
+    with hf.compressed(model, method="snapkv", keep=0.25) as cache:
+        assert model.config._attn_implementation == "balancekv_sdpa"
+        with torch.no_grad():
+            out = model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert out.shape == (1, N + 3) and cache.ratio < 0.5
+
+
+def word_tokenizer():
+    """A local word-level tokenizer over the tiny model's 128 ids ("t0" .. "t127"), no hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", pad_token="t1")
+
+
+def test_pipeline_with_a_compressed_cache(prompt):
+    """``pipeline("text-generation")`` passes ``cache=`` to generate (documented in the README): the
+    compressed cache serves the whole call and ends holding the prompt plus the new tokens."""
+    from transformers import pipeline
+
+    model = tiny("sdpa")
+    text = " ".join(f"t{int(i)}" for i in prompt[0])
+    tok = word_tokenizer()
+    n_prompt = len(tok(text).input_ids)
+    gen = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+    with hf.compressed(model, method="balance", keep=0.25) as cache, torch.no_grad():
+        out = gen(text, cache=cache, max_new_tokens=3, do_sample=False, return_full_text=False)
+    assert len(out[0]["generated_text"].split()) == 3
+    assert cache.get_seq_length() == n_prompt + 2 and cache.ratio < 0.75
+
+
+def test_no_deprecation_warning_from_our_code(prompt):
+    model = tiny("sdpa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            hf.generate(model, prompt, "balance", keep=0.25, max_new_tokens=2, do_sample=False)
+    ours = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not ours, [str(w.message) for w in ours]
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods()])
+def test_cache_holds_at_most_what_it_bills(prompt, method):
+    """Bytes of every tensor reachable from the cache (an independent gc walk, each storage once)
+    <= 1.10 x its nbytes, after prefill and 8 decode tokens, in the model's dtype (bf16)."""
+    model = tiny("sdpa", torch.bfloat16)
+    kw = {"keep": 0.25 if get_method(method).selects_tokens else 1.0}
+    if method in ("quant", "minikv", "balance+quant"):
+        kw["group"] = 16
+    with hf.compressed(model, method=method, **kw) as cache, torch.no_grad():
+        model.generate(prompt, cache=cache, max_new_tokens=9, do_sample=False)
+    held = reachable_array_bytes(cache, stop=(model,))
+    assert cache.nbytes > 0
+    assert held <= 1.10 * cache.nbytes, (held, cache.nbytes)
+    assert cache.get_seq_length() == N + 8
+    if method != "exact":
+        assert cache.ratio < 1
