@@ -106,7 +106,8 @@ class QuantStore(Store):
     (…, >= m, f/group)``. The buffers may be longer than ``m`` tokens (spare capacity of a
     decode stream); only the first ``m`` are read. NumPy arrays, or torch tensors on the cache's
     device (``packed`` int32, scales in ``scale_dtype``). ``dense()`` returns ``dense_dtype``
-    (float64 for NumPy, the compute dtype for torch).
+    (float64 for NumPy; for torch the compute dtype as built, the cache's storage dtype after
+    :meth:`to_kind`), computed in float64 for float64 and float32 otherwise.
     """
 
     packed: Any
@@ -180,9 +181,9 @@ class QuantStore(Store):
             self.f,
             0,
             self.m,
-            self.dense_dtype,
+            compute_dtype(self.dense_dtype),
         )
-        return out.reshape(lead + (self.m, self.f))
+        return out.reshape(lead + (self.m, self.f)).to(self.dense_dtype)
 
     # ------------------------------------------------------------ growing (decode streams)
     def extended(self, x, scale_dtype, backend: str = "auto", step: int = 1) -> QuantStore:
@@ -233,7 +234,7 @@ class QuantStore(Store):
                 a.to(kind.device) if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
             )
             return replace(
-                self, packed=to_t(self.packed), scale=to_t(self.scale), zero=to_t(self.zero), dense_dtype=kind.compute
+                self, packed=to_t(self.packed), scale=to_t(self.scale), zero=to_t(self.zero), dense_dtype=kind.dtype
             )
         if not is_torch(self.packed):
             return self
@@ -262,7 +263,9 @@ class TokenConcatStore(Store):
     def dense(self):
         xs = [p.dense() for p in self.parts]
         if is_torch(xs[0]):
-            dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+            dt = xs[0].dtype
+            for x in xs[1:]:
+                dt = torch.promote_types(dt, x.dtype)
             xs = [x.to(dt) for x in xs]
         return xp_cat(xs, axis=-2)
 
@@ -482,6 +485,16 @@ class QuantizedStream:
         return len(self.pos)
 
     # ------------------------------------------------------------ the stream protocol
+    def to_kind(self, kind: Kind) -> None:
+        """Hold the state in the cache's kind once (``compress`` calls it after the build): residual keys in
+        ``kind.dtype``, residual values in the values' dtype, codes on ``kind``'s device."""
+        self.kres.adopt(kind)
+        self.vres.adopt(kind.for_values())
+        if self.kq is not None:
+            self.kq = self.kq.to_kind(kind)
+        if self.vq is not None:
+            self.vq = self.vq.to_kind(kind.for_values())
+
     def _residual_store(self, res: Residual) -> ResidualStore:
         return ResidualStore(res.view(), owner=res, version=res.version)
 
