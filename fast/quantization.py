@@ -66,23 +66,25 @@ def _checks(x, bits, group, axis, scale_dtype):
 
 
 def _quantize_torch(x, bits, group, ax, sdt):
-    Q = torch.tensor(float(2**bits - 1), dtype=torch.float32)
-    x32 = x.to(torch.float32).movedim(ax, -1)
-    L = x32.shape[-1]
-    g = x32.reshape(x32.shape[:-1] + (L // group, group))
-    m = g.amin(-1)
-    M = g.amax(-1)
-    s_star = (M - m) / Q.to(x32.device)  # float32 subtraction, true division
+    """The reference arithmetic on a grouped *view* of ``x`` (groups along ``ax``, no transposition of the
+    floats): scales and zeros come out in the reference layout directly."""
+    Q = torch.tensor(float(2**bits - 1), dtype=torch.float32, device=x.device)
+    x32 = x.to(torch.float32)
+    shp = tuple(x32.shape)
+    gd = ax + 1  # the within-group dim of the view
+    g = x32.reshape(shp[:ax] + (shp[ax] // group, group) + shp[ax + 1 :])
+    m = g.amin(gd)
+    M = g.amax(gd)
+    s_star = (M - m) / Q  # float32 subtraction, true division
     zero = m.to(sdt)
     scale = s_star.to(sdt)
-    z32 = zero.to(torch.float32)[..., None]
-    s32 = scale.to(torch.float32)[..., None]
+    z32 = zero.to(torch.float32).unsqueeze(gd)
+    s32 = scale.to(torch.float32).unsqueeze(gd)
     pos = s32 > 0
-    y = torch.where(pos, (g - z32) / torch.where(pos, s32, torch.ones_like(s32)), torch.zeros_like(g))
+    y = torch.where(pos, (g - z32) / torch.where(pos, s32, torch.ones_like(s32)), torch.zeros((), device=x.device))
     w = y + 0.5
-    codes = torch.floor(w).clamp(0, float(2**bits - 1)).to(torch.uint8)
-    codes = codes.reshape(x32.shape).movedim(-1, ax)
-    return codes, scale.movedim(-1, ax), zero.movedim(-1, ax)
+    codes = torch.floor(w).clamp(0, float(2**bits - 1)).to(torch.uint8).reshape(shp)
+    return codes, scale, zero
 
 
 def _as3d(x, ax):
