@@ -454,7 +454,16 @@ class QuantizedStream:
         self.kres, self.vres = Residual(K[:, nk:], self.group), Residual(V[:, nv:], self.group)
 
     def _quantize(self, x, axis):
-        return QuantStore.quantize(x, self.bits, self.group, axis, self.sdt, self.backend)
+        try:
+            return QuantStore.quantize(x, self.bits, self.group, axis, self.sdt, self.backend)
+        except ValueError as e:  # name what the caller passed, not the quantizer's argument
+            if "beyond the range of scale_dtype" not in str(e):
+                raise
+            what = "keys" if axis == -2 else "values"
+            raise ValueError(
+                f"the {what} have entries of magnitude above {float(np.finfo(self.sdt).max):g}, beyond the range "
+                f"of the option scale_dtype={self.sdt.name!r}; pass scale_dtype='float32'"
+            ) from None
 
     # ------------------------------------------------------------ moving tokens into low bits
     def _quantize_keys(self, t: int) -> None:

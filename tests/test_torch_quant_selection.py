@@ -401,3 +401,17 @@ def test_torch_select_top_breaks_ties_like_the_reference(seed):
             got = fs.select_top(torch.from_numpy(sc).to(dt), budget, recent)
             assert got.dtype == torch.int64
             np.testing.assert_array_equal(got.tolist(), rs.select_top(sc, budget, recent).reshape(3, budget))
+
+
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+def test_scale_dtype_range_error_names_the_option(path):
+    """Values beyond fp16 with fp16 scales: the error names the values and the option, not ``x``."""
+    K, V, _ = make_kv("gaussian", heads=1, n=64, d=16, seed=12)
+    V = V * 1e6
+    if path == "torch":
+        K, V = torch.from_numpy(K), torch.from_numpy(V)
+    with pytest.raises(ValueError, match="values .*scale_dtype") as e:
+        bk.compress(K, V, keep=1.0, method="quant", group=16, residual=16)
+    assert "x has" not in str(e.value)
+    c = bk.compress(K, V, keep=1.0, method="quant", group=16, residual=16, scale_dtype="float32")
+    assert c.kept().tolist() == [64]
