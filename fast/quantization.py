@@ -286,9 +286,11 @@ def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: i
     ``zero`` ``(L, groups, f)``; ``axis="channels"`` (values): ``words (L, rows, W)`` packed along
     channels, ``scale``, ``zero`` ``(L, rows, f / group)``. Buffers may hold more tokens than are
     read (spare capacity). Only the words and groups covering the range are unpacked. The
-    arithmetic runs in ``dtype`` (default float32): float64 reproduces the reference exactly.
+    arithmetic runs in float64 for ``dtype=float64`` (the reference's numbers exactly) and in float32
+    otherwise, then the result is cast to ``dtype`` (default float32).
     """
     dtype = dtype or torch.float32
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32  # half outputs: float32 arithmetic, one rounding
     b = int(bits)
     per = 32 // b
     mask = (1 << b) - 1
@@ -303,10 +305,10 @@ def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: i
         if codes.shape[-1] < t1 - t0:  # the last group runs past the buffer (never read): pad
             codes = torch.nn.functional.pad(codes, (0, t1 - t0 - codes.shape[-1]))
         sc, ze = scale[..., g0:g1, :].transpose(-1, -2), zero[..., g0:g1, :].transpose(-1, -2)  # (L, f, g)
-        out = _affine_last(codes, sc, ze, group, dtype)[..., start - t0 : start - t0 + n]
-        return out.transpose(-1, -2)  # (L, n, f)
+        out = _affine_last(codes, sc, ze, group, cdt)[..., start - t0 : start - t0 + n]
+        return out.transpose(-1, -2).to(dtype)  # (L, n, f)
     n = words.shape[-2] - start if n is None else int(n)
     ng = scale.shape[-1]
     codes = unpack_words(words[..., start : start + n, :])[..., : ng * group]
-    out = _affine_last(codes, scale[..., start : start + n, :], zero[..., start : start + n, :], group, dtype)
-    return out[..., :f]
+    out = _affine_last(codes, scale[..., start : start + n, :], zero[..., start : start + n, :], group, cdt)
+    return out[..., :f].to(dtype)
