@@ -415,3 +415,23 @@ def test_scale_dtype_range_error_names_the_option(path):
     assert "x has" not in str(e.value)
     c = bk.compress(K, V, keep=1.0, method="quant", group=16, residual=16, scale_dtype="float32")
     assert c.kept().tolist() == [64]
+
+
+def test_fast_never_imports_cache_objects():
+    """Layering (issue 11 item 5): kernels and their torch twins know nothing of stores, segments or caches."""
+    import ast
+    from pathlib import Path
+
+    import balancekv.fast
+
+    banned = {"quantized", "compressed", "storage", "api", "hf"}
+    for path in Path(balancekv.fast.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            for nm in names:
+                parts = set(nm.split("."))
+                assert not (nm.startswith("balancekv") and parts & banned), (path.name, nm)
