@@ -74,12 +74,13 @@ def _data(dtype, n=160, d=32, H=2, seed=1, q=8):
 
 @pytest.fixture
 def no_numpy(monkeypatch):
-    """``torch.Tensor.numpy`` raises while active (``np.asarray(tensor)`` goes through it too)."""
+    """``torch.Tensor.numpy`` and ``__array__`` raise while active (no conversion to NumPy of any kind)."""
 
     def boom(self, *a, **k):
         raise AssertionError("Tensor.numpy() called on the torch path")
 
     monkeypatch.setattr(torch.Tensor, "numpy", boom)
+    monkeypatch.setattr(torch.Tensor, "__array__", boom)
     yield
     monkeypatch.undo()
 
