@@ -4,20 +4,19 @@
 and a zero point per group (see :mod:`balancekv.reference.quantization` for the
 arithmetic and its bit-exactness contract) and dequantizes on read. Keys are
 grouped along tokens, per channel (``axis=-2``); values along channels, per
-token (``axis=-1``) [KIVI].
+token (``axis=-1``) [KIVI]. Both paths use the same class: NumPy arrays built by
+the reference quantizer, or torch tensors on the caller's device built by
+:func:`balancekv.fast.quantization.quantize_pack` (Triton on CUDA, torch on CPU),
+bit-identical codes, scales and zeros (SPEC 11). Dequantization is written once
+per path: :func:`balancekv.reference.quantization.dequantize` (NumPy) and
+:func:`balancekv.fast.quantization.dequantize_packed` (torch; also what the CPU
+decode attention uses). No dequantized copy is ever kept: ``dense()`` computes
+one on demand, and attention reads the packed words (:func:`store_parts`).
 
-Byte accounting (``nbytes``), counted to the byte:
-
-- codes: ``b`` bits per stored element of a valid slot; for keys the codes of
-  one head are counted together and rounded up to a whole byte, for values
-  each token's codes are rounded up to a whole byte;
-- scales and zeros: ``2 * bytes(scale_dtype)`` per group that holds at least
-  one valid slot (for keys: per channel and token group; for values: per token
-  and channel group).
-
-So 2-bit codes with fp16 scale and zero per group of 16 cost exactly 4 bits
-per element. Padding slots and the padding codes of a partly filled int32
-word are not billed, in line with :mod:`balancekv.storage`.
+Byte accounting follows :mod:`balancekv.storage`: a cache bills what it holds
+(codes, scales, zeros, the full-precision residual buffers, log-weights and
+positions, spare capacity included). 2-bit codes with fp16 scale and zero per
+group of 16 cost exactly 4 bits per element.
 
 Decode policies (:class:`QuantizedStream`), with residual window ``R``:
 
@@ -32,6 +31,15 @@ Decode policies (:class:`QuantizedStream`), with residual window ``R``:
   full precision and are flushed together in blocks of ``R``.
 
 A per-channel key group is never formed from fewer than ``G`` tokens.
+
+Memory layout of a stream: the quantized codes sit in buffers with spare
+capacity (grown by a quarter, at least ``R`` tokens, when full), the
+full-precision tokens in a preallocated residual buffer that decode tokens are
+written into (compacted to its start when its end is reached, grown to 1.5x
+what it holds when it is too small), so an appended token costs amortised O(1)
+copies, never a concatenation of the cache. The residual buffers hold the
+cache's storage dtype (the caller's dtype; adopted when ``compress`` casts the
+segments, see :class:`ResidualStore`), so nothing is held twice.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import numpy as np
 
 from balancekv.reference import quantization as rq
 
-from ._arrays import Kind, is_torch, to_numpy, torch
+from ._arrays import Kind, compute_dtype, is_torch, to_numpy, torch
 from .storage import DenseStore, Segment, Store, xp_cat
 
 POLICIES = ("kivi", "minikv")
@@ -58,16 +66,48 @@ def _scale_np_dtype(scale_dtype) -> np.dtype:
     return np.dtype(scale_dtype)
 
 
+def _fq():
+    from balancekv.fast import quantization as fq  # noqa: PLC0415  (torch path only)
+
+    return fq
+
+
+def _zeros_like(x, shape):
+    """Zeros of ``shape`` in ``x``'s kind, dtype and device."""
+    if is_torch(x):
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    return np.zeros(shape, dtype=x.dtype)
+
+
+def _grow(x, axis: int, length: int):
+    """``x`` with axis ``axis`` enlarged to ``length`` (old entries copied, the rest zero)."""
+    shape = list(x.shape)
+    old = shape[axis]
+    shape[axis] = length
+    y = _zeros_like(x, tuple(shape))
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(0, old)
+    y[tuple(idx)] = x
+    return y
+
+
+def _capacity(need: int, current: int, step: int) -> int:
+    """Geometric growth: a quarter more (at least ``step``), and at least ``need``."""
+    return max(need, current + max(current // 4, step))
+
+
 @dataclass
 class QuantStore(Store):
-    """Packed ``b``-bit codes + scales + zeros of an array ``(…, m, f)``; dequantized on read.
+    """Packed ``b``-bit codes + scales + zeros of ``m`` tokens ``(…, m, f)``; dequantized on read.
 
-    ``axis=-2`` (keys): groups of ``group`` tokens per channel, ``packed (…, f, ceil(m b/32))``,
-    ``scale, zero (…, m/group, f)``. ``axis=-1`` (values): groups of ``group`` channels per token,
-    ``packed (…, m, ceil(f b/32))``, ``scale, zero (…, m, f/group)``. Arrays are NumPy, or torch
-    tensors on the cache's device (``packed`` int32, scales in ``scale_dtype``) after
-    :meth:`to_kind`. ``dense()`` returns float64 for NumPy; for torch, the kind's dtype,
-    computed in float64 (CPU or float64 kinds) or float32.
+    ``axis=-2`` (keys): groups of ``group`` tokens per channel, ``packed (…, f, W)`` with
+    ``W >= ceil(m b/32)``, ``scale, zero (…, >= m/group, f)``. ``axis=-1`` (values): groups of
+    ``group`` channels per token, ``packed (…, >= m, ceil(f b/32))``, ``scale, zero
+    (…, >= m, f/group)``. The buffers may be longer than ``m`` tokens (spare capacity of a
+    decode stream); only the first ``m`` are read. NumPy arrays, or torch tensors on the cache's
+    device (``packed`` int32, scales in ``scale_dtype``). ``dense()`` returns ``dense_dtype``
+    (float64 for NumPy; for torch the compute dtype as built, the cache's storage dtype after
+    :meth:`to_kind`), computed in float64 for float64 and float32 otherwise.
     """
 
     packed: Any
@@ -82,22 +122,19 @@ class QuantStore(Store):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def quantize(cls, x: np.ndarray, bits: int, group: int, axis: int, scale_dtype=np.float16) -> "QuantStore":
-        """Quantize a NumPy array ``x (…, m, f)`` (reference arithmetic) and pack its codes."""
+    def quantize(cls, x, bits: int, group: int, axis: int, scale_dtype=np.float16, backend: str = "auto") -> QuantStore:
+        """Quantize ``x (…, m, f)`` and pack its codes: the reference for NumPy, ``quantize_pack`` for torch."""
         if axis not in (-2, -1):
             raise ValueError(f"axis must be -2 (keys: per channel along tokens) or -1 (values), got {axis}")
-        x = np.asarray(x)
-        codes, scale, zero = rq.quantize(x, bits, group, axis, _scale_np_dtype(scale_dtype))
-        return cls(
-            rq.pack(codes, bits, axis),
-            scale,
-            zero,
-            int(bits),
-            int(group),
-            int(axis),
-            int(x.shape[-2]),
-            int(x.shape[-1]),
-        )
+        sdt = _scale_np_dtype(scale_dtype)
+        if is_torch(x):
+            packed, scale, zero = _fq().quantize_pack(x, bits, group, axis, sdt, backend=backend)
+            ddt = compute_dtype(x.dtype)
+        else:
+            x = np.asarray(x)
+            codes, scale, zero = rq.quantize(x, bits, group, axis, sdt)
+            packed, ddt = rq.pack(codes, bits, axis), np.float64
+        return cls(packed, scale, zero, int(bits), int(group), int(axis), int(x.shape[-2]), int(x.shape[-1]), ddt)
 
     @property
     def lead(self) -> tuple:
@@ -108,47 +145,90 @@ class QuantStore(Store):
         return self.lead + (self.m, self.f)
 
     @property
-    def scale_bytes(self) -> int:
-        return int(self.scale.element_size()) if is_torch(self.scale) else int(np.dtype(self.scale.dtype).itemsize)
+    def capacity(self) -> int:
+        """Tokens the buffers can hold."""
+        if self.axis == -1:
+            return int(self.packed.shape[-2])
+        return min(int(self.packed.shape[-1]) * (32 // self.bits), int(self.scale.shape[-2]) * self.group)
 
     # ------------------------------------------------------------ reading
-    def codes(self) -> np.ndarray:
-        """The unpacked uint8 codes ``(…, m, f)`` (NumPy)."""
-        packed = self.packed.cpu().numpy() if is_torch(self.packed) else self.packed
-        length = self.m if self.axis == -2 else self.f
-        return rq.unpack(packed, self.bits, self.axis, length)
+    def codes(self):
+        """The unpacked uint8 codes ``(…, m, f)`` (the store's kind)."""
+        if is_torch(self.packed):
+            fq = _fq()
+            if self.axis == -2:
+                return fq.unpack(self.packed, self.bits, -2, self.m)
+            return fq.unpack(self.packed[..., : self.m, :], self.bits, -1, self.f)
+        if self.axis == -2:
+            return rq.unpack(self.packed, self.bits, -2, self.m)
+        return rq.unpack(self.packed[..., : self.m, :], self.bits, -1, self.f)
 
     def dense(self):
         if not is_torch(self.packed):
-            return rq.dequantize(self.codes(), self.scale, self.zero, self.group, self.axis)
-        per = 32 // self.bits
-        shifts = torch.arange(per, device=self.packed.device, dtype=torch.int32) * self.bits
-        c = (self.packed[..., None] >> shifts) & (2**self.bits - 1)
-        length = self.m if self.axis == -2 else self.f
-        c = c.reshape(*self.packed.shape[:-1], -1)[..., :length]
-        if self.axis == -2:
-            c = c.transpose(-1, -2)
-        cdt = (
-            torch.float64 if (self.dense_dtype == torch.float64 or self.packed.device.type == "cpu") else torch.float32
+            ng = self.m // self.group if self.axis == -2 else self.m
+            sc, ze = self.scale[..., :ng, :], self.zero[..., :ng, :]
+            return rq.dequantize(self.codes(), sc, ze, self.group, self.axis)
+        lead = self.lead
+        L = int(np.prod(lead, dtype=np.int64)) if lead else 1
+        r = lambda a: a.reshape((L,) + tuple(a.shape[-2:]))
+        out = _fq().dequantize_packed(
+            r(self.packed),
+            r(self.scale),
+            r(self.zero),
+            self.bits,
+            self.group,
+            "tokens" if self.axis == -2 else "channels",
+            self.f,
+            0,
+            self.m,
+            compute_dtype(self.dense_dtype),
         )
-        s = torch.repeat_interleave(self.scale.to(cdt), self.group, dim=self.axis)
-        z = torch.repeat_interleave(self.zero.to(cdt), self.group, dim=self.axis)
-        return (c.to(cdt) * s + z).to(self.dense_dtype)
+        return out.reshape(lead + (self.m, self.f)).to(self.dense_dtype)
 
-    # ------------------------------------------------------------ accounting
-    def nbytes(self, valid: np.ndarray) -> int:
-        valid = np.broadcast_to(np.asarray(valid, bool), self.lead + (self.m,))
-        sb = 2 * self.scale_bytes
-        if self.axis == -2:
-            per_head = np.count_nonzero(valid, axis=-1).reshape(-1)
-            code_bytes = sum(rq.packed_nbytes(int(c) * self.f, self.bits) for c in per_head)
-            groups = valid.reshape(self.lead + (self.m // self.group, self.group)).any(axis=-1)
-            return int(code_bytes + np.count_nonzero(groups) * self.f * sb)
-        tokens = int(np.count_nonzero(valid))
-        return int(tokens * (rq.packed_nbytes(self.f, self.bits) + (self.f // self.group) * sb))
+    # ------------------------------------------------------------ growing (decode streams)
+    def extended(self, x, scale_dtype, backend: str = "auto", step: int = 1) -> QuantStore:
+        """This store followed by the quantized tokens ``x (…, t, f)`` (for keys ``t`` a multiple of
+        ``group`` and ``m`` too). Written into the spare capacity in place (the first ``m`` tokens,
+        which earlier snapshots of this store read, are not changed), or into buffers grown by a
+        quarter (at least ``step`` tokens)."""
+        new = QuantStore.quantize(x, self.bits, self.group, self.axis, scale_dtype, backend)
+        t, m = new.m, self.m
+        packed, scale, zero = self.packed, self.scale, self.zero
+        if m + t > self.capacity:
+            cap = _capacity(m + t, self.capacity, step)
+            if self.axis == -1:
+                packed, scale, zero = _grow(packed, -2, cap), _grow(scale, -2, cap), _grow(zero, -2, cap)
+            else:
+                cap = -(-cap // self.group) * self.group
+                per = 32 // self.bits
+                packed = _grow(packed, -1, -(-cap // per))
+                scale, zero = _grow(scale, -2, cap // self.group), _grow(zero, -2, cap // self.group)
+        if self.axis == -1:
+            packed[..., m : m + t, :] = new.packed
+            scale[..., m : m + t, :] = new.scale
+            zero[..., m : m + t, :] = new.zero
+        else:
+            per = 32 // self.bits
+            w0, r = m // per, m % per
+            words = new.packed
+            if r:  # the new codes start inside a word: repack that word's first r codes with them
+                words = self._repack_tail(packed[..., w0 : w0 + 1], r, words, t)
+            packed[..., w0 : w0 + words.shape[-1]] = words
+            g0 = m // self.group
+            scale[..., g0 : g0 + t // self.group, :] = new.scale
+            zero[..., g0 : g0 + t // self.group, :] = new.zero
+        return replace(self, packed=packed, scale=scale, zero=zero, m=m + t)
+
+    def _repack_tail(self, word, r, words, t):
+        if is_torch(word):
+            fq = _fq()
+            codes = torch.cat([fq.unpack(word, self.bits, -1, r), fq.unpack(words, self.bits, -1, t)], dim=-1)
+            return fq.pack(codes, self.bits, -1)
+        codes = np.concatenate([rq.unpack(word, self.bits, -1, r), rq.unpack(words, self.bits, -1, t)], axis=-1)
+        return rq.pack(codes, self.bits, -1)
 
     # ------------------------------------------------------------ conversions
-    def to_kind(self, kind: Kind) -> "QuantStore":
+    def to_kind(self, kind: Kind) -> QuantStore:
         if kind.is_torch:
             to_t = lambda a: (
                 a.to(kind.device) if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a)).to(kind.device)
@@ -156,33 +236,17 @@ class QuantStore(Store):
             return replace(
                 self, packed=to_t(self.packed), scale=to_t(self.scale), zero=to_t(self.zero), dense_dtype=kind.dtype
             )
-        to_n = lambda a: a.cpu().numpy() if is_torch(a) else a
+        if not is_torch(self.packed):
+            return self
+        to_n = lambda a: a.cpu().numpy()
         return replace(
             self, packed=to_n(self.packed), scale=to_n(self.scale), zero=to_n(self.zero), dense_dtype=np.float64
         )
 
-    def reshape_lead(self, lead: tuple) -> "QuantStore":
+    def reshape_lead(self, lead: tuple) -> QuantStore:
         lead = tuple(lead)
         r = lambda a: a.reshape(lead + tuple(a.shape[-2:]))
         return replace(self, packed=r(self.packed), scale=r(self.scale), zero=r(self.zero))
-
-    def concat_tokens(self, other: "QuantStore") -> "QuantStore":
-        """This store followed by ``other`` along the token axis (NumPy stores, same format)."""
-        if (self.bits, self.group, self.axis, self.f) != (other.bits, other.group, other.axis, other.f):
-            raise ValueError("can only concatenate quantized stores of the same format")
-        if self.axis == -1:
-            packed = np.concatenate([self.packed, other.packed], axis=-2)
-        elif (self.m * self.bits) % 32 == 0:  # whole words: the packed words simply follow each other
-            packed = np.concatenate([self.packed, other.packed], axis=-1)
-        else:
-            packed = rq.pack(np.concatenate([self.codes(), other.codes()], axis=-2), self.bits, -2)
-        return replace(
-            self,
-            packed=packed,
-            scale=np.concatenate([self.scale, other.scale], axis=-2),
-            zero=np.concatenate([self.zero, other.zero], axis=-2),
-            m=self.m + other.m,
-        )
 
 
 @dataclass
@@ -197,26 +261,122 @@ class TokenConcatStore(Store):
         return tuple(s0[:-2]) + (sum(p.shape[-2] for p in self.parts), s0[-1])
 
     def dense(self):
-        return xp_cat([p.dense() for p in self.parts], axis=-2)
+        xs = [p.dense() for p in self.parts]
+        if is_torch(xs[0]):
+            dt = xs[0].dtype
+            for x in xs[1:]:
+                dt = torch.promote_types(dt, x.dtype)
+            xs = [x.to(dt) for x in xs]
+        return xp_cat(xs, axis=-2)
 
-    def nbytes(self, valid: np.ndarray) -> int:
-        total, a = 0, 0
-        for p in self.parts:
-            b = a + p.shape[-2]
-            total += p.nbytes(valid[..., a:b])
-            a = b
-        return int(total)
-
-    def to_kind(self, kind: Kind) -> "TokenConcatStore":
+    def to_kind(self, kind: Kind) -> TokenConcatStore:
         return TokenConcatStore([p.to_kind(kind) for p in self.parts])
 
-    def reshape_lead(self, lead: tuple) -> "TokenConcatStore":
+    def reshape_lead(self, lead: tuple) -> TokenConcatStore:
         return TokenConcatStore([p.reshape_lead(lead) for p in self.parts])
 
 
 def concat_stores(parts: list) -> Store:
     parts = [p for p in parts if p is not None and p.shape[-2] > 0]
     return parts[0] if len(parts) == 1 else TokenConcatStore(parts)
+
+
+# ---------------------------------------------------------------------------- full-precision buffers
+class Residual:
+    """Full-precision tokens ``(H, len, f)`` of a stream in a buffer with spare room.
+
+    Tokens live in ``buf[:, a:b]``; :meth:`push` writes after them (moving them to the start of
+    the buffer when its end is reached, or into a buffer 1.5x as large when it is too small),
+    :meth:`pop` hands out the oldest ones (to be quantized at once). ``version`` changes whenever
+    the live region moves, so a :class:`ResidualStore` knows whether it still views it.
+    """
+
+    def __init__(self, x, step: int = 16):
+        self.buf = x.clone() if is_torch(x) else np.array(x, copy=True)
+        self.a, self.b = 0, int(x.shape[-2])
+        self.step = int(step)
+        self.version = 0
+
+    def __len__(self) -> int:
+        return self.b - self.a
+
+    def view(self):
+        return self.buf[..., self.a : self.b, :]
+
+    def push(self, x) -> None:
+        t = int(x.shape[-2])
+        if self.b + t > self.buf.shape[-2]:
+            live = len(self) + t
+            want = live + max(self.step, live // 2)
+            if self.buf.shape[-2] >= want:  # room enough: move the live tokens to the start
+                y = self.buf
+                y[..., : len(self), :] = self.view().clone() if is_torch(y) else self.view().copy()
+            else:
+                y = _zeros_like(self.buf, tuple(self.buf.shape[:-2]) + (want, self.buf.shape[-1]))
+                y[..., : len(self), :] = self.view()
+            self.buf, self.a, self.b = y, 0, len(self)
+            self.version += 1
+        self.buf[..., self.b : self.b + t, :] = x
+        self.b += t
+        self.version += 1
+
+    def pop(self, j: int):
+        """The oldest ``j`` tokens (a view, valid until the next :meth:`push`), removed from the buffer."""
+        out = self.buf[..., self.a : self.a + j, :]
+        self.a += j
+        self.version += 1
+        return out
+
+    def adopt(self, kind: Kind) -> None:
+        """Hold the tokens in ``kind``'s storage dtype and device (once; lossless for the caller's data)."""
+        x = self.buf
+        if kind.is_torch:
+            x = x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
+            if x.dtype != kind.dtype or x.device != kind.device:
+                x = x.to(device=kind.device, dtype=kind.dtype)
+        elif is_torch(x) or x.dtype != np.dtype(kind.dtype):
+            x = to_numpy(x, kind.dtype)
+        if x is not self.buf:
+            self.buf = x
+            self.version += 1
+
+
+@dataclass
+class ResidualStore(DenseStore):
+    """A dense view of a stream's :class:`Residual`. ``to_kind`` makes the stream hold its tokens in
+    the target dtype and returns a view of them: casting the segments (as ``compress`` does) never
+    leaves a second copy. A snapshot whose residual has changed since converts like a DenseStore."""
+
+    owner: Any = None
+    version: int = -1
+
+    def to_kind(self, kind: Kind) -> DenseStore:
+        if self.owner is None or self.owner.version != self.version:
+            return DenseStore(self.x).to_kind(kind)
+        self.owner.adopt(kind)
+        return replace(self, x=self.owner.view().reshape(self.x.shape), version=self.owner.version)
+
+
+class Slots:
+    """A growing per-head array ``(H, m)`` (log-weights or positions) with spare capacity."""
+
+    def __init__(self, x, step: int = 16):
+        self.buf = x.clone() if is_torch(x) else np.array(x, copy=True)
+        self.m = int(x.shape[-1])
+        self.step = int(step)
+
+    def __len__(self) -> int:
+        return self.m
+
+    def view(self):
+        return self.buf[..., : self.m]
+
+    def push(self, x) -> None:
+        t = int(x.shape[-1])
+        if self.m + t > self.buf.shape[-1]:
+            self.buf = _grow(self.buf, -1, _capacity(self.m + t, self.buf.shape[-1], self.step))
+        self.buf[..., self.m : self.m + t] = x
+        self.m += t
 
 
 def check_policy_options(bits, group, residual, policy, scale_dtype) -> None:
@@ -239,13 +399,16 @@ def check_policy_options(bits, group, residual, policy, scale_dtype) -> None:
 
 
 class QuantizedStream:
-    """Decode-time state of a quantized cache (policies ``"kivi"`` and ``"minikv"``).
+    """Decode-time state of a quantized cache (policies ``"kivi"`` and ``"minikv"``), either path.
 
     Holds, per head ``(H, …)``, the stored tokens in stream order: a quantized key prefix of
     ``nk`` tokens (``nk`` a multiple of ``group``), a quantized value prefix of ``nv`` tokens,
-    and full-precision buffers for the rest. ``logw`` (one log-weight per slot, the same in
-    numerator and denominator) lets a weighted token set (BalanceKV's kept tokens) be stored
-    this way; decode tokens get weight 1 (log-weight 0).
+    and full-precision residual buffers for the rest. ``logw`` (one log-weight per slot, the
+    same in numerator and denominator) lets a weighted token set (BalanceKV's kept tokens) be
+    stored this way; decode tokens get weight 1 (log-weight 0). ``K``, ``V``, ``positions``,
+    ``logw`` are NumPy (reference path) or torch tensors on one device (torch path, compute
+    dtype); the stream's arrays are of the same kind. The segments it returns share its
+    buffers (nothing is copied per step).
     """
 
     def __init__(
@@ -261,6 +424,7 @@ class QuantizedStream:
         policy: str = "kivi",
         scale_dtype="float16",
         label: str = "quantized",
+        backend: str = "auto",
     ):
         check_policy_options(bits, group, residual, policy, scale_dtype)
         H, n, d = K.shape
@@ -272,18 +436,34 @@ class QuantizedStream:
             )
         self.bits, self.group, self.R, self.policy = int(bits), int(group), int(residual), policy
         self.sdt = _scale_np_dtype(scale_dtype)
-        self.label = label
-        self.kq = self.vq = None
-        self.kf, self.vf = np.array(K, np.float64), np.array(V, np.float64)
-        self.pos = np.broadcast_to(np.asarray(positions, np.int64), (H, n)).copy()
-        self.logw = np.zeros((H, n)) if logw is None else np.array(logw, np.float64)
-        if policy == "kivi":
-            self._quantize_keys((n // self.R) * self.R)
-            self._quantize_values(max(0, n - self.R))
+        self.label, self.backend = label, backend
+        t = is_torch(K)
+        if t:
+            pos = torch.as_tensor(positions, device=K.device).to(torch.int64).expand(H, n)
+            lw = torch.zeros((H, n), dtype=K.dtype, device=K.device) if logw is None else logw.to(K.dtype)
         else:
-            r = n - n % self.group
-            self._quantize_keys(r)
-            self._quantize_values(r)
+            pos = np.broadcast_to(np.asarray(positions, np.int64), (H, n))
+            lw = np.zeros((H, n)) if logw is None else np.asarray(logw, np.float64)
+        self.pos, self.logw = Slots(pos, self.R), Slots(lw, self.R)
+        if policy == "kivi":
+            nk, nv = (n // self.R) * self.R, max(0, n - self.R)
+        else:
+            nk = nv = n - n % self.group
+        self.kq = self._quantize(K[:, :nk], -2) if nk else None
+        self.vq = self._quantize(V[:, :nv], -1) if nv else None
+        self.kres, self.vres = Residual(K[:, nk:], self.group), Residual(V[:, nv:], self.group)
+
+    def _quantize(self, x, axis):
+        try:
+            return QuantStore.quantize(x, self.bits, self.group, axis, self.sdt, self.backend)
+        except ValueError as e:  # name what the caller passed, not the quantizer's argument
+            if "beyond the range of scale_dtype" not in str(e):
+                raise
+            what = "keys" if axis == -2 else "values"
+            raise ValueError(
+                f"the {what} have entries of magnitude above {float(np.finfo(self.sdt).max):g}, beyond the range "
+                f"of the option scale_dtype={self.sdt.name!r}; pass scale_dtype='float32'"
+            ) from None
 
     # ------------------------------------------------------------ moving tokens into low bits
     def _quantize_keys(self, t: int) -> None:
@@ -291,16 +471,14 @@ class QuantizedStream:
         if t <= 0:
             return
         assert t % self.group == 0, "a per-channel key group needs group tokens"
-        new = QuantStore.quantize(self.kf[:, :t], self.bits, self.group, -2, self.sdt)
-        self.kq = new if self.kq is None else self.kq.concat_tokens(new)
-        self.kf = self.kf[:, t:]
+        x = self.kres.pop(t)
+        self.kq = self._quantize(x, -2) if self.kq is None else self.kq.extended(x, self.sdt, self.backend, self.R)
 
     def _quantize_values(self, t: int) -> None:
         if t <= 0:
             return
-        new = QuantStore.quantize(self.vf[:, :t], self.bits, self.group, -1, self.sdt)
-        self.vq = new if self.vq is None else self.vq.concat_tokens(new)
-        self.vf = self.vf[:, t:]
+        x = self.vres.pop(t)
+        self.vq = self._quantize(x, -1) if self.vq is None else self.vq.extended(x, self.sdt, self.backend, self.R)
 
     @property
     def nk(self) -> int:
@@ -310,20 +488,39 @@ class QuantizedStream:
     def nv(self) -> int:
         return 0 if self.vq is None else self.vq.m
 
+    @property
+    def n(self) -> int:
+        """Tokens held (every token given or appended)."""
+        return len(self.pos)
+
     # ------------------------------------------------------------ the stream protocol
+    def to_kind(self, kind: Kind) -> None:
+        """Hold the state in the cache's kind once (``compress`` calls it after the build): residual keys in
+        ``kind.dtype``, residual values in the values' dtype, codes on ``kind``'s device."""
+        self.kres.adopt(kind)
+        self.vres.adopt(kind.for_values())
+        if self.kq is not None:
+            self.kq = self.kq.to_kind(kind)
+        if self.vq is not None:
+            self.vq = self.vq.to_kind(kind.for_values())
+
+    def _residual_store(self, res: Residual) -> ResidualStore:
+        return ResidualStore(res.view(), owner=res, version=res.version)
+
     def segments(self) -> list[Segment]:
-        H = self.pos.shape[0]
-        if self.pos.shape[1] == 0:
+        H = self.pos.buf.shape[0]
+        if self.n == 0:
             return []
-        keys = concat_stores([self.kq, DenseStore(self.kf)])
-        values = concat_stores([self.vq, DenseStore(self.vf)])
+        keys = concat_stores([self.kq, self._residual_store(self.kres)])
+        values = concat_stores([self.vq, self._residual_store(self.vres)])
+        lw = self.logw.view()
         return [
             Segment(
                 keys,
                 values,
-                self.logw.copy(),
-                self.logw.copy(),
-                self.pos.copy(),
+                lw,
+                lw,
+                self.pos.view(),
                 self.label,
                 meta={
                     "policy": self.policy,
@@ -338,27 +535,38 @@ class QuantizedStream:
         ]
 
     def append(self, k, v, pos) -> list[Segment]:
-        """Add decode tokens ``k (H, t, d)``, ``v (H, t, s)`` at stream positions ``pos (t,)``."""
-        H, t = k.shape[0], k.shape[-2]
-        self.kf = np.concatenate([self.kf, np.asarray(k, np.float64)], axis=-2)
-        self.vf = np.concatenate([self.vf, np.asarray(v, np.float64)], axis=-2)
-        self.pos = np.concatenate([self.pos, np.broadcast_to(np.asarray(pos, np.int64), (H, t))], axis=-1)
-        self.logw = np.concatenate([self.logw, np.zeros((H, t))], axis=-1)
+        """Add decode tokens ``k (H, t, d)``, ``v (H, t, s)`` at stream positions ``pos (t,)``.
+
+        Processed in chunks of at most ``R`` tokens, so the residual buffers never hold more than
+        ``2R`` tokens; each chunk is written into them and flushed per the policy.
+        """
+        H, t = k.shape[0], int(k.shape[-2])
         R = self.R
-        if self.policy == "kivi":
-            while self.kf.shape[-2] >= R:
-                self._quantize_keys(R)
-            self._quantize_values(self.vf.shape[-2] - R)
-        else:
-            while self.kf.shape[-2] >= R:
-                self._quantize_keys(R)
-                self._quantize_values(R)
+        for c0 in range(0, t, R):
+            c1 = min(t, c0 + R)
+            kc, vc, pc = k[:, c0:c1], v[:, c0:c1], pos[c0:c1]
+            self.kres.push(kc)
+            self.vres.push(vc)
+            if is_torch(kc):
+                self.pos.push(torch.as_tensor(pc, device=kc.device).to(torch.int64).expand(H, c1 - c0))
+                self.logw.push(torch.zeros((H, c1 - c0), dtype=self.logw.buf.dtype, device=kc.device))
+            else:
+                self.pos.push(np.broadcast_to(np.asarray(pc, np.int64), (H, c1 - c0)))
+                self.logw.push(np.zeros((H, c1 - c0)))
+            if self.policy == "kivi":
+                while len(self.kres) >= R:
+                    self._quantize_keys(R)
+                self._quantize_values(len(self.vres) - R)
+            else:
+                while len(self.kres) >= R:
+                    self._quantize_keys(R)
+                    self._quantize_values(R)
         return self.segments()
 
 
 def quantize_segments_dense(K, V, positions, logw, **policy_options) -> tuple[list[Segment], QuantizedStream]:
     """Store a weighted token set ``(H, m, ·)`` with a :class:`QuantizedStream`; returns its segments and stream."""
-    stream = QuantizedStream(np.asarray(to_numpy(K)), np.asarray(to_numpy(V)), positions, logw, **policy_options)
+    stream = QuantizedStream(K, V, positions, logw, **policy_options)
     return stream.segments(), stream
 
 
@@ -375,7 +583,10 @@ def _store_pieces(store):
 
 
 def _slice_store(piece, a: int, b: int, role: str, L: int):
-    """Slots ``[a, b)`` (local to the piece) as a dense ``(L, b-a, f)`` tensor or a ``Packed``."""
+    """Slots ``[a, b)`` (local to the piece) as a dense ``(L, b-a, f)`` tensor or a ``Packed``.
+
+    Packed keys pass their whole buffers with an offset; packed values starting at slot 0 pass
+    their whole buffers too (the kernel reads the first ``b`` rows): no copy per call."""
     from balancekv.fast.decode_attention import Packed  # noqa: PLC0415  (torch path only)
 
     if isinstance(piece, QuantStore):
@@ -385,9 +596,12 @@ def _slice_store(piece, a: int, b: int, role: str, L: int):
             sc, ze = piece.scale.reshape(L, -1, f), piece.zero.reshape(L, -1, f)
             return Packed(words, sc, ze, piece.bits, piece.group, "tokens", b - a, f, offset=a)
         if role == "values" and piece.axis == -1:
-            words = piece.packed.reshape(L, piece.m, -1)[:, a:b]
-            sc = piece.scale.reshape(L, piece.m, -1)[:, a:b]
-            ze = piece.zero.reshape(L, piece.m, -1)[:, a:b]
+            rows = piece.packed.shape[-2]
+            words = piece.packed.reshape(L, rows, -1)[:, a:]
+            sc = piece.scale.reshape(L, rows, -1)[:, a:]
+            ze = piece.zero.reshape(L, rows, -1)[:, a:]
+            if a:  # a part starting mid-store: its own rows only
+                words, sc, ze = words[:, : b - a], sc[:, : b - a], ze[:, : b - a]
             return Packed(words, sc, ze, piece.bits, piece.group, "channels", b - a, f)
     x = piece.dense()
     return x.reshape((L,) + tuple(x.shape[-2:]))[:, a:b]

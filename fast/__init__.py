@@ -6,7 +6,7 @@ Same names and semantics as :mod:`balancekv.reference`; only speed and device di
 from .blocked_balance import blocked_balance, blocked_walk_signs, fixed_size_halving
 from .decode_attention import Packed, attend_parts, decode_attention
 from .quantization import dequantize, pack, quantize, quantize_pack, unpack
-from .selection import h2o_scores, snapkv_scores
+from .selection import h2o_scores, select_top, snapkv_scores
 from .softmax_attention import attention, weighted_attention
 from .subgen import greedy_k_center, online_clusters, subgen_offline, subgen_stream
 from .walk import gram_walk_signs
@@ -25,6 +25,7 @@ __all__ = [
     "pack",
     "quantize",
     "quantize_pack",
+    "select_top",
     "snapkv_scores",
     "unpack",
     "weighted_attention",

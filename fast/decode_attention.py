@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton as T
+from .quantization import dequantize_packed
 
 __all__ = ["Packed", "attend_parts", "combine_partials", "decode_attention"]
 
@@ -45,7 +46,8 @@ class Packed:
     ``axis="channels"`` (values, per-token): ``words (L, n, ceil(f*b/32))``,
     ``scale``/``zero`` ``(L, n, ceil(f/group))``. ``L`` is the flattened leading dims.
     Dequantized value: ``code * scale + zero`` (float32 arithmetic). ``offset`` (keys only):
-    the part starts at token ``offset`` of the packed store and spans ``n`` tokens.
+    the part starts at token ``offset`` of the packed store and spans ``n`` tokens. Buffers may
+    hold spare capacity beyond the part (more words, or for values more rows): only ``n`` tokens are read.
     """
 
     words: torch.Tensor
@@ -59,22 +61,11 @@ class Packed:
     offset: int = 0
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
-        """The dequantized ``(L, n, f)`` tensor (torch path)."""
-        per = 32 // self.bits
-        mask = (1 << self.bits) - 1
-        shifts = torch.arange(per, device=self.words.device, dtype=torch.int32) * self.bits
-        codes = (self.words[..., None] >> shifts) & mask  # (L, a, w, per)
-        codes = codes.reshape(*self.words.shape[:-1], -1)
-        if self.axis == "tokens":
-            a, b = self.offset, self.offset + self.n
-            codes = codes[..., a:b].transpose(-1, -2)  # (L, n, f)
-            sc = self.scale.repeat_interleave(self.group, dim=-2)[..., a:b, :]
-            ze = self.zero.repeat_interleave(self.group, dim=-2)[..., a:b, :]
-        else:
-            codes = codes[..., : self.f]
-            sc = self.scale.repeat_interleave(self.group, dim=-1)[..., : self.f]
-            ze = self.zero.repeat_interleave(self.group, dim=-1)[..., : self.f]
-        return (codes.to(torch.float32) * sc.to(torch.float32) + ze.to(torch.float32)).to(dtype)
+        """The dequantized ``(L, n, f)`` tensor (torch path; :func:`.quantization.dequantize_packed`)."""
+        start = self.offset if self.axis == "tokens" else 0
+        return dequantize_packed(
+            self.words, self.scale, self.zero, self.bits, self.group, self.axis, self.f, start, self.n, dtype
+        )
 
 
 def _compute_dtype(*xs) -> torch.dtype:

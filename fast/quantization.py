@@ -20,7 +20,7 @@ from balancekv.reference.quantization import BITS, SCALE_DTYPES  # noqa: F401  (
 
 from . import _triton as T
 
-__all__ = ["dequantize", "pack", "quantize", "quantize_pack", "unpack"]
+__all__ = ["dequantize", "dequantize_packed", "pack", "quantize", "quantize_pack", "unpack"]
 
 _TORCH_SCALE = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
@@ -54,9 +54,10 @@ def _checks(x, bits, group, axis, scale_dtype):
     )
     if sdt is None:
         raise ValueError(f"scale_dtype must be float16 or float32, got {scale_dtype}")
-    if not bool(torch.isfinite(x).all()):
+    big = float(x.abs().amax()) if x.numel() else 0.0  # one reduction: NaN and Inf propagate into it
+    if not np.isfinite(big):
         raise ValueError("x contains NaN or Inf")
-    if x.numel() and float(x.abs().max()) > torch.finfo(sdt).max:
+    if big > torch.finfo(sdt).max:
         raise ValueError(
             f"x has entries of magnitude above {torch.finfo(sdt).max:g}, beyond the range of "
             f"scale_dtype {sdt}; pass scale_dtype=np.float32"
@@ -65,23 +66,25 @@ def _checks(x, bits, group, axis, scale_dtype):
 
 
 def _quantize_torch(x, bits, group, ax, sdt):
-    Q = torch.tensor(float(2**bits - 1), dtype=torch.float32)
-    x32 = x.to(torch.float32).movedim(ax, -1)
-    L = x32.shape[-1]
-    g = x32.reshape(x32.shape[:-1] + (L // group, group))
-    m = g.amin(-1)
-    M = g.amax(-1)
-    s_star = (M - m) / Q.to(x32.device)  # float32 subtraction, true division
+    """The reference arithmetic on a grouped *view* of ``x`` (groups along ``ax``, no transposition of the
+    floats): scales and zeros come out in the reference layout directly."""
+    Q = torch.tensor(float(2**bits - 1), dtype=torch.float32, device=x.device)
+    x32 = x.to(torch.float32)
+    shp = tuple(x32.shape)
+    gd = ax + 1  # the within-group dim of the view
+    g = x32.reshape(shp[:ax] + (shp[ax] // group, group) + shp[ax + 1 :])
+    m = g.amin(gd)
+    M = g.amax(gd)
+    s_star = (M - m) / Q  # float32 subtraction, true division
     zero = m.to(sdt)
     scale = s_star.to(sdt)
-    z32 = zero.to(torch.float32)[..., None]
-    s32 = scale.to(torch.float32)[..., None]
+    z32 = zero.to(torch.float32).unsqueeze(gd)
+    s32 = scale.to(torch.float32).unsqueeze(gd)
     pos = s32 > 0
-    y = torch.where(pos, (g - z32) / torch.where(pos, s32, torch.ones_like(s32)), torch.zeros_like(g))
+    y = torch.where(pos, (g - z32) / torch.where(pos, s32, torch.ones_like(s32)), torch.zeros((), device=x.device))
     w = y + 0.5
-    codes = torch.floor(w).clamp(0, float(2**bits - 1)).to(torch.uint8)
-    codes = codes.reshape(x32.shape).movedim(-1, ax)
-    return codes, scale.movedim(-1, ax), zero.movedim(-1, ax)
+    codes = torch.floor(w).clamp(0, float(2**bits - 1)).to(torch.uint8).reshape(shp)
+    return codes, scale, zero
 
 
 def _as3d(x, ax):
@@ -180,14 +183,26 @@ def dequantize(codes, scale, zero, group: int, axis: int) -> torch.Tensor:
     if torch.is_floating_point(c) or c.is_complex():
         raise TypeError(f"codes must be integers, got {c.dtype}")
     ax = int(axis) % c.ndim
-    s = _tensor(scale, "scale").to(torch.float64).repeat_interleave(group, dim=ax)
-    z = _tensor(zero, "zero").to(torch.float64).repeat_interleave(group, dim=ax)
-    if s.shape != c.shape or z.shape != c.shape:
+    sc, ze = _tensor(scale, "scale"), _tensor(zero, "zero")
+    want = list(c.shape)
+    want[ax] = -(-c.shape[ax] // group)
+    if list(sc.shape) != want or list(ze.shape) != want or c.shape[ax] % group:
         raise ValueError(
             f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not match codes "
             f"{tuple(c.shape)} with group={group} along axis {axis}"
         )
-    return c.to(torch.float64) * s + z
+    out = _affine_last(c.movedim(ax, -1), sc.movedim(ax, -1), ze.movedim(ax, -1), group, torch.float64)
+    return out.movedim(-1, ax)
+
+
+def _affine_last(codes, scale, zero, group: int, dtype):
+    """``code * scale + zero`` in ``dtype`` with groups of ``group`` along the last axis: ``codes (…, g*G)``,
+    ``scale``, ``zero`` ``(…, g)`` (broadcast, never repeated). The one torch dequantization arithmetic
+    (the Triton kernels inline the same)."""
+    g = scale.shape[-1]
+    c = codes.reshape(*codes.shape[:-1], g, group).to(dtype)
+    out = torch.addcmul(zero.to(dtype)[..., None], c, scale.to(dtype)[..., None])
+    return out.reshape(*codes.shape[:-1], g * group)
 
 
 def pack(codes, bits: int, axis: int) -> torch.Tensor:
@@ -202,16 +217,21 @@ def pack(codes, bits: int, axis: int) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 2**b - 1):
         raise ValueError(f"codes must lie in [0, {2**b - 1}] for bits={b}")
     per = 32 // b
-    c = c.movedim(ax, -1).to(torch.int64)
+    c = c.movedim(ax, -1).to(torch.int32)
     L = c.shape[-1]
     W = -(-L // per)
     if W * per != L:
         c = torch.cat([c, c.new_zeros(c.shape[:-1] + (W * per - L,))], dim=-1)
     c = c.reshape(c.shape[:-1] + (W, per))
-    shifts = torch.arange(per, device=c.device, dtype=torch.int64) * b
-    words = (c << shifts).sum(-1)  # disjoint bit fields: sum == or, < 2^32
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
-    return words.to(torch.int32).contiguous()
+    # int32 arithmetic without overflow: the low codes sum to < 2^(32-b) (disjoint bit fields: sum == or);
+    # the top code is taken as a signed b-bit number times 2^(32-b), in [-2^31, 2^31), which gives the
+    # two's-complement word of the unsigned bit pattern
+    words = c[..., per - 1] - (c[..., per - 1] >= 2 ** (b - 1)).to(torch.int32) * (2**b)
+    words = words * (2 ** (32 - b))
+    if per > 1:
+        weights = torch.tensor([2 ** (j * b) for j in range(per - 1)], dtype=torch.int32, device=c.device)
+        words = words + (c[..., : per - 1] * weights).sum(-1, dtype=torch.int32)
+    return words.contiguous()
 
 
 def unpack(packed, bits: int, axis: int, length: int, *, backend: str = "auto") -> torch.Tensor:
@@ -256,3 +276,39 @@ def unpack(packed, bits: int, axis: int, length: int, *, backend: str = "auto") 
     c = ((w[..., None] >> shifts) & (2**b - 1)).to(torch.uint8)
     c = c.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :length]
     return c.movedim(-1, ax)
+
+
+def dequantize_packed(words, scale, zero, bits: int, group: int, axis: str, f: int, start: int = 0, n=None, dtype=None):
+    """Tokens ``[start, start + n)`` of a packed store as floats ``(L, n, f)``: ``code * scale + zero``.
+
+    The one torch dequantization (CPU decode attention, :meth:`Packed.dense`, quantized stores'
+    ``dense()``). ``axis="tokens"`` (keys): ``words (L, f, W)`` packed along tokens, ``scale``,
+    ``zero`` ``(L, groups, f)``; ``axis="channels"`` (values): ``words (L, rows, W)`` packed along
+    channels, ``scale``, ``zero`` ``(L, rows, f / group)``. Buffers may hold more tokens than are
+    read (spare capacity). Only the words and groups covering the range are unpacked. The
+    arithmetic runs in float64 for ``dtype=float64`` (the reference's numbers exactly) and in float32
+    otherwise, then the result is cast to ``dtype`` (default float32).
+    """
+    dtype = dtype or torch.float32
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32  # half outputs: float32 arithmetic, one rounding
+    b = int(bits)
+    per = 32 // b
+    mask = (1 << b) - 1
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * b
+    unpack_words = lambda w: ((w[..., None] >> shifts) & mask).reshape(*w.shape[:-1], -1)
+    if axis in ("tokens", -2):
+        n = words.shape[-1] * per - start if n is None else int(n)
+        g0, g1 = start // group, -(-(start + n) // group)
+        t0, t1 = g0 * group, g1 * group  # whole groups covering the range
+        w0 = t0 // per
+        codes = unpack_words(words[..., w0 : -(-t1 // per)])[..., t0 - w0 * per : t1 - w0 * per]  # (L, f, <= t1-t0)
+        if codes.shape[-1] < t1 - t0:  # the last group runs past the buffer (never read): pad
+            codes = torch.nn.functional.pad(codes, (0, t1 - t0 - codes.shape[-1]))
+        sc, ze = scale[..., g0:g1, :].transpose(-1, -2), zero[..., g0:g1, :].transpose(-1, -2)  # (L, f, g)
+        out = _affine_last(codes, sc, ze, group, cdt)[..., start - t0 : start - t0 + n]
+        return out.transpose(-1, -2).to(dtype)  # (L, n, f)
+    n = words.shape[-2] - start if n is None else int(n)
+    ng = scale.shape[-1]
+    codes = unpack_words(words[..., start : start + n, :])[..., : ng * group]
+    out = _affine_last(codes, scale[..., start : start + n, :], zero[..., start : start + n, :], group, cdt)
+    return out[..., :f].to(dtype)

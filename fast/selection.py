@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import _triton as T
 
-__all__ = ["h2o_scores", "snapkv_scores"]
+__all__ = ["h2o_scores", "select_top", "snapkv_scores"]
 
 POOLS = ("max", "avg")
 
@@ -42,21 +42,31 @@ def _prep(Q, K, group):
     return Qt, Kt, dt
 
 
-def _colsum_torch(Qf, Kf, scale, group, dt, block_m=256):
-    """``(Hkv, L)`` column sums; ``Qf (Hq, Lq, d)``, ``Kf (Hkv, L, d)``; query blocks of ``block_m`` rows."""
+def _colsum_torch(Qf, Kf, scale, group, dt, block_elems=1 << 22):
+    """``(Hkv, L)`` column sums; ``Qf (Hq, Lq, d)``, ``Kf (Hkv, L, d)``.
+
+    Query rows in blocks sized so that one block's logits hold about ``block_elems`` numbers
+    (at least 16 rows): memory ``O(block * L)``, never an ``Lq x L`` matrix. A block of rows
+    only reads the keys its last row sees (causal), and each row is whole, so its softmax is
+    exact without a second pass.
+    """
     Hkv, L, d = Kf.shape
     Lq = Qf.shape[1]
     Qg = Qf.to(dt).reshape(Hkv, group, Lq, d)
     Kd = Kf.to(dt)
     out = torch.zeros((Hkv, L), dtype=dt, device=Kf.device)
+    block_m = max(16, block_elems // max(1, Hkv * group * L))
     for m0 in range(0, Lq, block_m):
         m1 = min(Lq, m0 + block_m)
-        a = scale * torch.einsum("hgqd,hkd->hgqk", Qg[:, :, m0:m1], Kd)
+        kmax = L - Lq + m1  # keys 0 .. kmax - 1 are seen by some row of the block
+        r = m1 - m0
+        a = torch.matmul(Qg[:, :, m0:m1].reshape(Hkv, group * r, d), Kd[:, :kmax].transpose(-1, -2))
+        a = a.view(Hkv, group, r, kmax).mul_(scale)
         qpos = L - Lq + torch.arange(m0, m1, device=Kf.device)
-        live = torch.arange(L, device=Kf.device)[None, :] <= qpos[:, None]
-        a = a.masked_fill(~live, float("-inf"))
+        dead = torch.arange(kmax, device=Kf.device)[None, :] > qpos[:, None]
+        a.masked_fill_(dead, float("-inf"))
         p = torch.softmax(a, dim=-1)  # max-shifted; each row has >= 1 live key
-        out += p.sum(dim=(1, 2))
+        out[:, :kmax] += p.sum(dim=(1, 2))
     return out
 
 
@@ -158,3 +168,26 @@ def snapkv_scores(
             pooled = F.avg_pool1d(F.pad(flat, (p, p), value=0.0), kernel, stride=1)
         out[..., : L - w] = pooled.reshape(pre.shape)
     return out if isinstance(K, torch.Tensor) else out.cpu().numpy()
+
+
+def select_top(scores, budget: int, recent: int):
+    """Sorted indices ``(..., budget)`` int64: the last ``recent`` positions plus the top ``budget - recent``
+    earlier ones, ties broken towards the earlier position (a stable sort), exactly as the reference
+    :func:`balancekv.reference.selection.select_top`. Torch in, torch out (NumPy: the reference)."""
+    if not isinstance(scores, torch.Tensor):
+        from balancekv.reference.selection import select_top as ref  # noqa: PLC0415
+
+        return ref(scores, budget, recent)
+    L = scores.shape[-1]
+    for name, v in (("budget", budget), ("recent", recent)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not 0 <= recent <= budget <= L:
+        raise ValueError(f"need 0 <= recent <= budget <= L={L}, got recent={recent}, budget={budget}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN")
+    heavy = int(budget) - int(recent)
+    prefix = scores[..., : L - recent]
+    order = torch.sort(-prefix, dim=-1, stable=True).indices[..., :heavy]
+    rec = torch.arange(L - recent, L, device=scores.device).expand(tuple(scores.shape[:-1]) + (int(recent),))
+    return torch.sort(torch.cat([order, rec], dim=-1), dim=-1).values.to(torch.int64)

@@ -45,28 +45,37 @@ def _check_qk(Q, K, group):
     return Q, K
 
 
-def _causal_probs(Q, K, scale, group):
-    """``P (..., Hkv, group, Lq, L)``: causal softmax rows of each query head, grouped by KV head."""
+def _causal_probs(Q, K, scale, group, rows=None):
+    """``P (..., Hkv, group, r, L)``: causal softmax rows of each query head, grouped by KV head.
+
+    ``rows = (j0, j1)`` restricts to queries ``j0 .. j1 - 1`` of the ``Lq`` (default: all).
+    """
     Hkv, L, d = K.shape[-3:]
     Lq = Q.shape[-2]
-    Qg = Q.reshape(Q.shape[:-3] + (Hkv, group, Lq, d))
+    j0, j1 = rows if rows is not None else (0, Lq)
+    Qg = Q[..., j0:j1, :].reshape(Q.shape[:-3] + (Hkv, group, j1 - j0, d))
     a = logits(Qg, K[..., None, :, :], default_scale(d, scale))
-    a = np.where(causal_mask(Lq, L), a, -np.inf)
+    a = np.where(causal_mask(Lq, L)[j0:j1], a, -np.inf)
     a = a - a.max(axis=-1, keepdims=True)
     e = np.exp(a)
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def h2o_scores(Q, K, scale=None, group: int = 1) -> np.ndarray:
+def h2o_scores(Q, K, scale=None, group: int = 1, block: int = 256) -> np.ndarray:
     """H2O heavy-hitter scores ``(..., Hkv, L)`` for ``Q (..., Hkv*group, Lq, d)``, ``K (..., Hkv, L, d)``.
 
     ``score[h, i] = sum over query heads g of KV head h, and over queries j,
     of softmax(scale * q_j K^T, causal)[i]``. With ``Lq = L`` (all prompt queries)
     this is H2O's accumulated attention; each row sums to 1, so the scores of one
-    KV head sum to ``group * Lq``.
+    KV head sum to ``group * Lq``. Rows are summed ``block`` queries at a time: memory
+    ``O(block * L)`` per head, never an ``Lq x L`` matrix (issue 15, item 5).
     """
     Q, K = _check_qk(Q, K, group)
-    return _causal_probs(Q, K, scale, group).sum(axis=(-3, -2))
+    Lq = Q.shape[-2]
+    out = np.zeros(K.shape[:-1])
+    for j0 in range(0, Lq, int(block)):
+        out += _causal_probs(Q, K, scale, group, (j0, min(Lq, j0 + int(block)))).sum(axis=(-3, -2))
+    return out
 
 
 def _pool_same(x, kernel: int, pool: str):

@@ -25,7 +25,9 @@ def test_minikv_keeps_h2o_selection_and_bills_four_bits():
     np.testing.assert_array_equal(c.positions, select_top(h2o_scores(K, K), m, 50))
     assert set(range(150, 200)) <= set(c.positions[1].tolist())
     q, r = 96, 4  # 100 = 6 * 16 + 4
-    assert c.nbytes == H * (q * 2 * d * 4 // 8 + r * 2 * d * 2)
+    # held bytes: 4 bits per quantized element, the remainder in the input's float64, and one float64
+    # log-weight and one int64 position per slot
+    assert c.nbytes == H * (q * 2 * d * 4 // 8 + r * 2 * d * 8 + m * (8 + 8))
     # the quantized tokens really are quantized; the remainder is exact
     Ks = np.take_along_axis(K, c.positions[..., None], 1)
     assert np.all(np.asarray(c.keys)[:, q:] == Ks[:, q:]) and not np.all(np.asarray(c.keys)[:, :q] == Ks[:, :q])
@@ -52,14 +54,22 @@ def test_minikv_eps_levels_and_decode():
     assert est == sorted(est, reverse=True) and {x["bits"] for x in lv} == {2, 4, 8}
     assert np.all(c.diagnostics["error_per_head"] <= 0.1)
     assert np.all(c.diagnostics["level_per_head"] > 0) and c.ratio < 0.25
-    # decoding: tokens wait in fp16 and are flushed in blocks of R = 32
+    # decoding (one level for every head): tokens wait in full precision and are flushed in blocks of
+    # R = 32 (keys and values together); every appended token is kept
+    c = bk.compress(K, V, keep=0.25, method="minikv", residual=32, seed=0)
     K2, V2, _ = make_kv("llm", heads=3, n=40, d=16, seed=4)
-    before, kept0 = c.nbytes, c.kept()
+    kept0 = c.kept()
     for i in range(40):
         c.append(K2[:, i : i + 1], V2[:, i : i + 1])
     assert c.n_seen == 296
     np.testing.assert_array_equal(c.kept(), kept0 + 40)
-    assert c.nbytes < before + 3 * 40 * 32 * 2  # some of the 40 new tokens were quantized (fp16 would add this)
+    (seg,) = c.segments
+    assert seg.meta["quantized_keys"] == seg.meta["quantized_values"] == 64 + 32  # prefill 64 = 4 x 16, one flush
+    # at least: 96 tokens at 4 bits + 8 float64 tokens + weights and positions; spare capacity bounded by
+    # the policy: residual buffers at most 2R tokens each, slots and codes grown by max(R, a quarter)
+    need = 96 * 2 * 16 * 4 // 8 + 8 * 2 * 16 * 8 + 104 * 16
+    spare = 2 * (2 * 32) * 16 * 8 + 32 * 16 + 32 * 2 * 16 * 4 // 8
+    assert 3 * need <= c.nbytes <= 3 * (need + spare)
     assert np.all(np.isfinite(c.attend(Q)))
 
 
@@ -111,8 +121,8 @@ def test_balance_quant_bytes_and_levels():
     qd = (m // 32) * 32
     per_head = qd * 32 * 4 // 8 + (qd // 32) * 32 * 4  # keys: codes + fp16 scale/zero per group
     per_head += qd * (32 * 4 // 8 + 1 * 4)  # values: per token
-    per_head += (m - qd) * 32 * 2 * 2  # remainder in fp16
-    per_head += m * 1  # log-weights: powers of two, 1-byte exponents
+    per_head += (m - qd) * 32 * 2 * 8  # remainder in the input's float64
+    per_head += m * (8 + 8)  # float64 log-weights, int64 positions
     assert n_mid > 0 and c.nbytes == 2 * per_head
     assert c.ratio < bk.compress(K, V, keep=0.25, method="balance", seed=0).ratio / 2
     lv = get_method("balance+quant").levels(512, get_method("balance+quant").resolve_options({}))

@@ -10,6 +10,9 @@ every kept token is quantized except the remainder ``m % group``; with
 ``policy="kivi"`` the last ``residual`` tokens stay in full precision. Weights
 (``log 2^T`` for the compressed middle) are single-set and billed as usual.
 
+Both paths: ``balance``'s own build for the kind of ``K`` (NumPy reference or torch), then
+a :class:`~balancekv.quantized.QuantizedStream` of the same kind.
+
 Only the consistent estimator is offered (quantized single-set storage). The
 logit and attention bounds of :mod:`balancekv.bounds.quantization` compare this
 cache with the unquantized BalanceKV cache it came from (Theorem Q3 holds for
@@ -22,8 +25,6 @@ estimated size ``kept_fraction * (bits + 32/group) / 16``.
 from __future__ import annotations
 
 from dataclasses import replace
-
-import numpy as np
 
 from ..quantized import QuantizedStream, check_policy_options
 from . import get_method
@@ -71,23 +72,26 @@ class BalanceQuant(Method):
         lv = _balance().level_for_keep(keep, n, self.balance_opts(opts))
         return {"itrs": lv["itrs"], "bits": int(opts["bits"])}
 
-    def build_reference(self, K, V, level, ctx):
-        bopts, q = self.split(ctx.opts)
+    def _build(self, K, V, level, ctx):
+        _, q = self.split(ctx.opts)
         built = _balance().build(K, V, {"itrs": level["itrs"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments
-        lw = np.asarray(seg.num_logw, np.float64)
         stream = QuantizedStream(
-            np.asarray(seg.keys.dense()),
-            np.asarray(seg.values.dense()),
+            seg.keys.dense(),
+            seg.values.dense(),
             seg.positions,
-            lw,
+            seg.num_logw,
             bits=level["bits"],
             group=q["group"],
             residual=q["residual"],
             policy=q["policy"],
             scale_dtype=q["scale_dtype"],
             label=f"balance+quant{level['bits']}",
+            backend=ctx.backend,
         )
         return Built(
             stream.segments(), stream=stream, info={**built.info, "bits": level["bits"], "quantized_keys": stream.nk}
         )
+
+    build_reference = _build
+    build_torch = _build

@@ -2,9 +2,9 @@
 
 SPEC section 7. Per head, keep the ``recent`` most recent tokens and the
 ``heavy`` highest-scoring earlier ones by H2O's accumulated attention
-(:func:`balancekv.reference.selection.h2o_scores`; queries as in
-:mod:`balancekv.methods.h2o`: the caller's ``queries`` if given, else the keys
-themselves), then store the kept tokens with the ``"minikv"`` decode policy of
+(:func:`balancekv.reference.selection.h2o_scores`; queries, blocked scoring once per
+``compress`` call and both paths as in :mod:`balancekv.methods.h2o`: the caller's
+``queries`` if given, else the keys themselves), then store the kept tokens with the ``"minikv"`` decode policy of
 :mod:`balancekv.quantized`: ``bits``-bit codes (keys per channel, values per
 token, groups of ``group=16``, fp16 scale and zero), everything quantized but
 the remainder ``m % group``; decode tokens are flushed in blocks of ``residual``.
@@ -25,13 +25,12 @@ Levels for ``eps`` (budgets and bits): kept fractions ``1/2, 1/4, …`` times bi
 
 from __future__ import annotations
 
-import numpy as np
-
-from balancekv.reference.selection import h2o_scores, pyramid_budgets, select_top
+from balancekv.reference.selection import pyramid_budgets
 
 from ..quantized import QuantizedStream, check_policy_options
+from ..storage import gather_tokens
 from .base import Built, Method, check_float_option, check_int_option, halving_levels, kept_count
-from .h2o import selection_queries
+from .h2o import h2o_scores_once, select_top
 
 
 def bits_budget_levels(keeps: list[float], group: int, key: str = "keep") -> list[dict]:
@@ -81,18 +80,16 @@ class MiniKV(Method):
             return float(mean_ratio)
         return float(pyramid_budgets(mean_ratio, opts["layers"], opts["beta"])[opts["layer"]])
 
-    def build_reference(self, K, V, level, ctx):
+    def _build(self, K, V, level, ctx):
         o = ctx.opts
         n = K.shape[-2]
         h = level.get("keep", o["heavy"] + o["recent"])
         m = kept_count(self.layer_ratio(h, o), n)
         recent = min(m, int(round(m * o["recent"] / (o["heavy"] + o["recent"]))))
-        idx = select_top(h2o_scores(selection_queries(K, ctx), K, ctx.scale), m, recent)
-        Ks = np.take_along_axis(K, idx[..., None], axis=-2)
-        Vs = np.take_along_axis(V, idx[..., None], axis=-2)
+        idx = select_top(h2o_scores_once(K, ctx), m, recent)
         stream = QuantizedStream(
-            Ks,
-            Vs,
+            gather_tokens(K, idx),
+            gather_tokens(V, idx),
             idx,
             bits=level["bits"],
             group=o["group"],
@@ -100,9 +97,13 @@ class MiniKV(Method):
             policy="minikv",
             scale_dtype=o["scale_dtype"],
             label=f"minikv{level['bits']}",
+            backend=ctx.backend,
         )
         return Built(
             stream.segments(),
             stream=stream,
             info={"kept": m, "recent": recent, "bits": level["bits"], "quantized_keys": stream.nk},
         )
+
+    build_reference = _build
+    build_torch = _build

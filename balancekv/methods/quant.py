@@ -7,13 +7,16 @@ policy ``policy`` (``"kivi"`` or ``"minikv"``; see :mod:`balancekv.quantized`).
 
 Every token is kept, so ``keep < 1`` is refused; ``keep=1`` stores at ``bits``.
 In ``eps`` mode the levels are 8, 4 and 2 bits (least to most compressed).
-Deterministic error bounds: :mod:`balancekv.bounds.quantization`.
+Deterministic error bounds: :mod:`balancekv.bounds.quantization`. Both paths: the
+reference quantizer on NumPy, :func:`balancekv.fast.quantization.quantize_pack` on torch
+(Triton on CUDA), bit-identical codes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .._arrays import is_torch, torch
 from ..quantized import QuantizedStream, check_policy_options
 from .base import Built, Method
 
@@ -34,21 +37,27 @@ class Quant(Method):
             raise ValueError(f"method 'quant' keeps every token; keep must be 1, got {keep}")
         return {"bits": int(opts["bits"])}
 
-    def build_reference(self, K, V, level, ctx):
+    def _build(self, K, V, level, ctx):
         o = ctx.opts
+        n = K.shape[-2]
+        pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
         stream = QuantizedStream(
             K,
             V,
-            np.arange(K.shape[-2]),
+            pos,
             bits=level["bits"],
             group=o["group"],
             residual=o["residual"],
             policy=o["policy"],
             scale_dtype=o["scale_dtype"],
             label=f"quant{level['bits']}",
+            backend=ctx.backend,
         )
         return Built(
             stream.segments(),
             stream=stream,
             info={"bits": level["bits"], "quantized_keys": stream.nk, "quantized_values": stream.nv},
         )
+
+    build_reference = _build
+    build_torch = _build

@@ -3,21 +3,29 @@
 Per head, the last ``window`` probe queries form the observation window; prefix
 positions are scored by their pooled attention from that window
 (:func:`balancekv.reference.selection.snapkv_scores`), and the cache keeps the
-top ``m - w`` of them plus the window's own ``w = min(window, m, probes)``
+top ``m - w`` of them plus the window's own ``w = min(window, m, probes, n)``
 tokens, exactly (log-weight 0).
 
 Queries: SnapKV needs the prompt's last queries. ``compress`` passes its probe
 queries (``ctx.probes``): the caller's ``queries`` when given (taken as the last
-prompt queries, aligned to the end of the cache), otherwise the last
-``min(64, n)`` keys standing in for queries. Decode tokens are appended exactly.
+prompt queries, aligned to the end of the cache; with more queries than keys the
+last ``n``), otherwise the last ``min(64, n)`` keys standing in for queries.
+Decode tokens are appended exactly.
+
+Both paths: the NumPy reference, and torch on the caller's device
+(:func:`balancekv.fast.selection.snapkv_scores`, Triton column sums on CUDA; the
+reference's stable tie-breaking in ``select_top``).
 """
 
 from __future__ import annotations
 
-from balancekv.reference.selection import POOLS, select_top, snapkv_scores
+from balancekv.reference import selection as rs
 
+from .._arrays import is_torch
 from .base import Built, Method, check_int_option, kept_count
-from .h2o import selected_segment
+from .h2o import scoring_queries, select_top, selected_segment
+
+POOLS = rs.POOLS
 
 
 class SnapKV(Method):
@@ -32,10 +40,20 @@ class SnapKV(Method):
         if opts["pool"] not in POOLS:
             raise ValueError(f"option pool must be one of {POOLS}, got {opts['pool']!r}")
 
-    def build_reference(self, K, V, level, ctx):
+    def _build(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)
-        w = min(ctx.opts["window"], m, ctx.probes.shape[-2])
-        scores = snapkv_scores(ctx.probes, K, ctx.scale, window=w, kernel=ctx.opts["kernel"], pool=ctx.opts["pool"])
+        Q = scoring_queries(ctx.probes, n)
+        w = min(ctx.opts["window"], m, Q.shape[-2])
+        args = dict(window=w, kernel=ctx.opts["kernel"], pool=ctx.opts["pool"])
+        if is_torch(K):
+            from balancekv.fast import selection as fs  # noqa: PLC0415  (torch path only)
+
+            scores = fs.snapkv_scores(Q, K, ctx.scale, **args, backend=ctx.backend)
+        else:
+            scores = rs.snapkv_scores(Q, K, ctx.scale, **args)
         idx = select_top(scores, m, w)
         return Built([selected_segment(K, V, idx, "snapkv")], info={"kept": m, "window": w})
+
+    build_reference = _build
+    build_torch = _build
