@@ -87,10 +87,10 @@ def test_balance_quant_is_balance_within_the_quantization_bound(bits):
     bq = get_method("balance+quant")
     opts = bq.resolve_options({"group": 16})
     K, V, scale, ctx = _ctx(opts)
-    built_q = bq.build(K, V, {"itrs": 2, "bits": bits}, ctx)
+    built_q = bq.build(K, V, {"keep": 0.25, "bits": bits}, ctx)
     bal = get_method("balance")
     _, _, _, ctx_b = _ctx(bal.resolve_options({}))
-    built_b = bal.build(K, V, {"itrs": 2}, ctx_b)
+    built_b = bal.build(K, V, {"keep": 0.25}, ctx_b)
     (sq,), (sb,) = built_q.segments, built_b.segments
     np.testing.assert_array_equal(sq.positions, sb.positions)
     np.testing.assert_array_equal(sq.num_logw, sb.num_logw)

@@ -18,8 +18,8 @@ logit and attention bounds of :mod:`balancekv.bounds.quantization` compare this
 cache with the unquantized BalanceKV cache it came from (Theorem Q3 holds for
 any single-set weights).
 
-Levels for ``eps``: BalanceKV halving rounds times bits 8, 4, 2, ordered by
-estimated size ``kept_fraction * (bits + 32/group) / 16``.
+Levels for ``eps``: BalanceKV kept fractions times bits 8, 4, 2, ordered by
+estimated size ``keep * (bits + 32/group) / 16`` (``keep`` an upper bound on the kept fraction).
 """
 
 from __future__ import annotations
@@ -56,25 +56,19 @@ class BalanceQuant(Method):
     def balance_opts(self, opts):
         return {**self.split(opts)[0], "estimator": "consistent"}
 
-    def kept_fraction(self, n, itrs, opts) -> float:
-        s0 = min(opts["sink"], n)
-        w0 = min(opts["window"], n - s0)
-        return (s0 + w0 + (n - s0 - w0) / 2**itrs) / n
-
     def levels(self, n, opts):
-        est = lambda lv: self.kept_fraction(n, lv["itrs"], opts) * (lv["bits"] + 32.0 / opts["group"])
+        est = lambda lv: lv["keep"] * (lv["bits"] + 32.0 / opts["group"])
         out = [
-            {"itrs": lv["itrs"], "bits": b} for lv in _balance().levels(n, self.balance_opts(opts)) for b in (8, 4, 2)
+            {"keep": lv["keep"], "bits": b} for lv in _balance().levels(n, self.balance_opts(opts)) for b in (8, 4, 2)
         ]
         return sorted(out, key=est, reverse=True)
 
     def level_for_keep(self, keep, n, opts):
-        lv = _balance().level_for_keep(keep, n, self.balance_opts(opts))
-        return {"itrs": lv["itrs"], "bits": int(opts["bits"])}
+        return {"keep": float(keep), "bits": int(opts["bits"])}
 
     def _build(self, K, V, level, ctx):
         _, q = self.split(ctx.opts)
-        built = _balance().build(K, V, {"itrs": level["itrs"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
+        built = _balance().build(K, V, {"keep": level["keep"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments
         stream = QuantizedStream(
             seg.keys.dense(),
