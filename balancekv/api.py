@@ -291,7 +291,7 @@ def compress(
             level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
         built = build(level)
-        if level is not None and held_nbytes(built.segments) > H * n * exact_slot_bytes(Kw, Vw):
+        if level is not None and held_nbytes(built.segments, built.stream) > H * n * exact_slot_bytes(Kw, Vw):
             # never larger than the exact cache: a level that holds more bytes than every token falls back
             tried = built.info
             built, level = build(None), None
@@ -318,7 +318,7 @@ def compress(
         ok[0] = True  # the exact fallback always qualifies
         # per head, the fewest held bytes among the levels meeting eps (every level builds every head
         # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
-        per_head = np.array([held_nbytes(b.segments) / H for b in builts])
+        per_head = np.array([held_nbytes(b.segments, b.stream) / H for b in builts])
         cost = np.where(ok, per_head[:, None], np.inf) - 1e-9 * np.arange(len(levels))[:, None]
         choice = np.argmin(cost, axis=0)
         errors = errs[choice, np.arange(H)]

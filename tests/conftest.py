@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from balancekv.synthetic import make_kv
 
@@ -44,4 +45,9 @@ def naive_attention(Q, K, V, scale, bias=None):
     return softmax(a, axis=-1) @ V
 
 
-os.environ.setdefault("HYPOTHESIS_PROFILE", "ci")
+# Hypothesis profiles: "ci" (default; derandomized so CI is reproducible, bounded in time) and
+# "nightly" (HYPOTHESIS_PROFILE=nightly: many more examples). Tests that pin max_examples in their
+# own @settings keep it; the fuzz suite (tests/test_fuzz.py) takes the profile's.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -35,12 +35,13 @@ instead of failing: the table stays runnable while bounds land one by one.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .results import command_line, write_json
 
 
 @dataclass
@@ -345,7 +346,7 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rate = run_rate(out) if only is None or "rate" in only else []
     md = out / "bounds.md"
-    cmd = "balancekv " + " ".join(getattr(args, "argv", None) or ["reproduce", "bounds"])
+    cmd = command_line(getattr(args, "argv", None) or ["reproduce", "bounds"])
     text = (
         "# Bounds against observed values\n\n"
         f"Command: `{cmd}`\n\n"
@@ -366,7 +367,7 @@ def main(args) -> int:
             "Plot: `rate.png`.\n\n" + rate_table(rate)
         )
     md.write_text(text)
-    (out / "bounds.json").write_text(json.dumps({"theorems": theorems, "deterministic": rows, "rate": rate}, indent=1))
+    write_json(out / "bounds.json", {"theorems": theorems, "deterministic": rows, "rate": rate})
     print(md.read_text())
     print(f"wrote {md}")
     ok = all(r["status"] != "VIOLATED" or r["probabilistic"] for r in rows)
