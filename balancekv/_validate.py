@@ -30,12 +30,10 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
     elif isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must have a real floating dtype, got numpy {x.dtype}")
-        if x.dtype not in (np.float16, np.float32, np.float64):
-            raise TypeError(
-                f"{name} must be float16, float32 or float64, got numpy {x.dtype}; use {name}.astype(float)"
-            )
         if not x.dtype.isnative:
             raise TypeError(f"{name} has a non-native byte order ({x.dtype.str}); use {name}.astype(float)")
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"{name} must be float16, float32 or float64, got numpy {x.dtype}; use .astype(float)")
         ndim = x.ndim
         finite = bool(np.isfinite(x).all()) if x.size else True
     else:

@@ -316,6 +316,13 @@ class CompressedKV:
                     f"positions must have shape ({Q.shape[-2]},) or {self.lead + (Q.shape[-2],)}, "
                     f"got {tuple(qpos.shape)}"
                 )
+        if qpos is not None:
+            first = self._first_position()
+            if int(qpos.min()) < first:
+                raise ValueError(
+                    f"positions: a query at position {int(qpos.min())} precedes every slot of some head (the "
+                    f"earliest held token of every head is at {first} or later), so it attends to nothing"
+                )
         if self.kind.is_torch:
             from balancekv.fast.decode_attention import attend_parts  # noqa: PLC0415  (torch path only)
 
@@ -342,6 +349,14 @@ class CompressedKV:
             to_numpy(Q), to_numpy(self.keys), to_numpy(self.values), self.num_logw, self.den_logw, self.scale, mask=mask
         )
         return out.astype(np.result_type(Q.dtype, np.float32))
+
+    def _first_position(self) -> int:
+        """The largest, over heads, of each head's earliest held position (a query before it sees nothing)."""
+        pos, valid = self.positions, cat([sg.valid() for sg in self.segments], -1)
+        if is_torch(pos):
+            big = torch.iinfo(torch.int64).max
+            return int(torch.where(valid, pos, torch.full_like(pos, big)).amin(-1).max())
+        return int(np.where(valid, pos, np.iinfo(np.int64).max).min(-1).max())
 
     # ------------------------------------------------------------------ decoding
     def _working(self, x, name: str):
