@@ -41,6 +41,7 @@ def walk_loop(
     *,
     forced_first: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    symmetric: bool = False,
 ):
     """Sequential sign loop shared by the torch walks, vectorised over the leading axis.
 
@@ -52,7 +53,8 @@ def walk_loop(
     B, n, _ = G.shape
     # column i of G (the update of every later running dot) as a contiguous row: a strided
     # column read per step would touch one cache line per element
-    Gc = G.transpose(1, 2).contiguous()
+    # (the kernel matrices of the balancing walks are symmetric: then G itself is that layout)
+    Gc = G if symmetric else G.transpose(1, 2).contiguous()
     x = torch.zeros((B, n), dtype=G.dtype, device=G.device)
     run = torch.zeros((B, n), dtype=G.dtype, device=G.device)
     failed_at = torch.full((B,), -1, dtype=torch.int64, device=G.device)
