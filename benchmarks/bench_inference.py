@@ -90,7 +90,7 @@ def section_compress(args, rate):
 
 def section_eps(args):
     print("\n### eps mode against keep mode at the level it picks (torch f32, balance, observed queries)\n")
-    print("| problem | eps | level picked (itrs per head) | keep-mode time (s) | eps-mode time (s) | ratio |")
+    print("| problem | eps | level picked (kept fraction per head) | keep-mode time (s) | eps-mode time (s) | ratio |")
     print("|---|---|---|---|---|---|")
     H, n, d, L = (3, 2048, 64, 96)
     K, V, Q = (torch.from_numpy(x).float() for x in make_kv("llm", heads=H, n=n, d=d, q=L, seed=0))
@@ -102,12 +102,12 @@ def section_eps(args):
         if top == 0:
             print(f"| {H} x {n} | {eps} | exact | - | - | - |")
             continue
-        keep = 2.0 ** -levels[top]["itrs"]
+        keep = levels[top]["keep"]
         t_keep = timed(
             lambda keep=keep: balancekv.compress(K, V, keep=keep, method="balance", queries=Q, seed=0), args.repeats
         )
         t_eps = timed(lambda eps=eps: balancekv.compress(K, V, eps, method="balance", queries=Q, seed=0), args.repeats)
-        picked = [levels[i]["itrs"] if i else 0 for i in lv]
+        picked = [levels[i]["keep"] if i else 1 for i in lv]
         print(f"| {H} x {n} | {eps} | {picked} | {t_keep:.4f} | {t_eps:.4f} | {t_eps / t_keep:.2f}x |")
 
 
