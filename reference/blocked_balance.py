@@ -13,7 +13,16 @@ compressed by ``itrs`` halving rounds. One round:
    over the block's valid tokens; ``a2`` is the joint-balancing constant;
 4. walk: ``x = +1`` for the first valid token; then
    ``p_i = clip(1/2 - gamma * sum_{j<i} kappa_ij x_j, 0, 1)`` and ``x_i = +1`` iff ``r_i < p_i``;
-5. fixed-size halving: keep exactly half of the block (see :func:`fixed_size_halving`).
+5. fixed-size halving: keep exactly half of the block (see :func:`fixed_size_halving`), or with
+   ``halving="global"`` (the authors' released code) half of the whole middle, scanning the
+   signs of all blocks concatenated.
+
+Options added for issue 12 (defaults keep the previous behaviour bit for bit): ``halving``,
+``gamma_norm`` (``"none" | "diag" | "token"``: drift in absolute units, in units of the block's
+largest kernel diagonal, or of the token's own), ``a2_mode`` (``"abs" | "rel"``: joint-balancing
+constant absolute, or relative to the mean squared value norm and weighted like the values).
+The no-query options recommended for ``balance`` are measured in
+``benchmarks/balance_default_choice.py`` (``RECOMMENDED``; ``benchmarks/README.md``).
 
 Kept tokens of the halved prefix double their weight, so after ``itrs`` rounds
 the weights lie in ``{1, 2, ..., 2^itrs}``. The estimator is single-set
@@ -114,18 +123,20 @@ def blocked_walk_signs(
     largest diagonal entry keeps ``gamma`` on the same ``O(1)`` scale for any ``L``. (No fast path:
     callers use this reference walk for this kernel.)
 
-    Walk normalisation (``gamma_norm="diag"``): the drift is measured in units of the block's
-    largest kernel diagonal, ``D_b = max_{i in V_b} kappa_ii``, as the theory's ``c R^2`` does
-    (SPEC 3: ``p = 1/2 - g / (2 c R^2)``):
-    ``p_i = clip(1/2 - gamma * sum_{j<i} kappa_ij x_j / (2 D_b), 0, 1)`` (``D_b`` floored at the
-    smallest positive float), so ``gamma`` is scale-free: ``gamma = 1/c``; ``gamma >= 1`` is
-    close to the greedy sign choice. With ``"none"`` the drift is ``gamma * sum kappa_ij x_j``
-    in absolute units. ``"token"`` divides by the token's own diagonal instead,
-    ``p_i = clip(1/2 - gamma * sum_{j<i} kappa_ij x_j / (2 kappa_ii), 0, 1)``: the drift is the
-    walk's position projected on the token's own direction, in units of that token's length
-    (scale-free per token, for kernels whose diagonal spans many orders of magnitude). With
-    ``"none"`` (``gamma * kappa`` is ``O(s e^{scale r^2})``, so ``p`` saturates at once
-    for unnormalised values: the walk is greedy whatever ``gamma``).
+    Walk normalisation (``gamma_norm``; the sum runs over valid ``j < i``, ``g_i = sum kappa_ij x_j``):
+
+    - ``"none"`` (default): ``p_i = clip(1/2 - gamma * g_i, 0, 1)``, absolute units (``gamma * kappa``
+      is ``O(s e^{scale r^2})``, so for unnormalised values ``p`` saturates at once and the walk is
+      greedy whatever ``gamma``);
+    - ``"diag"``: ``p_i = clip(1/2 - gamma * g_i / (2 D_b), 0, 1)`` with ``D_b = max_{i in V_b} kappa_ii``
+      (1 where it is 0: then the block's kernel is 0), the theory's ``c R^2`` (SPEC 3,
+      ``p = 1/2 - g / (2 c R^2)``): ``gamma = 1/c``;
+    - ``"token"``: ``p_i = clip(1/2 - gamma * g_i / (2 kappa_ii), 0, 1)`` (1 where ``kappa_ii = 0``):
+      the walk's position projected on the token's own feature direction in units of that
+      token's length, scale-free per token (kernels whose diagonal spans many orders of
+      magnitude, where ``"diag"`` leaves all but the largest tokens on fair coins). A large
+      ``gamma`` (e.g. 64) is the greedy rule ``x_i = -sign(g_i)`` except where ``|g_i|`` is below
+      ``kappa_ii / gamma`` (there the coin stays close to fair).
 
     Relative joint balancing (``a2_mode="rel"``): the constant coordinate appended to the
     (centred) values is ``sqrt(a2 * mu_b)`` with ``mu_b = mean_{i in V_b} ||u_i||^2``, ``u_i``
@@ -191,11 +202,11 @@ def blocked_walk_signs(
         kappa = kk * (np.einsum("bis,bjs->bij", Vp, Vp) + a2 * mu[:, None, None] * wo[:, :, None] * wo[:, None, :])
     if gamma_norm == "diag":
         dmax = np.max(np.where(ok, np.einsum("bii->bi", kappa), -np.inf), axis=-1)
-        dmax = np.where(np.isfinite(dmax) & (dmax > 0), dmax, np.finfo(float).tiny)
+        dmax = np.where(np.isfinite(dmax) & (dmax > 0), dmax, 1.0)  # D_b = 0: kappa is 0 on the block
         kappa = kappa / (2.0 * dmax)[:, None, None]
     elif gamma_norm == "token":
         dii = np.einsum("bii->bi", kappa)
-        dii = np.where(ok & (dii > 0), dii, np.finfo(float).tiny)
+        dii = np.where(ok & (dii > 0), dii, 1.0)  # kappa_ii = 0: the row is 0 (PSD); padding rows unused
         kappa = kappa / (2.0 * dii)[:, :, None]
     x = np.zeros((B, blk))
     seen = np.zeros(B, bool)
