@@ -48,7 +48,7 @@ RECOMMENDED = {
     "gamma": 64.0,
     "gamma_norm": "token",
     "temp": 0.25,
-    "block": 64,
+    "block": 256,
     "halving": "block",
 }
 
@@ -57,7 +57,7 @@ CANDIDATES = [
     ("shipped (vc=F, a2=0, gamma=4, temp=1, b64)", {"value_centering": False, "a2": 0.0, "gamma": 4.0, "block": 64}),
     ("recommended", RECOMMENDED),
     ("recommended, halving=global", {**RECOMMENDED, "halving": "global"}),
-    ("recommended, block=256", {**RECOMMENDED, "block": 256}),
+    ("recommended, block=64", {**RECOMMENDED, "block": 64}),
     ("recommended, block=n (one walk)", {**RECOMMENDED, "block": 1 << 20}),
 ]
 QUICK = (0, 1, 2)
@@ -186,7 +186,7 @@ def table_real(res, cands, Ts, layers):
     return lines
 
 
-def plot(res, cands, Ts, n, path, real_res=None, layers=()):
+def plot(res, cands, Ts, n, path, real_res=None, layers=(), real_Ts=(1, 2, 3, 4)):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,14 +201,24 @@ def plot(res, cands, Ts, n, path, real_res=None, layers=()):
                 r = res[label, fam]
                 nn = n
             else:
-                r = {T: tuple(np.mean([real_res[label, L][T][i].mean() for L in layers]) for i in (0, 1)) for T in Ts}
-                r = {T: (np.array([[r[T][0]]]), np.array([[r[T][1]]])) for T in Ts}
+                r = {
+                    T: tuple(np.mean([real_res[label, L][T][i].mean() for L in layers]) for i in (0, 1))
+                    for T in real_Ts
+                }
+                r = {T: (np.array([[r[T][0]]]), np.array([[r[T][1]]])) for T in real_Ts}
                 nn = 1920
-            m = [kept_tokens(nn, T, opts) for T in Ts]
-            ax.loglog(m, [r[T][0].mean() for T in Ts], "o-", label=f"balance: {label}", color=f"C{j}")
-            if j == 1 or len(show) == 1:
-                ax.loglog(m, [r[T][1].mean() for T in Ts], "s--", label="uniform-halving", color="k")
-        x = np.array([kept_tokens(n if fam in FAMILIES else 1920, T, show[-1][1]) for T in Ts], float)
+            ts = Ts if fam in FAMILIES else real_Ts
+            m = [kept_tokens(nn, T, opts) for T in ts]
+            ax.loglog(m, [r[T][0].mean() for T in ts], "o-", label=f"balance: {label}", color=f"C{j}")
+            ax.loglog(
+                m,
+                [r[T][1].mean() for T in ts],
+                "s--",
+                label=f"uniform-halving (block {opts['block']})",
+                color=f"C{j}",
+                alpha=0.5,
+            )
+        x = np.array([kept_tokens(n, T, show[-1][1]) for T in Ts], float)
         y0 = res[show[-1][0], fam][Ts[0]][0].mean() if fam in FAMILIES else None
         if y0 is not None:
             ax.loglog(x, y0 * x[0] / x, ":", color="gray", label="1/m")
@@ -253,6 +263,11 @@ def main(argv=None) -> int:
     real_res, layers = None, ()
     if not (a.quick or a.no_real):
         real_res, layers = real((1, 2, 3, 4), seeds, cands)
+        if a.save:
+            import pickle
+
+            with open(a.save, "wb") as fh:
+                pickle.dump({"n": n, "synthetic": res, "real": real_res, "layers": layers}, fh)
         print(
             "\n### SmolLM2, TUNING text numpy-license, cache 1920 tokens, future queries = next 128 positions, "
             f"layers {', '.join(map(str, layers))}: balance / uniform-halving\n"

@@ -5,7 +5,7 @@ Written against explicit option values of the NumPy reference
 defaults: the engineer porting ``balance`` flips ``Balance.defaults`` to these values (evidence:
 ``benchmarks/balance_default_choice.py``, ``benchmarks/README.md``). Seeded and deterministic:
 mean relative error on the family's held-out queries over 2 data sets x 2 compression seeds,
-at keep 1/4 and 1/8 of the middle (n=512) (equal kept tokens for both: same block, sink, window, halving).
+at keep 1/4 and 1/8 of the middle (n=1024) (equal kept tokens for both: same block, sink, window, halving).
 """
 
 import numpy as np
@@ -23,7 +23,7 @@ RECOMMENDED = {
     "gamma": 64.0,
     "gamma_norm": "token",
     "temp": 0.25,
-    "block": 64,
+    "block": 256,
     "halving": "block",
     "sink": 32,
     "window": 32,
@@ -33,7 +33,7 @@ RECOMMENDED = {
 def mean_error(family, itrs, gamma, opts):
     errs = []
     for ds in range(2):
-        K, V, Q = make_kv(family, heads=2, n=512, d=16, q=32, seed=500 + ds)
+        K, V, Q = make_kv(family, heads=2, n=1024, d=16, q=32, seed=500 + ds)
         exact = attention(Q, K, V)
         for seed in range(2):
             rng = np.random.default_rng(seed)
