@@ -19,10 +19,26 @@ queries 3.5–5.2).
 works for ``n = 1`` (``C = 0``: every probe is the key) and any ``d``, and batches over
 leading dimensions.
 
-Measured (``benchmarks/probes_without_queries.py``, SmolLM2 layers 1, 2, 5, 15, 29 of the
-TUNING text ``numpy-license``; cache = first 1920 tokens, future queries = the 128 positions
-after it): see ``benchmarks/README.md`` ("Probes without queries") for the ratio
-(error on the future queries) / (probe error) of each candidate construction.
+Measured (SmolLM2 layers 1, 2, 5, 15, 29 of the TUNING text ``numpy-license``; cache = the
+first 1920 tokens, future queries = the 128 positions after it; 64 probes; ratio
+``(error on the future queries) / (probe error)``, mean over layers [min..max], ``balance`` with
+its shipped no-query options, keep 1/2, 1/4, 1/8, 1/16):
+
+- last keys (the old fallback): 0.54 [0.34..0.95], 0.52 [0.33..0.83], 0.60 [0.47..1.00], 0.89 [0.56..1.34]
+  (probe error about twice the real one: eps mode keeps far too much);
+- ``spread=1`` (the plain fitted Gaussian), random keys, rotated keys: 0.3–0.6, more pessimistic still;
+- ``spread=0.25``: 0.79 [0.48..1.14], 0.69 [0.47..0.86], 0.67 [0.52..1.04], 0.89 [0.59..1.43];
+- ``spread=0.1``: 0.96 [0.55..1.42], 0.80 [0.50..1.10], 0.76 [0.56..1.16], 1.06 [0.64..1.83];
+- ``spread=0``: 1.00 [0.56..1.56], 0.83 [0.50..1.18], 0.79 [0.57..1.18], 1.12 [0.66..1.99].
+
+``spread=0.25`` is the closest to 1 whose worst layer stays near 1 at keep >= 1/8 (smaller
+spreads approach 1 on average but overshoot to 1.4–2.0 on some layers: eps would break there).
+For ``uniform-halving`` the same construction gives 0.66, 0.67, 0.65, 0.67 (last keys 0.55, 0.55,
+0.74, 0.83). For ``uniform`` (no sink kept) every construction is optimistic (1.6–2.1 at
+``spread=0.25``; last keys 0.9–1.24): real queries put much of their mass on the first token,
+which ``uniform`` may drop and no key-fitted probe attends to as strongly.
+Reproduce with ``python benchmarks/probes_without_queries.py`` (see ``benchmarks/README.md``,
+"Probes without queries").
 """
 
 from __future__ import annotations
