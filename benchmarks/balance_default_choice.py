@@ -191,6 +191,7 @@ def plot(res, cands, Ts, n, path, real_res=None, layers=(), real_Ts=(1, 2, 3, 4)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = list(FAMILIES) + (["SmolLM2 (mean of layers)"] if real_res else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
@@ -222,6 +223,7 @@ def plot(res, cands, Ts, n, path, real_res=None, layers=(), real_Ts=(1, 2, 3, 4)
         y0 = res[show[-1][0], fam][Ts[0]][0].mean() if fam in FAMILIES else None
         if y0 is not None:
             ax.loglog(x, y0 * x[0] / x, ":", color="gray", label="1/m")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(fam)
         ax.set_xlabel("kept tokens m (sink + window + middle)")
         ax.grid(True, which="both", alpha=0.3)
