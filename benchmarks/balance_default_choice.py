@@ -149,7 +149,9 @@ def real(Ts, seeds, cands):
 
 def table_synth(res, cands, Ts, n):
     lines = [
-        "| candidate | family | " + " | ".join(f"T={T} (keep 1/{2**T})" for T in Ts) + " | slope balance | slope u-h |",
+        "| candidate | family | "
+        + " | ".join(f"T={T} (keep 1/{2**T})" for T in Ts)
+        + " | slope balance (total / middle) | slope u-h (total / middle) |",
         "|---|---|" + "---|" * len(Ts) + "---|---|",
     ]
     for label, opts in cands:
