@@ -13,7 +13,16 @@ compressed by ``itrs`` halving rounds. One round:
    over the block's valid tokens; ``a2`` is the joint-balancing constant;
 4. walk: ``x = +1`` for the first valid token; then
    ``p_i = clip(1/2 - gamma * sum_{j<i} kappa_ij x_j, 0, 1)`` and ``x_i = +1`` iff ``r_i < p_i``;
-5. fixed-size halving: keep exactly half of the block (see :func:`fixed_size_halving`).
+5. fixed-size halving: keep exactly half of the block (see :func:`fixed_size_halving`), or with
+   ``halving="global"`` (the authors' released code) half of the whole middle, scanning the
+   signs of all blocks concatenated.
+
+Options added for issue 12 (defaults keep the previous behaviour bit for bit): ``halving``,
+``gamma_norm`` (``"none" | "diag" | "token"``: drift in absolute units, in units of the block's
+largest kernel diagonal, or of the token's own), ``a2_mode`` (``"abs" | "rel"``: joint-balancing
+constant absolute, or relative to the mean squared value norm and weighted like the values).
+The no-query options recommended for ``balance`` are measured in
+``benchmarks/balance_default_choice.py`` (``RECOMMENDED``; ``benchmarks/README.md``).
 
 Kept tokens of the halved prefix double their weight, so after ``itrs`` rounds
 the weights lie in ``{1, 2, ..., 2^itrs}``. The estimator is single-set
@@ -34,7 +43,17 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["EXP_CLIP", "KERNELS", "blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
+__all__ = [
+    "A2_MODES",
+    "EXP_CLIP",
+    "GAMMA_NORMS",
+    "HALVINGS",
+    "KERNELS",
+    "blocked_balance",
+    "blocked_walk_signs",
+    "fixed_size_halving",
+    "halving_sizes",
+]
 
 #: Kernel exponents are clipped above at this value (float64 semantics). Beyond it
 #: ``gamma * kappa`` saturates ``p`` at 0 or 1 for any non-negligible value factor, and the
@@ -44,6 +63,12 @@ EXP_CLIP = 300.0
 #: Walk kernels: ``keys`` (the authors' key kernel; mirrored by the fast path) and ``queries``
 #: (query-aware, reference only).
 KERNELS = ("keys", "queries")
+
+#: Walk drift normalisations (``gamma_norm``) and joint-balancing constants (``a2_mode``) of
+#: :func:`blocked_walk_signs`; halving scans (``halving``) of :func:`blocked_balance`.
+GAMMA_NORMS = ("none", "diag", "token")
+A2_MODES = ("abs", "rel")
+HALVINGS = ("block", "global")
 
 
 def blocked_walk_signs(
@@ -61,6 +86,8 @@ def blocked_walk_signs(
     value_centering: bool = True,
     kernel: str = "keys",
     probes=None,
+    gamma_norm: str = "none",
+    a2_mode: str = "abs",
 ) -> np.ndarray:
     """One round of SPEC 4b steps 2–4 for ``B`` independent blocks: the walk's signs.
 
@@ -72,6 +99,8 @@ def blocked_walk_signs(
     scale, gamma, temp, beta, a2, value_centering : as in the module docstring.
     kernel : ``"keys"`` (default, the kernel above) or ``"queries"`` (the query-aware kernel below).
     probes : ``(B, L, d)`` observed queries, required for ``kernel="queries"`` (ignored otherwise).
+    gamma_norm : ``"none"`` (default, the authors' absolute drift) or ``"diag"`` (see below).
+    a2_mode : ``"abs"`` (default: ``a2`` added as is) or ``"rel"`` (see below).
 
     Exact definition (float64). With ``V_b`` the valid tokens of block ``b`` and ``n_b = |V_b|``:
 
@@ -93,6 +122,28 @@ def blocked_walk_signs(
     queries, where the ``keys`` kernel balances a key-space proxy for all queries. Dividing by the
     largest diagonal entry keeps ``gamma`` on the same ``O(1)`` scale for any ``L``. (No fast path:
     callers use this reference walk for this kernel.)
+
+    Walk normalisation (``gamma_norm``; the sum runs over valid ``j < i``, ``g_i = sum kappa_ij x_j``):
+
+    - ``"none"`` (default): ``p_i = clip(1/2 - gamma * g_i, 0, 1)``, absolute units (``gamma * kappa``
+      is ``O(s e^{scale r^2})``, so for unnormalised values ``p`` saturates at once and the walk is
+      greedy whatever ``gamma``);
+    - ``"diag"``: ``p_i = clip(1/2 - gamma * g_i / (2 D_b), 0, 1)`` with ``D_b = max_{i in V_b} kappa_ii``
+      (1 where it is 0: then the block's kernel is 0), the theory's ``c R^2`` (SPEC 3,
+      ``p = 1/2 - g / (2 c R^2)``): ``gamma = 1/c``;
+    - ``"token"``: ``p_i = clip(1/2 - gamma * g_i / (2 kappa_ii), 0, 1)`` (1 where ``kappa_ii = 0``):
+      the walk's position projected on the token's own feature direction in units of that
+      token's length, scale-free per token (kernels whose diagonal spans many orders of
+      magnitude, where ``"diag"`` leaves all but the largest tokens on fair coins). A large
+      ``gamma`` (e.g. 64) is the greedy rule ``x_i = -sign(g_i)`` except where ``|g_i|`` is below
+      ``kappa_ii / gamma`` (there the coin stays close to fair).
+
+    Relative joint balancing (``a2_mode="rel"``): the constant coordinate appended to the
+    (centred) values is ``sqrt(a2 * mu_b)`` with ``mu_b = mean_{i in V_b} ||u_i||^2``, ``u_i``
+    the unweighted (centred) values, and it is weighted like the values:
+    ``kappa_ij = exp(...) * w_i w_j (<u_i, u_j> + a2 mu_b)``. So ``a2`` is the denominator's share
+    of the balanced vector relative to the values', whatever the value scale, and tokens of
+    weight 2 count double in the denominator too (``"abs"`` adds ``a2`` unweighted).
 
     Returns ``(B, blk)`` int8 signs in ``{-1, 0, +1}`` (0 exactly on padding).
     """
@@ -121,6 +172,10 @@ def blocked_walk_signs(
     else:
         Vp = w[..., None] * V
     Vp = Vp * okf[..., None]
+    if gamma_norm not in GAMMA_NORMS:
+        raise ValueError(f"gamma_norm must be one of {GAMMA_NORMS}, got {gamma_norm!r}")
+    if a2_mode not in A2_MODES:
+        raise ValueError(f"a2_mode must be one of {A2_MODES}, got {a2_mode!r}")
     if kernel == "keys":
         expo = np.minimum(temp * scale * np.einsum("bid,bjd->bij", Kc, Kc) - beta, EXP_CLIP)
         kk = np.exp(expo)
@@ -138,7 +193,21 @@ def blocked_walk_signs(
         G = np.einsum("bli,blj->bij", phi, phi)
         gmax = np.max(np.einsum("bii->bi", G), axis=-1)
         kk = G / np.maximum(gmax, np.finfo(float).tiny)[:, None, None] * np.exp(min(-beta, EXP_CLIP))
-    kappa = kk * (np.einsum("bis,bjs->bij", Vp, Vp) + a2)
+    if a2_mode == "abs":
+        kappa = kk * (np.einsum("bis,bjs->bij", Vp, Vp) + a2)
+    else:
+        U = (Vp / np.where(w == 0, 1.0, w)[..., None]) * okf[..., None]
+        mu = np.einsum("bis,bis->b", U, U) / nv
+        wo = w * okf
+        kappa = kk * (np.einsum("bis,bjs->bij", Vp, Vp) + a2 * mu[:, None, None] * wo[:, :, None] * wo[:, None, :])
+    if gamma_norm == "diag":
+        dmax = np.max(np.where(ok, np.einsum("bii->bi", kappa), -np.inf), axis=-1)
+        dmax = np.where(np.isfinite(dmax) & (dmax > 0), dmax, 1.0)  # D_b = 0: kappa is 0 on the block
+        kappa = kappa / (2.0 * dmax)[:, None, None]
+    elif gamma_norm == "token":
+        dii = np.einsum("bii->bi", kappa)
+        dii = np.where(ok & (dii > 0), dii, 1.0)  # kappa_ii = 0: the row is 0 (PSD); padding rows unused
+        kappa = kappa / (2.0 * dii)[:, :, None]
     x = np.zeros((B, blk))
     seen = np.zeros(B, bool)
     for i in range(blk):
@@ -182,17 +251,23 @@ def fixed_size_halving(signs, valid=None):
     return keep, doubled
 
 
-def halving_sizes(n_mid: int, block: int, itrs: int) -> list[int]:
+def halving_sizes(n_mid: int, block: int, itrs: int, halving: str = "block") -> list[int]:
     """Middle sizes ``[n_0, n_1, …, n_itrs]`` after each round (deterministic, data-free).
 
-    Round ``r`` splits ``n_r`` tokens into blocks of ``min(block, n_r)``; a block of ``b >= 2``
-    valid tokens keeps ``floor(b/2)``, a block of one keeps it. ``n_r < 2`` stops halving.
+    ``halving="block"``: round ``r`` splits ``n_r`` tokens into blocks of ``min(block, n_r)``; a
+    block of ``b >= 2`` valid tokens keeps ``floor(b/2)``, a block of one keeps it.
+    ``halving="global"``: ``floor(n_r / 2)``. ``n_r < 2`` stops halving.
     """
+    if halving not in HALVINGS:
+        raise ValueError(f"halving must be one of {HALVINGS}, got {halving!r}")
     sizes = [int(n_mid)]
     for _ in range(itrs):
         m = sizes[-1]
         if m < 2:
             sizes.append(m)
+            continue
+        if halving == "global":
+            sizes.append(m // 2)
             continue
         blk = min(block, m)
         full, rem = divmod(m, blk)
@@ -220,6 +295,9 @@ def blocked_balance(
     kernel: str = "keys",
     probes=None,
     protect=None,
+    halving: str = "block",
+    gamma_norm: str = "none",
+    a2_mode: str = "abs",
 ):
     """The full SPEC 4b procedure on ``H`` heads: keys ``(H, n, d)``, values ``(H, n, s)``.
 
@@ -233,10 +311,22 @@ def blocked_balance(
     (log-weight 0) and left out of the halving, which then runs on the other ``n_mid - h`` middle
     tokens — the heavy-hitter hybrid of :class:`balancekv.methods.balance.Balance`.
 
+    ``halving`` (SPEC 4b step 5): ``"block"`` (default) applies :func:`fixed_size_halving` to each
+    block; ``"global"`` (the authors' released ``src/balanced_walk.py``) runs the walks per block
+    as before but applies :func:`fixed_size_halving` once per head to the signs of the whole middle
+    concatenated block after block (padding excluded): the scan stops where either class first
+    reaches ``ceil(n_r / 2)`` of all ``n_r`` middle tokens; the other class up to there doubles its
+    weight, every later token is kept exact; ``floor(n_r / 2)`` tokens survive.
+
+    ``gamma_norm``, ``a2_mode``: walk options of :func:`blocked_walk_signs`; passed to ``walk_signs``
+    only when not at their defaults (so a fast walk without them still plugs in for the defaults).
+
     Returns ``(indices, log_weights)``: ``(H, m)`` sorted kept token indices (equal ``m`` for every
-    head, ``m = sink + window + h + halving_sizes(n_mid - h, ...)[-1]``) and their log-weights
-    (0 for sink, window and protected tokens).
+    head, ``m = sink + window + h + halving_sizes(n_mid - h, block, itrs, halving)[-1]``) and their
+    log-weights (0 for sink, window and protected tokens).
     """
+    if halving not in HALVINGS:
+        raise ValueError(f"halving must be one of {HALVINGS}, got {halving!r}")
     K = np.asarray(K, np.float64)
     V = np.asarray(V, np.float64)
     H, n, _ = K.shape
@@ -245,7 +335,11 @@ def blocked_balance(
     walk = blocked_walk_signs if walk_signs is None else walk_signs
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    extra = {}
+    extra, wopt = {}, {}
+    if gamma_norm != "none":
+        wopt["gamma_norm"] = gamma_norm
+    if a2_mode != "abs":
+        wopt["a2_mode"] = a2_mode
     if kernel == "queries":
         if probes is None:
             raise ValueError("probes (H, L, d) are required for kernel='queries'")
@@ -300,8 +394,12 @@ def blocked_balance(
             a2=a2,
             value_centering=value_centering,
             **extra,
+            **wopt,
         )
-        keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H * nb, blk), ok.reshape(H * nb, blk))
+        if halving == "global":
+            keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H, nb * blk), ok.reshape(H, nb * blk))
+        else:
+            keep, dbl = fixed_size_halving(np.asarray(signs).reshape(H * nb, blk), ok.reshape(H * nb, blk))
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
         lw = np.concatenate([logw, np.zeros((H, pad))], axis=1) + np.where(dbl, np.log(2.0), 0.0)
         flat = idx.reshape(H, nb * blk)
