@@ -109,7 +109,6 @@ class JointBalanceStream:
         self.walk = {"gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.025, "value_centering": True, **(walk or {})}
         self._signs = resolve("blocked_walk_signs", backend)
         self._halve = resolve("fixed_size_halving", backend)
-        xp = _xp(self.torch)
         z = (
             (lambda *sh: torch.zeros(sh, dtype=like.dtype, device=like.device))
             if self.torch
