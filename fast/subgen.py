@@ -871,6 +871,44 @@ class TorchSubGenState:
             pos[h, :r], K[h, :r], Vv[h, :r], nl[h, :r], dl[h, :r] = p, k, v, a.to(wdt), b.to(wdt)
         return pos, K, Vv, nl, dl
 
+    def views(self, offset: int = 0, guard: float = 1e-12):
+        """The sketch as segment arrays that *share* the state's storage (no copy of any key or value).
+
+        Returns a list of ``(K, V, num_logw, den_logw, positions)``: the cluster part (``(H, cap * t_max)``
+        slots, views of ``tok_k``/``tok_v``; members weight 1, reservoir slots ``n_c / t``; a token held
+        by several slots contributes once per slot, which is the same estimate as one slot with the
+        summed weight) and, for the ``l2`` estimator, the numerator slots (views of ``num_k``/``num_v``).
+        Numerator tokens absent from the cluster part enter the denominator with the guard weight
+        ``guard / s_num`` (relative bias ``<= guard``; bounds ``|z|``, so no overflow at any key norm).
+        """
+        H, cap, tm = self.H, self.cap, self.t_max
+        dev = self.device
+        j = torch.arange(tm, device=dev)[None, None, :]
+        cnt = self.counts[:, :, None]
+        tt = self.tt[:, None, None]
+        small = cnt <= tt
+        live = (torch.arange(cap, device=dev)[None, :] < self.k[:, None])[..., None]
+        valid = live & torch.where(small, j < cnt, j < tt)
+        lw = torch.where(small, 0.0, torch.log(cnt.to(torch.float64).clamp(min=1)) - torch.log(tt.to(torch.float64)))
+        lw = torch.where(valid, lw, float("-inf")).to(self.dtype).reshape(H, cap * tm)
+        pos = torch.where(valid, self.tok_pos + offset, -1).reshape(H, cap * tm)
+        K = self.tok_k.reshape(H, cap * tm, self.d)
+        Vv = self.tok_v.reshape(H, cap * tm, self.s)
+        if self.estimator == "cluster":
+            return [(K, Vv, lw, lw, pos)]
+        out = [(K, Vv, torch.full_like(lw, float("-inf")), lw, pos)]
+        ok = (self.num_pos >= 0) & (self.mu[:, None] > 0)
+        if self.s_num and bool(ok.any()):
+            sq = torch.where(ok, self.num_sq, 1.0)
+            nl = torch.log(torch.where(self.mu > 0, self.mu, 1.0))[:, None] - math.log(self.s_num) - torch.log(sq)
+            nl = torch.where(ok, nl, float("-inf")).to(self.dtype)
+            npos = torch.where(ok, self.num_pos + offset, -1)
+            covered = torch.stack([torch.isin(npos[h], pos[h][pos[h] >= 0]) for h in range(H)])
+            gw = math.log(guard / self.s_num) if guard > 0 else float("-inf")
+            dl = torch.where(ok & ~covered, gw, float("-inf")).to(self.dtype)
+            out.append((self.num_k, self.num_v, nl, dl, npos))
+        return out
+
     def estimate(self, Q, shift: float = 0.0):
         """``(N^ (H, mq, s), Z^ (H, mq))`` times ``e^{-shift}`` from the sketch (NumPy in, NumPy out)."""
         was_numpy = not isinstance(Q, torch.Tensor)
@@ -908,7 +946,7 @@ def _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_po
     M = max(1, int(k.max()))
     st = TorchSubGenState(
         H=H, d=d, s=s, ts=ts, s_num=s_num, thr=thr, scale=scale, estimator=estimator, unit=unit,
-        dtype=Kt.dtype, device=Kt.device, cap=max(16, M),
+        dtype=Kt.dtype, device=Kt.device, cap=M,
     )  # fmt: skip
     dev = Kt.device
     hr = torch.arange(H, device=dev)[:, None]

@@ -47,7 +47,7 @@ from .base import Built, Method, check_float_option, check_int_option, flag_prob
 VARIANTS = ("joint", "theory")
 
 #: relative weight of the numerator slots in the denominator of the two-set (``theory``) estimate
-GUARD = 1e-3
+GUARD = 1e-12
 
 
 def _xp(torch_path: bool):
