@@ -740,8 +740,6 @@ class TorchSubGenState:
         H, dev = self.H, self.device
         hr = torch.arange(H, device=dev)
         x = self.scale * k
-        if int(self.k.max()) >= self.cap:
-            self._grow(self.cap + 1)
         M = int(self.k.max())
         if M:
             dc = _dist(self.C[:, :M], x[:, None, :])  # centre minus token, as the reference
@@ -753,6 +751,8 @@ class TorchSubGenState:
             c = torch.zeros(H, dtype=torch.int64, device=dev)
             dmin = torch.zeros(H, dtype=self.dtype, device=dev)
             new = torch.ones(H, dtype=torch.bool, device=dev)
+        if int((self.k + new).max()) > self.cap:  # a new cluster needs room
+            self._grow(self.cap + 1)
         c = torch.where(new, self.k, c)
         dist = torch.where(new, torch.zeros_like(dmin), dmin).to(torch.float64)
         nh = new.nonzero()[:, 0]
@@ -905,7 +905,7 @@ class TorchSubGenState:
             npos = torch.where(ok, self.num_pos + offset, -1)
             covered = torch.stack([torch.isin(npos[h], pos[h][pos[h] >= 0]) for h in range(H)])
             gw = math.log(guard / self.s_num) if guard > 0 else float("-inf")
-            dl = torch.where(ok & ~covered, gw, float("-inf")).to(self.dtype)
+            dl = torch.full_like(nl, float("-inf")).masked_fill_(ok & ~covered, gw)
             out.append((self.num_k, self.num_v, nl, dl, npos))
         return out
 

@@ -40,7 +40,7 @@ from balancekv.backends import resolve
 from balancekv.bounds.balance import balance_stream_theorem_t, value_norm_bucket
 from balancekv.reference.merge_reduce import MergeAndReduce
 
-from .._arrays import host_uniforms, is_torch, torch
+from .._arrays import held_nbytes, host_uniforms, is_torch, torch
 from ..storage import dense_segment, exact_segment
 from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error
 
@@ -187,7 +187,13 @@ class JointBalanceStream:
         self.reductions += 1
         xp = _xp(self.torch)
         r = host_uniforms(self.rng, (self.H, 2 * self.t), K)
-        signs = self._signs(K, V, r, weights=xp.exp(lw), scale=self.scale, **self.walk)
+        # values near 1e154 would overflow the kernel's <v_i, v_j>: the walk sees v / u, u a power of two
+        # per head (1 unless max |v| > 2^400, so ordinary caches are untouched)
+        m = V.abs().amax(dim=(1, 2)) if self.torch else np.abs(V).max(axis=(1, 2))
+        big = m > 2.0**400
+        one = torch.ones_like(m) if self.torch else 1.0
+        u = xp.where(big, xp.exp2(xp.ceil(xp.log2(xp.where(big, m, one)))), one)
+        signs = self._signs(K, V / u[:, None, None], r, weights=xp.exp(lw), scale=self.scale, **self.walk)
         keep, doubled = self._halve(signs)
         if self.torch:
             idx = torch.nonzero(keep)[:, 1].reshape(self.H, self.t)
@@ -326,9 +332,10 @@ class BalanceKVStream:
         gw = np.log(self.guard / max(n_num, 1)) if self.guard > 0 else -np.inf
         for p, lw in zip(ps, nl):
             covered = torch.isin(p, pd) if self.torch else np.isin(p, pd)
-            dl.append(
-                xp.where(covered, -np.inf, gw) if not self.torch else torch.where(covered, -np.inf, gw).to(lw.dtype)
-            )
+            if self.torch:
+                dl.append(torch.full_like(lw, -np.inf).masked_fill_(~covered, gw))
+            else:
+                dl.append(np.where(covered, -np.inf, gw))
         # denominator slots need only keys; the value stored there is never read (weight -inf)
         Ks.append(Kd)
         Vs.append(
@@ -457,12 +464,21 @@ class BalanceStream(Method):
         return self._build(K, V, level, ctx)
 
     def _build(self, K, V, level, ctx):
+        n = K.shape[1]
+        b = self._build_level(K, V, level, ctx)
+        pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
+        cl = (lambda x: x.clone()) if is_torch(K) else (lambda x: x.copy())
+        exact = Built([exact_segment(cl(K), cl(V), pos)], info={**b.info, "exact": True, "kept": n})
+        if b.info.get("exact") or held_nbytes(b.segments, b.stream) >= held_nbytes(exact.segments):
+            return exact  # never larger than the exact cache (issue 15 item 8)
+        return b
+
+    def _build_level(self, K, V, level, ctx):
         H, n, d = K.shape
         s = V.shape[-1]
         pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
         if level.get("exact"):
-            cl = (lambda x: x.clone()) if is_torch(K) else (lambda x: x.copy())
-            return Built([exact_segment(cl(K), cl(V), pos)], info={"exact": True, "kept": n})
+            return Built([], info={"exact": True, "kept": n})
         if "rounds" in level:
             o = ctx.opts
             stream = JointBalanceStream(

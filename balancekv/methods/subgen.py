@@ -74,8 +74,14 @@ def state_segments(state, offset: int = 0):
     pos, K, V, nl, dl = state.padded()
     pos = pos + offset * (pos >= 0)
     only_num = np.isfinite(nl) & ~np.isfinite(dl)
-    if only_num.any():
-        dl = np.where(only_num, np.log(GUARD / state.s_num), dl)
+    if only_num.any():  # GUARD / s_num per numerator slot holding the token
+        slots = np.zeros(nl.shape)
+        for h, head in enumerate(state.heads):
+            held, count = np.unique(head.num_pos[head.num_pos >= 0], return_counts=True)
+            rel = pos[h] - offset
+            at = np.searchsorted(held, rel) % max(1, held.size)
+            slots[h] = np.where(np.isin(rel, held), count[at] if held.size else 0, 0)
+        dl = np.where(only_num, np.log(GUARD * np.maximum(slots, 1) / state.s_num), dl)
     return [dense_segment(K, V, nl, dl, pos, "subgen")]
 
 
@@ -108,7 +114,8 @@ class SubGenStream:
         ev = int(wk.shape[-2]) - self.W
         if ev > 0:  # the oldest tokens leave the window for the sketch
             self.state.append(wk[:, :ev], wv[:, :ev], wp[:ev] - self.offset, rng=self.rng)
-            wk, wv, wp = wk[:, ev:], wv[:, ev:], wp[ev:]
+            cp = (lambda x: x.clone()) if t else (lambda x: x.copy())
+            wk, wv, wp = cp(wk[:, ev:]), cp(wv[:, ev:]), cp(wp[ev:])  # own storage: not a view of the chunk
         self.window = (wk, wv, wp) if int(wk.shape[-2]) else None
         return self.segments()
 
@@ -259,9 +266,15 @@ class SubGen(Method):
                 t = [max(1, level["den_budget"] // c) for c in clusters]
             state = resolve("subgen_stream", backend)(Ks, Vs, t=t, threshold=thr, **kw)
             info["threshold"] = thr.tolist()
+        if centres(o, est) == 1:  # one stratum: a single reservoir that never opens a cluster (flat memory)
+            if tp:
+                state.thr.fill_(float("inf"))
+            else:
+                for head in state.heads:
+                    head.threshold = float("inf")
         cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
-        sinks = (cl(K[:, :sink]), cl(V[:, :sink]), positions[:sink]) if sink else None
-        win = (cl(K[:, n - window :]), cl(V[:, n - window :]), positions[n - window :]) if window else None
+        sinks = (cl(K[:, :sink]), cl(V[:, :sink]), cl(positions[:sink])) if sink else None
+        win = (cl(K[:, n - window :]), cl(V[:, n - window :]), cl(positions[n - window :])) if window else None
         stream = SubGenStream(state, ctx.rng, sinks=sinks, window=win, window_size=window, offset=sink)
         segs = stream.segments()
         if tp:
@@ -277,10 +290,9 @@ class SubGen(Method):
             c = sg.valid().sum(-1)
             kept = kept + np.asarray(c.tolist() if tp else c)
         info.update(kept=np.asarray(kept).tolist(), state_floats=np.asarray(state.stored_floats()).tolist())
-        itemsize = K.element_size() if tp else K.itemsize
-        if held_nbytes(segs, stream) >= H * n * (K.shape[-1] + V.shape[-1]) * itemsize:
-            # never larger than the exact cache (issue 15 item 8): store every token instead
-            return Built([exact_segment(cl(K), cl(V), positions)], info={**info, "exact": True, "kept": n})
+        exact = Built([exact_segment(cl(K), cl(V), positions)], info={**info, "exact": True, "kept": n})
+        if held_nbytes(segs, stream) >= held_nbytes(exact.segments):
+            return exact  # never larger than the exact cache (issue 15 item 8): store every token instead
         if est == "l2":
             flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
         return Built(segs, stream=stream, info=info)
