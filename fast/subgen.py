@@ -713,7 +713,8 @@ class TorchSubGenState:
         return int(self.C.shape[1])
 
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self.cap)
+        # small steps: the state's memory is billed, and new clusters are rare once the stream is clustered
+        cap = max(need, self.cap + max(1, self.cap // 8))
         for name in ("C", "counts", "radius", "tok_pos", "tok_k", "tok_v", "slot_idx"):
             x = getattr(self, name)
             fill = -1 if name == "tok_pos" else 0

@@ -469,8 +469,11 @@ class BalanceStream(Method):
         pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
         cl = (lambda x: x.clone()) if is_torch(K) else (lambda x: x.copy())
         exact = Built([exact_segment(cl(K), cl(V), pos)], info={**b.info, "exact": True, "kept": n})
-        if b.info.get("exact") or held_nbytes(b.segments, b.stream) >= held_nbytes(exact.segments):
-            return exact  # never larger than the exact cache (issue 15 item 8)
+        # never larger than the exact cache (issue 15 item 8), by the bytes of the slots attended over
+        # (the joint stream's state *is* its segments; the theory stream keeps its instances besides)
+        held = held_nbytes(b.segments) if b.info.get("variant") == "theory" else held_nbytes(b.segments, b.stream)
+        if b.info.get("exact") or held >= held_nbytes(exact.segments):
+            return exact
         return b
 
     def _build_level(self, K, V, level, ctx):
