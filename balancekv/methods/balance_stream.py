@@ -1,6 +1,18 @@
-"""``balance-stream``: theory-faithful streaming BalanceKV [BKV, Alg. 1, Thm 3.1 / 3.4] (SPEC 4a).
+"""``balance-stream``: streaming BalanceKV [BKV, Alg. 1, Thm 3.1 / 3.4] (SPEC 4a).
 
-Per head:
+Two variants (option ``variant``):
+
+- ``"joint"`` (default, measured best on real caches): :class:`JointBalanceStream`, MergeAndReduce
+  with joint balancing (one weighted set), fixed-size halving, a fixed batch size ``t`` (default
+  64), a counter capped at ``rounds`` levels, and exact sinks and recent window; compress time
+  ``O(n t)``. ``keep`` picks ``rounds`` and ``t``, the budget left goes to the exact window.
+- ``"theory"``: the theory-faithful algorithm below (also what ``guarantee="theorem"`` runs).
+
+Both run on the caller's device for torch input (:mod:`balancekv.fast.merge_reduce`, the torch
+walks; same uniforms, so float64 builds keep the reference's tokens and weights). ``keep=1``
+stores every token exactly; a result larger than the exact cache is the exact cache.
+
+The theory variant, per head:
 
 - numerator instances, one :class:`~balancekv.reference.merge_reduce.MergeAndReduce`
   per value-norm bucket ``i`` (``2^(i-1) <= ||v|| < 2^i``, so the norms inside
@@ -19,7 +31,11 @@ erased tokens move the output by at most ``(eps/2) ||softmax||_2 ||V||_F``, and
 the budget only grows as the stream goes on (``proofs/merge_reduce.md``).
 
 The estimate is two-set (SPEC section 1): numerator slots carry ``num_logw =
-log w`` and ``den_logw = -inf``, denominator slots the reverse.
+log w`` and ``den_logw = -inf`` (or the guard weight ``GUARD / #numerator slots`` when the token is
+not in the denominator set: relative bias ``<= 1e-12``, and ``|z(q)|`` stays bounded, so no overflow
+at any key norm), denominator slots the reverse. Its probe error is measured at build; above 1 it is
+flagged (``info["unreliable_heads"]``) with an :class:`~balancekv.methods.base.UnreliableEstimateWarning`.
+Its decode state (the instances) holds the kept tokens besides the cache's padded slots.
 
 Levels: ``{"t": t}`` (the batch size) for ``t = 2^j`` from ``n/4`` down to 2;
 ``level_for_keep(keep)`` picks the largest ``t`` whose predicted slot count (one

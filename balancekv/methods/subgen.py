@@ -1,35 +1,49 @@
-"""``subgen``: SubGen [SUB] — online key clustering for the denominator, l2 value sampling for the numerator.
+"""``subgen``: SubGen [SUB] — online key clustering and reservoir samples, in sublinear memory.
 
-A two-set method (SPEC sections 1 and 5): numerator slots carry
-``num_logw = log(mu / (s_num ||v||^2))``, denominator slots ``den_logw = log(n_c / t)``
-(0 for members of clusters with at most ``t`` members, kept exactly). A token drawn
-by several slots is stored once with summed weights; heads keep different numbers
-of slots and are padded. The definition is :mod:`balancekv.reference.subgen`; with
-``backend`` torch/triton/auto the clustering and sampling run in :mod:`balancekv.fast.subgen`
-(same uniforms, same state), decoding appends through the reference update.
+Two estimators (option ``estimator``), both built on the same clustering and reservoirs
+(:mod:`balancekv.reference.subgen`; torch: :mod:`balancekv.fast.subgen`, same uniforms, same state):
+
+- ``"cluster"`` (default, measured best on real caches, ``benchmarks/README.md`` section
+  "Streaming and sublinear methods"): the numerator comes from the *same* cluster samples as the
+  denominator — one weighted set (``num_logw == den_logw = log(n_c / t)``, members of clusters with
+  at most ``t`` members exact), i.e. a ratio estimator that cannot blow up at any key norm — plus the
+  first ``sink`` tokens and an exact recent window (``window_frac`` of the budget) that slides during
+  decoding (tokens leaving it enter the sketch). With the default ``m = 1`` this is one stratum:
+  a reservoir sample of the middle (more centres with equal slots per cluster measured worse; a
+  proportional allocation is not implemented).
+- ``"l2"`` (the paper's, two-set, SPEC 5): numerator slots by l2 value sampling,
+  ``num_logw = log(mu / (s_num ||v||^2))``, denominator from the clusters; default ``m = 16``;
+  ``guarantee="theorem"`` always uses it. Numerator tokens absent from the denominator set enter it
+  with a guard weight ``GUARD / s_num`` (relative bias ``<= 1e-12``), which bounds ``|z(q)|`` so the
+  estimate never overflows; its probe error is measured at build and an estimate worse than 1 is
+  flagged (``info["unreliable_heads"]``) with an :class:`~balancekv.methods.base.UnreliableEstimateWarning`.
+
+Squared value norms are taken of ``v / u`` with ``u`` a power of two per head (1 unless
+``max |v| > 2^400``), so values near 1e154 do not overflow. ``keep=1`` stores every token exactly;
+a result that would hold more bytes than the exact cache is the exact cache. On the torch path
+the cache's segments are views of the sketch's tensors (nothing held twice); the NumPy reference
+returns a padded copy.
 
 Options
 -------
 variant : ``"offline"`` (default; greedy k-centre with ``m`` centres, what [SUB]'s
     experiments ran) or ``"stream"`` (online threshold clustering, [SUB] Thm 2.4).
-m : number of centres of the offline variant (default 16; at most the budget allows);
-    with ``variant="stream"`` and ``threshold=None`` it sets the automatic threshold.
+estimator : ``"cluster"`` (default) or ``"l2"`` (see above).
+m : number of centres (default ``None``: 1 for ``cluster``, 16 for ``l2``; at most the budget
+    allows); with ``variant="stream"`` and ``threshold=None`` it sets the automatic threshold. With
+    one centre the sketch never opens a cluster (a single reservoir, flat memory).
 threshold : stream clustering radius on folded keys ``scale * k``; ``None`` (default):
     per head, the radius of greedy k-centre with ``m`` centres on the prompt's keys.
-    (Named ``threshold``, not ``delta``: ``compress``'s ``delta`` is the failure probability.)
-num_frac : share of the kept budget given to numerator slots (default 0.5).
-t, s_num : fix the reservoir slots per cluster / the numerator slots at every level
-    (default ``None``: derived from the budget).
+num_frac : ``l2``: share of the kept budget given to numerator slots (default 0.5).
+t, s_num : fix the reservoir slots per cluster / the numerator slots at every level.
+sink, window_frac : ``cluster``: exact first tokens (default 4) and the exact recent window's share
+    of the budget (default 0.4).
 
-Budget split for a kept fraction ``keep`` (``B = round(keep * n)`` slots):
-``s_num = round(num_frac * B)`` numerator slots and ``B_den = B - s_num`` denominator
-slots, ``t = B_den // m`` per cluster (offline: ``m`` capped at ``B_den``; stream: ``m`` is
-each head's actual number of prompt clusters, so ``t`` may differ per head). Kept
-tokens are at most ``s_num + sum_c min(n_c, t) <= B`` (fewer after merging duplicates),
-unless a stream head has more clusters than ``B_den`` (then ``t = 1`` and it keeps one
-slot per cluster; ``info["kept"]`` reports the truth). Not billed in ``nbytes``: the
-``m`` centres (``m * d`` floats) and counts the stream needs to keep compressing
-during decoding; ``info["state_floats"]`` reports them.
+Budget for a kept fraction ``keep`` (``B = round(keep * n)`` slots): ``cluster``: ``sink`` +
+``round(window_frac B)`` exact, ``t = B_den // m`` per cluster with the rest; ``l2``: ``s_num =
+round(num_frac B)`` and ``t = (B - s_num) // m`` (offline: ``m`` capped at the budget; stream:
+``m`` is each head's number of prompt clusters, so ``t`` may differ per head). ``info["kept"]``
+reports the slots held (torch: slots, a token drawn twice counts twice; NumPy: distinct tokens).
 """
 
 from __future__ import annotations
