@@ -63,7 +63,9 @@ def segments_attention(segments: list[Segment], Q, scale: float):
 def relative_error(z, exact):
     """``||z - a|| / ||a||`` per query, on either path (norms scaled, so 1e154 does not overflow)."""
     if is_torch(z):
-        return torch.linalg.vector_norm(z - exact, dim=-1) / torch.linalg.vector_norm(exact, dim=-1)
+        m = torch.maximum(z.abs().amax(-1, keepdim=True), exact.abs().amax(-1, keepdim=True))
+        u = torch.exp2(torch.ceil(torch.log2(torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m)))))
+        return torch.linalg.vector_norm(z / u - exact / u, dim=-1) / torch.linalg.vector_norm(exact / u, dim=-1)
     return ra.relative_error(z, exact)
 
 

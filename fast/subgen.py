@@ -40,6 +40,8 @@ statistically.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from balancekv.reference import subgen as rs
@@ -112,11 +114,29 @@ def _f64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    # torch's vectorised float64 sqrt on CPU can be off by one ulp; NumPy's is correctly rounded
-    # (CUDA's double sqrt is correctly rounded too)
-    if x.device.type == "cpu" and x.dtype == torch.float64:
-        return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
-    return torch.sqrt(x)
+    """Correctly rounded square root (as NumPy's), in torch.
+
+    torch's vectorised float64 ``sqrt`` on CPU can be off by one ulp; we correct it with the exact
+    residual ``r = x - y^2`` (Dekker's product): the correctly rounded ``y`` satisfies
+    ``-(y u_- - u_-^2/4) <= r <= y u_+ + u_+^2/4`` (``u_±`` the gaps to the neighbours).
+    CUDA's double sqrt is correctly rounded already.
+    """
+    y = torch.sqrt(x)
+    if x.device.type != "cpu" or x.dtype != torch.float64:
+        return y
+    c = 134217729.0 * y  # Veltkamp split: y = hi + lo exactly
+    hi = c - (c - y)
+    lo = y - hi
+    p = y * y
+    e = ((hi * hi - p) + 2.0 * hi * lo) + lo * lo  # y^2 = p + e exactly
+    r = (x - p) - e
+    inf = torch.full_like(y, float("inf"))
+    up_n = torch.nextafter(y, inf)
+    dn_n = torch.nextafter(y, -inf)
+    up, dn = up_n - y, y - dn_n
+    y = torch.where(r > y * up + 0.25 * up * up, up_n, y)
+    y = torch.where(r < -(y * dn) + 0.25 * dn * dn, dn_n, y)
+    return torch.where(torch.isfinite(x) & (x > 0), y, torch.sqrt(x))
 
 
 def _dist(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -357,7 +377,9 @@ def _thresholds(threshold, H, device):
     thr = (
         np.broadcast_to(np.asarray(threshold, dtype=np.float64), (H,))
         if not isinstance(threshold, torch.Tensor)
-        else np.broadcast_to(threshold.detach().cpu().double().numpy(), (H,))
+        else np.broadcast_to(
+            np.asarray(threshold.detach().double().reshape(-1).tolist()).reshape(threshold.shape), (H,)
+        )
     )
     if not bool(np.all(thr >= 0)):  # also rejects NaN
         raise ValueError(f"threshold must be >= 0, got {thr.tolist()}")
@@ -400,8 +422,12 @@ def _last_taker(U: torch.Tensor, p: torch.Tensor, group: torch.Tensor, groups: i
     return out.reshape(H, groups, S)
 
 
-def _sq_norms(Vt: torch.Tensor) -> torch.Tensor:
+def _sq_norms(Vt: torch.Tensor, unit=1.0) -> torch.Tensor:
+    """``||v / unit||^2`` per token in float64 (``unit`` a power of two per head: exact, no overflow)."""
     V64 = Vt.to(torch.float64)
+    u = torch.as_tensor(unit, dtype=torch.float64, device=Vt.device).reshape(-1)
+    if bool((u != 1.0).any()):
+        V64 = V64 / u.expand(V64.shape[0])[:, None, None]
     return _pairwise_sum(V64 * V64)
 
 
@@ -432,15 +458,16 @@ def _np64(x) -> np.ndarray:
 
 
 def _assemble(
-    K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu, num_pos, sq, n_seen
-):
+    K64, V64, Xf64, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu, num_pos, sq, n_seen,
+    estimator="l2", unit=1.0,
+):  # fmt: skip
     """The reference's :class:`SubGenState` from the per-head arrays (all NumPy)."""
     H, n, d = K64.shape
     s = V64.shape[-1]
     heads = []
     for h in range(H):
         t = ts[h]
-        head = rs.SubGenHead(d, s, t, s_num, float(thr[h]), scale)
+        head = rs.SubGenHead(d, s, t, s_num, float(thr[h]), scale, estimator, np.broadcast_to(unit, (H,))[h])
         Kh, Vh = K64[h], V64[h]
         for c in range(int(k[h])):
             nc = int(counts[h, c])
@@ -454,7 +481,7 @@ def _assemble(
             )
         head._C = Xf64[h, cent[h, : int(k[h])]].reshape(-1, d).copy()
         head.mu = float(mu[h])
-        if head.mu > 0.0:
+        if head.mu > 0.0 and s_num:
             p = num_pos[h].astype(np.int64)
             head.num_pos[:] = p
             head.num_k[:], head.num_v[:], head.num_sq[:] = Kh[p], Vh[p], sq[h, p]
@@ -465,8 +492,18 @@ def _assemble(
 
 # ---------------------------------------------------------------------- SubGen
 def subgen_stream(
-    K, V, *, t, s_num: int, threshold, scale: float, rng: np.random.Generator | None = None, uniforms=None
-) -> rs.SubGenState:
+    K,
+    V,
+    *,
+    t,
+    s_num: int,
+    threshold,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms=None,
+    estimator: str = "l2",
+    unit=1.0,
+):
     """Streaming SubGen; see :func:`balancekv.reference.subgen.subgen_stream` (same arguments, same state).
 
     ``K (H, n, d)``, ``V (H, n, s)`` (NumPy or torch, any device), uniforms ``(n, H, max(t) + s_num)``
@@ -475,7 +512,7 @@ def subgen_stream(
     Kt, Vt = _kv(K, V)
     H, n, d = Kt.shape
     ts = rs._per_head(t, H, "t")
-    if isinstance(s_num, bool) or not isinstance(s_num, (int, np.integer)) or s_num < 1:
+    if isinstance(s_num, bool) or not isinstance(s_num, (int, np.integer)) or s_num < (estimator == "l2"):
         raise ValueError(f"s_num must be an integer >= 1, got {s_num!r}")
     t_max = max(ts)
     if uniforms is None:
@@ -505,12 +542,15 @@ def subgen_stream(
         tt = torch.as_tensor(ts, device=dev)
         res_ok = torch.arange(t_max, device=dev)[None, :] < tt[:, None]
         slot_pos = _last_taker(U[:, :, :t_max], 1.0 / rank.to(torch.float64), assign, M, res_ok)
-        sq = _sq_norms(Vt)
+        sq = _sq_norms(Vt, unit)
         mu_run = torch.cumsum(sq, dim=1)  # sequential: the reference's running mu
         p_num = torch.where(sq > 0.0, sq / torch.where(mu_run > 0.0, mu_run, 1.0), float("nan"))
         num_ok = torch.ones((H, s_num), dtype=torch.bool, device=dev)
         num_pos = _last_taker(U[:, :, t_max:], p_num, torch.zeros_like(assign), 1, num_ok)[:, 0]
         mu = mu_run[:, -1] if n else torch.zeros(H, dtype=torch.float64, device=dev)
+    if isinstance(K, torch.Tensor):  # torch in: the state stays on the device
+        return _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
+                            num_pos, sq, n, estimator, unit)  # fmt: skip
     Xf64 = _folded64(Xf, K, scale)
     return _assemble(
         _np64(K),
@@ -531,12 +571,24 @@ def subgen_stream(
         num_pos.cpu().numpy(),
         sq.cpu().numpy(),
         n,
+        estimator,
+        unit,
     )
 
 
 def subgen_offline(
-    K, V, *, t, s_num: int, m: int, scale: float, rng: np.random.Generator | None = None, uniforms=None
-) -> rs.SubGenState:
+    K,
+    V,
+    *,
+    t,
+    s_num: int,
+    m: int,
+    scale: float,
+    rng: np.random.Generator | None = None,
+    uniforms=None,
+    estimator: str = "l2",
+    unit=1.0,
+):
     """Offline SubGen; see :func:`balancekv.reference.subgen.subgen_offline` (same arguments, same state).
 
     Greedy k-centre for every head at once; reservoir picks ``floor(U_res[h, c, j] * n_c)`` among the
@@ -547,7 +599,7 @@ def subgen_offline(
     ts = rs._per_head(t, H, "t")
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
-    if isinstance(s_num, bool) or not isinstance(s_num, (int, np.integer)) or s_num < 1:
+    if isinstance(s_num, bool) or not isinstance(s_num, (int, np.integer)) or s_num < (estimator == "l2"):
         raise ValueError(f"s_num must be an integer >= 1, got {s_num!r}")
     if n < 1:
         raise ValueError("K must have at least one token")
@@ -576,7 +628,7 @@ def subgen_offline(
         idx = (U_res[:, :kmax] * nc).to(torch.int64)  # floor (u * n_c >= 0), as numpy's astype
         idx = torch.minimum(idx, (counts - 1).clamp(min=0)[:, :, None])
         slot_pos = order.gather(1, (starts[:, :, None] + idx).clamp(max=n - 1).reshape(H, -1)).reshape(H, kmax, t_max)
-        sq = _sq_norms(Vt)
+        sq = _sq_norms(Vt, unit)
         cum = torch.cumsum(sq, dim=1)
         mu = cum[:, -1]
         num_pos = torch.searchsorted(cum, U_num * mu[:, None], right=True)
@@ -584,6 +636,9 @@ def subgen_offline(
         last = torch.where(sq > 0.0, ar[None, :], -1).max(dim=1).values  # last nonzero value
         num_pos = torch.minimum(num_pos, last[:, None])
         thr = dist.to(torch.float64).max(dim=1).values
+    if isinstance(K, torch.Tensor):  # torch in: the state stays on the device
+        return _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
+                            num_pos, sq, n, estimator, unit)  # fmt: skip
     Xf64 = _folded64(Xf, K, scale)
     return _assemble(
         _np64(K),
@@ -604,4 +659,336 @@ def subgen_offline(
         num_pos.cpu().numpy(),
         sq.cpu().numpy(),
         n,
+        estimator,
+        unit,
     )
+
+
+# ---------------------------------------------------------------------- device-native state
+class TorchSubGenState:
+    """SubGen's state over ``H`` heads as tensors on one device (the torch path's ``SubGenState``).
+
+    Same state as :class:`balancekv.reference.subgen.SubGenState`, batched over heads:
+
+    - ``C (H, cap, d)`` folded centres, ``k (H,)`` clusters per head, ``counts``/``radius (H, cap)``;
+    - ``tok_pos (H, cap, t_max)``, ``tok_k``, ``tok_v``: while a cluster has ``n_c <= t`` members,
+      its members in token order; once it outgrows ``t``, its ``t`` reservoir slots. While the
+      members are kept, slot ``i`` is a member index ``slot_idx[h, c, i]`` (the reservoir runs
+      alongside, as in the reference), materialised when the cluster outgrows ``t``;
+    - numerator slots ``num_pos``/``num_k``/``num_v``/``num_sq (H, s_num)`` and ``mu (H,)`` (float64),
+      squared norms of ``v / unit`` (``unit`` a power of two per head, exact).
+
+    ``append(K, V, positions, rng)`` streams tokens (same uniform layout as the reference); ``padded()``
+    reads the sketch as one padded segment (tokens held by several slots stored once, weights summed).
+    """
+
+    def __init__(self, *, H, d, s, ts, s_num, thr, scale, estimator, unit, dtype, device, cap=16):
+        self.H, self.d, self.s, self.s_num = int(H), int(d), int(s), int(s_num)
+        self.ts = [int(t) for t in ts]
+        self.t_max = max(self.ts)
+        self.scale, self.estimator = float(scale), estimator
+        self.dtype, self.device = dtype, device
+        self.thr = thr.to(device=device, dtype=torch.float64)
+        self.tt = torch.as_tensor(self.ts, device=device)
+        self.inv_unit = (1.0 / torch.as_tensor(unit, dtype=torch.float64, device=device)).expand(H).clone()
+        i64 = dict(dtype=torch.int64, device=device)
+        f = dict(dtype=dtype, device=device)
+        self.C = torch.zeros((H, cap, d), **f)
+        self.k = torch.zeros(H, **i64)
+        self.counts = torch.zeros((H, cap), **i64)
+        self.radius = torch.zeros((H, cap), dtype=torch.float64, device=device)
+        self.tok_pos = torch.full((H, cap, self.t_max), -1, **i64)
+        self.tok_k = torch.zeros((H, cap, self.t_max, d), **f)
+        self.tok_v = torch.zeros((H, cap, self.t_max, s), **f)
+        self.slot_idx = torch.zeros((H, cap, self.t_max), **i64)
+        self.mu = torch.zeros(H, dtype=torch.float64, device=device)
+        self.num_pos = torch.full((H, s_num), -1, **i64)
+        self.num_k = torch.zeros((H, s_num, d), **f)
+        self.num_v = torch.zeros((H, s_num, s), **f)
+        self.num_sq = torch.zeros((H, s_num), dtype=torch.float64, device=device)
+        self.n_seen = 0
+
+    @property
+    def cap(self) -> int:
+        return int(self.C.shape[1])
+
+    def _grow(self, need: int) -> None:
+        # small steps: the state's memory is billed, and new clusters are rare once the stream is clustered
+        cap = max(need, self.cap + max(1, self.cap // 8))
+        for name in ("C", "counts", "radius", "tok_pos", "tok_k", "tok_v", "slot_idx"):
+            x = getattr(self, name)
+            fill = -1 if name == "tok_pos" else 0
+            y = torch.full((x.shape[0], cap) + tuple(x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+            y[:, : x.shape[1]] = x
+            setattr(self, name, y)
+
+    # ------------------------------------------------------------------ update
+    def draw_uniforms(self, rng: np.random.Generator, T: int) -> torch.Tensor:
+        u = rng.random((T, self.H, self.t_max + self.s_num))  # = SubGenState.draw_uniforms
+        return torch.from_numpy(u).to(self.device)
+
+    def append(self, K, V, positions, rng=None, uniforms=None):
+        """Stream tokens ``K (H, T, d)``, ``V (H, T, s)`` at ``positions (T,)`` (the reference's order)."""
+        T = int(K.shape[1])
+        U = self.draw_uniforms(rng, T) if uniforms is None else uniforms.to(self.device, torch.float64)
+        pos = positions.tolist() if isinstance(positions, torch.Tensor) else list(np.asarray(positions).reshape(-1))
+        with _single_thread(self.device):
+            for j in range(T):
+                self._update(K[:, j].to(self.dtype), V[:, j].to(self.dtype), int(pos[j]), U[j])
+        return self
+
+    def _update(self, k, v, pos, u):
+        H, dev = self.H, self.device
+        hr = torch.arange(H, device=dev)
+        x = self.scale * k
+        M = int(self.k.max())
+        if M:
+            dc = _dist(self.C[:, :M], x[:, None, :])  # centre minus token, as the reference
+            ok = torch.arange(M, device=dev)[None, :] < self.k[:, None]
+            dc = torch.where(ok, dc, torch.full_like(dc, float("inf")))
+            dmin, c = dc.min(dim=1)  # first minimum: lowest centre on ties
+            new = ~(dmin.to(torch.float64) <= self.thr)
+        else:
+            c = torch.zeros(H, dtype=torch.int64, device=dev)
+            dmin = torch.zeros(H, dtype=self.dtype, device=dev)
+            new = torch.ones(H, dtype=torch.bool, device=dev)
+        if int((self.k + new).max()) > self.cap:  # a new cluster needs room
+            self._grow(self.cap + 1)
+        c = torch.where(new, self.k, c)
+        dist = torch.where(new, torch.zeros_like(dmin), dmin).to(torch.float64)
+        nh = new.nonzero()[:, 0]
+        if nh.numel():
+            self.C[nh, self.k[nh]] = x[nh]
+        self.k += new.to(torch.int64)
+        self.counts[hr, c] += 1
+        cnt = self.counts[hr, c]
+        self.radius[hr, c] = torch.maximum(self.radius[hr, c], dist)
+        th = self.tt
+        trans = (cnt == th + 1).nonzero()[:, 0]  # clusters outgrowing t: the slots become tokens
+        if trans.numel():
+            ct = c[trans]
+            idx = self.slot_idx[trans, ct]  # (n, t_max) member index per slot
+            for name in ("tok_pos", "tok_k", "tok_v"):
+                X = getattr(self, name)
+                src = X[trans, ct]
+                g = idx if src.ndim == 2 else idx[..., None].expand(-1, -1, src.shape[-1])
+                X[trans, ct] = torch.gather(src, 1, g)
+        mem = (cnt <= th).nonzero()[:, 0]  # member kept: written at index n_c - 1
+        if mem.numel():
+            cm, jm = c[mem], cnt[mem] - 1
+            self.tok_pos[mem, cm, jm] = pos
+            self.tok_k[mem, cm, jm] = k[mem]
+            self.tok_v[mem, cm, jm] = v[mem]
+        slots_ok = torch.arange(self.t_max, device=dev)[None, :] < th[:, None]
+        take = (u[:, : self.t_max] < 1.0 / cnt.to(torch.float64)[:, None]) & slots_ok  # (H, t_max)
+        in_mem = (cnt <= th)[:, None]
+        ht, it = (take & in_mem).nonzero(as_tuple=True)
+        if ht.numel():
+            self.slot_idx[ht, c[ht], it] = cnt[ht] - 1
+        ht, it = (take & ~in_mem).nonzero(as_tuple=True)
+        if ht.numel():
+            self.tok_pos[ht, c[ht], it] = pos
+            self.tok_k[ht, c[ht], it] = k[ht]
+            self.tok_v[ht, c[ht], it] = v[ht]
+        vu = v.to(torch.float64) * self.inv_unit[:, None]
+        sq = _pairwise_sum(vu * vu)
+        self.mu += sq
+        if self.s_num:
+            take = (sq > 0.0)[:, None] & (u[:, self.t_max :] < (sq / torch.where(self.mu > 0, self.mu, 1.0))[:, None])
+            hn, jn = take.nonzero(as_tuple=True)
+            if hn.numel():
+                self.num_pos[hn, jn] = pos
+                self.num_k[hn, jn] = k[hn]
+                self.num_v[hn, jn] = v[hn]
+                self.num_sq[hn, jn] = sq[hn]
+        self.n_seen += 1
+
+    # ------------------------------------------------------------------ read
+    @property
+    def m(self) -> list[int]:
+        return self.k.tolist()
+
+    def cluster_radius(self) -> list[float]:
+        return self.radius.amax(dim=1).tolist()
+
+    def _head_entries(self, h: int):
+        """Candidate slots of head ``h``: ``(pos, K, V, num_logw, den_logw)`` before merging duplicates."""
+        t = self.ts[h]
+        M = int(self.k[h])
+        cnt = self.counts[h, :M]
+        small = cnt <= t
+        j = torch.arange(t, device=self.device)
+        member = small[:, None] & (j[None, :] < cnt[:, None])  # members of small clusters
+        slot = ~small[:, None] & torch.ones_like(member)  # slots of large clusters
+        sel = member | slot
+        lw = torch.where(
+            small, torch.zeros_like(cnt, dtype=torch.float64), torch.log(cnt.to(torch.float64)) - math.log(t)
+        )
+        dl = lw[:, None].expand(M, t)[sel]
+        pos = self.tok_pos[h, :M, :t][sel]
+        K = self.tok_k[h, :M, :t][sel]
+        Vv = self.tok_v[h, :M, :t][sel]
+        if self.estimator == "cluster":
+            return pos, K, Vv, dl, dl
+        ninf = torch.full_like(dl, float("-inf"))
+        mu = float(self.mu[h])
+        if mu > 0.0 and self.s_num:
+            ok = self.num_pos[h] >= 0
+            nl = math.log(mu) - math.log(self.s_num) - torch.log(self.num_sq[h][ok])
+            pos = torch.cat([self.num_pos[h][ok], pos])
+            K = torch.cat([self.num_k[h][ok], K])
+            Vv = torch.cat([self.num_v[h][ok], Vv])
+            dl, nl = torch.cat([torch.full_like(nl, float("-inf")), dl]), torch.cat([nl, ninf])
+        else:
+            nl = ninf
+        return pos, K, Vv, nl, dl
+
+    def entries(self):
+        """Per head ``(pos, K, V, num_logw, den_logw)``: distinct tokens by position, weights summed."""
+        out = []
+        for h in range(self.H):
+            pos, K, Vv, nl, dl = self._head_entries(h)
+            up, inv = torch.unique(pos, sorted=True, return_inverse=True)
+            first = torch.full(up.shape, pos.numel(), dtype=torch.int64, device=self.device)
+            first.scatter_reduce_(0, inv, torch.arange(pos.numel(), device=self.device), reduce="amin")
+            out.append(
+                (up, K[first], Vv[first], _logsumexp_by(nl, inv, up.numel()), _logsumexp_by(dl, inv, up.numel()))
+            )
+        return out
+
+    def padded(self):
+        """``pos (H, w)`` (-1 pad), ``K (H, w, d)``, ``V``, ``num_logw``, ``den_logw`` (``-inf`` pad), torch."""
+        ents = self.entries()
+        w = max(1, max(int(e[0].numel()) for e in ents))
+        dev = self.device
+        pos = torch.full((self.H, w), -1, dtype=torch.int64, device=dev)
+        K = torch.zeros((self.H, w, self.d), dtype=self.dtype, device=dev)
+        Vv = torch.zeros((self.H, w, self.s), dtype=self.dtype, device=dev)
+        wdt = self.dtype
+        nl = torch.full((self.H, w), float("-inf"), dtype=wdt, device=dev)
+        dl = torch.full((self.H, w), float("-inf"), dtype=wdt, device=dev)
+        for h, (p, k, v, a, b) in enumerate(ents):
+            r = int(p.numel())
+            pos[h, :r], K[h, :r], Vv[h, :r], nl[h, :r], dl[h, :r] = p, k, v, a.to(wdt), b.to(wdt)
+        return pos, K, Vv, nl, dl
+
+    def views(self, offset: int = 0, guard: float = 1e-12):
+        """The sketch as segment arrays that *share* the state's storage (no copy of any key or value).
+
+        Returns a list of ``(K, V, num_logw, den_logw, positions)``: the cluster part (``(H, cap * t_max)``
+        slots, views of ``tok_k``/``tok_v``; members weight 1, reservoir slots ``n_c / t``; a token held
+        by several slots contributes once per slot, which is the same estimate as one slot with the
+        summed weight) and, for the ``l2`` estimator, the numerator slots (views of ``num_k``/``num_v``).
+        Numerator tokens absent from the cluster part enter the denominator with the guard weight
+        ``guard / s_num`` (relative bias ``<= guard``; bounds ``|z|``, so no overflow at any key norm).
+        """
+        H, cap, tm = self.H, self.cap, self.t_max
+        dev = self.device
+        j = torch.arange(tm, device=dev)[None, None, :]
+        cnt = self.counts[:, :, None]
+        tt = self.tt[:, None, None]
+        small = cnt <= tt
+        live = (torch.arange(cap, device=dev)[None, :] < self.k[:, None])[..., None]
+        valid = live & torch.where(small, j < cnt, j < tt)
+        lw = torch.where(small, 0.0, torch.log(cnt.to(torch.float64).clamp(min=1)) - torch.log(tt.to(torch.float64)))
+        lw = torch.where(valid, lw, float("-inf")).to(self.dtype).reshape(H, cap * tm)
+        pos = torch.where(valid, self.tok_pos + offset, -1).reshape(H, cap * tm)
+        K = self.tok_k.reshape(H, cap * tm, self.d)
+        Vv = self.tok_v.reshape(H, cap * tm, self.s)
+        if self.estimator == "cluster":
+            return [(K, Vv, lw, lw, pos)]
+        out = [(K, Vv, torch.full_like(lw, float("-inf")), lw, pos)]
+        ok = (self.num_pos >= 0) & (self.mu[:, None] > 0)
+        if self.s_num and bool(ok.any()):
+            sq = torch.where(ok, self.num_sq, 1.0)
+            nl = torch.log(torch.where(self.mu > 0, self.mu, 1.0))[:, None] - math.log(self.s_num) - torch.log(sq)
+            nl = torch.where(ok, nl, float("-inf")).to(self.dtype)
+            npos = torch.where(ok, self.num_pos + offset, -1)
+            covered = torch.stack([torch.isin(npos[h], pos[h][pos[h] >= 0]) for h in range(H)])
+            gw = math.log(guard / self.s_num) if guard > 0 else float("-inf")
+            dl = torch.full_like(nl, float("-inf")).masked_fill_(ok & ~covered, gw)
+            out.append((self.num_k, self.num_v, nl, dl, npos))
+        return out
+
+    def estimate(self, Q, shift: float = 0.0):
+        """``(N^ (H, mq, s), Z^ (H, mq))`` times ``e^{-shift}`` from the sketch (NumPy in, NumPy out)."""
+        was_numpy = not isinstance(Q, torch.Tensor)
+        Qt = torch.as_tensor(np.asarray(Q) if was_numpy else Q, device=self.device).to(torch.float64)
+        _, K, Vv, nl, dl = self.padded()
+        a = self.scale * Qt @ K.to(torch.float64).transpose(1, 2) - shift
+        N = torch.exp(a + nl.to(torch.float64)[:, None, :]) @ Vv.to(torch.float64)
+        Z = torch.exp(a + dl.to(torch.float64)[:, None, :]).sum(-1)
+        if was_numpy:
+            return np.asarray(N.cpu().tolist()), np.asarray(Z.cpu().tolist())
+        return N, Z
+
+    def stored_floats(self) -> list[int]:
+        per_tok = self.d + self.s
+        return [
+            int(self.s_num * (per_tok + 1) + 1 + int(self.k[h]) * (self.d + 2 + self.ts[h] * per_tok))
+            for h in range(self.H)
+        ]
+
+
+def _logsumexp_by(x: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tensor:
+    """``log sum exp`` of ``x`` grouped by ``inv`` (``-inf`` for groups of only ``-inf``)."""
+    x = x.to(torch.float64)
+    m = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(0, inv, x, reduce="amax")
+    ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, inv, torch.exp(x - ms[inv]))
+    return torch.where(torch.isfinite(m), ms + torch.log(s), m)
+
+
+def _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu, num_pos, sq,
+                 n_seen, estimator, unit):  # fmt: skip
+    """A :class:`TorchSubGenState` from the batched prefill arrays (every array stays on the device)."""
+    H, n, d = Kt.shape
+    s = Vt.shape[-1]
+    M = max(1, int(k.max()))
+    st = TorchSubGenState(
+        H=H, d=d, s=s, ts=ts, s_num=s_num, thr=thr, scale=scale, estimator=estimator, unit=unit,
+        dtype=Kt.dtype, device=Kt.device, cap=M,
+    )  # fmt: skip
+    dev = Kt.device
+    hr = torch.arange(H, device=dev)[:, None]
+    Xf = scale * Kt
+    cm = cent[:, :M].clamp(min=0)
+    st.C[:, :M] = Xf[hr, cm] * (torch.arange(M, device=dev)[None, :] < k[:, None])[..., None]
+    st.k[:] = k
+    st.counts[:, :M] = counts[:, :M]
+    st.radius[:, :M] = radius[:, :M]
+    tm = st.t_max
+    tt = st.tt[:, None, None]
+    cnt = counts[:, :M, None]
+    j = torch.arange(tm, device=dev)[None, None, :]
+    # members (first min(n_c, t) of each cluster, token order) of small clusters; slots of large ones
+    midx = (starts[:, :M, None] + j).clamp(max=n - 1)
+    mem_tok = torch.gather(order, 1, midx.reshape(H, -1)).reshape(H, M, tm)
+    small = cnt <= tt
+    sp = slot_pos[:, :M].clamp(min=0)
+    tok = torch.where(small, mem_tok, sp)
+    valid = torch.where(small, j < cnt, j < tt)
+    st.tok_pos[:, :M] = torch.where(valid, tok, -1)
+    g = tok.reshape(H, -1)
+    st.tok_k[:, :M] = Kt[hr, g].reshape(H, M, tm, d)
+    st.tok_v[:, :M] = Vt[hr, g].reshape(H, M, tm, s)
+    # while the members are kept, a slot is the rank (0-based) of its member within the cluster
+    st.slot_idx[:, :M] = torch.where(small & (j < tt), _member_rank(order, starts, counts, sp, M), 0)
+    st.mu[:] = mu
+    if s_num:
+        p = num_pos.clamp(min=0)
+        st.num_pos[:] = torch.where(mu[:, None] > 0, num_pos, -1)
+        st.num_k[:] = Kt[hr, p]
+        st.num_v[:] = Vt[hr, p]
+        st.num_sq[:] = torch.gather(sq, 1, p)
+    st.n_seen = int(n_seen)
+    return st
+
+
+def _member_rank(order, starts, counts, slot_pos, M):
+    """0-based rank of token ``slot_pos[h, c, i]`` among the members of cluster ``c`` (token order)."""
+    H, n = order.shape
+    inv = torch.empty_like(order)
+    inv.scatter_(1, order, torch.arange(n, device=order.device)[None, :].expand(H, n).contiguous())
+    where = torch.gather(inv, 1, slot_pos.reshape(H, -1)).reshape(slot_pos.shape)  # index in sorted order
+    return where - starts[:, :M, None]

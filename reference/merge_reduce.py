@@ -24,12 +24,22 @@ pushed up, and the event is counted in ``fallbacks``. Nothing is dropped.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .softmax_balance import kept_class, softmax_balance_signs
 from .walk import default_threshold
 
-__all__ = ["MergeAndReduce"]
+__all__ = ["MergeAndReduce", "pow2_unit"]
+
+
+def pow2_unit(X) -> float:
+    """A power of two ``u`` with ``max |X| / u <= 1`` when ``max |X| > 2^400`` (else 1). Dividing by it is
+    exact, so squared norms of ``X / u`` cannot overflow, and scale-invariant quantities (the walk's
+    normalised Gram matrix, l2-sampling probabilities) are bit-identical to the unscaled ones."""
+    m = float(np.max(np.abs(X))) if np.size(X) else 0.0
+    return 2.0 ** math.ceil(math.log2(m)) if m > 2.0**400 else 1.0
 
 
 class MergeAndReduce:
@@ -109,6 +119,7 @@ class MergeAndReduce:
         if n <= 1:  # nothing to halve
             return merged
         Vw = V * np.exp(logw)[:, None]
+        Vw = Vw / pow2_unit(Vw)  # exact rescaling: value norms near 1e154 do not overflow the Gram matrix
         c = default_threshold(n, self.delta) if self.c is None else self.c
         for attempt in range(self.max_retries + 1):
             self.retries += attempt > 0  # a retry: fresh uniforms after a FAIL

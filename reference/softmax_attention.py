@@ -85,8 +85,14 @@ def relative_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
 
     ``0/0`` is 0 (a zero output reproduced exactly); ``x/0`` for ``x > 0`` is ``inf``.
     """
-    num = np.linalg.norm(np.asarray(approx, np.float64) - np.asarray(exact, np.float64), axis=-1)
-    den = np.linalg.norm(np.asarray(exact, np.float64), axis=-1)
+    a, e = np.asarray(approx, np.float64), np.asarray(exact, np.float64)
+    # norms of values near 1e154 would overflow when squared: divide both by a per-query power of two
+    m = np.maximum(
+        np.abs(e).max(axis=-1, keepdims=True, initial=0.0), np.abs(a).max(axis=-1, keepdims=True, initial=0.0)
+    )
+    u = np.exp2(np.ceil(np.log2(np.where((m > 0) & np.isfinite(m), m, 1.0))))
+    num = np.linalg.norm(a / u - e / u, axis=-1)
+    den = np.linalg.norm(e / u, axis=-1)
     out = np.zeros_like(num)
     pos = den > 0
     out[pos] = num[pos] / den[pos]

@@ -59,7 +59,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: numerator estimators: ``"l2"`` (the paper's l2 value sampling, a two-set estimate) and ``"cluster"``
+#: (the numerator from the denominator's own cluster samples: one set, a ratio estimator)
+ESTIMATORS = ("l2", "cluster")
+
 __all__ = [
+    "ESTIMATORS",
     "SubGenHead",
     "SubGenState",
     "fold_scale",
@@ -149,9 +154,16 @@ class SubGenHead:
     for ``m`` clusters, independent of the number of tokens seen.
     """
 
-    def __init__(self, d: int, s: int, t: int, s_num: int, threshold: float, scale: float):
-        if t < 1 or s_num < 1:
+    def __init__(
+        self, d: int, s: int, t: int, s_num: int, threshold: float, scale: float, estimator: str = "l2", unit=1.0
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if t < 1 or s_num < (1 if estimator == "l2" else 0):
             raise ValueError(f"t and s_num must be >= 1, got t={t}, s_num={s_num}")
+        self.estimator = estimator
+        # squared value norms are taken of v / unit (a power of two, exact): mu and ||v||^2 cannot overflow
+        self.inv_unit = 1.0 / float(unit)
         if not threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.d, self.s, self.t, self.s_num = int(d), int(s), int(t), int(s_num)
@@ -196,9 +208,10 @@ class SubGenHead:
                 cl.members = None  # outgrew t: from now on the reservoir slots stand for the cluster
         take = u_res[: self.t] < 1.0 / cl.count  # reservoir: each slot uniform over the members
         cl.slot_pos[take], cl.slot_k[take], cl.slot_v[take] = pos, k, v
-        sq = float(v @ v)
+        vu = v * self.inv_unit
+        sq = float(vu @ vu)
         self.mu += sq
-        if sq > 0.0:  # l2 sampling: zero-norm values are never drawn
+        if sq > 0.0 and self.s_num:  # l2 sampling: zero-norm values are never drawn
             take = u_num < sq / self.mu
             self.num_pos[take], self.num_k[take], self.num_v[take], self.num_sq[take] = pos, k, v, sq
         self.n_seen += 1
@@ -226,7 +239,8 @@ class SubGenHead:
             row = table.setdefault(int(p), [k, v, [], []])
             row[2 + which].append(logw)
 
-        if self.mu > 0.0:
+        shared = self.estimator == "cluster"
+        if self.mu > 0.0 and not shared:
             for p, k, v, sq in zip(self.num_pos, self.num_k, self.num_v, self.num_sq):
                 if p >= 0:
                     add(p, k, v, 0, np.log(self.mu) - np.log(self.s_num) - np.log(sq))
@@ -234,9 +248,13 @@ class SubGenHead:
             if cl.members is not None:
                 for p, k, v in cl.members:
                     add(p, k, v, 1, 0.0)
+                    if shared:
+                        add(p, k, v, 0, 0.0)
             else:
                 for p, k, v in zip(cl.slot_pos, cl.slot_k, cl.slot_v):
                     add(p, k, v, 1, np.log(cl.count) - np.log(self.t))
+                    if shared:
+                        add(p, k, v, 0, np.log(cl.count) - np.log(self.t))
         order = sorted(table)
         n = len(order)
         pos = np.asarray(order, dtype=np.int64)
@@ -256,6 +274,10 @@ class SubGenHead:
     def estimate(self, q: np.ndarray, shift: float = 0.0) -> tuple[np.ndarray, float]:
         """``(N^(q) e^{-shift}, Z^(q) e^{-shift})`` straight from the slots (the formulas of SPEC 5)."""
         N = np.zeros(self.s)
+        if self.estimator == "cluster":
+            pos, K, Vv, nl, dl = self.entries()
+            a = self.scale * (K @ q) - shift
+            return np.exp(a + nl) @ Vv, float(np.sum(np.exp(a + dl)))
         if self.mu > 0.0:
             for p, k, v, sq in zip(self.num_pos, self.num_k, self.num_v, self.num_sq):
                 if p >= 0:
@@ -369,6 +391,8 @@ def subgen_stream(
     scale: float,
     rng: np.random.Generator | None = None,
     uniforms: np.ndarray | None = None,
+    estimator: str = "l2",
+    unit=1.0,
 ) -> SubGenState:
     """Streaming SubGen over keys ``K (H, n, d)`` and values ``V (H, n, s)``, tokens in order 0..n-1.
 
@@ -381,7 +405,8 @@ def subgen_stream(
     H, n, d = K.shape
     ts = _per_head(t, H, "t")
     thr = np.broadcast_to(np.asarray(threshold, np.float64), (H,))
-    heads = [SubGenHead(d, V.shape[-1], ts[h], s_num, float(thr[h]), scale) for h in range(H)]
+    units = np.broadcast_to(np.asarray(unit, np.float64), (H,))
+    heads = [SubGenHead(d, V.shape[-1], ts[h], s_num, float(thr[h]), scale, estimator, units[h]) for h in range(H)]
     return SubGenState(heads).append(K, V, np.arange(n), rng=rng, uniforms=uniforms)
 
 
@@ -395,6 +420,8 @@ def subgen_offline(
     scale: float,
     rng: np.random.Generator | None = None,
     uniforms: tuple[np.ndarray, np.ndarray] | None = None,
+    estimator: str = "l2",
+    unit=1.0,
 ) -> SubGenState:
     """Offline SubGen: greedy k-centre with ``m`` centres on folded keys, then i.i.d. samples.
 
@@ -421,10 +448,11 @@ def subgen_offline(
             f"uniforms must have shapes {(H, m, t_max)} and {(H, s_num)}, got {U_res.shape} and {U_num.shape}"
         )
     heads = []
+    units = np.broadcast_to(np.asarray(unit, np.float64), (H,))
     for h in range(H):
         Xf = fold_scale(K[h], scale)
         centres, assign, dist = greedy_k_center(Xf, m)
-        head = SubGenHead(d, s, ts[h], s_num, float(dist.max()), scale)
+        head = SubGenHead(d, s, ts[h], s_num, float(dist.max()), scale, estimator, units[h])
         for c, ci in enumerate(centres):
             mem = np.flatnonzero(assign == c)  # token order
             nc = mem.size
@@ -441,10 +469,11 @@ def subgen_offline(
                 )
             )
         head._C = Xf[centres].copy()
-        sq = np.einsum("ij,ij->i", V[h], V[h])
+        Vu = V[h] * head.inv_unit
+        sq = np.einsum("ij,ij->i", Vu, Vu)
         cum = np.cumsum(sq)
         head.mu = float(cum[-1])
-        if head.mu > 0.0:
+        if head.mu > 0.0 and s_num:
             idx = np.searchsorted(cum, U_num[h] * head.mu, side="right")
             last = int(np.flatnonzero(sq > 0)[-1])
             idx = np.minimum(idx, last)  # u * mu may round up to mu

@@ -140,7 +140,7 @@ def test_memory_flat_as_stream_grows_tenfold():
     K, _ = clustered_stream(rng, m, 10 * n0, d, width=0.4, sep=4.0, scale=1 / np.sqrt(d))
     V = rng.normal(size=(10 * n0, d))
     c = balancekv.compress(
-        K[None, :n0], V[None, :n0], keep=0.25, method="subgen", variant="stream", threshold=0.4, seed=1
+        K[None, :n0], V[None, :n0], keep=0.25, method="subgen", variant="stream", threshold=0.4, seed=1, estimator="l2"
     )
     info = c.diagnostics["level_info"][0]
     assert info["clusters"] == [m]
@@ -283,11 +283,11 @@ def test_keep_budget_is_honest():
     K, V, _ = make_kv("gaussian", heads=2, n=256, d=8, seed=1)
     for variant in ("offline", "stream"):
         for keep in (0.5, 0.25, 0.1):
-            c = balancekv.compress(K, V, keep=keep, method="subgen", variant=variant, seed=0)
+            c = balancekv.compress(K, V, keep=keep, method="subgen", variant=variant, seed=0, estimator="l2")
             assert np.all(c.kept() <= round(keep * 256)), (variant, keep, c.kept())
             assert not c.single_set
     meth = get_method("subgen")
-    opts = meth.resolve_options({})
+    opts = meth.resolve_options({"estimator": "l2"})
     levels = meth.levels(256, opts)
     budgets = [lv["s_num"] + lv["m"] * lv["t"] for lv in levels]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] <= 128

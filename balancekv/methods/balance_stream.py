@@ -1,6 +1,18 @@
-"""``balance-stream``: theory-faithful streaming BalanceKV [BKV, Alg. 1, Thm 3.1 / 3.4] (SPEC 4a).
+"""``balance-stream``: streaming BalanceKV [BKV, Alg. 1, Thm 3.1 / 3.4] (SPEC 4a).
 
-Per head:
+Two variants (option ``variant``):
+
+- ``"joint"`` (default, measured best on real caches): :class:`JointBalanceStream`, MergeAndReduce
+  with joint balancing (one weighted set), fixed-size halving, a fixed batch size ``t`` (default
+  64), a counter capped at ``rounds`` levels, and exact sinks and recent window; compress time
+  ``O(n t)``. ``keep`` picks ``rounds`` and ``t``, the budget left goes to the exact window.
+- ``"theory"``: the theory-faithful algorithm below (also what ``guarantee="theorem"`` runs).
+
+Both run on the caller's device for torch input (:mod:`balancekv.fast.merge_reduce`, the torch
+walks; same uniforms, so float64 builds keep the reference's tokens and weights). ``keep=1``
+stores every token exactly; a result larger than the exact cache is the exact cache.
+
+The theory variant, per head:
 
 - numerator instances, one :class:`~balancekv.reference.merge_reduce.MergeAndReduce`
   per value-norm bucket ``i`` (``2^(i-1) <= ||v|| < 2^i``, so the norms inside
@@ -19,7 +31,11 @@ erased tokens move the output by at most ``(eps/2) ||softmax||_2 ||V||_F``, and
 the budget only grows as the stream goes on (``proofs/merge_reduce.md``).
 
 The estimate is two-set (SPEC section 1): numerator slots carry ``num_logw =
-log w`` and ``den_logw = -inf``, denominator slots the reverse.
+log w`` and ``den_logw = -inf`` (or the guard weight ``GUARD / #numerator slots`` when the token is
+not in the denominator set: relative bias ``<= 1e-12``, and ``|z(q)|`` stays bounded, so no overflow
+at any key norm), denominator slots the reverse. Its probe error is measured at build; above 1 it is
+flagged (``info["unreliable_heads"]``) with an :class:`~balancekv.methods.base.UnreliableEstimateWarning`.
+Its decode state (the instances) holds the kept tokens besides the cache's padded slots.
 
 Levels: ``{"t": t}`` (the batch size) for ``t = 2^j`` from ``n/4`` down to 2;
 ``level_for_keep(keep)`` picks the largest ``t`` whose predicted slot count (one
@@ -32,13 +48,201 @@ then the merged set is kept exactly (``Built.info["retries"]``/``["fallbacks"]``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from balancekv.backends import resolve
 from balancekv.bounds.balance import balance_stream_theorem_t, value_norm_bucket
 from balancekv.reference.merge_reduce import MergeAndReduce
 
-from ..storage import dense_segment
-from .base import Built, Method, check_float_option, check_int_option
+from .._arrays import held_nbytes, host_uniforms, is_torch, torch
+from ..storage import dense_segment, exact_segment
+from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error
+
+VARIANTS = ("joint", "theory")
+
+#: relative weight of the numerator slots in the denominator of the two-set (``theory``) estimate
+GUARD = 1e-12
+
+
+def _xp(torch_path: bool):
+    return torch if torch_path else np
+
+
+def _np_scaled_norms(V: np.ndarray) -> np.ndarray:
+    """``||v||_2`` over the last axis without overflow (``m * ||v / m||``, ``m = max |v|``)."""
+    m = np.max(np.abs(V), axis=-1, keepdims=True)
+    safe = np.where(m > 0, m, 1.0)
+    return (safe * np.linalg.norm(V / safe, axis=-1, keepdims=True))[..., 0]
+
+
+def joint_slots(n: int, t: int, rounds: int, sink: int, window: int = 0) -> int:
+    """Slots of :class:`JointBalanceStream` after ``n`` tokens (deterministic: every halving keeps
+    exactly half): ``sink`` exact, the exact recent buffer (``window`` to ``window + t - 1`` tokens
+    once the stream is that long), one set of ``t`` per occupied counter level below ``rounds`` and
+    one per ``t 2^rounds`` tokens at the top level."""
+    sink = min(sink, n)
+    rest_n = n - sink
+    blocks = max(0, (rest_n - window) // t)
+    top, rest = divmod(blocks, 2**rounds)
+    return sink + rest_n - blocks * t + t * (top + bin(rest).count("1"))
+
+
+class JointBalanceStream:
+    """Practical streaming BalanceKV (``variant="joint"``): MergeAndReduce with a capped counter.
+
+    Grounded in [BKV] Alg. 1 (a binary counter of reduced sets, each merge halved by a
+    discrepancy walk), with the changes that make it work on real caches (measured in
+    ``benchmarks/README.md``, section "Streaming and sublinear methods"):
+
+    - **joint balancing, one set** (SPEC 3): one walk per merge on the kernel
+      ``exp(scale <k~_i, k~_j>) (<w_i (v_i - vbar), w_j (v_j - vbar)> + a2)`` (keys and values
+      centred per merged set, the practical walk of SPEC 4b,
+      :func:`~balancekv.reference.blocked_balance.blocked_walk_signs`), so numerator and
+      denominator share their samples (a ratio estimator, ``num_logw == den_logw``) and no
+      ``exp(Mn - Md)`` can blow up;
+    - **fixed-size halving** (:func:`~balancekv.reference.blocked_balance.fixed_size_halving`):
+      every merge of ``2t`` tokens keeps exactly ``t``, so all heads move in lockstep and the walks
+      of all heads run as one batch;
+    - **a batch size ``t`` that does not grow with ``n``** and a counter **capped at ``rounds``
+      levels**: sets reaching level ``rounds`` (weight up to ``2^rounds``) are kept as they are, so
+      the cache holds about ``n / 2^rounds`` tokens, and compressing costs ``O(n t)``;
+    - the first ``sink`` tokens (attention sinks) stay exact, and so does the level-0 buffer (the
+      most recent ``< t`` tokens).
+
+    Randomness: each merge draws ``rng.random((H, 2t))`` (the walk's uniforms), on both paths.
+    ``append(k, v, pos)`` feeds tokens in stream order and returns every current segment (views
+    of the state: the cache shares them, nothing is copied twice).
+    """
+
+    def __init__(self, H, d, s, *, t, rounds, sink, scale, rng, like, backend="reference", walk=None, window=0):
+        self.H, self.d, self.s, self.t, self.rounds, self.sink = H, d, s, int(t), int(rounds), int(sink)
+        self.window = int(window)
+        self.cap = self.window + self.t  # buffer capacity: the window plus one block
+        self.scale, self.rng, self.backend = float(scale), rng, backend  # (like only gives kind and dtype)
+        self.torch = is_torch(like)
+        self.walk = {"gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.025, "value_centering": True, **(walk or {})}
+        self._signs = resolve("blocked_walk_signs", backend)
+        self._halve = resolve("fixed_size_halving", backend)
+        z = (
+            (lambda *sh: torch.zeros(sh, dtype=like.dtype, device=like.device))
+            if self.torch
+            else (lambda *sh: np.zeros(sh))
+        )
+        self._z = z
+        self.sink_kv = None  # (K, V, pos) of the sinks, filled as they arrive
+        self.buf_k, self.buf_v = z(H, self.cap, d), z(H, self.cap, s)
+        self.buf_pos = (
+            torch.full((self.cap,), -1, dtype=torch.int64, device=like.device)
+            if self.torch
+            else np.full(self.cap, -1, np.int64)
+        )
+        self.nbuf = 0
+        self.levels: list = [None] * self.rounds  # (K, V, logw, pos) per level, logw/pos (H, t)
+        self.top: list = []  # sets at level ``rounds``
+        self.n_seen = 0
+        self.reductions = 0
+
+    # ------------------------------------------------------------------ updates
+    def append(self, k, v, pos):
+        self.extend(k, v, pos)
+        return self.segments()
+
+    def extend(self, K, V, positions):
+        T = int(K.shape[1])
+        j = 0
+        if self.n_seen < self.sink:  # sinks first
+            a = min(T, self.sink - self.n_seen)
+            part = (K[:, :a], V[:, :a], positions[:a])
+            if self.sink_kv is None:
+                self.sink_kv = tuple(x.clone() if self.torch else x.copy() for x in part)
+            else:
+                self.sink_kv = tuple(
+                    (torch.cat if self.torch else np.concatenate)([x, y], -2 if i < 2 else -1)
+                    for i, (x, y) in enumerate(zip(self.sink_kv, part))
+                )
+            j = a
+            self.n_seen += a
+        while j < T:
+            a = min(T - j, self.cap - self.nbuf)
+            self.buf_k[:, self.nbuf : self.nbuf + a] = K[:, j : j + a]
+            self.buf_v[:, self.nbuf : self.nbuf + a] = V[:, j : j + a]
+            self.buf_pos[self.nbuf : self.nbuf + a] = positions[j : j + a]
+            self.nbuf += a
+            self.n_seen += a
+            j += a
+            if self.nbuf == self.cap:  # the oldest block leaves the window for the counter
+                t = self.t
+                if self.torch:
+                    pos = self.buf_pos[None, :t].expand(self.H, t).clone()
+                    block = (self.buf_k[:, :t].clone(), self.buf_v[:, :t].clone(), self._z(self.H, t), pos)
+                else:
+                    pos = np.broadcast_to(self.buf_pos[:t], (self.H, t)).copy()
+                    block = (self.buf_k[:, :t].copy(), self.buf_v[:, :t].copy(), np.zeros((self.H, t)), pos)
+                for x in (self.buf_k, self.buf_v):
+                    x[:, : self.window] = x[:, t:].clone() if self.torch else x[:, t:].copy()
+                self.buf_pos[: self.window] = self.buf_pos[t:].clone() if self.torch else self.buf_pos[t:].copy()
+                self.nbuf = self.window
+                self._push(block, 0)
+
+    def _push(self, block, level):
+        while level < self.rounds and self.levels[level] is not None:
+            other, self.levels[level] = self.levels[level], None
+            block = self.reduce(other, block)
+            level += 1
+        if level >= self.rounds:
+            self.top.append(block)
+        else:
+            self.levels[level] = block
+
+    def reduce(self, a, b):
+        """Halve the merged set ``a + b`` (``2t`` tokens per head) to ``t`` per head."""
+        cat = torch.cat if self.torch else np.concatenate
+        K, V, lw, pos = (cat([x, y], 1) for x, y in zip(a, b))
+        self.reductions += 1
+        xp = _xp(self.torch)
+        r = host_uniforms(self.rng, (self.H, 2 * self.t), K)
+        # values near 1e154 would overflow the kernel's <v_i, v_j>: the walk sees v / u, u a power of two
+        # per head (1 unless max |v| > 2^400, so ordinary caches are untouched)
+        m = V.abs().amax(dim=(1, 2)) if self.torch else np.abs(V).max(axis=(1, 2))
+        big = m > 2.0**400
+        one = torch.ones_like(m) if self.torch else 1.0
+        u = xp.where(big, xp.exp2(xp.ceil(xp.log2(xp.where(big, m, one)))), one)
+        signs = self._signs(K, V / u[:, None, None], r, weights=xp.exp(lw), scale=self.scale, **self.walk)
+        keep, doubled = self._halve(signs)
+        if self.torch:
+            idx = torch.nonzero(keep)[:, 1].reshape(self.H, self.t)
+            dbl = torch.gather(doubled, 1, idx).to(lw.dtype)
+            g = lambda X: torch.gather(X, 1, idx[..., None].expand(-1, -1, X.shape[-1]))
+            return g(K), g(V), torch.gather(lw, 1, idx) + math.log(2.0) * dbl, torch.gather(pos, 1, idx)
+        idx = np.nonzero(keep)[1].reshape(self.H, self.t)
+        dbl = np.take_along_axis(doubled, idx, 1)
+        g = lambda X: np.take_along_axis(X, idx[..., None], 1)
+        return g(K), g(V), np.take_along_axis(lw, idx, 1) + np.log(2.0) * dbl, np.take_along_axis(pos, idx, 1)
+
+    # ------------------------------------------------------------------ views
+    def segments(self):
+        segs = []
+        if self.sink_kv is not None:
+            segs.append(exact_segment(*self.sink_kv, label="sink"))
+        for K, V, lw, pos in [*self.top, *[x for x in reversed(self.levels) if x is not None]]:
+            segs.append(dense_segment(K, V, lw, lw, pos, "balance-stream"))
+        if self.nbuf:
+            b = self.nbuf
+            segs.append(exact_segment(self.buf_k[:, :b], self.buf_v[:, :b], self.buf_pos[:b], label="buffer"))
+        return segs
+
+    def memory(self) -> np.ndarray:
+        """Tokens held per head (sinks, buffer, sets)."""
+        n = min(self.sink, self.n_seen) + self.nbuf + self.t * (len(self.top) + sum(x is not None for x in self.levels))
+        return np.full(self.H, n)
+
+
+def _torch_norms(V):
+    from balancekv.fast.merge_reduce import scaled_norms  # noqa: PLC0415  (torch path only)
+
+    return scaled_norms(V).tolist()
 
 
 def predicted_slots(n: int, t: int, instances: int) -> int:
@@ -63,19 +267,31 @@ class BalanceKVStream:
         delta: float = 0.01,
         max_retries: int = 3,
         eps: float | None = None,
+        guard: float = GUARD,
+        like=None,
+        backend: str = "auto",
     ):
         self.H, self.d, self.s, self.t = H, d, s, int(t)
         self.kw = dict(scale=scale, rng=rng, c=c, delta=delta, max_retries=max_retries)
         self.eps = eps
+        self.guard = float(guard)
+        self.torch = is_torch(like)
+        if self.torch:  # the torch instance (same uniforms, same state), on like's device and dtype
+            from balancekv.fast.merge_reduce import MergeAndReduceTorch  # noqa: PLC0415  (torch path only)
+
+            self.kw.update(dtype=like.dtype, device=like.device, backend=backend)
+            self._inst = MergeAndReduceTorch
+        else:
+            self._inst = MergeAndReduce
         self.num = [dict() for _ in range(H)]  # bucket -> MergeAndReduce
-        self.den = [MergeAndReduce(self.t, d, 1, **self.kw) for _ in range(H)]
+        self.den = [self._inst(self.t, d, 1, **self.kw) for _ in range(H)]
         self.total_sq = np.zeros(H)
         self.erased_sq = np.zeros(H)
         self.erased = [[] for _ in range(H)]  # positions erased from the numerator
 
-    def _add(self, h: int, k: np.ndarray, v: np.ndarray, pos: int) -> None:
-        self.den[h].add(k, np.ones(1), pos)
-        nv2 = float(v @ v)
+    def _add(self, h: int, k, v, pos: int, nv: float) -> None:
+        self.den[h].add(k, self._one, pos)
+        nv2 = nv * nv
         self.total_sq[h] += nv2
         if nv2 == 0.0:
             return
@@ -83,44 +299,85 @@ class BalanceKVStream:
             self.erased_sq[h] += nv2
             self.erased[h].append(int(pos))
             return
-        b = int(value_norm_bucket(np.sqrt(nv2)))
+        b = int(value_norm_bucket(nv))
         inst = self.num[h].get(b)
         if inst is None:
-            inst = self.num[h][b] = MergeAndReduce(self.t, self.d, self.s, **self.kw)
+            inst = self.num[h][b] = self._inst(self.t, self.d, self.s, **self.kw)
         inst.add(k, v, pos)
 
     def extend(self, K: np.ndarray, V: np.ndarray, positions) -> None:
         """Feed tokens ``K (H, m, d)``, ``V (H, m, s)`` in stream order (token by token)."""
-        positions = np.asarray(positions, np.int64)
+        if self.torch:
+            from balancekv.fast.merge_reduce import scaled_norms  # noqa: PLC0415  (torch path only)
+
+            self._one = torch.ones(1, dtype=K.dtype, device=K.device)
+            norms = scaled_norms(V).tolist()  # host floats: the bucket decisions are taken there
+            positions = positions.tolist() if is_torch(positions) else list(np.asarray(positions).reshape(-1))
+        else:
+            self._one = np.ones(1)
+            norms = _np_scaled_norms(V)
+            positions = np.asarray(positions, np.int64)
         for j in range(K.shape[1]):
             for h in range(self.H):
-                self._add(h, K[h, j], V[h, j], int(positions[j]))
+                self._add(h, K[h, j], V[h, j], int(positions[j]), float(norms[h][j]))
 
     def append(self, k, v, pos):
-        self.extend(np.asarray(k, np.float64), np.asarray(v, np.float64), pos)
+        if not self.torch:
+            k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+        self.extend(k, v, pos)
         return self.segments()
 
     # ------------------------------------------------------------------ views
     def head_slots(self, h: int):
-        """``(K, V, num_logw, den_logw, positions)`` of head ``h``."""
+        """``(K, V, num_logw, den_logw, positions)`` of head ``h``.
+
+        Numerator slots whose token is not in the denominator set also enter the denominator, with
+        the guard weight ``guard / #numerator slots`` (:data:`GUARD`): this biases the denominator up
+        by a relative ``<= guard`` and bounds ``|z(q)| <= max_j w_j ||v_j|| / w'_j`` for every query
+        (``w'_j`` the token's denominator weight), whatever the key norms, so the two-set estimate
+        cannot overflow (an unreliable one is flagged instead, see ``Built.info``). While nothing
+        has been reduced every token is in the denominator set and the estimate stays exact.
+        """
+        xp = _xp(self.torch)
         Ks, Vs, nl, dl, ps = [], [], [], [], []
         for b in sorted(self.num[h]):
             K, V, p, lw = self.num[h][b].contents()
-            Ks.append(K), Vs.append(V), nl.append(lw), dl.append(np.full(lw.shape, -np.inf)), ps.append(p)
-        K, _, p, lw = self.den[h].contents()
+            Ks.append(K), Vs.append(V), nl.append(lw), ps.append(p)
+        Kd, _, pd, lwd = self.den[h].contents()
+        n_num = sum(int(x.shape[0]) for x in nl)
+        gw = np.log(self.guard / max(n_num, 1)) if self.guard > 0 else -np.inf
+        for p, lw in zip(ps, nl):
+            covered = torch.isin(p, pd) if self.torch else np.isin(p, pd)
+            if self.torch:
+                dl.append(torch.full_like(lw, -np.inf).masked_fill_(~covered, gw))
+            else:
+                dl.append(np.where(covered, -np.inf, gw))
         # denominator slots need only keys; the value stored there is never read (weight -inf)
-        Ks.append(K), Vs.append(np.zeros((K.shape[0], self.s))), nl.append(np.full(lw.shape, -np.inf))
-        dl.append(lw), ps.append(p)
-        return tuple(np.concatenate(x, axis=0) for x in (Ks, Vs, nl, dl, ps))
+        Ks.append(Kd)
+        Vs.append(
+            torch.zeros((Kd.shape[0], self.s), dtype=Kd.dtype, device=Kd.device)
+            if self.torch
+            else np.zeros((Kd.shape[0], self.s))
+        )
+        nl.append(xp.full_like(lwd, -np.inf))
+        dl.append(lwd), ps.append(pd)
+        return tuple(torch.cat(x, 0) if self.torch else np.concatenate(x, axis=0) for x in (Ks, Vs, nl, dl, ps))
 
     def segments(self):
         heads = [self.head_slots(h) for h in range(self.H)]
         m = max(1, max(x[0].shape[0] for x in heads))
-        K = np.zeros((self.H, m, self.d))
-        V = np.zeros((self.H, m, self.s))
-        nl = np.full((self.H, m), -np.inf)
-        dl = np.full((self.H, m), -np.inf)
-        pos = np.full((self.H, m), -1, np.int64)
+        if self.torch:
+            ref = heads[0][0]
+            z = lambda *sh: torch.zeros(sh, dtype=ref.dtype, device=ref.device)
+            K, V = z(self.H, m, self.d), z(self.H, m, self.s)
+            nl, dl = z(self.H, m).fill_(-np.inf), z(self.H, m).fill_(-np.inf)
+            pos = torch.full((self.H, m), -1, dtype=torch.int64, device=ref.device)
+        else:
+            K = np.zeros((self.H, m, self.d))
+            V = np.zeros((self.H, m, self.s))
+            nl = np.full((self.H, m), -np.inf)
+            dl = np.full((self.H, m), -np.inf)
+            pos = np.full((self.H, m), -1, np.int64)
         for h, (k, v, a, b, p) in enumerate(heads):
             j = k.shape[0]
             K[h, :j], V[h, :j], nl[h, :j], dl[h, :j], pos[h, :j] = k, v, a, b, p
@@ -141,27 +398,72 @@ class BalanceKVStream:
 
 class BalanceStream(Method):
     name = "balance-stream"
-    defaults = {"c": None, "max_retries": 3}
+    defaults = {"variant": "joint", "t": 64, "sink": 4, "gamma": 4.0, "a2": 0.025, "c": None, "max_retries": 3}
     has_theorem = True
 
     def check_options(self, opts):
+        if opts["variant"] not in VARIANTS:
+            raise ValueError(f"option variant must be one of {VARIANTS}, got {opts['variant']!r}")
+        check_int_option(opts, "t", 1)
+        check_int_option(opts, "sink", 0)
+        check_float_option(opts, "gamma", 0.0)
+        check_float_option(opts, "a2", 0.0)
         if opts["c"] is not None:
             check_float_option(opts, "c", 0.0, lo_open=True)
         check_int_option(opts, "max_retries", 0)
 
-    def levels(self, n, opts):
-        out, t = [], 1 << max(1, int(np.floor(np.log2(max(n, 2)))) - 2)
-        while t >= 2:
-            out.append({"t": int(t)})
+    # ------------------------------------------------------------------ levels
+    @staticmethod
+    def _joint_t(n, opts):
+        """The batch size: the option ``t``, halved while a merged set would exceed a quarter of ``n``."""
+        t = int(opts["t"])
+        while t > 1 and 8 * t > n:
             t //= 2
+        return t
+
+    def levels(self, n, opts):
+        if opts["variant"] == "theory":
+            out, t = [], 1 << max(1, int(np.floor(np.log2(max(n, 2)))) - 2)
+            while t >= 2:
+                out.append({"t": int(t)})
+                t //= 2
+            return out
+        t, out, L = self._joint_t(n, opts), [], 1
+        while L <= 30 and joint_slots(n, t, L, opts["sink"]) < n:
+            lv = {"rounds": L, "t": t}
+            if out and joint_slots(n, t, L, opts["sink"]) == joint_slots(n, t, L - 1, opts["sink"]):
+                break
+            out.append(lv)
+            L += 1
         return out
 
     def level_for_keep(self, keep, n, opts):
-        return {"keep": float(keep)}
+        if keep >= 1.0:
+            return {"exact": True}  # every token, exactly (issue 15 item 9)
+        if opts["variant"] == "theory":
+            return {"keep": float(keep)}
+        budget = keep * n
+        t = self._joint_t(n, opts)
+        sink = opts["sink"]
+        while True:
+            for L in range(1, 31):
+                if joint_slots(n, t, L, sink) <= budget:
+                    # the budget left over goes to the exact recent window (largest that fits)
+                    lo, hi = 0, n
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if joint_slots(n, t, L, sink, mid) <= budget:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    return {"rounds": L, "t": t, "window": int(lo)}
+            if t == 1:
+                return {"exact": True}  # no configuration is smaller: never larger than exact
+            t //= 2
 
     def _t_for_keep(self, keep, V):
         n = V.shape[1]
-        vn = np.linalg.norm(V, axis=-1)
+        vn = _np_scaled_norms(V) if not is_torch(V) else np.asarray(_torch_norms(V))
         b = value_norm_bucket(vn)
         inst = max(len(np.unique(b[h][vn[h] > 0])) for h in range(V.shape[0])) + 1
         best = 1
@@ -170,9 +472,41 @@ class BalanceStream(Method):
                 best = t
         return best
 
+    # ------------------------------------------------------------------ build
     def build_reference(self, K, V, level, ctx):
+        return self._build(K, V, level, ctx)
+
+    def build_torch(self, K, V, level, ctx):
+        return self._build(K, V, level, ctx)
+
+    def _build(self, K, V, level, ctx):
+        n = K.shape[1]
+        b = self._build_level(K, V, level, ctx)
+        pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
+        cl = (lambda x: x.clone()) if is_torch(K) else (lambda x: x.copy())
+        exact = Built([exact_segment(cl(K), cl(V), pos)], info={**b.info, "exact": True, "kept": n})
+        # never larger than the exact cache (issue 15 item 8), by the bytes of the slots attended over
+        # (the joint stream's state *is* its segments; the theory stream keeps its instances besides)
+        held = held_nbytes(b.segments) if b.info.get("variant") == "theory" else held_nbytes(b.segments, b.stream)
+        if b.info.get("exact") or held >= held_nbytes(exact.segments):
+            return exact
+        return b
+
+    def _build_level(self, K, V, level, ctx):
         H, n, d = K.shape
         s = V.shape[-1]
+        pos = torch.arange(n, device=K.device) if is_torch(K) else np.arange(n)
+        if level.get("exact"):
+            return Built([], info={"exact": True, "kept": n})
+        if "rounds" in level:
+            o = ctx.opts
+            stream = JointBalanceStream(
+                H, d, s, t=level["t"], rounds=level["rounds"], sink=o["sink"], scale=ctx.scale, rng=ctx.rng,
+                like=K, backend=ctx.backend, walk={"gamma": o["gamma"], "a2": o["a2"]}, window=level.get("window", 0),
+            )  # fmt: skip
+            stream.extend(K, V, pos)
+            info = {"variant": "joint", **level, "kept": int(stream.memory()[0])}
+            return Built(stream.segments(), stream=stream, info=info)
         t = level["t"] if "t" in level else self._t_for_keep(level["keep"], V)
         stream = BalanceKVStream(
             H,
@@ -185,14 +519,20 @@ class BalanceStream(Method):
             delta=ctx.delta,
             max_retries=ctx.opts["max_retries"],
             eps=level.get("eps"),
+            like=K,
+            backend=ctx.backend,
         )
-        stream.extend(K, V, np.arange(n))
+        stream.extend(K, V, pos)
         segs = stream.segments()
-        return Built(
-            segs,
-            stream=stream,
-            info={"t": t, "kept": int(stream.memory().max()), "retries": stream.retries, "fallbacks": stream.fallbacks},
-        )
+        info = {
+            "variant": "theory",
+            "t": t,
+            "kept": int(stream.memory().max()),
+            "retries": stream.retries,
+            "fallbacks": stream.fallbacks,
+        }
+        flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
+        return Built(segs, stream=stream, info=info)
 
     def theorem_level(self, K, V, eps, ctx):
         """Smallest ``t`` certified by Thm 3.1 [BKV] (our constants) for every head, or ``None`` (exact).

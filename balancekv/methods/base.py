@@ -161,3 +161,32 @@ def check_float_option(opts: dict, name: str, lo: float = -np.inf, hi: float = n
         raise TypeError(f"option {name} must be a real number, got {type(v).__name__}")
     if not np.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         raise ValueError(f"option {name} must lie in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+
+
+class UnreliableEstimateWarning(UserWarning):
+    """A compressed estimate's mean relative error on the probe queries exceeds 1 (worse than returning 0)."""
+
+
+def probe_error(segments, K, V, probes, scale: float):
+    """Mean relative error over the probe queries per head (host floats) of ``segments`` on either path."""
+    from balancekv.api import exact_attention, host, per_head_error  # noqa: PLC0415  (api imports methods)
+
+    return host(per_head_error(segments, probes, exact_attention(probes, K, V, scale), scale))
+
+
+def flag_probe_error(info: dict, err, method: str) -> None:
+    """Record ``err`` (per head) in ``info`` and warn (:class:`UnreliableEstimateWarning`) if a head exceeds 1."""
+    import warnings  # noqa: PLC0415
+
+    err = np.asarray(err, np.float64)
+    info["probe_error_per_head"] = err.tolist()
+    bad = ~(err <= 1.0)
+    info["unreliable_heads"] = np.flatnonzero(bad).tolist()
+    if bad.any():
+        warnings.warn(
+            f"{method}: the estimate's mean relative error on the probe queries exceeds 1 on "
+            f"{int(bad.sum())} of {err.size} heads (worst {float(np.nanmax(err)):.3g}); the two-set estimate is "
+            "unreliable here (keys of large norm); use the default variant or keep more tokens",
+            UnreliableEstimateWarning,
+            stacklevel=4,
+        )

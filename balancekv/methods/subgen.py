@@ -1,77 +1,170 @@
-"""``subgen``: SubGen [SUB] — online key clustering for the denominator, l2 value sampling for the numerator.
+"""``subgen``: SubGen [SUB] — online key clustering and reservoir samples, in sublinear memory.
 
-A two-set method (SPEC sections 1 and 5): numerator slots carry
-``num_logw = log(mu / (s_num ||v||^2))``, denominator slots ``den_logw = log(n_c / t)``
-(0 for members of clusters with at most ``t`` members, kept exactly). A token drawn
-by several slots is stored once with summed weights; heads keep different numbers
-of slots and are padded. The definition is :mod:`balancekv.reference.subgen`; with
-``backend`` torch/triton/auto the clustering and sampling run in :mod:`balancekv.fast.subgen`
-(same uniforms, same state), decoding appends through the reference update.
+Two estimators (option ``estimator``), both built on the same clustering and reservoirs
+(:mod:`balancekv.reference.subgen`; torch: :mod:`balancekv.fast.subgen`, same uniforms, same state):
+
+- ``"cluster"`` (default, measured best on real caches, ``benchmarks/README.md`` section
+  "Streaming and sublinear methods"): the numerator comes from the *same* cluster samples as the
+  denominator — one weighted set (``num_logw == den_logw = log(n_c / t)``, members of clusters with
+  at most ``t`` members exact), i.e. a ratio estimator that cannot blow up at any key norm — plus the
+  first ``sink`` tokens and an exact recent window (``window_frac`` of the budget) that slides during
+  decoding (tokens leaving it enter the sketch). With the default ``m = 1`` this is one stratum:
+  a reservoir sample of the middle (more centres with equal slots per cluster measured worse; a
+  proportional allocation is not implemented).
+- ``"l2"`` (the paper's, two-set, SPEC 5): numerator slots by l2 value sampling,
+  ``num_logw = log(mu / (s_num ||v||^2))``, denominator from the clusters; default ``m = 16``;
+  ``guarantee="theorem"`` always uses it. Numerator tokens absent from the denominator set enter it
+  with a guard weight ``GUARD / s_num`` (relative bias ``<= 1e-12``), which bounds ``|z(q)|`` so the
+  estimate never overflows; its probe error is measured at build and an estimate worse than 1 is
+  flagged (``info["unreliable_heads"]``) with an :class:`~balancekv.methods.base.UnreliableEstimateWarning`.
+
+Squared value norms are taken of ``v / u`` with ``u`` a power of two per head (1 unless
+``max |v| > 2^400``), so values near 1e154 do not overflow. ``keep=1`` stores every token exactly;
+a result that would hold more bytes than the exact cache is the exact cache. On the torch path
+the cache's segments are views of the sketch's tensors (nothing held twice); the NumPy reference
+returns a padded copy.
 
 Options
 -------
 variant : ``"offline"`` (default; greedy k-centre with ``m`` centres, what [SUB]'s
     experiments ran) or ``"stream"`` (online threshold clustering, [SUB] Thm 2.4).
-m : number of centres of the offline variant (default 16; at most the budget allows);
-    with ``variant="stream"`` and ``threshold=None`` it sets the automatic threshold.
+estimator : ``"cluster"`` (default) or ``"l2"`` (see above).
+m : number of centres (default ``None``: 1 for ``cluster``, 16 for ``l2``; at most the budget
+    allows); with ``variant="stream"`` and ``threshold=None`` it sets the automatic threshold. With
+    one centre the sketch never opens a cluster (a single reservoir, flat memory).
 threshold : stream clustering radius on folded keys ``scale * k``; ``None`` (default):
     per head, the radius of greedy k-centre with ``m`` centres on the prompt's keys.
-    (Named ``threshold``, not ``delta``: ``compress``'s ``delta`` is the failure probability.)
-num_frac : share of the kept budget given to numerator slots (default 0.5).
-t, s_num : fix the reservoir slots per cluster / the numerator slots at every level
-    (default ``None``: derived from the budget).
+num_frac : ``l2``: share of the kept budget given to numerator slots (default 0.5).
+t, s_num : fix the reservoir slots per cluster / the numerator slots at every level.
+sink, window_frac : ``cluster``: exact first tokens (default 4) and the exact recent window's share
+    of the budget (default 0.4).
 
-Budget split for a kept fraction ``keep`` (``B = round(keep * n)`` slots):
-``s_num = round(num_frac * B)`` numerator slots and ``B_den = B - s_num`` denominator
-slots, ``t = B_den // m`` per cluster (offline: ``m`` capped at ``B_den``; stream: ``m`` is
-each head's actual number of prompt clusters, so ``t`` may differ per head). Kept
-tokens are at most ``s_num + sum_c min(n_c, t) <= B`` (fewer after merging duplicates),
-unless a stream head has more clusters than ``B_den`` (then ``t = 1`` and it keeps one
-slot per cluster; ``info["kept"]`` reports the truth). Not billed in ``nbytes``: the
-``m`` centres (``m * d`` floats) and counts the stream needs to keep compressing
-during decoding; ``info["state_floats"]`` reports them.
+Budget for a kept fraction ``keep`` (``B = round(keep * n)`` slots): ``cluster``: ``sink`` +
+``round(window_frac B)`` exact, ``t = B_den // m`` per cluster with the rest; ``l2``: ``s_num =
+round(num_frac B)`` and ``t = (B - s_num) // m`` (offline: ``m`` capped at the budget; stream:
+``m`` is each head's number of prompt clusters, so ``t`` may differ per head). ``info["kept"]``
+reports the slots held (torch: slots, a token drawn twice counts twice; NumPy: distinct tokens).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from balancekv.backends import resolve
 from balancekv.bounds.subgen import stable_rank, subgen_sample_sizes
 from balancekv.reference import softmax_attention as ra
-from balancekv.reference.subgen import SubGenState, fold_scale
+from balancekv.reference.subgen import ESTIMATORS, SubGenState, fold_scale
 
-from ..storage import dense_segment
-from .base import Built, Method, check_float_option, check_int_option
+from .._arrays import held_nbytes, is_torch, torch
+from ..storage import dense_segment, exact_segment
+from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error
 
 VARIANTS = ("offline", "stream")
 
 
-def state_segments(state: SubGenState):
+def _unit(V) -> np.ndarray:
+    """Per head a power of two ``u >= max |v|`` when ``max |v| > 2^400`` (else 1): squared norms of
+    ``v / u`` cannot overflow, and dividing by a power of two is exact (issue 15 item 4)."""
+    m = (V.abs().amax(dim=(-1, -2)).tolist()) if is_torch(V) else np.abs(V).max(axis=(-1, -2)).tolist()
+    return np.asarray([2.0 ** math.ceil(math.log2(x)) if x > 2.0**400 else 1.0 for x in m])
+
+
+#: relative weight of the numerator-only slots in the denominator of the two-set (``l2``) estimate
+GUARD = 1e-12
+
+
+def state_segments(state, offset: int = 0):
+    """The sketch as segments (positions shifted by ``offset``).
+
+    Torch: views of the state's tensors (the cache shares them). NumPy: one padded segment (a copy).
+    Two-set (``l2``) sketches: numerator slots whose token is not in the denominator set enter it with
+    the guard weight ``GUARD / #numerator slots`` (relative bias ``<= GUARD``), which bounds ``|z(q)|``
+    for every query so the estimate cannot overflow at any key norm; unreliable estimates are flagged.
+    """
+    if not isinstance(state, SubGenState):
+        return [dense_segment(*x, "subgen") for x in state.views(offset, GUARD)]
     pos, K, V, nl, dl = state.padded()
+    pos = pos + offset * (pos >= 0)
+    only_num = np.isfinite(nl) & ~np.isfinite(dl)
+    if only_num.any():  # GUARD / s_num per numerator slot holding the token
+        slots = np.zeros(nl.shape)
+        for h, head in enumerate(state.heads):
+            held, count = np.unique(head.num_pos[head.num_pos >= 0], return_counts=True)
+            rel = pos[h] - offset
+            at = np.searchsorted(held, rel) % max(1, held.size)
+            slots[h] = np.where(np.isin(rel, held), count[at] if held.size else 0, 0)
+        dl = np.where(only_num, np.log(GUARD * np.maximum(slots, 1) / state.s_num), dl)
     return [dense_segment(K, V, nl, dl, pos, "subgen")]
 
 
-class SubGenStream:
-    """Decode-time state: every appended token goes through SubGen's update (memory stays flat)."""
+def centres(opts: dict, estimator: str | None = None) -> int:
+    """The option ``m``, or its measured default: 1 for the ``cluster`` estimator (one stratum: more
+    centres with equal slots per cluster measured worse on real caches), 16 for ``l2`` (the paper's)."""
+    if opts["m"] is not None:
+        return int(opts["m"])
+    return 1 if (estimator or opts["estimator"]) == "cluster" else 16
 
-    def __init__(self, state: SubGenState, rng: np.random.Generator):
+
+class SubGenStream:
+    """Decode-time state: sinks exact, an exact recent window, every older token through SubGen's update.
+
+    Memory stays flat: the sinks and the window have fixed sizes, and SubGen's state is
+    ``O(m t + s_num)`` tokens. ``offset``: stream position of the state's token 0 (the sinks come first).
+    """
+
+    def __init__(self, state, rng: np.random.Generator, *, sinks=None, window=None, window_size=0, offset=0):
         self.state, self.rng = state, rng
+        self.sinks, self.window, self.W, self.offset = sinks, window, int(window_size), int(offset)
 
     def append(self, k, v, pos):
-        self.state.append(k, v, pos, rng=self.rng)
-        return state_segments(self.state)
+        t = is_torch(k)
+        cat = (lambda xs, ax: torch.cat(xs, ax)) if t else (lambda xs, ax: np.concatenate(xs, ax))
+        if self.window is None:
+            wk, wv, wp = k, v, pos
+        else:
+            wk, wv, wp = (cat([a, b], -2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self.window, (k, v, pos))))
+        ev = int(wk.shape[-2]) - self.W
+        if ev > 0:  # the oldest tokens leave the window for the sketch
+            self.state.append(wk[:, :ev], wv[:, :ev], wp[:ev] - self.offset, rng=self.rng)
+            cp = (lambda x: x.clone()) if t else (lambda x: x.copy())
+            wk, wv, wp = cp(wk[:, ev:]), cp(wv[:, ev:]), cp(wp[ev:])  # own storage: not a view of the chunk
+        self.window = (wk, wv, wp) if int(wk.shape[-2]) else None
+        return self.segments()
+
+    def segments(self):
+        out = []
+        if self.sinks is not None:
+            out.append(exact_segment(*self.sinks, label="sink"))
+        out += state_segments(self.state, self.offset)
+        if self.window is not None:
+            out.append(exact_segment(*self.window, label="window"))
+        return out
 
 
 class SubGen(Method):
     name = "subgen"
-    defaults = {"variant": "offline", "m": 16, "threshold": None, "num_frac": 0.5, "t": None, "s_num": None}
+    defaults = {
+        "variant": "offline",
+        "estimator": "cluster",
+        "m": None,
+        "threshold": None,
+        "num_frac": 0.5,
+        "t": None,
+        "s_num": None,
+        "sink": 4,
+        "window_frac": 0.4,
+    }
     has_theorem = True
 
     def check_options(self, opts):
         if opts["variant"] not in VARIANTS:
             raise ValueError(f"option variant must be one of {VARIANTS}, got {opts['variant']!r}")
-        check_int_option(opts, "m", 1)
+        if opts["estimator"] not in ESTIMATORS:
+            raise ValueError(f"option estimator must be one of {ESTIMATORS}, got {opts['estimator']!r}")
+        if opts["m"] is not None:
+            check_int_option(opts, "m", 1)
         if opts["threshold"] is not None:
             check_float_option(opts, "threshold", 0.0)
         check_float_option(opts, "num_frac", 0.0, 1.0, lo_open=True)
@@ -80,15 +173,30 @@ class SubGen(Method):
         for name in ("t", "s_num"):
             if opts[name] is not None:
                 check_int_option(opts, name, 1)
+        check_int_option(opts, "sink", 0)
+        check_float_option(opts, "window_frac", 0.0, 1.0)
+        if opts["window_frac"] >= 1.0:
+            raise ValueError(f"option window_frac must lie in [0, 1), got {opts['window_frac']}")
 
     # ------------------------------------------------------------------ levels
     def level_for_keep(self, keep, n, opts):
+        if keep >= 1.0:
+            return {"exact": True}  # every token, exactly (issue 15 item 9)
         B = max(1, int(round(keep * n)))
-        s_num = opts["s_num"] if opts["s_num"] is not None else max(1, int(round(opts["num_frac"] * B)))
-        b_den = max(1, B - s_num)
-        level = {"keep": float(keep), "s_num": int(s_num)}
+        level = {"keep": float(keep)}
+        if opts["estimator"] == "cluster":
+            sink = min(opts["sink"], max(0, B - 1), n - 1)
+            window = min(int(round(opts["window_frac"] * B)), max(0, B - sink - 1), n - sink - 1)
+            level.update(sink=int(sink), window=int(window), s_num=0)
+            b_den = max(1, B - sink - window)
+            n_sk = n - sink - window
+        else:
+            s_num = opts["s_num"] if opts["s_num"] is not None else max(1, int(round(opts["num_frac"] * B)))
+            level["s_num"] = int(s_num)
+            b_den = max(1, B - s_num)
+            n_sk = n
         if opts["variant"] == "offline":
-            m = min(opts["m"], n, b_den)
+            m = min(centres(opts), n_sk, b_den)
             level.update(m=int(m), t=int(opts["t"] if opts["t"] is not None else max(1, b_den // m)))
         elif opts["t"] is not None:
             level["t"] = int(opts["t"])
@@ -108,14 +216,18 @@ class SubGen(Method):
         return out
 
     # ------------------------------------------------------------------ build
-    def _thresholds(self, K, ctx):
+    def _thresholds(self, K, ctx, estimator="l2"):
+        H = K.shape[0]
+        m = centres(ctx.opts, estimator)
         if ctx.opts["threshold"] is not None:
-            return np.full(K.shape[0], float(ctx.opts["threshold"]))
+            return np.full(H, float(ctx.opts["threshold"]))
         gkc = resolve("greedy_k_center", ctx.backend)
-        return np.asarray([gkc(fold_scale(K[h], ctx.scale), ctx.opts["m"])[2].max() for h in range(K.shape[0])])
+        if is_torch(K):  # every head at once, on the device
+            return np.asarray(gkc(ctx.scale * K, m)[2].amax(dim=-1).tolist())
+        return np.asarray([gkc(fold_scale(K[h], ctx.scale), m)[2].max() for h in range(H)])
 
     def _clusterings(self, K, ctx, m=None):
-        """Per head ``(assign, dist)`` of the clustering the level uses (deterministic)."""
+        """Per head ``(assign, dist)`` of the clustering the level uses (deterministic, NumPy input)."""
         out = []
         if ctx.opts["variant"] == "offline":
             gkc = resolve("greedy_k_center", ctx.backend)
@@ -131,34 +243,73 @@ class SubGen(Method):
         return out
 
     def build_reference(self, K, V, level, ctx):
+        return self._build(K, V, level, ctx)
+
+    def build_torch(self, K, V, level, ctx):
+        return self._build(K, V, level, ctx)
+
+    def _build(self, K, V, level, ctx):
         H, n, _ = K.shape
+        tp = is_torch(K)
+        positions = torch.arange(n, device=K.device) if tp else np.arange(n)
+        if level.get("exact"):
+            cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
+            return Built([exact_segment(cl(K), cl(V), positions)], info={"exact": True, "kept": n})
+        o = ctx.opts
+        est = o["estimator"] if "sink" in level else "l2"
+        sink, window = int(level.get("sink", 0)), int(level.get("window", 0))
+        Ks, Vs = K[:, sink : n - window], V[:, sink : n - window]
         s_num = int(level["s_num"])
-        info: dict = {"variant": ctx.opts["variant"], "s_num": s_num}
-        if ctx.opts["variant"] == "offline":
-            state = resolve("subgen_offline", ctx.backend)(
-                K, V, t=level["t"], s_num=s_num, m=level["m"], scale=ctx.scale, rng=ctx.rng
-            )
+        unit = _unit(Vs)
+        info: dict = {"variant": o["variant"], "estimator": est, "s_num": s_num, "sink": sink, "window": window}
+        backend = "torch" if tp and ctx.backend == "reference" else ctx.backend
+        kw = dict(s_num=s_num, scale=ctx.scale, rng=ctx.rng, estimator=est, unit=unit)
+        if o["variant"] == "offline":
+            state = resolve("subgen_offline", backend)(Ks, Vs, t=level["t"], m=level["m"], **kw)
         else:
-            thr = self._thresholds(K, ctx)
+            thr = self._thresholds(Ks, ctx, est)
             if "t" in level:
                 t = level["t"]
             else:
-                onc = resolve("online_clusters", ctx.backend)
-                clusters = [int(onc(fold_scale(K[h], ctx.scale), thr[h])[0].size) for h in range(H)]
+                onc = resolve("online_clusters", backend)
+                if tp:
+                    cent = onc(ctx.scale * Ks, torch.as_tensor(thr, device=K.device))[0]
+                    clusters = (cent >= 0).sum(-1).tolist()
+                else:
+                    clusters = [int(onc(fold_scale(Ks[h], ctx.scale), thr[h])[0].size) for h in range(H)]
                 t = [max(1, level["den_budget"] // c) for c in clusters]
-            state = resolve("subgen_stream", ctx.backend)(
-                K, V, t=t, s_num=s_num, threshold=thr, scale=ctx.scale, rng=ctx.rng
-            )
+            state = resolve("subgen_stream", backend)(Ks, Vs, t=t, threshold=thr, **kw)
             info["threshold"] = thr.tolist()
-        segs = state_segments(state)
-        info.update(
-            t=[h.t for h in state.heads],
-            clusters=[h.m for h in state.heads],
-            cluster_radius=[h.cluster_radius for h in state.heads],
-            kept=np.count_nonzero(segs[0].valid(), axis=-1).tolist(),
-            state_floats=state.stored_floats().tolist(),
-        )
-        return Built(segs, stream=SubGenStream(state, ctx.rng), info=info)
+        if centres(o, est) == 1:  # one stratum: a single reservoir that never opens a cluster (flat memory)
+            if tp:
+                state.thr.fill_(float("inf"))
+            else:
+                for head in state.heads:
+                    head.threshold = float("inf")
+        cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
+        sinks = (cl(K[:, :sink]), cl(V[:, :sink]), cl(positions[:sink])) if sink else None
+        win = (cl(K[:, n - window :]), cl(V[:, n - window :]), cl(positions[n - window :])) if window else None
+        stream = SubGenStream(state, ctx.rng, sinks=sinks, window=win, window_size=window, offset=sink)
+        segs = stream.segments()
+        if tp:
+            info.update(t=state.ts, clusters=state.m, cluster_radius=state.cluster_radius())
+        else:
+            info.update(
+                t=[h.t for h in state.heads],
+                clusters=[h.m for h in state.heads],
+                cluster_radius=[h.cluster_radius for h in state.heads],
+            )
+        kept = 0
+        for sg in segs:
+            c = sg.valid().sum(-1)
+            kept = kept + np.asarray(c.tolist() if tp else c)
+        info.update(kept=np.asarray(kept).tolist(), state_floats=np.asarray(state.stored_floats()).tolist())
+        exact = Built([exact_segment(cl(K), cl(V), positions)], info={**info, "exact": True, "kept": n})
+        if held_nbytes(segs, stream) >= held_nbytes(exact.segments):
+            return exact  # never larger than the exact cache (issue 15 item 8): store every token instead
+        if est == "l2":
+            flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
+        return Built(segs, stream=stream, info=info)
 
     # ------------------------------------------------------------------ theorem
     def theorem_level(self, K, V, eps, ctx):
@@ -173,7 +324,7 @@ class SubGen(Method):
         """
         H, n, _ = K.shape
         opts = ctx.opts
-        m = min(opts["m"], n)
+        m = min(centres(opts, "l2"), n)
         clus = self._clusterings(K, ctx, m)
         exact = ra.attention(ctx.probes, K, V, ctx.scale)
         T, S = 1, 1
