@@ -61,11 +61,16 @@ def segments_attention(segments: list[Segment], Q, scale: float):
 
 
 def relative_error(z, exact):
-    """``||z - a|| / ||a||`` per query, on either path (norms scaled, so 1e154 does not overflow)."""
+    """``||z - a|| / ||a||`` per query, on either path (norms scaled, so 1e154 does not overflow;
+    ``0/0 = 0``, ``x/0 = inf``)."""
     if is_torch(z):
         m = torch.maximum(z.abs().amax(-1, keepdim=True), exact.abs().amax(-1, keepdim=True))
         u = torch.exp2(torch.ceil(torch.log2(torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m)))))
-        return torch.linalg.vector_norm(z / u - exact / u, dim=-1) / torch.linalg.vector_norm(exact / u, dim=-1)
+        num = torch.linalg.vector_norm(z / u - exact / u, dim=-1)
+        den = torch.linalg.vector_norm(exact / u, dim=-1)
+        # 0/0 is 0 (a zero output reproduced exactly), x/0 is inf, as in the reference
+        out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        return torch.where((den == 0) & (num > 0), torch.full_like(num, float("inf")), out)
     return ra.relative_error(z, exact)
 
 
@@ -293,12 +298,31 @@ def compress(
             level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
         built = build(level)
-        if level is not None and held_nbytes(built.segments, built.stream) > H * n * exact_slot_bytes(Kw, Vw):
-            # never larger than the exact cache: a level that holds more bytes than every token falls back
-            tried = built.info
-            built, level = build(None), None
-            built.info.update({k: tried[k] for k in ("retries", "fallbacks") if k in tried})
-            diag["fallback_exact"] = True
+        if level is not None:
+            budget = n if keep is None else min(n, int(np.ceil(keep * n - 1e-9)))
+            too_big = held_nbytes(built.segments, built.stream) > H * n * exact_slot_bytes(Kw, Vw)
+            over = int(max(host(sg.valid().sum(-1)).max() for sg in built.segments)) > budget if keep else False
+            if too_big or over:
+                # never larger than the exact cache, never over the keep budget: a build that cannot meet
+                # both is replaced by the exact cache when the budget is every token, else by StreamingLLM
+                # (sink + recent window, exact tokens) at the budget, which always meets both
+                tried = built.info
+                if budget >= n:
+                    built, level = build(None), None
+                    diag["fallback"] = "exact"
+                else:
+                    level = {"keep": keep}
+                    ctx = Context(
+                        scale=scale,
+                        rng=level_rng(entropy, "streaming", level),
+                        probes=probes,
+                        delta=delta,
+                        opts=get_method("streaming").resolve_options({}),
+                        backend=method_backend,
+                    )
+                    built = get_method("streaming").build(Kw, Vw, level, ctx)
+                    diag["fallback"] = "streaming"
+                built.info.update({k: tried[k] for k in ("retries", "fallbacks") if k in tried})
         levels, choice = [level], np.zeros(H, dtype=int)
         if measure:
             errors = host(per_head_error(built.segments, probes, exact_probe, scale))
