@@ -299,7 +299,7 @@ def compress(
             diag["theorem_exact"] = level is None
         built = build(level)
         if level is not None:
-            budget = n if keep is None else min(n, int(np.ceil(keep * n - 1e-9)))
+            budget = n if keep is None else meth.token_budget(keep, n, opts)
             too_big = held_nbytes(built.segments, built.stream) > H * n * exact_slot_bytes(Kw, Vw)
             over = int(max(host(sg.valid().sum(-1)).max() for sg in built.segments)) > budget if keep else False
             if too_big or over:

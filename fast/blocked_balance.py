@@ -26,7 +26,7 @@ from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
 __all__ = ["blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
 
 
-def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_centering):
+def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_centering, a2_mode="abs"):
     """``kappa (B, blk, blk)`` of SPEC 4b step 3 (float dtype of ``K``), as in the reference."""
     okf = valid.to(K.dtype)
     nv = okf.sum(-1).clamp_min(1.0)
@@ -40,7 +40,7 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
         alpha=float(temp * scale),
     )
     kappa.clamp_(max=EXP_CLIP).exp_()
-    return kappa.mul_(value_factor(V, weights, valid, a2=a2, value_centering=value_centering))
+    return kappa.mul_(value_factor(V, weights, valid, a2=a2, value_centering=value_centering, a2_mode=a2_mode))
 
 
 def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
@@ -59,21 +59,51 @@ def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
     return G / gmax.clamp_min(tiny)[:, None, None] * float(np.exp(min(-beta, EXP_CLIP)))
 
 
-def value_factor(V, weights, valid, *, a2, value_centering):
-    """``<v'_i, v'_j> + a2`` ``(B, blk, blk)`` with ``v'`` the weighted (optionally centred) values."""
+def value_factor(V, weights, valid, *, a2, value_centering, a2_mode: str = "abs"):
+    """``<v'_i, v'_j> + a2`` ``(B, blk, blk)`` with ``v'`` the weighted (optionally centred) values; with
+    ``a2_mode="rel"`` the constant is ``a2 * mu_b * w_i w_j`` (``mu_b`` the block's mean squared unweighted
+    value norm), as in the reference."""
     okf = valid.to(V.dtype)
     if value_centering:
         wv = weights * okf
         vbar = torch.einsum("bi,bis->bs", wv, V) / wv.sum(-1).clamp_min(torch.finfo(V.dtype).tiny)[:, None]
-        Vp = weights[..., None] * (V - vbar[:, None, :])
+        U = V - vbar[:, None, :]
     else:
-        Vp = weights[..., None] * V
-    Vp = Vp * okf[..., None]
-    return torch.baddbmm(
-        torch.full((), float(a2), dtype=V.dtype, device=V.device).expand(Vp.shape[0], Vp.shape[1], Vp.shape[1]),
-        Vp,
-        Vp.transpose(-1, -2),
+        U = V
+    Vp = weights[..., None] * U * okf[..., None]
+    if a2_mode == "abs":
+        return torch.baddbmm(
+            torch.full((), float(a2), dtype=V.dtype, device=V.device).expand(Vp.shape[0], Vp.shape[1], Vp.shape[1]),
+            Vp,
+            Vp.transpose(-1, -2),
+        )
+    Uo = U * okf[..., None]
+    mu = (Uo * Uo).sum((-1, -2)) / okf.sum(-1).clamp_min(1.0)
+    wo = weights * okf
+    return torch.baddbmm((float(a2) * mu)[:, None, None] * wo[:, :, None] * wo[:, None, :], Vp, Vp.transpose(-1, -2))
+
+
+def drift_scale(kappa, valid, gamma_norm: str):
+    """``(B, blk)`` factors the running dot is multiplied by (``gamma_norm``, see the reference): 1, or
+    ``1 / (2 kappa_ii)`` (``"token"``), or ``1 / (2 max_i kappa_ii)`` (``"diag"``); 1 where that is 0."""
+    if gamma_norm == "none":
+        return None
+    dii = torch.diagonal(kappa, dim1=-2, dim2=-1)
+    if gamma_norm == "token":
+        d = torch.where(valid & (dii > 0), dii, torch.ones_like(dii))
+        return 1.0 / (2.0 * d)
+    dmax = torch.where(valid, dii, torch.full_like(dii, -float("inf"))).amax(-1)
+    dmax = torch.where(torch.isfinite(dmax) & (dmax > 0), dmax, torch.ones_like(dmax))
+    return (1.0 / (2.0 * dmax))[:, None].expand_as(dii)
+
+
+def _signs(kappa, r, ok, gamma, gamma_norm):
+    first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
+    step = lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None)
+    xf, _ = walk_loop(
+        kappa, r, step, forced_first=first, valid=ok, symmetric=True, row_scale=drift_scale(kappa, ok, gamma_norm)
     )
+    return xf.to(torch.int8)
 
 
 def blocked_walk_signs(
@@ -92,6 +122,8 @@ def blocked_walk_signs(
     kernel: str = "keys",
     probes=None,
     scores=None,
+    gamma_norm: str = "none",
+    a2_mode: str = "abs",
     backend: str = "auto",
 ):
     """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
@@ -144,13 +176,9 @@ def blocked_walk_signs(
             if P.ndim != 3 or P.shape[0] != B or P.shape[2] != d or P.shape[1] < 1:
                 raise ValueError(f"probes must have shape ({B}, L>=1, {d}), got {tuple(P.shape)}")
         kappa = query_kernel_factor(Kt, P, ok, scale=scale, temp=temp, beta=beta, scores=scores)
-        kappa = kappa * value_factor(Vt, w, ok, a2=a2, value_centering=value_centering)
-        first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
-        xf, _ = walk_loop(
-            kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None), forced_first=first, valid=ok, symmetric=True
-        )
-        x = xf.to(torch.int8)
-    elif blk <= MAX_TRITON_BLOCK and T.use_triton(backend, Kt):
+        kappa = kappa * value_factor(Vt, w, ok, a2=a2, value_centering=value_centering, a2_mode=a2_mode)
+        x = _signs(kappa, r, ok, gamma, gamma_norm)
+    elif blk <= MAX_TRITON_BLOCK and gamma_norm == "none" and a2_mode == "abs" and T.use_triton(backend, Kt):
         ker = T.kernels("kernels_walk")
         X = torch.empty((B, blk), dtype=torch.int8, device=dev)
         ker.blocked_walk_kernel[(B,)](
@@ -183,13 +211,9 @@ def blocked_walk_signs(
         x = X
     else:
         kappa = blocked_kernel_matrix(
-            Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2, value_centering=value_centering
+            Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2, value_centering=value_centering, a2_mode=a2_mode
         )
-        first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
-        xf, _ = walk_loop(
-            kappa, r, lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None), forced_first=first, valid=ok, symmetric=True
-        )
-        x = xf.to(torch.int8)
+        x = _signs(kappa, r, ok, gamma, gamma_norm)
     return x.cpu().numpy() if numpy_in else x
 
 
@@ -235,6 +259,9 @@ def blocked_balance(
     kernel: str = "keys",
     probes=None,
     protect=None,
+    halving: str = "block",
+    gamma_norm: str = "none",
+    a2_mode: str = "abs",
     backend: str = "auto",
     dtype=None,
 ):
@@ -322,13 +349,18 @@ def blocked_balance(
             beta=beta,
             a2=a2,
             value_centering=value_centering,
+            gamma_norm=gamma_norm,
+            a2_mode=a2_mode,
             backend=backend,
             **extra,
         )
-        keep, dbl = fixed_size_halving(signs, okb)
+        if halving == "global":  # the scan over the whole middle, block after block (the released code)
+            keep, dbl = fixed_size_halving(signs.reshape(H, nb * blk), ok.reshape(H, nb * blk))
+        else:
+            keep, dbl = fixed_size_halving(signs, okb)
         keep, dbl = keep.reshape(H, nb * blk), dbl.reshape(H, nb * blk)
         lw = torch.cat([logw, torch.zeros((H, pad), dtype=logw.dtype, device=dev)], dim=1) + dbl.to(logw.dtype) * log2
-        new_m = halving_sizes(m, block, 1)[-1]  # the same count in every head (a deterministic size)
+        new_m = halving_sizes(m, block, 1, halving)[-1]  # the same count in every head (a deterministic size)
         # the kept slots in order, the same count per head: a stable sort of the keep mask
         sel = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_m]
         cur = idx.gather(1, sel)

@@ -42,10 +42,13 @@ def walk_loop(
     forced_first: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     symmetric: bool = False,
+    row_scale: torch.Tensor | None = None,
 ):
     """Sequential sign loop shared by the torch walks, vectorised over the leading axis.
 
-    ``G (B, n, n)`` (row ``i``, columns ``j < i`` are read through running dots),
+    ``G (B, n, n)`` (row ``i``, columns ``j < i`` are read through running dots; ``symmetric``: ``G``
+    is symmetric, so its rows serve as its columns), ``row_scale (B, n)`` (optional): step ``i`` sees
+    the running dot times ``row_scale[:, i]`` (a row-normalised kernel without building it),
     ``r (B, n)`` uniforms; ``threshold_fn(g) -> (p, fail)`` gives the probability of
     ``+1`` and (optionally) a FAIL flag per problem. Invalid steps get sign 0 and do
     not move the walk. Returns ``(x (B, n) float, failed_at (B,) int64)``.
@@ -69,16 +72,16 @@ def walk_loop(
         torch.set_num_threads(1)
     state = [failed_at, alive]
     try:
-        _steps(n, run, r, x, Gc, threshold_fn, forced_first, valid, one, zero, step, state)
+        _steps(n, run, r, x, Gc, threshold_fn, forced_first, valid, one, zero, step, state, row_scale)
     finally:
         torch.set_num_threads(threads)
     return x, state[0]
 
 
-def _steps(n, run, r, x, Gc, threshold_fn, forced_first, valid, one, zero, step, state):
+def _steps(n, run, r, x, Gc, threshold_fn, forced_first, valid, one, zero, step, state, row_scale=None):
     failed_at, alive = state
     for i in range(n):
-        g = run[:, i]
+        g = run[:, i] if row_scale is None else run[:, i] * row_scale[:, i]
         p, fail = threshold_fn(g)
         if fail is not None:
             new_fail = alive & fail

@@ -134,7 +134,9 @@ def test_method_levels_keep_estimators_and_gamma_zero():
     # the middle halved twice to 112 would exceed it, so three rounds plus exact tokens fill it)
     assert np.all(ckv.kept() == 128)
     assert ckv.single_set
-    pub = balancekv.compress(K, V, keep=0.25, seed=1, estimator="published")
+    authors = dict(gamma=4.0, temp=1.0, a2=0.0, block=64, gamma_norm="none", a2_mode="abs")  # their constants
+    ckv = balancekv.compress(K, V, keep=0.25, seed=1, **authors)
+    pub = balancekv.compress(K, V, keep=0.25, seed=1, estimator="published", **authors)
     dl = pub.den_logw
     R = pub.diagnostics["level_info"][0]["rounds"]
     halved = pub.num_logw > 0

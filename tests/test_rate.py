@@ -33,7 +33,17 @@ def test_balance_error_falls_like_one_over_m_and_uniform_like_one_over_sqrt_m():
     """[BKV] Thm 3.4's 1/m rate for one walk per round against sampling's 1/sqrt(m), both fitted against
     the FPC-corrected kept size. Measured: -0.97 (balance, block = n, sink = window = 0) and -0.55 (uniform).
     Control: uniform sampling, fitted the same way, must stay near -1/2 and above balance at every m."""
-    mb, eb = rate_errors("balance", {"block": "n", "sink": 0, "window": 0})
+    one_walk = {
+        "block": "n",
+        "sink": 0,
+        "window": 0,
+        "gamma": 4.0,
+        "temp": 1.0,
+        "a2": 0.0,
+        "gamma_norm": "none",
+        "a2_mode": "abs",
+    }  # the authors' walk constants, pinned (the defaults without queries differ)
+    mb, eb = rate_errors("balance", one_walk)
     mu, eu = rate_errors("uniform", {})
     sb, su = fitted_slope(mb, eb, RATE_N), fitted_slope(mu, eu, RATE_N)
     assert sb <= -0.8, (sb, eb)

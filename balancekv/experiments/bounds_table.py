@@ -239,7 +239,20 @@ def theorem_table(rows: list[dict]) -> str:
 # ====================================================================== the rate
 #: the three configurations of the rate section: (label, method, options)
 RATE_CONFIGS = [
-    ("one walk per round (balance, block=n, sink=window=0)", "balance", {"block": "n", "sink": 0, "window": 0}),
+    (
+        "one walk per round (balance, block=n, sink=window=0, the authors' gamma=4, temp=1, a2=0)",
+        "balance",
+        {
+            "block": "n",
+            "sink": 0,
+            "window": 0,
+            "gamma": 4.0,
+            "temp": 1.0,
+            "a2": 0.0,
+            "gamma_norm": "none",
+            "a2_mode": "abs",
+        },
+    ),
     ("default balance (package defaults)", "balance", {}),
     ("uniform sampling", "uniform", {}),
 ]

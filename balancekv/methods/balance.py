@@ -66,7 +66,15 @@ from __future__ import annotations
 import numpy as np
 
 from balancekv.backends import resolve
-from balancekv.reference.blocked_balance import KERNELS, blocked_balance, blocked_walk_signs, halving_sizes
+from balancekv.reference.blocked_balance import (
+    A2_MODES,
+    GAMMA_NORMS,
+    HALVINGS,
+    KERNELS,
+    blocked_balance,
+    blocked_walk_signs,
+    halving_sizes,
+)
 
 from .._arrays import is_torch
 from ..storage import dense_segment, gather_tokens
@@ -79,30 +87,53 @@ class Balance(Method):
     name = "balance"
     defaults = {
         "value_centering": "auto",
-        "gamma": 4.0,
-        "temp": 1.0,
+        "gamma": "auto",
+        "temp": "auto",
         "beta": 0.0,
-        "a2": 0.0,
-        "block": 64,
+        "a2": "auto",
+        "block": "auto",
         "sink": 32,
         "window": 32,
         "estimator": "consistent",
         "kernel": "auto",
         "heavy_rounds": "auto",
         "heavy_pool": 1,
+        "gamma_norm": "auto",
+        "a2_mode": "auto",
+        "halving": "block",
     }
     fixed_gamma: float | None = None
+    #: what ``"auto"`` options resolve to with observed ``queries`` (tuned on SmolLM2 captures of the
+    #: tuning text: the query-aware kernel) and without (the keys kernel, drift normalised per token,
+    #: relative joint balancing; chosen on the synthetic families and the tuning text). The evidence:
+    #: ``benchmarks/README.md`` (balance defaults) and ``benchmarks/balance_default_choice.py``.
+    PRESETS = {
+        True: {"gamma": 4.0, "temp": 1.0, "a2": 0.0, "block": 64, "gamma_norm": "none", "a2_mode": "abs"},
+        False: {"gamma": 64.0, "temp": 0.25, "a2": 1.0, "block": 256, "gamma_norm": "token", "a2_mode": "rel"},
+    }
+
+    def concrete(self, opts, queries_given: bool) -> dict:
+        """``opts`` with every ``"auto"`` resolved for this call (``PRESETS``; ``kernel``, ``value_centering``
+        and ``heavy_rounds`` as in :meth:`resolved_kernel` and :meth:`resolved_heavy_rounds`)."""
+        out = dict(opts)
+        for k, v in self.PRESETS[bool(queries_given)].items():
+            if out.get(k, "auto") == "auto":
+                out[k] = v
+        return out
 
     def check_options(self, opts):
         vc = opts["value_centering"]
         if not (isinstance(vc, (bool, np.bool_)) or (isinstance(vc, str) and vc == "auto")):
             raise TypeError(f"option value_centering must be a bool or 'auto', got {vc!r}")
-        if "gamma" in opts:
+        auto = lambda k: isinstance(opts.get(k), str) and opts[k] == "auto"
+        if "gamma" in opts and not auto("gamma"):
             check_float_option(opts, "gamma", 0.0)
-        check_float_option(opts, "temp", 0.0)
+        for k in ("temp", "a2"):
+            if not auto(k):
+                check_float_option(opts, k, 0.0)
         check_float_option(opts, "beta")
-        check_float_option(opts, "a2", 0.0)
-        check_int_option(opts, "block", 2)
+        if not auto("block"):
+            check_int_option(opts, "block", 2)
         check_int_option(opts, "sink", 0)
         check_int_option(opts, "window", 0)
         if opts["estimator"] not in ESTIMATORS:
@@ -114,6 +145,9 @@ class Balance(Method):
             raise ValueError(f"option heavy_pool must be odd (same-length max pooling), got {opts['heavy_pool']}")
         if opts["kernel"] not in ("auto",) + KERNELS:
             raise ValueError(f"option kernel must be one of {('auto',) + KERNELS}, got {opts['kernel']!r}")
+        for k, allowed in (("gamma_norm", GAMMA_NORMS), ("a2_mode", A2_MODES), ("halving", HALVINGS)):
+            if opts[k] not in (("auto",) if k != "halving" else ()) + tuple(allowed):
+                raise ValueError(f"option {k} must be one of {('auto',) + tuple(allowed)}, got {opts[k]!r}")
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -129,13 +163,13 @@ class Balance(Method):
         return {"keep": float(keep)}
 
     @staticmethod
-    def fill(target: int, M: int, blk: int, R: int) -> int:
+    def fill(target: int, M: int, blk: int, R: int, halving: str = "block") -> int:
         """The most exact tokens ``h`` with ``h + halving_sizes(M - h, blk, R)[-1] <= target``."""
         h = int(np.floor((target - M / 2**R) / (1 - 2.0**-R))) if R > 0 else target
         h = max(0, min(h, target, M))
-        while h > 0 and h + halving_sizes(M - h, blk, R)[-1] > target:
+        while h > 0 and h + halving_sizes(M - h, blk, R, halving)[-1] > target:
             h -= 1
-        while h < min(target, M) and h + 1 + halving_sizes(M - h - 1, blk, R)[-1] <= target:
+        while h < min(target, M) and h + 1 + halving_sizes(M - h - 1, blk, R, halving)[-1] <= target:
             h += 1
         return h
 
@@ -158,7 +192,8 @@ class Balance(Method):
             M, T = n - s0 - w0, int(level["itrs"])
             if r == 0 or T == 0:
                 return s0, w0, T, 0
-            return s0, w0, T + r, self.fill(halving_sizes(M, blk, T)[-1], M, blk, T + r)
+            hv = opts["halving"]
+            return s0, w0, T + r, self.fill(halving_sizes(M, blk, T, hv)[-1], M, blk, T + r, hv)
         B = min(n, max(1, int(np.ceil(level["keep"] * n - 1e-9))))
         # sink and window take at most a quarter of the budget each, so the middle is never evicted
         s0 = min(opts["sink"], B // 4, n)
@@ -167,10 +202,10 @@ class Balance(Method):
         if M <= b:
             return s0, n - s0, 0, 0  # everything fits: exact
         T = 1
-        while halving_sizes(M, blk, T)[-1] > b:
+        while halving_sizes(M, blk, T, opts["halving"])[-1] > b:
             T += 1  # terminates: halving reaches one token and b >= 1
         R = T + r
-        return s0, w0, R, self.fill(b, M, blk, R)
+        return s0, w0, R, self.fill(b, M, blk, R, opts["halving"])
 
     # ----------------------------------------------------------------- build
     def gamma(self, opts) -> float:
@@ -229,7 +264,7 @@ class Balance(Method):
         return Built([seg], info=info)
 
     def build_reference(self, K, V, level, ctx):
-        opts = ctx.opts
+        opts = self.concrete(ctx.opts, ctx.queries_given)
         kernel, vc = self._kernel(opts, ctx.queries_given)
         plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
         extra = {}
@@ -255,6 +290,9 @@ class Balance(Method):
             value_centering=vc,
             walk_signs=walk,
             protect=protect,
+            halving=opts["halving"],
+            gamma_norm=opts["gamma_norm"],
+            a2_mode=opts["a2_mode"],
             **extra,
         )
         return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
@@ -263,7 +301,7 @@ class Balance(Method):
         """The same build on torch tensors (device-native: walk, heavy hitters, gathers in torch)."""
         from balancekv.fast.blocked_balance import blocked_balance as fast_blocked_balance  # noqa: PLC0415
 
-        opts = ctx.opts
+        opts = self.concrete(ctx.opts, ctx.queries_given)
         kernel, vc = self._kernel(opts, ctx.queries_given)
         plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
         protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
@@ -285,6 +323,9 @@ class Balance(Method):
             kernel=kernel,
             probes=ctx.probes if kernel == "queries" else None,
             protect=protect,
+            halving=opts["halving"],
+            gamma_norm=opts["gamma_norm"],
+            a2_mode=opts["a2_mode"],
             backend=backend,
         )
         return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)

@@ -108,6 +108,11 @@ class Method:
         """Default: the kept fraction itself is the level."""
         return {"keep": float(keep)}
 
+    def token_budget(self, keep: float, n: int, opts: dict) -> int:
+        """Most tokens per head ``keep`` allows: ``ceil(keep n)`` (a method whose ``keep`` is a mean over
+        layers, like MiniKV's pyramid, says its layer's own)."""
+        return min(n, max(1, int(np.ceil(keep * n - 1e-9))))
+
     def build(self, K, V, level: dict, ctx: Context) -> Built:
         """The compressed segments at one level, on the path of ``K``'s kind."""
         if is_torch(K):

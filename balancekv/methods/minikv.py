@@ -75,6 +75,9 @@ class MiniKV(Method):
     def level_for_keep(self, keep, n, opts):
         return {"keep": float(keep), "bits": int(opts["bits"])}
 
+    def token_budget(self, keep, n, opts):
+        return kept_count(self.layer_ratio(keep, opts), n)  # the layer's pyramid budget
+
     def layer_ratio(self, mean_ratio: float, opts) -> float:
         if opts["layers"] is None:
             return float(mean_ratio)
