@@ -263,6 +263,25 @@ class Balance(Method):
         }
         return Built([seg], info=info)
 
+    def _walk_options(self, opts, vc, s0, w0, R, ctx) -> dict:
+        """The keyword arguments of ``blocked_balance`` both paths share."""
+        return dict(
+            itrs=R,
+            block=opts["block"],
+            sink=s0,
+            window=w0,
+            scale=ctx.scale,
+            rng=ctx.rng,
+            gamma=self.gamma(opts),
+            temp=opts["temp"],
+            beta=opts["beta"],
+            a2=opts["a2"],
+            value_centering=vc,
+            halving=opts["halving"],
+            gamma_norm=opts["gamma_norm"],
+            a2_mode=opts["a2_mode"],
+        )
+
     def build_reference(self, K, V, level, ctx):
         opts = self.concrete(ctx.opts, ctx.queries_given)
         kernel, vc = self._kernel(opts, ctx.queries_given)
@@ -275,25 +294,7 @@ class Balance(Method):
             walk = resolve("blocked_walk_signs", ctx.backend)
         protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
         idx, lw = blocked_balance(
-            K,
-            V,
-            itrs=R,
-            block=opts["block"],
-            sink=s0,
-            window=w0,
-            scale=ctx.scale,
-            rng=ctx.rng,
-            gamma=self.gamma(opts),
-            temp=opts["temp"],
-            beta=opts["beta"],
-            a2=opts["a2"],
-            value_centering=vc,
-            walk_signs=walk,
-            protect=protect,
-            halving=opts["halving"],
-            gamma_norm=opts["gamma_norm"],
-            a2_mode=opts["a2_mode"],
-            **extra,
+            K, V, walk_signs=walk, protect=protect, **self._walk_options(opts, vc, s0, w0, R, ctx), **extra
         )
         return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
 
@@ -305,28 +306,14 @@ class Balance(Method):
         kernel, vc = self._kernel(opts, ctx.queries_given)
         plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
         protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
-        backend = ctx.backend if ctx.backend in ("triton", "auto") else "torch"
         idx, lw = fast_blocked_balance(
             K,
             V,
-            itrs=R,
-            block=opts["block"],
-            sink=s0,
-            window=w0,
-            scale=ctx.scale,
-            rng=ctx.rng,
-            gamma=self.gamma(opts),
-            temp=opts["temp"],
-            beta=opts["beta"],
-            a2=opts["a2"],
-            value_centering=vc,
             kernel=kernel,
             probes=ctx.probes if kernel == "queries" else None,
             protect=protect,
-            halving=opts["halving"],
-            gamma_norm=opts["gamma_norm"],
-            a2_mode=opts["a2_mode"],
-            backend=backend,
+            backend=ctx.backend if ctx.backend in ("triton", "auto") else "torch",
+            **self._walk_options(opts, vc, s0, w0, R, ctx),
         )
         return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
 
