@@ -166,6 +166,13 @@ class CompressedLayer(CacheLayerMixin):
             keys = key_states.view_as(key_states)  # a fresh tensor object to carry the tag
             setattr(keys, _TAG, (self, "prefill"))
             return keys, value_states
+        pos = (kwargs.get("kwargs") or {}).get("position_ids") if isinstance(kwargs.get("kwargs"), dict) else None
+        if pos is not None and pos.numel() and int(pos.reshape(-1)[0]) != self.n_seen:
+            raise ValueError(
+                f"this CompressedCache already holds a prompt of {self.n_seen} tokens, and the forward starts at "
+                f"position {int(pos.reshape(-1)[0])}: a cache serves one prompt. Call cache.reset() (or make a new "
+                "CompressedCache) before the next prompt"
+            )
         self.ckv.append(key_states.detach(), value_states.detach())
         self.n_seen = self.ckv.n_seen
         keys = key_states.view_as(key_states)

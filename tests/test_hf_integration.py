@@ -130,3 +130,16 @@ def test_cache_holds_at_most_what_it_bills(prompt, method):
     assert cache.get_seq_length() == N + 8
     if method != "exact":
         assert cache.ratio < 1
+
+
+def test_a_second_prompt_needs_a_reset(prompt):
+    """A cache serves one prompt (like transformers' own caches, a later forward continues it): a forward
+    whose positions restart at 0 is refused with what to do, and after reset() the cache serves it."""
+    model = tiny("sdpa")
+    with hf.compressed(model, method="uniform", keep=0.5) as cache, torch.no_grad():
+        model.generate(prompt, cache=cache, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="reset"):
+            model(prompt[:, :16], cache=cache, position_ids=torch.arange(16)[None])
+        cache.reset()
+        out = model.generate(prompt[:, :16], cache=cache, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 18) and cache.get_seq_length() == 17
