@@ -122,3 +122,12 @@ def test_hf_cache_accepts_numpy_scalars_and_refuses_early():
     layer = hf.CompressedCache(mcfg, "uniform", keep=0.5).layers[0]
     with pytest.raises(NotImplementedError, match="sliding window of 8"):
         layer.update(torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16, 16))
+
+
+@pytest.mark.parametrize("variant", ["stream", "offline"])
+def test_subgen_huge_t_is_capped(variant):
+    """Item 12: t=10**9 used to allocate 238 GiB; reservoirs are capped by the tokens they sample."""
+    rng = np.random.default_rng(3)
+    K, V = rng.normal(size=(1, 64, 4)), rng.normal(size=(1, 64, 4))
+    c = balancekv.compress(K, V, keep=0.5, method="subgen", t=10**9, variant=variant, seed=0)
+    assert c.nbytes < 64 * 64

@@ -259,17 +259,24 @@ class SubGen(Method):
         est = o["estimator"] if "sink" in level else "l2"
         sink, window = int(level.get("sink", 0)), int(level.get("window", 0))
         Ks, Vs = K[:, sink : n - window], V[:, sink : n - window]
-        s_num = int(level["s_num"])
+        # a reservoir holds at most the tokens it samples from: t and s_num are capped by the middle's size
+        # (t = 10**9 would otherwise allocate 10**9 slots per cluster)
+        nm = max(1, int(Ks.shape[1]))
+        s_num = min(int(level["s_num"]), nm)
         unit = _unit(Vs)
         info: dict = {"variant": o["variant"], "estimator": est, "s_num": s_num, "sink": sink, "window": window}
         backend = "torch" if tp and ctx.backend == "reference" else ctx.backend
         kw = dict(s_num=s_num, scale=ctx.scale, rng=ctx.rng, estimator=est, unit=unit)
         if o["variant"] == "offline":
-            state = resolve("subgen_offline", backend)(Ks, Vs, t=level["t"], m=level["m"], **kw)
+            state = resolve("subgen_offline", backend)(Ks, Vs, t=min(int(level["t"]), nm), m=level["m"], **kw)
         else:
             thr = self._thresholds(Ks, ctx, est)
             if "t" in level:
-                t = level["t"]
+                t = (
+                    [min(int(x), nm) for x in level["t"]]
+                    if isinstance(level["t"], (list, tuple))
+                    else min(int(level["t"]), nm)
+                )
             else:
                 onc = resolve("online_clusters", backend)
                 if tp:
