@@ -6,12 +6,15 @@ segments, measures the result on probe queries, and returns a
 :class:`~balancekv.CompressedKV` in the caller's kind (NumPy, or torch on the
 caller's device).
 
-Three ways to set the budget:
+Three ways to set the budget (give exactly one):
 
 - ``keep``: the kept fraction of tokens, one level for every head;
+- ``ratio``: a byte budget, at most ``ratio * input_nbytes`` held bytes, one level for
+  every head (:func:`balancekv.budget.ratio_search`);
 - ``eps`` with ``guarantee="empirical"`` (default): per head, the most
-  compressed level whose mean relative error on the probe queries is at most
-  ``eps``; a head that meets ``eps`` at no level is stored exactly;
+  compressed level whose mean relative error is at most ``eps``, judged on queries
+  the method did not select with (cross-fitted for query-driven methods,
+  :mod:`balancekv.budget`); a head that meets ``eps`` at no level is stored exactly;
 - ``eps`` with ``guarantee="theorem"``: the level the method's theorem
   certifies (constants in ``proofs/``); exact if the theorem needs every token.
 
