@@ -302,7 +302,7 @@ def compress(
     guarantee : ``"empirical"`` (measure on probes) or ``"theorem"`` (budget from the method's
         theorem, constants in ``proofs/``; ``eps`` only).
     folds, z : cross-fitting of the empirical ``eps`` search for methods that select with the
-        queries: ``folds`` interleaved folds of the queries (``folds=1``: no cross-fitting, the
+        queries: ``folds`` contiguous folds of the queries (``folds=1``: no cross-fitting, the
         in-sample error), a level qualifies when its validated error plus ``z`` standard errors
         is at most ``eps``.
     delta : failure probability for theorem budgets and walk thresholds.
@@ -320,17 +320,16 @@ def compress(
     Per head, the chosen level's estimated mean relative error ``||z(q) - Attn(q)|| / ||Attn(q)||``
     over queries like the probes is at most ``eps``:
 
-    - a method that selects with the queries (``get_method(m).uses_queries(opts, queries_given)``:
-      SnapKV; H2O, MiniKV with queries; ``balance`` / ``balance+quant`` with heavy hitters or the
-      queries kernel) is judged by cross-fitting: the queries are split into ``folds`` interleaved
-      folds (query ``i`` in fold ``i mod folds``); every level is built with the other folds as its
-      queries and measured on the held-out fold; the validated error of a level is the mean over all
-      held-out queries, ``SE`` its standard error (``std / sqrt(p)``), and a level qualifies when
-      ``validated + z * SE <= eps`` (``z = 1``: about a one-sided 84% bound for that mean). The
-      final cache is then built at the chosen levels with all queries (a level's build with more
-      queries is, if anything, better than the validated builds). Diagnostics:
-      ``error_per_head`` (validated), ``error_in_sample_per_head`` (the final build on all its
-      queries, optimistic), ``error_se_per_head``, ``eps_rule``;
+    - a method that selects with the queries (``get_method(m).uses_queries(opts, queries_given)``: SnapKV;
+      H2O, MiniKV with queries; ``balance`` / ``balance+quant`` with heavy hitters or the queries kernel) is
+      judged by cross-fitting: the queries are split into ``folds`` contiguous folds (blocks of consecutive
+      queries; pass them in position order); every level is built with the other folds as its queries and
+      measured on the held-out fold; the validated error of a level is the mean over all held-out queries,
+      ``SE`` its standard error (``std / sqrt(p)``), and a level qualifies when ``validated + z * SE <= eps``
+      (``z = 1``: about a one-sided 84% bound for that mean). The final cache is then built at the chosen
+      levels with all queries (a level's build with more queries is, if anything, better than the validated
+      builds). Diagnostics: ``error_per_head`` (validated), ``error_in_sample_per_head`` (the final build on
+      all its queries, optimistic), ``error_se_per_head``, ``eps_rule``;
     - every other method does not look at the probes when it builds, so its probe error is already
       out of selection: a level qualifies when the mean probe error is at most ``eps``
       (``error_per_head`` = ``error_in_sample_per_head``).

@@ -13,7 +13,9 @@ scales included); ``auto`` chooses per KV head among the same methods by validat
 observed queries only.
 
     python benchmarks/auto_vs_methods.py                 # the table (ratios 0.125 and 0.25)
-    python benchmarks/auto_vs_methods.py --folds         # fold schemes: validated vs future error
+    python benchmarks/auto_vs_methods.py --folds --ratios 0.25 --methods balance snapkv h2o
+                                                         # fold schemes: validated vs future error
+    python benchmarks/auto_vs_methods.py --eps --methods balance   # eps: future error vs eps, both rules
 
 Prints markdown tables; ``--out FILE`` also writes them.
 """
@@ -109,7 +111,7 @@ def run_folds(caps, ratios, methods=("balance", "snapkv", "h2o", "balance+quant"
     """Validated (cross-fitted) error on the observed queries vs the error on the future queries, per fold
     scheme, for the query-driven methods at each ratio; also the in-sample error."""
     out = ["\n| fold scheme | mean validated / future | mean in-sample / future | cells |", "|---|---|---|---|"]
-    acc = {"interleaved": [], "contiguous": []}
+    acc = {"contiguous": [], "interleaved": []}
     ins = []
     for cap in caps.values():
         K, V, Qo, Qf = problem(cap)
@@ -122,11 +124,34 @@ def run_folds(caps, ratios, methods=("balance", "snapkv", "h2o", "balance+quant"
                     )
                     fut = future_error(c, K, V, Qf, cap.scale)
                     acc[scheme].append(c.diagnostics["error"] / fut)
-                    if scheme == "interleaved":
+                    if scheme == "contiguous":
                         ins.append(c.diagnostics["error_in_sample"] / fut)
-    budget.FOLD_SCHEME = "interleaved"
+    budget.FOLD_SCHEME = "contiguous"
     for scheme, v in acc.items():
         out.append(f"| {scheme} | {np.mean(v):.3f} | {np.mean(ins):.3f} | {len(v)} |")
+    return "\n".join(out)
+
+
+def run_eps(caps, eps_list=(0.05, 0.1, 0.2), methods=("balance", "balance+quant"), seed=0):
+    """Item 1's check: with the observed queries, the error on the future queries against eps, for the
+    cross-fitted rule (default) and the in-sample rule (``folds=1``), with the held bytes."""
+    out = [
+        "\n| method | eps | rule | " + " | ".join(f"layer {L}" for L in caps) + " | max future / eps | mean held |",
+        "|---" * (len(caps) + 5) + "|",
+    ]
+    for m in methods:
+        for eps in eps_list:
+            for folds in (2, 1):
+                errs, held = [], []
+                for cap in caps.values():
+                    K, V, Qo, Qf = problem(cap)
+                    c = balancekv.compress(K, V, eps, method=m, queries=Qo, scale=cap.scale, seed=seed, folds=folds)
+                    errs.append(future_error(c, K, V, Qf, cap.scale))
+                    held.append(c.ratio)
+                rule = "cross-fit" if folds == 2 else "in-sample"
+                cells = " | ".join(f"{e:.3f} ({h:.2f})" for e, h in zip(errs, held))
+                out.append(f"| {m} | {eps} | {rule} | {cells} | {max(errs) / eps:.2f} | {np.mean(held):.3f} |")
+                print(out[-1], file=sys.stderr)
     return "\n".join(out)
 
 
@@ -136,11 +161,14 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="*", default=list(RATIOS))
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_CANDIDATES))
     ap.add_argument("--folds", action="store_true", help="compare the fold schemes instead")
+    ap.add_argument("--eps", action="store_true", help="eps mode: future-query error against eps instead")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     caps = capture_layers("smollm2", get_text("python-docs"), N, a.layers)
     if a.folds:
-        md = run_folds(caps, a.ratios)
+        md = run_folds(caps, a.ratios, methods=tuple(a.methods))
+    elif a.eps:
+        md = run_eps(caps, methods=tuple(a.methods))
     else:
         md = table_markdown(run_table(caps, a.methods, a.ratios), a.methods, a.ratios, a.layers)
     print(md)

@@ -56,7 +56,7 @@ def test_validated_error_differs_and_decides(method):
     K, V, Qo, _ = peaked(0)
     c = balancekv.compress(K, V, 0.2, method=method, queries=Qo, seed=0)
     d = c.diagnostics
-    assert d["eps_rule"].startswith("cross-fitted: 2 interleaved folds")
+    assert d["eps_rule"].startswith("cross-fitted: 2 contiguous folds")
     val, se, ins = d["error_levels"], d["error_se_levels"], d["error_in_sample_levels"]
     # selecting with the judging queries is optimistic: held-out errors are larger at every compressed level
     assert (val[1] > ins[1]).all()
