@@ -326,10 +326,10 @@ def compress(
       queries; pass them in position order); every level is built with the other folds as its queries and
       measured on the held-out fold; the validated error of a level is the mean over all held-out queries,
       ``SE`` its standard error (``std / sqrt(p)``), and a level qualifies when ``validated + z * SE <= eps``
-      (``z = 1``: about a one-sided 84% bound for that mean). The final cache is then built at the chosen
-      levels with all queries (a level's build with more queries is, if anything, better than the validated
-      builds). Diagnostics: ``error_per_head`` (validated), ``error_in_sample_per_head`` (the final build on
-      all its queries, optimistic), ``error_se_per_head``, ``eps_rule``;
+      (``z = 1``: one standard error, a margin for the sampling noise of the mean). The final cache is then
+      built at the chosen levels with all queries (assumed no worse than the validated builds, which saw fewer
+      queries; not checked). Diagnostics: ``error_per_head`` (validated), ``error_in_sample_per_head`` (the
+      final build on all its queries, optimistic), ``error_se_per_head``, ``eps_rule``;
     - every other method does not look at the probes when it builds, so its probe error is already
       out of selection: a level qualifies when the mean probe error is at most ``eps``
       (``error_per_head`` = ``error_in_sample_per_head``).
