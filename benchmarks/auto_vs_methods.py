@@ -162,9 +162,10 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_CANDIDATES))
     ap.add_argument("--folds", action="store_true", help="compare the fold schemes instead")
     ap.add_argument("--eps", action="store_true", help="eps mode: future-query error against eps instead")
+    ap.add_argument("--text", default="python-docs", help="python-docs (report) or numpy-license (tuning)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    caps = capture_layers("smollm2", get_text("python-docs"), N, a.layers)
+    caps = capture_layers("smollm2", get_text(a.text), N, a.layers)
     if a.folds:
         md = run_folds(caps, a.ratios, methods=tuple(a.methods))
     elif a.eps:
