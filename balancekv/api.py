@@ -230,6 +230,9 @@ class Work:
         """The cache holding, per head ``h``, ``builts[choice[h]]`` (in the caller's kind)."""
         segs, stream = _combine(builts, np.asarray(choice))
         kind, lead = self.kind, self.lead
+        for k, v in diag.items():  # per-head diagnostics in the cache's leading dims
+            if k.endswith("_per_head") and isinstance(v, np.ndarray) and v.size == self.H:
+                diag[k] = v.reshape(lead)
         if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
             stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
             segs = stream.segments()
