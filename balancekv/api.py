@@ -6,12 +6,15 @@ segments, measures the result on probe queries, and returns a
 :class:`~balancekv.CompressedKV` in the caller's kind (NumPy, or torch on the
 caller's device).
 
-Three ways to set the budget:
+Three ways to set the budget (give exactly one):
 
 - ``keep``: the kept fraction of tokens, one level for every head;
+- ``ratio``: a byte budget, at most ``ratio * input_nbytes`` held bytes, one level for
+  every head (:func:`balancekv.budget.ratio_search`);
 - ``eps`` with ``guarantee="empirical"`` (default): per head, the most
-  compressed level whose mean relative error on the probe queries is at most
-  ``eps``; a head that meets ``eps`` at no level is stored exactly;
+  compressed level whose mean relative error is at most ``eps``, judged on queries
+  the method did not select with (cross-fitted for query-driven methods,
+  :mod:`balancekv.budget`); a head that meets ``eps`` at no level is stored exactly;
 - ``eps`` with ``guarantee="theorem"``: the level the method's theorem
   certifies (constants in ``proofs/``); exact if the theorem needs every token.
 
@@ -23,7 +26,9 @@ the same level.
 
 from __future__ import annotations
 
+import math
 import zlib
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -142,9 +147,13 @@ def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment], An
         return b.segments, b.stream
     parts = [(choice == u, builts[u].stream, builts[u].segments) for u in used]
     segs = [s.masked(mask) for mask, _, ss in parts for s in ss]
-    if all(isinstance(s.keys, DenseStore) and isinstance(s.values, DenseStore) for s in segs):
-        segs = [compact_dense(segs, "mixed")]
-    stream = PerHeadStream(parts) if any(st is not None for _, st, _ in parts) else None
+    streamed = any(st is not None for _, st, _ in parts)
+    dense = [s for s in segs if isinstance(s.keys, DenseStore) and isinstance(s.values, DenseStore)]
+    if dense and not streamed:
+        # the dense slots of every part packed into one segment, other stores stay masked per head (with a
+        # decode stream the parts stay alive in it, so the masked views, which share their storage, are kept)
+        segs = [s for s in segs if not any(s is t for t in dense)] + [compact_dense(dense, "mixed")]
+    stream = PerHeadStream(parts) if streamed else None
     return segs, stream
 
 
@@ -179,15 +188,100 @@ def choose_path(kind: Kind, backend: str) -> tuple[str, str]:
     return "torch", backend
 
 
+class Work:
+    """One ``compress`` call's working state: the arrays on the chosen path, the probes and their exact
+    attention, the seed. Builds any registered method at any level (``level=None``: the exact cache)
+    and measures per-query probe errors; :mod:`balancekv.budget` and :mod:`balancekv.auto` search with it."""
+
+    def __init__(self, Kw, Vw, Qw, probes, scale, entropy, delta, path, backend, queries_given, lead, kind):
+        self.Kw, self.Vw, self.Qw, self.probes = Kw, Vw, Qw, probes
+        self.scale, self.entropy, self.delta = scale, entropy, delta
+        self.path, self.backend, self.queries_given = path, backend, queries_given
+        self.lead, self.kind = tuple(lead), kind
+        self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
+        self._exact = None
+
+    @property
+    def exact_probe(self):
+        """Exact attention of every probe query (computed once, on first use)."""
+        if self._exact is None:
+            self._exact = exact_attention(self.probes, self.Kw, self.Vw, self.scale)
+        return self._exact
+
+    def context(self, name: str, opts: dict, level, probes=None) -> Context:
+        return Context(
+            scale=self.scale,
+            rng=level_rng(self.entropy, name, level),
+            probes=self.probes if probes is None else probes,
+            delta=self.delta,
+            opts=opts,
+            queries_given=self.queries_given,
+            backend=self.backend,
+        )
+
+    def build(self, name: str, meth, opts: dict, level, probes=None) -> Built:
+        """``meth`` at ``level`` (``None``: every token exactly); ``probes`` replaces the method's queries."""
+        if level is None:
+            K = self.Kw.clone() if self.path == "torch" else self.Kw.copy()
+            Vv = self.Vw.clone() if self.path == "torch" else self.Vw.copy()
+            return Built([exact_segment(K, Vv, np.arange(self.n))], info={"exact": True})
+        return meth.build(self.Kw, self.Vw, level, self.context(name, opts, level, probes))
+
+    def query_errors(self, built: Built, probes=None, exact=None) -> np.ndarray:
+        """``(H, p)`` relative error of each probe query (host NumPy; computed on the path)."""
+        probes = self.probes if probes is None else probes
+        exact = self.exact_probe if exact is None else exact
+        return host(relative_error(segments_attention(built.segments, probes, self.scale), exact))
+
+    def finalize(self, builts: list[Built], choice, method: str, diag: dict) -> CompressedKV:
+        """The cache holding, per head ``h``, ``builts[choice[h]]`` (in the caller's kind)."""
+        segs, stream = _combine(builts, np.asarray(choice))
+        kind, lead = self.kind, self.lead
+        for k, v in diag.items():  # per-head diagnostics in the cache's leading dims
+            if k.endswith("_per_head") and isinstance(v, np.ndarray) and v.size == self.H:
+                diag[k] = v.reshape(lead)
+        if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
+            stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
+            segs = stream.segments()
+        if stream is not None:
+            stream = _LeadStream(stream, lead)
+        out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
+        work_kind = Kind("torch", self.Kw.dtype, self.Kw.device) if self.path == "torch" else Kind("numpy", np.float64)
+        return CompressedKV(
+            out_segments,
+            lead=lead,
+            d=int(self.Kw.shape[-1]),
+            s=int(self.Vw.shape[-1]),
+            n_seen=self.n,
+            scale=self.scale,
+            kind=kind,
+            method=method,
+            diagnostics=diag,
+            stream=stream,
+            work_kind=work_kind,
+        )
+
+    @property
+    def input_nbytes(self) -> int:
+        """Bytes of the uncompressed cache in the input's dtypes (:attr:`CompressedKV.input_nbytes`)."""
+        per = int(self.Kw.shape[-1]) * Kind.itemsize(self.kind.dtype) + int(self.Vw.shape[-1]) * Kind.itemsize(
+            self.kind.value_dtype
+        )
+        return self.H * self.n * per
+
+
 def compress(
     K,
     V,
     eps: float | None = None,
     *,
     keep: float | None = None,
+    ratio: float | None = None,
     method: str = "balance",
     queries=None,
     guarantee: str = "empirical",
+    folds: int = 2,
+    z: float = 1.0,
     delta: float = 0.01,
     scale: float | None = None,
     seed: int | None = None,
@@ -200,13 +294,27 @@ def compress(
 
     Parameters
     ----------
-    eps : target mean relative attention error on the probe queries, in (0, 1).
-    keep : fraction of tokens kept, in (0, 1]. Give exactly one of ``eps`` and ``keep``.
-    method : a name from :func:`balancekv.methods.available_methods`.
+    eps : target mean relative attention error, in (0, 1) (see "What eps promises" below).
+    keep : fraction of tokens kept, in (0, 1]: every token-selecting method keeps at most
+        ``ceil(keep * n)`` tokens per head.
+    ratio : a byte budget, > 0: the result holds at most ``ratio * input_nbytes`` bytes
+        (:attr:`CompressedKV.nbytes`, every array held: slots, weights, positions, codes, scales,
+        stream state). Token-selecting methods keep the most tokens that fit (bisection on the kept
+        count, every candidate built and billed); ``quant`` the most bits that fit; ``minikv`` and
+        ``balance+quant`` the most tokens that fit at each of 8, 4, 2 bits, then the bits with the
+        smallest probe error (validated, as for ``eps``). ``ValueError`` naming the smallest
+        achievable ratio when nothing fits. Give exactly one of ``eps``, ``keep`` and ``ratio``.
+    method : a name from :func:`balancekv.methods.available_methods`; ``"auto"`` chooses per head
+        among several methods and their levels (:mod:`balancekv.auto`).
     queries : probe queries ``(…, p, d)`` (e.g. the prompt's last queries); default: the last
-        ``min(64, n)`` keys. Query-aware methods (SnapKV) also use them for scoring.
+        ``min(64, n)`` keys. Query-aware methods (SnapKV, H2O, heavy hitters and the queries kernel
+        of ``balance``) also use them to choose what to keep.
     guarantee : ``"empirical"`` (measure on probes) or ``"theorem"`` (budget from the method's
-        theorem, constants in ``proofs/``).
+        theorem, constants in ``proofs/``; ``eps`` only).
+    folds, z : cross-fitting of the empirical ``eps`` search for methods that select with the
+        queries: ``folds`` contiguous folds of the queries (``folds=1``: no cross-fitting, the
+        in-sample error), a level qualifies when its validated error plus ``z`` standard errors
+        is at most ``eps``.
     delta : failure probability for theorem budgets and walk thresholds.
     scale : logit scale, default ``1/sqrt(d)``.
     seed : makes the result reproducible; drawn (and recorded in ``diagnostics``) if ``None``.
@@ -217,18 +325,61 @@ def compress(
     progress : show a progress bar over levels of the ``eps`` search.
     **options : the method's options (see ``get_method(method).defaults``).
 
+    What eps promises (``guarantee="empirical"``)
+    ----------------------------------------------
+    Per head, the chosen level's estimated mean relative error ``||z(q) - Attn(q)|| / ||Attn(q)||``
+    over queries like the probes is at most ``eps``:
+
+    - a method that selects with the queries (``get_method(m).uses_queries(opts, queries_given)``: SnapKV;
+      H2O, MiniKV with queries; ``balance`` / ``balance+quant`` with heavy hitters or the queries kernel) is
+      judged by cross-fitting: the queries are split into ``folds`` contiguous folds (blocks of consecutive
+      queries; pass them in position order); every level is built with the other folds as its queries and
+      measured on the held-out fold; the validated error of a level is the mean over all held-out queries,
+      ``SE`` its standard error (``std / sqrt(p)``), and a level qualifies when ``validated + z * SE <= eps``
+      (``z = 1``: one standard error, a margin for the sampling noise of the mean). The final cache is then
+      built at the chosen levels with all queries (assumed no worse than the validated builds, which saw fewer
+      queries; not checked). Diagnostics: ``error_per_head`` (validated), ``error_in_sample_per_head`` (the
+      final build on all its queries, optimistic), ``error_se_per_head``, ``eps_rule``;
+    - every other method does not look at the probes when it builds, so its probe error is already
+      out of selection: a level qualifies when the mean probe error is at most ``eps``
+      (``error_per_head`` = ``error_in_sample_per_head``).
+
+    What it does not promise: the error on queries from another distribution than the probes (the
+    fallback probes, the last keys, are a proxy of later queries, not a sample of them); the error
+    of any single query (it is a mean); a bound that holds with a stated probability (the margin is
+    one standard error of a mean over correlated queries, not a confidence bound); the error after
+    decode tokens are appended. The exact fallback (a head that meets ``eps`` at no level is stored
+    exactly) has error 0. For a certified bound use ``guarantee="theorem"``.
+
     Torch input stays torch on its device end to end: validation, probes, the probe error, the
     ``eps`` search, every method's build and the stores run in torch, computing in float32
     (float64 for float64 input); kept tokens are stored in the input's dtype.
     """
     V_.check_kv(K, V)
-    if (eps is None) == (keep is None):
-        raise ValueError("give exactly one of eps (target error) and keep (kept fraction)")
+    if sum(x is not None for x in (eps, keep, ratio)) != 1:
+        raise ValueError(
+            "give exactly one of eps (target error), keep (kept fraction) and ratio (byte budget, a fraction of "
+            "the full cache's bytes)"
+        )
     if eps is not None:
         eps = V_.check_open_unit("eps", eps)
     if keep is not None:
         keep = V_.check_open_unit("keep", keep, closed_right=True)
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, Real):
+            raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"ratio must be finite and positive, got {ratio}")
+        ratio = float(ratio)
+    if isinstance(folds, bool) or not isinstance(folds, Integral):
+        raise TypeError(f"folds must be an int, got {type(folds).__name__}")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    if isinstance(z, bool) or not isinstance(z, Real) or not (math.isfinite(z) and z >= 0):
+        raise ValueError(f"z must be a finite real number >= 0, got {z!r}")
     V_.check_choice("guarantee", guarantee, GUARANTEES)
+    if guarantee == "theorem" and eps is None:
+        raise ValueError("guarantee='theorem' certifies an error: give eps (keep and ratio are not error targets)")
     V_.check_choice("backend", backend, BACKENDS)
     delta = V_.check_open_unit("delta", delta)
     V_.check_scale(scale)
@@ -237,12 +388,14 @@ def compress(
         raise TypeError(f"measure must be a bool or None, got {type(measure).__name__}")
     meth = get_method(method)
     opts = meth.resolve_options(options)
-    lead, (n, d), s = tuple(K.shape[:-2]), tuple(K.shape[-2:]), int(V.shape[-1])
+    lead, (n, d) = tuple(K.shape[:-2]), tuple(K.shape[-2:])
     H = int(np.prod(lead, dtype=np.int64))
     if queries is not None:
         V_.check_queries("queries", queries, lead, d, like=K)
     if keep is not None and keep < 1 and not meth.selects_tokens:
         raise ValueError(f"method {method!r} keeps every token; keep must be 1 (use eps or its options)")
+    if guarantee == "theorem" and method == "auto":
+        raise ValueError("method 'auto' has no theorem; use guarantee='empirical'")
     kind = Kind.of(K, V)  # keys and values keep their own dtypes (mixed precision is not cast down)
     path, method_backend = choose_path(kind, backend)
     Kw, Vw, Qw = working_arrays(K, V, queries, path, H)
@@ -251,42 +404,28 @@ def compress(
     entropy = int(seed) if seed is not None else int(np.random.SeedSequence().entropy)
     if measure is None:
         measure = eps is not None and guarantee == "empirical"
-    exact_probe = exact_attention(probes, Kw, Vw, scale) if (measure or eps is not None) else None
+    work = Work(Kw, Vw, Qw, probes, scale, entropy, delta, path, method_backend, queries is not None, lead, kind)
+    from . import budget  # noqa: PLC0415  (the searches import this module)
 
-    def build(level):
-        ctx = Context(
-            scale=scale,
-            rng=level_rng(entropy, method, level),
-            probes=probes,
-            delta=delta,
-            opts=opts,
-            queries_given=queries is not None,
-            backend=method_backend,
-        )
-        if level is None:
-            return Built(
-                [
-                    exact_segment(
-                        Kw.clone() if path == "torch" else Kw.copy(),
-                        Vw.clone() if path == "torch" else Vw.copy(),
-                        np.arange(n),
-                    )
-                ],
-                info={"exact": True},
-            )
-        return meth.build(Kw, Vw, level, ctx)
-
+    cv = budget.CrossFit(folds=int(folds), z=float(z))
     diag: dict[str, Any] = {
         "method": method,
         "options": dict(opts),
         "seed": entropy,
         "eps": eps,
         "keep": keep,
+        "ratio": ratio,
         "guarantee": guarantee,
         "probes": int(probes.shape[-2]),
         "queries_given": queries is not None,
         "path": path,
     }
+    if method == "auto":
+        from . import auto  # noqa: PLC0415
+
+        return auto.search(work, opts, cv, diag, eps=eps, keep=keep, ratio=ratio, progress=progress)
+    if ratio is not None:
+        return budget.ratio_search(work, method, meth, opts, cv, diag, ratio, measure=measure)
     errors = None
     if keep is not None or guarantee == "theorem":
         if keep is not None:
@@ -297,59 +436,43 @@ def compress(
             ctx = Context(scale=scale, rng=level_rng(entropy, method, None), probes=probes, delta=delta, opts=opts)
             level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
-        built = build(level)
+        built = work.build(method, meth, opts, level)
         if level is not None:
-            budget = n if keep is None else meth.token_budget(keep, n, opts)
+            budget_n = n if keep is None else meth.token_budget(keep, n, opts)
             too_big = held_nbytes(built.segments, built.stream) > H * n * exact_slot_bytes(Kw, Vw)
-            over = int(max(host(sg.valid().sum(-1)).max() for sg in built.segments)) > budget if keep else False
+            over = int(max(host(sg.valid().sum(-1)).max() for sg in built.segments)) > budget_n if keep else False
             if too_big or over:
                 # never larger than the exact cache, never over the keep budget: a build that cannot meet
                 # both is replaced by the exact cache when the budget is every token, else by StreamingLLM
                 # (sink + recent window, exact tokens) at the budget, which always meets both
                 tried = built.info
-                if budget >= n:
-                    built, level = build(None), None
+                if budget_n >= n:
+                    built, level = work.build(method, meth, opts, None), None
                     diag["fallback"] = "exact"
                 else:
                     level = {"keep": keep}
-                    ctx = Context(
-                        scale=scale,
-                        rng=level_rng(entropy, "streaming", level),
-                        probes=probes,
-                        delta=delta,
-                        opts=get_method("streaming").resolve_options({}),
-                        backend=method_backend,
-                    )
-                    built = get_method("streaming").build(Kw, Vw, level, ctx)
+                    sm = get_method("streaming")
+                    built = work.build("streaming", sm, sm.resolve_options({}), level)
                     diag["fallback"] = "streaming"
                 built.info.update({k: tried[k] for k in ("retries", "fallbacks") if k in tried})
-        levels, choice = [level], np.zeros(H, dtype=int)
+        levels, choice, builts = [level], np.zeros(H, dtype=int), [built]
         if measure:
-            errors = host(per_head_error(built.segments, probes, exact_probe, scale))
-        segs, stream, infos = built.segments, built.stream, [built.info]
+            errors = work.query_errors(built).mean(-1)
     else:
         levels = [None] + meth.levels(n, opts)  # index 0: the exact fallback
-        builts, errs = [], []
         iterator = levels
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415  (only when asked for)
 
             iterator = tqdm(levels, desc=f"compress[{method}] levels")
-        for level in iterator:
-            b = build(level)
-            builts.append(b)
-            errs.append(host(per_head_error(b.segments, probes, exact_probe, scale)))
-        errs = np.stack(errs)  # (levels, H)
-        ok = errs <= eps
-        ok[0] = True  # the exact fallback always qualifies
+        builts = [work.build(method, meth, opts, level) for level in iterator]
+        sc = budget.score(work, method, meth, opts, levels, builts, cv)
         # per head, the fewest held bytes among the levels meeting eps (every level builds every head
         # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
         per_head = np.array([held_nbytes(b.segments, b.stream) / H for b in builts])
-        cost = np.where(ok, per_head[:, None], np.inf) - 1e-9 * np.arange(len(levels))[:, None]
-        choice = np.argmin(cost, axis=0)
-        errors = errs[choice, np.arange(H)]
-        segs, stream = _combine(builts, choice)
-        infos = [b.info for b in builts]
+        choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
+        diag.update(sc.diagnostics(choice))
+    infos = [b.info for b in builts]
     diag.update(
         {
             "levels": levels,
@@ -361,25 +484,9 @@ def compress(
     )
     if errors is not None:
         diag.update({"error_per_head": errors.reshape(lead), "error": float(errors.mean())})
-    if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
-        stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
-        segs = stream.segments()
-    if stream is not None:
-        stream = _LeadStream(stream, lead)
-    out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
-    return CompressedKV(
-        out_segments,
-        lead=lead,
-        d=d,
-        s=s,
-        n_seen=n,
-        scale=scale,
-        kind=kind,
-        method=method,
-        diagnostics=diag,
-        stream=stream,
-        work_kind=Kind("torch", Kw.dtype, Kw.device) if path == "torch" else Kind("numpy", np.float64),
-    )
+    if "error_per_head" in diag:
+        diag["error_per_head"] = np.asarray(diag["error_per_head"]).reshape(lead)
+    return work.finalize(builts, choice, method, diag)
 
 
 class _LeadStream:

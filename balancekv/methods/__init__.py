@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "snapkv": "balancekv.methods.snapkv:SnapKV",
     "minikv": "balancekv.methods.minikv:MiniKV",
     "balance+quant": "balancekv.methods.balance_quant:BalanceQuant",
+    "auto": "balancekv.auto:Auto",  # per head, the best of several methods (balancekv/auto.py)
     # further methods are added by their issues, one line each
 }
 

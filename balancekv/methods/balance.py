@@ -207,6 +207,11 @@ class Balance(Method):
         R = T + r
         return s0, w0, R, self.fill(b, M, blk, R, opts["halving"])
 
+    def uses_queries(self, opts, queries_given):
+        """Heavy hitters (with queries) and the queries kernel read the probes."""
+        kernel, _ = self._kernel(opts, queries_given)
+        return kernel == "queries" or (queries_given and self.resolved_heavy_rounds(opts, queries_given) > 0)
+
     # ----------------------------------------------------------------- build
     def gamma(self, opts) -> float:
         return float(opts["gamma"]) if self.fixed_gamma is None else self.fixed_gamma

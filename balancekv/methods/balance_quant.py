@@ -56,6 +56,9 @@ class BalanceQuant(Method):
     def balance_opts(self, opts):
         return {**self.split(opts)[0], "estimator": "consistent"}
 
+    def uses_queries(self, opts, queries_given):
+        return _balance().uses_queries(self.balance_opts(opts), queries_given)
+
     def levels(self, n, opts):
         est = lambda lv: lv["keep"] * (lv["bits"] + 32.0 / opts["group"])
         out = [

@@ -100,6 +100,11 @@ class Method:
     def check_options(self, opts: dict) -> None:
         """Raise ``ValueError``/``TypeError`` naming the option for a bad value."""
 
+    def uses_queries(self, opts: dict, queries_given: bool) -> bool:
+        """True when the build chooses what to keep with ``ctx.probes`` (the queries, or the fallback
+        probes): its probe error is then in-sample, and the ``eps`` search cross-fits."""
+        return False
+
     def levels(self, n: int, opts: dict) -> list[dict]:
         """Default for token-selecting methods: kept fractions 1/2, 1/4, … (at least one token)."""
         return halving_levels(n)

@@ -114,6 +114,9 @@ class H2O(Method):
     def check_options(self, opts):
         check_float_option(opts, "recent_share", 0.0, 1.0)
 
+    def uses_queries(self, opts, queries_given):
+        return queries_given  # without queries it scores with the keys themselves
+
     def _build(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)

@@ -69,6 +69,9 @@ class MiniKV(Method):
             if opts["layer"] >= opts["layers"]:
                 raise ValueError(f"option layer must be < layers={opts['layers']}, got {opts['layer']}")
 
+    def uses_queries(self, opts, queries_given):
+        return queries_given  # H2O scores: the queries if given, else the keys themselves
+
     def levels(self, n, opts):
         return bits_budget_levels([lv["keep"] for lv in halving_levels(n, min_kept=opts["group"])], opts["group"])
 

@@ -40,6 +40,9 @@ class SnapKV(Method):
         if opts["pool"] not in POOLS:
             raise ValueError(f"option pool must be one of {POOLS}, got {opts['pool']!r}")
 
+    def uses_queries(self, opts, queries_given):
+        return True  # scores with the probes (the queries, or the last keys standing in for them)
+
     def _build(self, K, V, level, ctx):
         n = K.shape[-2]
         m = kept_count(level["keep"], n)

@@ -1,0 +1,291 @@
+"""Budget searches of :func:`balancekv.compress`: the validated ``eps`` rule and the byte budget ``ratio``.
+
+Validated errors (issue 12, item 1). A method that chooses what to keep with the
+probe queries (``Method.uses_queries``) is optimistic when judged on those same
+queries. :func:`score` cross-fits: the ``p`` queries are split into ``folds``
+contiguous folds (blocks of consecutive rows: with the queries in position order, each
+fold is a stretch of positions, so a level is judged on queries earlier or later than
+those that chose its tokens). Measured on SmolLM2 (``benchmarks/auto_vs_methods.py
+--folds``: balance, snapkv, h2o at ratio 0.125 and 0.25, layers 1, 2, 5, 15, 29), the
+validated error was 0.51 of the error on the 128 later queries with contiguous folds
+and 0.42 with interleaved ones (query ``i`` in fold ``i mod folds``; neighbouring
+positions and the query heads of one position then sit in both folds), against 0.40
+for the in-sample error; so contiguous is the default (``FOLD_SCHEME``). Every level
+is built once per fold with the other folds as its queries and
+measured on the held-out fold, and a level's validated per-head error is the mean
+over all held-out queries with its standard error ``std / sqrt(p)``. A level meets
+``eps`` when ``validated + z * SE <= eps``. Methods that do not select with the
+probes keep the single in-sample evaluation (their probe error is already out of
+selection).
+
+Byte budget (item 4). :func:`ratio_search` builds and bills every candidate as the
+final cache (:attr:`CompressedKV.nbytes`, the caller's dtypes, weights, positions,
+codes and stream state included) and keeps the largest one within
+``ratio * input_nbytes``: a bisection on the kept token count for token-selecting
+methods, the bits for ``quant``, both for ``minikv`` and ``balance+quant`` (the most
+tokens at each of their bits, then the bits with the smallest validated error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: How the queries are split into folds: ``"contiguous"`` (default) or ``"interleaved"``.
+FOLD_SCHEME = "contiguous"
+
+
+@dataclass(frozen=True)
+class CrossFit:
+    folds: int = 2
+    z: float = 1.0
+    scheme: str | None = None  # None: FOLD_SCHEME
+
+    def split(self, p: int) -> list[np.ndarray] | None:
+        """Held-out query indices per fold, or ``None`` when there are too few queries (< 2 per fold)."""
+        if self.folds < 2 or p < 2 * self.folds:
+            return None
+        if (self.scheme or FOLD_SCHEME) == "contiguous":
+            return np.array_split(np.arange(p), self.folds)
+        return [np.arange(f, p, self.folds) for f in range(self.folds)]  # "interleaved"
+
+
+def take_queries(Q, idx: np.ndarray):
+    """Rows ``idx`` of the query axis of ``Q (H, p, d)`` (either kind; no host copy of the data)."""
+    if hasattr(Q, "device") and not isinstance(Q, np.ndarray):
+        import torch  # noqa: PLC0415  (torch path only)
+
+        return Q.index_select(-2, torch.as_tensor(idx, dtype=torch.int64, device=Q.device))
+    return Q[:, idx]
+
+
+@dataclass
+class Scores:
+    """Per level and head: the error used by the rule (``err``), the in-sample error and the SE."""
+
+    err: np.ndarray  # (L, H) validated (cross-fitted) or in-sample
+    err_in: np.ndarray  # (L, H)
+    se: np.ndarray  # (L, H) standard error of err
+    cross_fit: bool
+    rule: str
+    z: float
+
+    def bound(self) -> np.ndarray:
+        """What is compared with ``eps``: ``err + z SE`` when cross-fitted, else ``err``."""
+        return self.err + self.z * self.se if self.cross_fit else self.err
+
+    def diagnostics(self, choice: np.ndarray) -> dict:
+        cols = np.arange(self.err.shape[1])
+        e = self.err[choice, cols]
+        return {
+            "error_per_head": e,
+            "error": float(e.mean()),
+            "error_in_sample_per_head": self.err_in[choice, cols],
+            "error_in_sample": float(self.err_in[choice, cols].mean()),
+            "error_se_per_head": self.se[choice, cols],
+            "eps_rule": self.rule,
+            # per level (rows) and head: what the rule compared with eps, for inspection
+            "error_levels": self.err,
+            "error_se_levels": self.se,
+            "error_in_sample_levels": self.err_in,
+        }
+
+    @staticmethod
+    def stack(parts: list[Scores]) -> Scores:
+        cat = lambda f: np.concatenate([f(p) for p in parts], axis=0)
+        rules = sorted({p.rule for p in parts})
+        return Scores(
+            cat(lambda p: p.err),
+            cat(lambda p: p.err_in),
+            cat(lambda p: p.se),
+            any(p.cross_fit for p in parts),
+            "; ".join(rules),
+            parts[0].z,
+        )
+
+
+def _mean_se(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the last axis and its standard error (``std(ddof=1) / sqrt(p)``; 0 for one query)."""
+    p = e.shape[-1]
+    se = e.std(-1, ddof=1) / np.sqrt(p) if p > 1 else np.zeros(e.shape[:-1])
+    return e.mean(-1), se
+
+
+def uses_queries(meth, opts, queries_given: bool) -> bool:
+    f = getattr(meth, "uses_queries", None)
+    return bool(f(opts, queries_given)) if f is not None else False
+
+
+def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: CrossFit) -> Scores:
+    """In-sample errors of ``builts`` (the builds of ``levels`` with all probes) and, for a method that
+    selects with the probes, cross-fitted ones (one more build per level and fold; level ``None``, the
+    exact cache, has error 0)."""
+    L, H = len(levels), work.H
+    p = int(work.probes.shape[-2])
+    err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
+    for i, (lv, b) in enumerate(zip(levels, builts)):
+        if lv is not None:
+            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
+    folds = cv.split(p) if uses_queries(meth, opts, work.queries_given) else None
+    if folds is None:
+        why = "the method does not select with the probes" if cv.folds >= 2 else "folds=1"
+        if uses_queries(meth, opts, work.queries_given) and cv.folds >= 2:
+            why = f"too few queries to cross-fit ({p} < 2 x {cv.folds} folds)"
+        return Scores(err_in, err_in, se_in, False, f"in-sample probe error <= eps ({why})", cv.z)
+    held_err = [[] for _ in range(L)]
+    for held in folds:
+        train = np.setdiff1d(np.arange(p), held)
+        q_train, q_held = take_queries(work.probes, train), take_queries(work.probes, held)
+        exact_held = take_queries(work.exact_probe, held)
+        for i, lv in enumerate(levels):
+            if lv is None:
+                held_err[i].append(np.zeros((H, held.size)))
+                continue
+            b = work.build(name, meth, opts, lv, probes=q_train)
+            held_err[i].append(work.query_errors(b, q_held, exact_held))
+    err, se = np.zeros((L, H)), np.zeros((L, H))
+    for i in range(L):
+        err[i], se[i] = _mean_se(np.concatenate(held_err[i], axis=-1))
+    scheme = cv.scheme or FOLD_SCHEME
+    rule = f"cross-fitted: {cv.folds} {scheme} folds, validated error + {cv.z:g} SE <= eps"
+    return Scores(err, err_in, se, True, rule, cv.z)
+
+
+def cheapest_meeting(sc: Scores, cost: np.ndarray, eps: float, exact_index: int | None = 0) -> np.ndarray:
+    """Per head, the index of the fewest bytes (``cost (L, H)``) among the rows meeting ``eps``; the exact
+    row always qualifies; ties go to the later (more compressed) index."""
+    ok = sc.bound() <= eps
+    if exact_index is not None:
+        ok[exact_index] = True
+    c = np.where(ok, cost, np.inf) - 1e-9 * np.arange(cost.shape[0])[:, None]
+    return np.argmin(c, axis=0)
+
+
+# ---------------------------------------------------------------------- the byte budget
+def families(meth, n: int, opts: dict) -> list[tuple[str, object]]:
+    """The budget axes of a method: ``(label, level_of)`` with ``level_of(B)`` the level keeping at most
+    ``B`` tokens (token-selecting methods; one family per bits for the quantized ones), or
+    ``(label, [levels])`` for methods that keep every token (their discrete levels)."""
+    if not meth.selects_tokens:
+        return [("levels", [*meth.levels(n, opts)])]
+    bits = sorted({lv["bits"] for lv in meth.levels(n, opts) if "bits" in lv}, reverse=True)
+
+    def keep_level(B):
+        return None if B >= n else meth.level_for_keep(B / n, n, opts)
+
+    if not bits:
+        return [("tokens", keep_level)]
+    return [(f"tokens@{b}bits", lambda B, b=b: {**meth.level_for_keep(B / n, n, opts), "bits": int(b)}) for b in bits]
+
+
+class Fitter:
+    """Builds and bills candidate levels of one method against a byte budget (each level built once)."""
+
+    def __init__(self, work, name, meth, opts, budget_bytes: float):
+        self.work, self.name, self.meth, self.opts, self.budget = work, name, meth, opts, budget_bytes
+        self.seen: dict = {}  # level key -> (nbytes, built)
+        self.smallest = np.inf
+
+    def nbytes(self, level):
+        key = repr(sorted(level.items())) if level is not None else "exact"
+        if key not in self.seen:
+            b = self.work.build(self.name, self.meth, self.opts, level)
+            # billed as the final cache: a throwaway copy of the built's segments (streams are not converted)
+            self.seen[key] = (_final_nbytes(self.work, b), b)
+        nb = self.seen[key][0]
+        self.smallest = min(self.smallest, nb)
+        return nb
+
+    def fits(self, level) -> bool:
+        return self.nbytes(level) <= self.budget
+
+    def largest(self, level_of) -> object | bool:
+        """The level of the most tokens ``B`` that fits (bisection on ``B``, every probe billed); ``False``
+        when even one token per head does not fit."""
+        n = self.work.n
+        if not self.fits(level_of(1)):
+            return False
+        if self.fits(level_of(n)):
+            return level_of(n)
+        lo, hi = 1, n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.fits(level_of(mid)) else (lo, mid)
+        return level_of(lo)
+
+    def built(self, level):
+        return self.seen[repr(sorted(level.items())) if level is not None else "exact"][1]
+
+
+def _final_nbytes(work, built) -> int:
+    """Bytes the cache of this one build would hold, in the caller's kind (weights, positions, codes and the
+    decode stream's state included), without converting the build's own stream."""
+    import copy  # noqa: PLC0415
+
+    b = copy.copy(built)
+    if built.stream is not None and hasattr(built.stream, "to_kind"):
+        b.stream = copy.deepcopy(built.stream)  # the conversion is the cache's; measured on a copy
+    c = work.finalize([b], np.zeros(work.H, dtype=int), "measure", {})
+    return int(c.nbytes)
+
+
+def fitting_levels(work, name, meth, opts, budget_bytes) -> tuple[list, list, float]:
+    """Per budget family of the method, the largest level within ``budget_bytes``, its build; and the
+    smallest bytes any level billed (for the error message)."""
+    f = Fitter(work, name, meth, opts, budget_bytes)
+    out = []
+    for _, fam in families(meth, work.n, opts):
+        if callable(fam):
+            lv = f.largest(fam)
+            if lv is not False:
+                out.append(lv)
+        else:
+            fit = [lv for lv in fam if f.fits(lv)]
+            if fit:
+                out.append(max(fit, key=f.nbytes))
+    return out, [f.built(lv) for lv in out], f.smallest
+
+
+def too_small(ratio: float, what: str, smallest_bytes: float, work) -> ValueError:
+    return ValueError(
+        f"ratio={ratio:g} is below what {what} can hold: the smallest achievable ratio here is "
+        f"{smallest_bytes / work.input_nbytes:.4g} ({int(smallest_bytes)} bytes of {work.input_nbytes}; one token "
+        "per head with its weights and position, or the fewest bits)"
+    )
+
+
+def ratio_search(work, name, meth, opts, cv: CrossFit, diag: dict, ratio: float, measure: bool = False):
+    """``compress(..., ratio=r)`` for one method: the largest level whose cache holds at most ``r`` of the
+    full cache's bytes (one level for every head)."""
+    budget = ratio * work.input_nbytes
+    levels, builts, smallest = fitting_levels(work, name, meth, opts, budget)
+    if not levels:
+        raise too_small(ratio, f"method {name!r}", smallest, work)
+    sc = None
+    if len(levels) > 1 or measure:
+        sc = score(work, name, meth, opts, levels, builts, cv)
+    pick = int(np.argmin(sc.err.mean(-1))) if len(levels) > 1 else 0
+    choice = np.zeros(work.H, dtype=int)
+    diag.update(
+        {
+            "budget_bytes": int(budget),
+            "levels": [levels[pick]],
+            "level_candidates": levels,
+            "level_per_head": choice.reshape(work.lead),
+            "level_info": [builts[pick].info],
+            "retries": int(builts[pick].info.get("retries", 0)),
+            "fallbacks": int(builts[pick].info.get("fallbacks", 0)),
+        }
+    )
+    if sc is not None:
+        one = Scores(sc.err[[pick]], sc.err_in[[pick]], sc.se[[pick]], sc.cross_fit, sc.rule, sc.z)
+        d = one.diagnostics(choice)
+        d["error_per_head"] = d["error_per_head"].reshape(work.lead)
+        d.pop("eps_rule")
+        d["error_rule"] = sc.rule
+        d.update(error_levels=sc.err, error_se_levels=sc.se, error_in_sample_levels=sc.err_in)
+        diag.update(d)
+    c = work.finalize([builts[pick]], choice, name, diag)
+    assert c.nbytes <= budget, (c.nbytes, budget)  # every candidate was billed as this cache
+    return c
