@@ -209,7 +209,7 @@ class Balance(Method):
 
     def uses_queries(self, opts, queries_given):
         """Heavy hitters (with queries) and the queries kernel read the probes."""
-        kernel, _ = self._kernel(opts, queries_given)
+        kernel, _ = self._kernel(self.concrete(opts, queries_given), queries_given)
         return kernel == "queries" or (queries_given and self.resolved_heavy_rounds(opts, queries_given) > 0)
 
     # ----------------------------------------------------------------- build
