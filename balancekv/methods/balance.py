@@ -1,64 +1,30 @@
 """``balance`` (practical blocked BalanceKV, SPEC 4b) and ``uniform-halving`` (its ``gamma = 0`` baseline, 4c).
 
-Both run :func:`balancekv.reference.blocked_balance.blocked_balance`: sink and
-window exact, the middle halved ``itrs`` times in blocks. ``uniform-halving``
-uses fair coin signs (``gamma = 0``) through the same procedure, so comparing
-the two at equal kept size isolates the effect of balancing.
+What: per head, the first ``sink`` and last ``window`` tokens stay exact and the middle is halved
+by self-balancing walks in blocks (:func:`balancekv.reference.blocked_balance.blocked_balance`, the
+definition; :func:`balancekv.fast.blocked_balance.blocked_balance` on torch). ``uniform-halving``
+runs the same procedure with fair coins (``gamma = 0``), so the two at equal kept size isolate the
+effect of balancing.
 
-Levels. Level ``{"itrs": T}`` halves the middle ``T`` times; the ``eps`` search
-tries ``T = 1, 2, …`` while the middle still has at least 2 tokens before the
-last round (a middle shorter than ``block`` forms one block).
-``level_for_keep(keep)`` uses ``T = round(log2(1/keep))`` rounds on the middle
-(``T = 0`` for ``keep > 1/sqrt(2)``: everything exact). The kept fraction of the
-result is ``(sink + window + middle/2^T) / n`` — larger than ``keep`` when sink
-and window are a large part of ``n``; the result reports the true count
-(``Built.info["kept"]`` and ``CompressedKV.kept()``), never ``keep``.
+Budget (:meth:`Balance.plan`). ``keep=f`` keeps at most ``ceil(f n)`` tokens: sink and window take
+at most a quarter of the budget each, the middle gets the fewest rounds whose halved size fits, and
+the slack is filled with exact tokens — heavy hitters when observed ``queries`` were given
+(``heavy_rounds`` more rounds free the room: eviction methods keep heavy hitters and drop the rest's
+mass, here the walk estimates it), otherwise the tokens just before the window. The ``eps`` search
+tries the kept fractions ``1/2, 1/4, ...`` (the same caches keep builds). ``{"itrs": T}`` levels
+(exactly ``T`` rounds) remain for experiments.
 
-Estimator. ``estimator="consistent"`` (default): one weight set for numerator
-and denominator (SPEC section 1). ``estimator="published"`` reproduces the
-authors' released decode path for comparison only: the numerator weights each
-middle token by its weight, the denominator by ``2^T`` (``den_logw = T log 2``).
+Why the defaults differ with and without queries (``"auto"`` options, :attr:`Balance.PRESETS`):
+with observed queries the query-aware kernel (the walk balances the errors on those queries) with
+value centring was best on real SmolLM2 captures of the tuning text; without queries a key-space
+kernel has to stand in for every query, and the drift normalised per token with relative joint
+balancing was best on the synthetic families. The measurements and their commands are in
+``benchmarks/README.md`` (BalanceKV kernel choices, default ``balance`` without queries, fig1).
 
-Defaults: ``gamma=4, a2=0, temp=1, block=64, sink=32, window=32,
-kernel="auto", value_centering="auto"``. ``kernel="auto"`` uses the query-aware
-``queries`` kernel when ``queries`` were given to ``compress`` and the authors'
-``keys`` kernel otherwise; ``value_centering="auto"`` is True with the
-``queries`` kernel and False with the ``keys`` kernel. Chosen on real SmolLM2
-captures of the TUNING text only (``benchmarks/balance_real_tuning.py``,
-``benchmarks/results/balance_tuning_numpy-license.md``): with observed queries,
-the value-centred ``queries`` kernel had the lowest error relative to
-``uniform-halving`` of the grid, best at ``a2=0, block=64`` (the authors used
-``a2=0.025, block=128``; ``uniform-halving`` shares ``block``); without queries, the keys kernel without value
-centring is what the synthetic families favour (``benchmarks/balance_kernel_choice.py``;
-value centring, and the queries kernel fed with the fallback key probes, both
-lost to ``uniform-halving`` on the ``llm`` family). The walk itself is looked up with
-``balancekv.backends.resolve("blocked_walk_signs", ctx.backend)``, so a fast
-implementation with identical semantics plugs in.
-
-Heavy hitters (``heavy_rounds``, default ``"auto"``: 2 when ``queries`` were given to
-``compress``, else 0). With observed queries, the middle tokens with the largest probe
-attention are kept exactly and the remaining middle is halved ``T + heavy_rounds`` rounds,
-the number of heavy hitters chosen so that the total kept size equals the plain ``T``-round
-run's. Eviction methods (SnapKV, H2O) keep the heavy hitters and *drop* the rest's mass;
-here the walk estimates that mass. Chosen on the TUNING text (numpy-license): balance /
-uniform-halving averaged over SmolLM2 layers 1, 2, 5, 15, 29 fell from 0.81/0.77/0.84/0.84
-(heavy_rounds 0) to 0.19/0.28/0.38/0.50 (heavy_rounds 2) at rates 1/2..1/16, and the
-worst layer against SnapKV at equal kept tokens to 0.67/0.75/0.83/0.92
-(``python benchmarks/balance_real_tuning.py --stage heavy``). Max-pooling the scores
-(``heavy_pool=7``, SnapKV's trick) was worse for attention error and is off by default.
-``uniform-halving`` keeps ``heavy_rounds=0`` (the pure SPEC 4c baseline); with
-``heavy_rounds > 0`` it isolates the walk's share of the hybrid's gain.
-
-Kernel. ``kernel="keys"`` (the authors' kernel on centred keys, SPEC 4b) or
-``kernel="queries"``: the query-aware kernel of
-:func:`~balancekv.reference.blocked_balance.blocked_walk_signs` built from the
-observed queries ``ctx.probes`` (the ``queries`` given to ``compress``; without
-them, the probes ``compress`` falls back to, i.e. the last keys). The
-``queries`` kernel always runs the NumPy reference walk (the fast walk implements
-only the keys kernel), whatever ``backend``.
-
-The gamma-walk clips ``p`` to ``[0, 1]`` and cannot FAIL, so ``retries`` and
-``fallbacks`` are always 0 here (the theory walk of ``balance-stream`` can FAIL).
+Estimator: ``"consistent"`` (default) uses one weight set for numerator and denominator (SPEC 1);
+``"published"`` reproduces the authors' released decode path (denominator weight ``2^T`` for every
+halved-middle token) for comparison only. The gamma-walk clips ``p`` to ``[0, 1]`` and cannot
+FAIL, so ``retries`` and ``fallbacks`` are 0 (the theory walk of ``balance-stream`` can FAIL).
 """
 
 from __future__ import annotations

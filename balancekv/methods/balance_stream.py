@@ -401,6 +401,9 @@ class BalanceStream(Method):
     defaults = {"variant": "joint", "t": 64, "sink": 4, "gamma": 4.0, "a2": 0.025, "c": None, "max_retries": 3}
     has_theorem = True
 
+    def meets_keep_budget(self, opts):
+        return opts.get("variant") != "theory"  # MergeAndReduce's size is predicted, not chosen
+
     def check_options(self, opts):
         if opts["variant"] not in VARIANTS:
             raise ValueError(f"option variant must be one of {VARIANTS}, got {opts['variant']!r}")

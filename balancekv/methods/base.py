@@ -113,6 +113,11 @@ class Method:
         """Default: the kept fraction itself is the level."""
         return {"keep": float(keep)}
 
+    def meets_keep_budget(self, opts: dict) -> bool:
+        """Whether ``keep`` is a hard bound for these options (False: a theory variant whose size is only
+        predicted; ``compress`` then does not replace an oversized build)."""
+        return True
+
     def token_budget(self, keep: float, n: int, opts: dict) -> int:
         """Most tokens per head ``keep`` allows: ``ceil(keep n)`` (a method whose ``keep`` is a mean over
         layers, like MiniKV's pyramid, says its layer's own)."""
