@@ -43,7 +43,10 @@ def softmax_balance_bound(s: int, q_norm: float, r_k: float, r_v: float, scale: 
     ``c = 30 log(n/delta)`` ours is ``sqrt(120 log(n/delta) log(2s/delta))``, the same order.
     """
     lam = als_direction_bound(c, min(delta / max(s, 1), 0.999999))
-    return math.sqrt(s) * lam * math.exp(scale * (q_norm**2 + r_k**2) / 2.0) * r_v
+    # in log space: at key norms of 30 and more the exponential alone overflows a float; the bound
+    # is then +inf (uninformative: the theorem certifies only the exact cache)
+    log_b = 0.5 * math.log(s) + math.log(lam) + scale * (q_norm**2 + r_k**2) / 2.0 + math.log(max(r_v, 1e-300))
+    return math.exp(log_b) if log_b < 709.0 else math.inf
 
 
 def softmax_balance_failure_probability(n: int, c: float) -> float:
@@ -225,7 +228,12 @@ def balance_stream_theorem_t(
     b = value_norm_bucket(vn)
     buckets = np.unique(b[vn > 0])
     dinst = balance_stream_failure_split(delta, len(buckets) + 1)
-    Zlow = n * math.exp(-scale * r * r_k)
+    # Z >= n e^{-scale r r_k}, kept in log space (it underflows to 0 at key norms of 30 and more)
+    log_zlow = math.log(n) - scale * r * r_k
+
+    def over_z(x: float) -> float:
+        return x * math.exp(-log_zlow) if -log_zlow < 709.0 else (0.0 if x == 0 else math.inf)
+
     t = 1
     while t < n:
         if c is not None and c < als_threshold(2 * t, delta):
@@ -238,8 +246,8 @@ def balance_stream_theorem_t(
             for u in buckets
         )
         EZ = merge_reduce_sum_error_bound(n, t, 1, r, r_k, 1.0, scale, dinst, c)
-        rho = EZ / Zlow
-        if fail <= delta / 2 and rho < 0.5 and EN / Zlow + float(vn.max()) * rho <= xmin * (0.5 - rho):
+        rho = over_z(EZ)
+        if fail <= delta / 2 and rho < 0.5 and over_z(EN) + float(vn.max()) * rho <= xmin * (0.5 - rho):
             return t
         t *= 2
     return None
@@ -249,4 +257,5 @@ def lower_bound_space_order(eps: float, d: int, r: float, scale: float) -> float
     """Thm 3.2 of [BKV]: for ``r^2 <= d`` any streaming algorithm meeting Eq. 2 with probability
     0.999 stores ``Omega(min(1/eps^2, d e^{2 scale r^2}))`` words. Returns the expression inside
     ``Omega`` (the paper states no constant; see ``proofs/lower_bound.md``)."""
-    return min(1.0 / eps**2, d * math.exp(2.0 * scale * r**2))
+    x = 2.0 * scale * r**2
+    return min(1.0 / eps**2, d * math.exp(x) if x < 709.0 else math.inf)
