@@ -133,16 +133,7 @@ class Method:
         raise NotImplementedError
 
     def build_torch(self, K, V, level: dict, ctx: Context) -> Built:
-        # TRANSITIONAL: methods not yet ported run the reference and convert back
-        from .._arrays import Kind, to_numpy  # noqa: PLC0415
-
-        kind = Kind("torch", K.dtype, K.device)
-        from dataclasses import replace  # noqa: PLC0415
-
-        b = self.build_reference(to_numpy(K), to_numpy(V), level, replace(ctx, probes=to_numpy(ctx.probes)))
-        b.segments = [sg.to_kind(kind) for sg in b.segments]
-        b.info["transitional_reference"] = True
-        return b
+        raise NotImplementedError(f"method {self.name!r} has no torch build")
 
     def theorem_level(self, K: np.ndarray, V: np.ndarray, eps: float, ctx: Context) -> dict | None:
         raise ValueError(f"method {self.name!r} has no theorem; use guarantee='empirical'")
