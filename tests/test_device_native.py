@@ -9,7 +9,7 @@ For every method and torch CPU input in float32 / float64 / bf16:
   same seed (SPEC section 11: the same uniforms give the same tokens);
 - float32 builds' probe error is within 1.1x of the reference's (statistically equivalent).
 
-Control: the transitional fallback (reference build + conversion) trips the numpy guard.
+Control: a tensor -> NumPy round trip (what the old pipeline did) trips the guard.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from _fast_helpers import HAS_CUDA, needs_interpreter, triton_interpreter
 from balancekv.reference import selection as rs
 
 import balancekv as bk
-from balancekv.methods import get_method
-from balancekv.methods.base import Method
 from balancekv.quantized import QuantStore
 from balancekv.synthetic import make_kv
 
@@ -33,12 +31,6 @@ METHODS = {
     "snapkv": dict(keep=0.25, window=8),
 }
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-BALANCE_PORTED = type(get_method("balance")).build_torch is not Method.build_torch
-
-
-def _skip_transitional(method):
-    if method == "balance+quant" and not BALANCE_PORTED:
-        pytest.xfail("balance has no build_torch yet: the transitional fallback converts to NumPy")
 
 
 # ---------------------------------------------------------------- an independent byte count
@@ -89,7 +81,6 @@ def no_numpy(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_torch_in_torch_out_without_numpy(method, dtype, no_numpy):
-    _skip_transitional(method)
     K, V, Q, Kt, Vt, Qt = _data(dtype)
     c = bk.compress(Kt, Vt, method=method, seed=0, **METHODS[method])
     out = c.attend(Qt)
@@ -105,11 +96,6 @@ def test_torch_in_torch_out_without_numpy(method, dtype, no_numpy):
         for x in (sg.num_logw, sg.den_logw, sg.positions, sg.keys.dense(), sg.values.dense()):
             assert isinstance(x, torch.Tensor) and x.device == Kt.device
         assert sg.positions.dtype == torch.int64
-    assert info_not_transitional(c)
-
-
-def info_not_transitional(c) -> bool:
-    return not any(i.get("transitional_reference") for i in c.diagnostics["level_info"])
 
 
 # ---------------------------------------------------------------- float64: the reference's build
