@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from _memory import reachable_array_bytes  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from _tiny_llama import tiny_llama  # noqa: E402
 
 from balancekv import hf  # noqa: E402
 from balancekv.methods import available_methods, get_method  # noqa: E402
@@ -24,27 +24,7 @@ N = 256
 
 
 def tiny(impl: str, dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    net = LlamaForCausalLM(cfg).eval().to(dtype)
-    with torch.no_grad():
-        for layer in net.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    net.set_attn_implementation(impl)
-    return net
+    return tiny_llama(impl, dtype)
 
 
 @pytest.fixture(scope="module")
