@@ -491,6 +491,20 @@ def _assemble(
 
 
 # ---------------------------------------------------------------------- SubGen
+def _state_out(K, V, Kt, Vt, Xf, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
+               num_pos, sq, n, estimator, unit):  # fmt: skip
+    """The finished state in the input's kind: a device-native state for torch input, the reference's
+    state (NumPy float64) for NumPy input."""
+    if isinstance(K, torch.Tensor):  # torch in: the state stays on the device
+        return _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
+                            num_pos, sq, n, estimator, unit)  # fmt: skip
+    host = lambda t: t.cpu().numpy()
+    return _assemble(
+        _np64(K), _np64(V), _folded64(Xf, K, scale), ts, s_num, host(thr), scale, host(cent), host(k), host(counts),
+        host(radius), host(slot_pos), host(order), host(starts), host(mu), host(num_pos), host(sq), n, estimator, unit,
+    )  # fmt: skip
+
+
 def subgen_stream(
     K,
     V,
@@ -548,32 +562,8 @@ def subgen_stream(
         num_ok = torch.ones((H, s_num), dtype=torch.bool, device=dev)
         num_pos = _last_taker(U[:, :, t_max:], p_num, torch.zeros_like(assign), 1, num_ok)[:, 0]
         mu = mu_run[:, -1] if n else torch.zeros(H, dtype=torch.float64, device=dev)
-    if isinstance(K, torch.Tensor):  # torch in: the state stays on the device
-        return _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
-                            num_pos, sq, n, estimator, unit)  # fmt: skip
-    Xf64 = _folded64(Xf, K, scale)
-    return _assemble(
-        _np64(K),
-        _np64(V),
-        Xf64,
-        ts,
-        s_num,
-        thr.cpu().numpy(),
-        scale,
-        cent.cpu().numpy(),
-        k.cpu().numpy(),
-        counts.cpu().numpy(),
-        radius.cpu().numpy(),
-        slot_pos.cpu().numpy(),
-        order.cpu().numpy(),
-        starts.cpu().numpy(),
-        mu.cpu().numpy(),
-        num_pos.cpu().numpy(),
-        sq.cpu().numpy(),
-        n,
-        estimator,
-        unit,
-    )
+    return _state_out(K, V, Kt, Vt, Xf, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts,
+                      mu, num_pos, sq, n, estimator, unit)  # fmt: skip
 
 
 def subgen_offline(
@@ -636,32 +626,8 @@ def subgen_offline(
         last = torch.where(sq > 0.0, ar[None, :], -1).max(dim=1).values  # last nonzero value
         num_pos = torch.minimum(num_pos, last[:, None])
         thr = dist.to(torch.float64).max(dim=1).values
-    if isinstance(K, torch.Tensor):  # torch in: the state stays on the device
-        return _torch_state(Kt, Vt, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts, mu,
-                            num_pos, sq, n, estimator, unit)  # fmt: skip
-    Xf64 = _folded64(Xf, K, scale)
-    return _assemble(
-        _np64(K),
-        _np64(V),
-        Xf64,
-        ts,
-        s_num,
-        thr.cpu().numpy(),
-        scale,
-        cent.cpu().numpy(),
-        k.cpu().numpy(),
-        counts.cpu().numpy(),
-        radius.cpu().numpy(),
-        slot_pos.cpu().numpy(),
-        order.cpu().numpy(),
-        starts.cpu().numpy(),
-        mu.cpu().numpy(),
-        num_pos.cpu().numpy(),
-        sq.cpu().numpy(),
-        n,
-        estimator,
-        unit,
-    )
+    return _state_out(K, V, Kt, Vt, Xf, ts, s_num, thr, scale, cent, k, counts, radius, slot_pos, order, starts,
+                      mu, num_pos, sq, n, estimator, unit)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- device-native state
