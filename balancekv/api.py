@@ -39,7 +39,7 @@ from . import _validate as V_
 from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV
 from .methods import get_method
-from .methods.base import Built, Context
+from .methods.base import CAPPED, Built, Context
 from .storage import DenseStore, Segment, compact_dense, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
@@ -285,6 +285,7 @@ def compress(
     *,
     keep: float | None = None,
     ratio: float | None = None,
+    cap: int | None = None,
     method: str = "balance",
     queries=None,
     guarantee: str = "empirical",
@@ -311,7 +312,14 @@ def compress(
         count, every candidate built and billed); ``quant`` the most bits that fit; ``minikv`` and
         ``balance+quant`` the most tokens that fit at each of 8, 4, 2 bits, then the bits with the
         smallest probe error (validated, as for ``eps``). ``ValueError`` naming the smallest
-        achievable ratio when nothing fits. Give exactly one of ``eps``, ``keep`` and ``ratio``.
+        achievable ratio when nothing fits.
+    cap : a memory cap for decoding, an int >= 1: the cache holds at most ``cap`` tokens per head now and
+        after any number of :meth:`CompressedKV.append` calls (the prompt, if longer, is compressed to fit;
+        shorter, it is held exactly and the cache fills up to the cap before the method's decode policy
+        starts compressing). Methods with a capped policy: ``streaming`` (sink + ring), ``h2o`` (online
+        eviction by accumulated attention: feed the decode queries to :meth:`CompressedKV.observe`),
+        ``balance`` and ``balance-stream`` (weighted sets merged by the balancing walk), ``subgen``.
+        Give exactly one of ``eps``, ``keep``, ``ratio`` and ``cap``.
     method : a name from :func:`balancekv.methods.available_methods`; ``"auto"`` chooses per head
         among several methods and their levels (:mod:`balancekv.auto`).
     queries : probe queries ``(…, p, d)`` (e.g. the prompt's last queries); default: the last
@@ -364,11 +372,17 @@ def compress(
     (float64 for float64 input); kept tokens are stored in the input's dtype.
     """
     V_.check_kv(K, V)
-    if sum(x is not None for x in (eps, keep, ratio)) != 1:
+    if sum(x is not None for x in (eps, keep, ratio, cap)) != 1:
         raise ValueError(
-            "give exactly one of eps (target error), keep (kept fraction) and ratio (byte budget, a fraction of "
-            "the full cache's bytes)"
+            "give exactly one of eps (target error), keep (kept fraction), ratio (byte budget, a fraction of "
+            "the full cache's bytes) and cap (most tokens per head held while decoding)"
         )
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, Integral):
+            raise TypeError(f"cap must be an int (tokens per head), got {type(cap).__name__}")
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        cap = int(cap)
     if eps is not None:
         eps = V_.check_open_unit("eps", eps)
     if keep is not None:
@@ -402,6 +416,8 @@ def compress(
         V_.check_queries("queries", queries, lead, d, like=K)
     if keep is not None and keep < 1 and not meth.selects_tokens:
         raise ValueError(f"method {method!r} keeps every token; keep must be 1 (use eps or its options)")
+    if cap is not None and not meth.supports_cap:
+        raise ValueError(f"method {method!r} has no decode policy under a memory cap (cap=); use one of {CAPPED}")
     if guarantee == "theorem" and method == "auto":
         raise ValueError("method 'auto' has no theorem; use guarantee='empirical'")
     kind = Kind.of(K, V)  # keys and values keep their own dtypes (mixed precision is not cast down)
@@ -435,7 +451,13 @@ def compress(
     if ratio is not None:
         return budget.ratio_search(work, method, meth, opts, cv, diag, ratio, measure=measure)
     errors = None
-    if keep is not None or guarantee == "theorem":
+    if cap is not None:
+        level = {"cap": cap}
+        built = meth.build_capped(Kw, Vw, cap, work.context(method, opts, level))
+        levels, choice, builts = [level], np.zeros(H, dtype=int), [built]
+        if measure:
+            errors = work.query_errors(built).mean(-1)
+    elif keep is not None or guarantee == "theorem":
         if keep is not None:
             # keep=1 keeps every token exactly for every token-selecting method (quantization keeps
             # every token too, at its bits)
@@ -510,6 +532,13 @@ class _LeadStream:
         H = int(np.prod(self.lead, dtype=np.int64))
         segs = self.stream.append(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
         return [sg.reshape_lead(self.lead) for sg in segs]
+
+    @property
+    def observes(self) -> bool:
+        return hasattr(self.stream, "observe")
+
+    def observe(self, Q) -> None:
+        self.stream.observe(Q.reshape(-1, *Q.shape[-2:]))
 
 
 def attention(Q, K, V, scale: float | None = None, causal: bool = False, backend: str = "auto"):

@@ -412,6 +412,25 @@ class CompressedKV:
         self.n_seen += t
         return self
 
+    def observe(self, Q) -> CompressedKV:
+        """Tell the cache's decode policy which queries ``Q (…, mq, d)`` attended to it (returns ``self``).
+
+        Only a policy that evicts by accumulated attention (``compress(..., method="h2o", cap=C)``, online
+        H2O) uses them: each query's attention probabilities over the held slots are added to the slots'
+        scores. For every other cache this does nothing. :mod:`balancekv.hf` calls it after each
+        decode step's attention.
+        """
+        if self._stream is None or not getattr(self._stream, "observes", False):
+            return self
+        V_.check_queries("Q", Q, self.lead, self.d, like=self._arena.keys)
+        wk = self.work_kind
+        if wk.is_torch:
+            q = (Q if is_torch(Q) else torch.from_numpy(np.ascontiguousarray(Q))).detach().to(wk.device, wk.dtype)
+        else:
+            q = to_numpy(Q, np.float64)
+        self._stream.observe(q)
+        return self
+
     # ------------------------------------------------------------------ export
     def to_dense(self, augmented: bool = False):
         """Keys, values and an additive logit bias for any attention kernel with a bias input.

@@ -81,6 +81,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from .api import compress
 from .fast.decode_attention import attend_parts
 from .methods import get_method
+from .methods.base import CAPPED
 
 PREFIX = "balancekv_"
 BUDGETS = ("uniform", "pyramid")
@@ -228,6 +229,8 @@ class CompressedLayer(CacheLayerMixin):
         )
         if p.eps is not None:
             kw["eps"] = p.eps
+        elif p.cap is not None:
+            kw["cap"] = p.cap
         else:
             kw["keep"] = float(min(1.0, max(p.keeps[self.layer_idx], 1.0 / n)))
         self.ckv = compress(K, V, **kw)
@@ -256,6 +259,7 @@ class CompressedLayer(CacheLayerMixin):
             dtype=query.dtype,
             backend=self.parent.backend if self.parent.backend != "reference" else "torch",
         )
+        ckv.observe(q.reshape(ckv.lead + (g * t, d)))  # online H2O accumulates attention (others: nothing)
         return out.to(query.dtype).reshape(B, Hq, t, -1).transpose(1, 2).contiguous()
 
     @property
@@ -300,6 +304,9 @@ class CompressedCache(Cache):
     method : any name of :func:`balancekv.available_methods`.
     keep : mean kept fraction per layer, in (0, 1] (``budgets`` spreads it across layers).
     eps : instead of ``keep``, a target error: each head picks its own level (SPEC 8).
+    cap : instead of ``keep``, a memory cap: every layer holds at most ``cap`` tokens per KV head through
+        prefill and generation (``compress(..., cap=)``: ``streaming``, ``h2o`` (online, fed each decode
+        step's queries), ``balance``, ``balance-stream``, ``subgen``).
     budgets : ``"uniform"``, ``"pyramid"`` (SPEC 7, with ``beta``) or per-layer fractions.
     probe_window : prompt queries per query head used as probes (default 32, SnapKV's window).
     seed : layer ``l`` compresses with seed ``seed + l``.
@@ -316,6 +323,7 @@ class CompressedCache(Cache):
         *,
         keep: float | None = None,
         eps: float | None = None,
+        cap: int | None = None,
         budgets="uniform",
         beta: float = 20.0,
         probe_window: int = 32,
@@ -336,9 +344,15 @@ class CompressedCache(Cache):
         self.sliding_window = int(sw) if (sliding and sw) else None
         meth = get_method(method)  # ValueError for an unknown name
         meth.resolve_options(options)  # TypeError/ValueError for a bad option, before any forward pass
-        if keep is not None and eps is not None:
-            raise ValueError("give at most one of keep and eps")
-        if keep is None and eps is None:
+        if sum(x is not None for x in (keep, eps, cap)) > 1:
+            raise ValueError("give at most one of keep, eps and cap")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1:
+                raise ValueError(f"cap must be a positive int (tokens per KV head), got {cap!r}")
+            if not meth.supports_cap:
+                raise ValueError(f"method {method!r} has no decode policy under a memory cap; use one of {CAPPED}")
+            cap = int(cap)
+        elif keep is None and eps is None:
             keep = 1.0
         if keep is not None:
             keep = _check_real("keep", keep, 0.0, 1.0)
@@ -350,7 +364,7 @@ class CompressedCache(Cache):
             raise ValueError(f"probe_window must be a positive int, got {probe_window!r}")
         if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.method, self.keep, self.eps, self.options = method, keep, eps, dict(options)
+        self.method, self.keep, self.eps, self.cap, self.options = method, keep, eps, cap, dict(options)
         self.budgets, self.beta = budgets, float(beta)
         self.keeps = layer_keeps(keep if keep is not None else 1.0, n_layers, budgets, beta)
         self.probe_window, self.seed, self.backend = int(probe_window), int(seed), backend

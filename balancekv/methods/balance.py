@@ -29,6 +29,8 @@ FAIL, so ``retries`` and ``fallbacks`` are 0 (the theory walk of ``balance-strea
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from balancekv.backends import resolve
@@ -42,7 +44,7 @@ from balancekv.reference.blocked_balance import (
     halving_sizes,
 )
 
-from .._arrays import is_torch
+from .._arrays import is_torch, torch
 from ..storage import dense_segment, gather_tokens
 from .base import Built, Method, check_float_option, check_int_option, halving_levels
 
@@ -288,6 +290,49 @@ class Balance(Method):
         )
         return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
 
+    # ----------------------------------------------------------------- under a memory cap
+    supports_cap = True
+
+    def build_capped(self, K, V, cap, ctx):
+        """Streaming ``balance`` under a cap: a :func:`~balancekv.methods.balance_stream.capped_stream`
+        (exact sinks, sets of ``t`` weighted tokens, an exact recent window; see :func:`cap_layout`) whose
+        oldest sets are this method's prefill build of the prompt's middle, at most the sets' room
+        (``balance`` with the caller's options and queries, its own sink and window 0); during decoding
+        tokens leaving the window form new sets, and adjacent sets are merged by the joint walk whenever
+        the cap needs room (the walk options of ``balance-stream``)."""
+        from .balance_stream import BalanceStream, capped_stream  # noqa: PLC0415  (a sibling method)
+
+        if ctx.opts["estimator"] != "consistent":
+            raise ValueError("cap: balance's capped policy needs estimator='consistent' (one weight set)")
+        bs = BalanceStream.defaults
+        H, n, _ = K.shape
+        stream = capped_stream(
+            K, V, cap, ctx, sink=ctx.opts["sink"], t=bs["t"], walk={"gamma": bs["gamma"], "a2": bs["a2"]}
+        )
+        tp = is_torch(K)
+        pos = torch.arange(n, device=K.device) if tp else np.arange(n)
+        s0 = min(stream.sink, n)
+        w0 = min(stream.window, n - s0)
+        M, room = n - s0 - w0, stream.max_sets * stream.t
+        info = {"cap": int(cap), "sink": s0, "window": stream.window, "t": stream.t, "prefill_middle": M}
+        if s0:
+            stream.extend(K[:, :s0], V[:, :s0], pos[:s0])
+        if M > room:  # the middle compressed by this method to at most the sets' room
+            mid_ctx = replace(ctx, opts={**ctx.opts, "sink": 0, "window": 0})
+            level = self.level_for_keep(room / M, M, ctx.opts)
+            built = self.build(K[:, s0 : n - w0], V[:, s0 : n - w0], level, mid_ctx)
+            (sg,) = built.segments
+            stream.seed(sg.keys.dense(), sg.values.dense(), sg.num_logw, sg.positions + s0, M)
+            info.update(prefill_rounds=built.info.get("rounds"), prefill_kept=built.info.get("kept"))
+        elif M:
+            zero = K.new_zeros((H, M)) if tp else np.zeros((H, M))
+            mid_pos = pos[s0 : n - w0]
+            mid_pos = mid_pos.expand(H, M) if tp else np.broadcast_to(mid_pos, (H, M))
+            stream.seed(K[:, s0 : n - w0], V[:, s0 : n - w0], zero, mid_pos, M)
+        if w0:
+            stream.extend(K[:, n - w0 :], V[:, n - w0 :], pos[n - w0 :])
+        return Built(stream.segments(), stream=stream, info=info)
+
     # ----------------------------------------------------------------- exact tokens of the middle
     @staticmethod
     def resolved_heavy_rounds(opts, queries_given: bool) -> int:
@@ -341,3 +386,5 @@ class UniformHalving(Balance):
     # the pure baseline of SPEC 4c: no heavy-hitter protection unless asked for
     defaults = {**{k: v for k, v in Balance.defaults.items() if k != "gamma"}, "heavy_rounds": 0}
     fixed_gamma = 0.0
+    supports_cap = False  # its decode policy would be balance's walk, not fair coins
+    build_capped = Method.build_capped

@@ -116,9 +116,23 @@ class JointBalanceStream:
     of the state: the cache shares them, nothing is copied twice).
     """
 
-    def __init__(self, H, d, s, *, t, rounds, sink, scale, rng, like, backend="reference", walk=None, window=0):
+    def __init__(
+        self, H, d, s, *, t, rounds, sink, scale, rng, like, backend="reference", walk=None, window=0, cap=None
+    ):
         self.H, self.d, self.s, self.t, self.rounds, self.sink = H, d, s, int(t), int(rounds), int(sink)
         self.window = int(window)
+        #: memory cap (tokens per head), or None: see :func:`cap_layout` and :meth:`_enforce_cap`
+        self.max_tokens, self.max_sets = None, None
+        if cap is not None:
+            self.rounds = 0  # no counter: a set is merged only when the cap needs it
+            self.max_tokens = int(cap)
+            self.max_sets = (self.max_tokens - self.sink - self.window - self.t + 1) // self.t
+            if self.max_sets < 1:
+                raise ValueError(
+                    f"cap={cap} is too small for sink={sink}, window={window} and t={t}: it needs at least "
+                    f"{self.sink + self.window + 2 * self.t - 1} tokens"
+                )
+        self.top_n: list[int] = []  # tokens each set of ``top`` stands for (host ints, for the cap's merges)
         self.cap = self.window + self.t  # buffer capacity: the window plus one block
         self.scale, self.rng, self.backend = float(scale), rng, backend  # (like only gives kind and dtype)
         self.torch = is_torch(like)
@@ -148,6 +162,33 @@ class JointBalanceStream:
     def append(self, k, v, pos):
         self.extend(k, v, pos)
         return self.segments()
+
+    def seed(self, K, V, logw, pos, n_tokens: int):
+        """Add an already weighted set ``K (H, m, d)``, ``V``, ``logw (H, m)``, ``pos (H, m)`` standing for
+        the ``n_tokens`` stream tokens after the sinks (a prefill build; ``-inf`` slots are padding) as the
+        oldest sets, in chunks of ``t`` slots. Call it after the sinks and before the recent tokens."""
+        H, m = int(K.shape[0]), int(K.shape[1])
+        t = self.t
+        for a in range(0, m, t):
+            # own storage per set (a view would keep the whole build alive after this set is merged)
+            cp = (lambda x: x.clone()) if self.torch else (lambda x: x.copy())
+            parts = [cp(x[:, a : a + t]) for x in (K, V, logw, pos)]
+            pad = t - int(parts[0].shape[1])
+            if pad:
+                if self.torch:
+                    fill = [0.0, 0.0, -math.inf, -1]
+                    parts = [
+                        torch.cat([x, torch.full((H, pad) + tuple(x.shape[2:]), f, dtype=x.dtype, device=x.device)], 1)
+                        for x, f in zip(parts, fill)
+                    ]
+                else:
+                    parts = [
+                        np.concatenate([x, np.full((H, pad) + x.shape[2:], f, dtype=x.dtype)], 1)
+                        for x, f in zip(parts, [0.0, 0.0, -np.inf, -1])
+                    ]
+            w = parts[2].exp().sum(-1).mean() if self.torch else np.exp(parts[2]).sum(-1).mean()
+            self._push(tuple(parts), self.rounds, count=max(1, round(float(w))))
+        self.n_seen += int(n_tokens)
 
     def extend(self, K, V, positions):
         T = int(K.shape[1])
@@ -186,15 +227,31 @@ class JointBalanceStream:
                 self.nbuf = self.window
                 self._push(block, 0)
 
-    def _push(self, block, level):
+    def _push(self, block, level, count=None):
+        """Add a set at counter ``level`` standing for ``count`` tokens (default ``t 2^level``)."""
+        count = self.t * 2**level if count is None else int(count)
         while level < self.rounds and self.levels[level] is not None:
             other, self.levels[level] = self.levels[level], None
             block = self.reduce(other, block)
             level += 1
+            count *= 2
         if level >= self.rounds:
             self.top.append(block)
+            self.top_n.append(count)
+            if self.max_sets is not None:
+                self._enforce_cap()
         else:
             self.levels[level] = block
+
+    def _enforce_cap(self):
+        """Merge sets until at most ``max_sets`` remain: each time the two *adjacent* sets that stand for the
+        fewest tokens together (ties: the oldest), so merged sets carry about equal weights, as
+        MergeAndReduce's counter would give them, and the cache never holds more than the cap."""
+        while len(self.top) > self.max_sets:
+            tot = [a + b for a, b in zip(self.top_n, self.top_n[1:])]
+            j = int(np.argmin(tot))
+            self.top[j : j + 2] = [self.reduce(self.top[j], self.top[j + 1])]
+            self.top_n[j : j + 2] = [tot[j]]
 
     def reduce(self, a, b):
         """Halve the merged set ``a + b`` (``2t`` tokens per head) to ``t`` per head."""
@@ -209,17 +266,27 @@ class JointBalanceStream:
         big = m > 2.0**400
         one = torch.ones_like(m) if self.torch else 1.0
         u = xp.where(big, xp.exp2(xp.ceil(xp.log2(xp.where(big, m, one)))), one)
+        ok = xp.isfinite(lw)  # padding slots (lw = -inf, only in sets seeded from a prefill build) are not tokens
         signs = self._signs(K, V / u[:, None, None], r, weights=xp.exp(lw), scale=self.scale, **self.walk)
-        keep, doubled = self._halve(signs)
+        keep, doubled = self._halve(signs, ok)
+        # a head whose two sets hold at most t tokens together keeps them all (no halving needed)
+        fits = (ok.sum(-1) <= self.t)[:, None]
+        keep, doubled = xp.where(fits, ok, keep), doubled & ~fits
+        t = self.t
         if self.torch:
-            idx = torch.nonzero(keep)[:, 1].reshape(self.H, self.t)
+            idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :t]  # kept slots first, in order
+            kept = torch.gather(keep, 1, idx)
             dbl = torch.gather(doubled, 1, idx).to(lw.dtype)
             g = lambda X: torch.gather(X, 1, idx[..., None].expand(-1, -1, X.shape[-1]))
-            return g(K), g(V), torch.gather(lw, 1, idx) + math.log(2.0) * dbl, torch.gather(pos, 1, idx)
-        idx = np.nonzero(keep)[1].reshape(self.H, self.t)
+            nlw = torch.where(kept, torch.gather(lw, 1, idx) + math.log(2.0) * dbl, torch.full_like(dbl, -math.inf))
+            npos = torch.where(kept, torch.gather(pos, 1, idx), torch.full_like(idx, -1))
+            return g(K), g(V), nlw, npos
+        idx = np.argsort(~keep, axis=1, kind="stable")[:, :t]
+        kept = np.take_along_axis(keep, idx, 1)
         dbl = np.take_along_axis(doubled, idx, 1)
         g = lambda X: np.take_along_axis(X, idx[..., None], 1)
-        return g(K), g(V), np.take_along_axis(lw, idx, 1) + np.log(2.0) * dbl, np.take_along_axis(pos, idx, 1)
+        nlw = np.where(kept, np.take_along_axis(lw, idx, 1) + np.log(2.0) * dbl, -np.inf)
+        return g(K), g(V), nlw, np.where(kept, np.take_along_axis(pos, idx, 1), -1)
 
     # ------------------------------------------------------------------ views
     def segments(self):
@@ -237,6 +304,31 @@ class JointBalanceStream:
         """Tokens held per head (sinks, buffer, sets)."""
         n = min(self.sink, self.n_seen) + self.nbuf + self.t * (len(self.top) + sum(x is not None for x in self.levels))
         return np.full(self.H, n)
+
+
+def cap_layout(cap: int, sink: int, t: int, window_frac: float) -> tuple[int, int, int]:
+    """``(sink, window, t)`` of a :class:`JointBalanceStream` holding at most ``cap`` tokens per head: the
+    sinks take at most an eighth of the cap, sets of ``t <= cap / 16`` slots, an exact recent window of
+    ``window_frac * cap`` tokens, and room for at least one set (``sink + window + 2 t - 1 <= cap``)."""
+    cap = int(cap)
+    sink = min(int(sink), cap // 8)
+    t = max(1, min(int(t), cap // 16))
+    window = max(0, min(int(round(window_frac * cap)), cap - sink - 2 * t + 1))
+    return sink, window, t
+
+
+#: the exact recent window's share of a cap (:func:`cap_layout`)
+CAP_WINDOW_FRAC = 0.25
+
+
+def capped_stream(K, V, cap, ctx, *, sink, t, walk=None) -> JointBalanceStream:
+    """An empty :class:`JointBalanceStream` for ``K``'s heads holding at most ``cap`` tokens per head."""
+    H, _, d = K.shape
+    s0, w, t = cap_layout(cap, sink, t, CAP_WINDOW_FRAC)
+    return JointBalanceStream(
+        H, d, V.shape[-1], t=t, rounds=0, sink=s0, scale=ctx.scale, rng=ctx.rng, like=K, backend=ctx.backend,
+        walk=walk, window=w, cap=cap,
+    )  # fmt: skip
 
 
 def _torch_norms(V):
@@ -536,6 +628,21 @@ class BalanceStream(Method):
         }
         flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
         return Built(segs, stream=stream, info=info)
+
+    supports_cap = True
+
+    def build_capped(self, K, V, cap, ctx):
+        """The joint stream under a cap (``variant="joint"`` only): :func:`cap_layout` sizes it, the prompt
+        streams through it, and adjacent sets are merged (halved by the walk) whenever the next set would
+        not fit (:meth:`JointBalanceStream._enforce_cap`)."""
+        o = ctx.opts
+        if o["variant"] != "joint":
+            raise ValueError("cap: only variant='joint' of balance-stream has a capped decode policy")
+        H, n, d = K.shape
+        stream = capped_stream(K, V, cap, ctx, sink=o["sink"], t=o["t"], walk={"gamma": o["gamma"], "a2": o["a2"]})
+        stream.extend(K, V, torch.arange(n, device=K.device) if is_torch(K) else np.arange(n))
+        info = {"variant": "joint", "cap": int(cap), "sink": stream.sink, "window": stream.window, "t": stream.t}
+        return Built(stream.segments(), stream=stream, info=info)
 
     def theorem_level(self, K, V, eps, ctx):
         """Smallest ``t`` certified by Thm 3.1 [BKV] (our constants) for every head, or ``None`` (exact).

@@ -75,6 +75,8 @@ class DecodeStream(Protocol):
 
     def segments(self) -> list[Segment]: ...
 
+    # optional: ``observe(Q)`` takes the queries ``Q (H, mq, d)`` that attended to the cache in a decode
+    # step (a policy that evicts by accumulated attention, online H2O, needs them).
     # optional: ``to_kind(kind)`` converts the stream's state to the cache's kind and storage dtype
     # once, after the build, so that its segments are the cache's storage (no second copy) and
     # appends write into them in place.
@@ -137,6 +139,18 @@ class Method:
 
     def theorem_level(self, K: np.ndarray, V: np.ndarray, eps: float, ctx: Context) -> dict | None:
         raise ValueError(f"method {self.name!r} has no theorem; use guarantee='empirical'")
+
+    #: True for methods with a decode policy under a memory cap (:meth:`build_capped`)
+    supports_cap: ClassVar[bool] = False
+
+    def build_capped(self, K, V, cap: int, ctx: Context) -> Built:
+        """The prompt ``K, V`` under a memory cap: a :class:`Built` whose ``stream`` never holds more than
+        ``cap`` tokens per head, before or after any number of appends (``compress(..., cap=)``)."""
+        raise ValueError(f"method {self.name!r} has no decode policy under a memory cap; use one of {CAPPED}")
+
+
+#: the methods with a capped decode policy (kept in sync by tests/test_capped.py)
+CAPPED = ("streaming", "h2o", "balance", "balance-stream", "subgen")
 
 
 def halving_levels(n: int, min_kept: int = 1) -> list[dict]:

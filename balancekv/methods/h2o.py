@@ -27,13 +27,16 @@ remembers the scores of the last ``(queries, keys)`` pair while the keys live.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
+import numpy as np
+
 from balancekv.reference import selection as rs
 
-from .._arrays import is_torch
-from ..storage import exact_segment, gather_tokens
+from .._arrays import is_torch, take_rows, torch
+from ..storage import DenseStore, Segment, exact_segment, gather_tokens
 from .base import Built, Method, check_float_option, kept_count
 
 
@@ -107,6 +110,75 @@ def selected_segment(K, V, idx, label):
     return exact_segment(gather_tokens(K, idx), gather_tokens(V, idx), idx, label)
 
 
+class OnlineH2OStream:
+    """Online H2O under a memory cap [H2O, Alg. 1]: ``cap`` slots per head, each with its accumulated attention.
+
+    A new token takes a free slot while there is one; once the cache is full it replaces, per head, the
+    held token with the smallest accumulated attention among those outside the recent window (the last
+    ``recent`` positions, the new token's included). :meth:`observe` adds each decode query's attention
+    probabilities over the held slots to their scores (a new token starts at 0). Memory is the ``cap``
+    slots, preallocated; an append costs ``O(cap)`` per token and head, whatever the stream's length.
+    Works on NumPy arrays and torch tensors alike.
+    """
+
+    def __init__(self, K, V, idx, scores, cap: int, recent: int, scale: float):
+        H, _, d = K.shape
+        self.cap, self.recent, self.scale = int(cap), int(recent), float(scale)
+        tp = is_torch(K)
+        new = (lambda sh, v, dt: torch.full(sh, v, dtype=dt, device=K.device)) if tp else np.full
+        m = int(idx.shape[-1])
+        self.keys = new((H, cap, d), 0, K.dtype)
+        self.values = new((H, cap, V.shape[-1]), 0, V.dtype)
+        self.logw = new((H, cap), -math.inf, K.dtype)
+        self.pos = new((H, cap), -1, torch.int64 if tp else np.int64)
+        self.score = new((H, cap), 0, scores.dtype)
+        self.keys[:, :m], self.values[:, :m] = gather_tokens(K, idx), gather_tokens(V, idx)
+        self.logw[:, :m], self.pos[:, :m] = 0, idx
+        self.score[:, :m] = take_rows(scores[..., None], idx)[..., 0]
+        self.used = m
+        self.heads = torch.arange(H, device=K.device) if tp else np.arange(H)
+
+    def to_kind(self, kind) -> None:
+        """Hold the slots in the cache's kind (keys and values in its storage dtypes), once, after the build."""
+        sg = self._segment().to_kind(kind)
+        self.keys, self.values, self.logw, self.pos = sg.keys.x, sg.values.x, sg.num_logw, sg.positions
+        if kind.is_torch and not is_torch(self.score):
+            self.score = torch.from_numpy(self.score).to(kind.device, kind.compute)
+        self.heads = torch.arange(self.keys.shape[0], device=self.keys.device) if kind.is_torch else self.heads
+
+    def _segment(self):
+        return Segment(DenseStore(self.keys), DenseStore(self.values), self.logw, self.logw, self.pos, "h2o")
+
+    def segments(self):
+        return [self._segment()]
+
+    def append(self, k, v, pos):
+        tp = is_torch(self.keys)
+        for i in range(int(k.shape[-2])):
+            if self.used < self.cap:  # a free slot, the same for every head
+                slot = (slice(None), self.used)
+                self.used += 1
+            else:  # per head, the lowest accumulated attention outside the recent window
+                outside = self.pos <= pos[i] - self.recent
+                inf = torch.full_like(self.score, math.inf) if tp else np.inf
+                slot = (self.heads, (torch.where if tp else np.where)(outside, self.score, inf).argmin(-1))
+            self.keys[slot], self.values[slot] = k[:, i], v[:, i]
+            self.logw[slot], self.pos[slot], self.score[slot] = 0, pos[i], 0
+        return self.segments()
+
+    def observe(self, Q) -> None:
+        """Accumulate the attention of decode queries ``Q (H, mq, d)`` over the held slots into their scores."""
+        if is_torch(self.keys):
+            a = self.scale * (Q.to(self.score.dtype) @ self.keys.to(self.score.dtype).transpose(-1, -2))
+            p = torch.softmax(a + self.logw.to(a.dtype)[:, None, :], dim=-1)
+        else:
+            a = self.scale * np.asarray(Q, np.float64) @ self.keys.astype(np.float64).transpose(0, 2, 1)
+            a = a + self.logw[:, None, :]
+            p = np.exp(a - a.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+        self.score += p.sum(-2).to(self.score.dtype) if is_torch(p) else p.sum(-2)
+
+
 class H2O(Method):
     name = "h2o"
     defaults = {"recent_share": 0.5}
@@ -126,3 +198,17 @@ class H2O(Method):
 
     build_reference = _build
     build_torch = _build
+
+    supports_cap = True
+
+    def build_capped(self, K, V, cap, ctx):
+        """H2O under a cap (:class:`OnlineH2OStream`): the prompt's ``min(n, cap)`` tokens chosen as at
+        ``keep`` (scores of the prompt's queries), the recent window ``round(recent_share * cap)`` tokens (at
+        most ``cap - 1``), then online eviction by the accumulated attention of the decode queries."""
+        n = K.shape[-2]
+        m = min(n, int(cap))
+        recent = min(int(cap) - 1, int(round(ctx.opts["recent_share"] * cap)))
+        scores = h2o_scores_once(K, ctx)
+        idx = select_top(scores, m, min(m, recent))
+        stream = OnlineH2OStream(K, V, idx, scores, int(cap), recent, ctx.scale)
+        return Built(stream.segments(), stream=stream, info={"cap": int(cap), "kept": m, "recent": recent})

@@ -94,3 +94,12 @@ class Streaming(Method):
         return Built(stream.segments(), stream=stream, info={"kept": m})
 
     build_torch = build_reference  # the stream is written for NumPy arrays and torch tensors alike
+
+    supports_cap = True
+
+    def build_capped(self, K, V, cap, ctx):
+        """StreamingLLM under a cap: the first ``sink`` tokens and a ring of the last ``cap - sink`` (the
+        ring starts with the prompt's last tokens and fills up before it overwrites)."""
+        sink = min(ctx.opts["sink"], K.shape[-2], cap - 1)
+        stream = SinkWindowStream(K, V, sink, cap - sink)
+        return Built(stream.segments(), stream=stream, info={"cap": int(cap), "sink": sink, "window": cap - sink})
