@@ -123,3 +123,40 @@ def test_a_second_prompt_needs_a_reset(prompt):
         cache.reset()
         out = model.generate(prompt[:, :16], cache=cache, max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 18) and cache.get_seq_length() == 17
+
+
+@pytest.mark.parametrize("method", ["streaming", "h2o", "balance", "balance-stream", "subgen"])
+def test_generation_under_a_memory_cap(prompt, method):
+    """``CompressedCache(cap=C)``: every layer holds at most C tokens per KV head through prefill and 40
+    decode tokens, holds at most 1.10x what it bills (bf16, gc walk), and bills no more than it did when
+    it first filled (flat memory). With a cap the whole stream fits, generation equals plain generation
+    token for token (nothing is compressed before it must be; float32)."""
+    model = tiny("sdpa")  # float32: bf16 greedy decoding flips on rounding differences between kernels
+    short = prompt[:, :24]
+    with torch.no_grad():
+        plain = model.generate(short, max_new_tokens=16, do_sample=False)
+        with hf.compressed(model, method=method, cap=64) as cache:
+            roomy = model.generate(short, cache=cache, max_new_tokens=16, do_sample=False)
+        assert torch.equal(roomy, plain)
+    model = tiny("sdpa", torch.bfloat16)
+    with torch.no_grad():
+        with hf.compressed(model, method=method, cap=48) as cache:
+            model.generate(prompt[:, :40], cache=cache, max_new_tokens=8, do_sample=False)
+            filled = cache.nbytes
+            for layer in cache.layers:
+                assert layer.ckv.kept().max() <= 48
+            cache.reset()
+            model.generate(prompt, cache=cache, max_new_tokens=40, do_sample=False)
+    for layer in cache.layers:
+        assert layer.ckv.kept().max() <= 48
+        assert layer.ckv.n_seen == N + 39
+    assert cache.nbytes <= 1.10 * filled, (cache.nbytes, filled)
+    held = reachable_array_bytes(cache, stop=(model,))
+    assert held <= 1.10 * cache.nbytes, (held, cache.nbytes)
+
+
+def test_a_cap_needs_a_capped_policy():
+    with pytest.raises(ValueError, match="cap"):
+        hf.CompressedCache(tiny("sdpa"), method="snapkv", cap=64)
+    with pytest.raises(ValueError, match="at most one"):
+        hf.CompressedCache(tiny("sdpa"), method="streaming", cap=64, keep=0.5)

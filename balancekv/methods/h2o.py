@@ -162,7 +162,8 @@ class OnlineH2OStream:
                 outside = self.pos <= pos[i] - self.recent
                 inf = torch.full_like(self.score, math.inf) if tp else np.inf
                 slot = (self.heads, (torch.where if tp else np.where)(outside, self.score, inf).argmin(-1))
-            self.keys[slot], self.values[slot] = k[:, i], v[:, i]
+            ki, vi = (k[:, i].to(self.keys.dtype), v[:, i].to(self.values.dtype)) if tp else (k[:, i], v[:, i])
+            self.keys[slot], self.values[slot] = ki, vi
             self.logw[slot], self.pos[slot], self.score[slot] = 0, pos[i], 0
         return self.segments()
 

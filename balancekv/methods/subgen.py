@@ -114,9 +114,13 @@ class SubGenStream:
     ``O(m t + s_num)`` tokens. ``offset``: stream position of the state's token 0 (the sinks come first).
     """
 
-    def __init__(self, state, rng: np.random.Generator, *, sinks=None, window=None, window_size=0, offset=0):
+    def __init__(
+        self, state, rng: np.random.Generator, *, sinks=None, window=None, window_size=0, offset=0, factory=None
+    ):
         self.state, self.rng = state, rng
         self.sinks, self.window, self.W, self.offset = sinks, window, int(window_size), int(offset)
+        #: ``factory(K, V)`` builds the sketch from the first tokens leaving the window when ``state`` is None
+        self.factory = factory
 
     def append(self, k, v, pos):
         t = is_torch(k)
@@ -127,7 +131,10 @@ class SubGenStream:
             wk, wv, wp = (cat([a, b], -2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self.window, (k, v, pos))))
         ev = int(wk.shape[-2]) - self.W
         if ev > 0:  # the oldest tokens leave the window for the sketch
-            self.state.append(wk[:, :ev], wv[:, :ev], wp[:ev] - self.offset, rng=self.rng)
+            if self.state is None:  # (a capped sketch of a short prompt starts with the first evicted tokens)
+                self.state = self.factory(wk[:, :ev], wv[:, :ev])
+            else:
+                self.state.append(wk[:, :ev], wv[:, :ev], wp[:ev] - self.offset, rng=self.rng)
             cp = (lambda x: x.clone()) if t else (lambda x: x.copy())
             wk, wv, wp = cp(wk[:, ev:]), cp(wv[:, ev:]), cp(wp[ev:])  # own storage: not a view of the chunk
         self.window = (wk, wv, wp) if int(wk.shape[-2]) else None
@@ -137,7 +144,8 @@ class SubGenStream:
         out = []
         if self.sinks is not None:
             out.append(exact_segment(*self.sinks, label="sink"))
-        out += state_segments(self.state, self.offset)
+        if self.state is not None:
+            out += state_segments(self.state, self.offset)
         if self.window is not None:
             out.append(exact_segment(*self.window, label="window"))
         return out
@@ -317,6 +325,47 @@ class SubGen(Method):
         if est == "l2":
             flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
         return Built(segs, stream=stream, info=info)
+
+    # ------------------------------------------------------------------ under a memory cap
+    supports_cap = True
+
+    def build_capped(self, K, V, cap, ctx):
+        """SubGen under a cap (the ``cluster`` estimator with one stratum, ``variant="offline"``): the first
+        ``sink`` tokens (at most ``cap / 8``) and an exact recent window of ``round(window_frac * cap)``
+        tokens, the rest of the cap a reservoir of ``t`` weighted samples of every older token
+        (``log w = log(n_c / t)``). A prompt shorter than the sinks and the window starts the reservoir with
+        the first tokens that leave the window. Memory is the cap from the first token on."""
+        o = ctx.opts
+        if o["estimator"] != "cluster" or o["variant"] != "offline" or centres(o) != 1:
+            raise ValueError("cap: subgen's capped policy is estimator='cluster' with one stratum (m=1, offline)")
+        H, n, _ = K.shape
+        tp = is_torch(K)
+        cap = int(cap)
+        sink = min(int(o["sink"]), cap // 8, n)
+        W = max(0, min(int(round(o["window_frac"] * cap)), cap - sink - 1))
+        t = cap - sink - W
+        w0 = min(W, n - sink)
+        unit = _unit(V)
+        backend = "torch" if tp and ctx.backend == "reference" else ctx.backend
+        offline = resolve("subgen_offline", backend)
+
+        def factory(Ks, Vs):
+            state = offline(Ks, Vs, t=t, m=1, s_num=0, scale=ctx.scale, rng=ctx.rng, estimator="cluster", unit=unit)
+            if tp:  # one stratum: a single reservoir that never opens a cluster
+                state.thr.fill_(float("inf"))
+            else:
+                for head in state.heads:
+                    head.threshold = float("inf")
+            return state
+
+        positions = torch.arange(n, device=K.device) if tp else np.arange(n)
+        cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
+        state = factory(K[:, sink : n - w0], V[:, sink : n - w0]) if n - w0 > sink else None
+        sinks = (cl(K[:, :sink]), cl(V[:, :sink]), cl(positions[:sink])) if sink else None
+        win = (cl(K[:, n - w0 :]), cl(V[:, n - w0 :]), cl(positions[n - w0 :])) if w0 else None
+        stream = SubGenStream(state, ctx.rng, sinks=sinks, window=win, window_size=W, offset=sink, factory=factory)
+        info = {"cap": cap, "sink": sink, "window": W, "t": t, "estimator": "cluster", "variant": "offline"}
+        return Built(stream.segments(), stream=stream, info=info)
 
     # ------------------------------------------------------------------ theorem
     def theorem_level(self, K, V, eps, ctx):
