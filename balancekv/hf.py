@@ -38,6 +38,12 @@ What happens, per attention layer:
    dequantized on the fly on CPU. Queries attend causally by the stream
    position of each slot, so a multi-token forward (teacher forcing) is causal
    inside the new tokens.
+3. **Under a memory cap** (``CompressedCache(model, method, cap=C)``): the prompt is
+   compressed with ``compress(..., cap=C)`` and every later append goes through the
+   method's capped decode policy, so no layer ever holds more than ``C`` tokens per KV
+   head; after each step's attention the layer hands the step's queries to
+   :meth:`CompressedKV.observe` (online H2O accumulates their attention; the other
+   policies ignore them).
 
 Memory: a layer holds its :class:`CompressedKV` and nothing else (kept tokens
 in the model's dtype, packed codes and scales, weights, positions, spare slot
