@@ -46,6 +46,7 @@ from balancekv.reference.blocked_balance import (
 
 from .._arrays import is_torch, torch
 from ..storage import dense_segment, gather_tokens
+from .balance_stream import BalanceStream, capped_stream, check_cap_options
 from .base import Built, Method, check_float_option, check_int_option, halving_levels
 
 ESTIMATORS = ("consistent", "published")
@@ -69,6 +70,8 @@ class Balance(Method):
         "gamma_norm": "auto",
         "a2_mode": "auto",
         "halving": "block",
+        "cap_window": 0.25,
+        "cap_heavy": 0.25,
     }
     fixed_gamma: float | None = None
     #: what ``"auto"`` options resolve to with observed ``queries`` (tuned on SmolLM2 captures of the
@@ -116,6 +119,8 @@ class Balance(Method):
         for k, allowed in (("gamma_norm", GAMMA_NORMS), ("a2_mode", A2_MODES), ("halving", HALVINGS)):
             if opts[k] not in (("auto",) if k != "halving" else ()) + tuple(allowed):
                 raise ValueError(f"option {k} must be one of {('auto',) + tuple(allowed)}, got {opts[k]!r}")
+        if "cap_window" in opts:
+            check_cap_options(opts)
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -300,15 +305,15 @@ class Balance(Method):
         (``balance`` with the caller's options and queries, its own sink and window 0); during decoding
         tokens leaving the window form new sets, and adjacent sets are merged by the joint walk whenever
         the cap needs room (the walk options of ``balance-stream``)."""
-        from .balance_stream import BalanceStream, capped_stream  # noqa: PLC0415  (a sibling method)
-
         if ctx.opts["estimator"] != "consistent":
             raise ValueError("cap: balance's capped policy needs estimator='consistent' (one weight set)")
         bs = BalanceStream.defaults
         H, n, _ = K.shape
+        o = ctx.opts
         stream = capped_stream(
-            K, V, cap, ctx, sink=ctx.opts["sink"], t=bs["t"], walk={"gamma": bs["gamma"], "a2": bs["a2"]}
-        )
+            K, V, cap, ctx, sink=o["sink"], t=bs["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
+            walk={"gamma": bs["gamma"], "a2": bs["a2"]},
+        )  # fmt: skip
         tp = is_torch(K)
         pos = torch.arange(n, device=K.device) if tp else np.arange(n)
         s0 = min(stream.sink, n)
@@ -384,7 +389,10 @@ class UniformHalving(Balance):
 
     name = "uniform-halving"
     # the pure baseline of SPEC 4c: no heavy-hitter protection unless asked for
-    defaults = {**{k: v for k, v in Balance.defaults.items() if k != "gamma"}, "heavy_rounds": 0}
+    defaults = {
+        **{k: v for k, v in Balance.defaults.items() if k not in ("gamma", "cap_window", "cap_heavy")},
+        "heavy_rounds": 0,
+    }
     fixed_gamma = 0.0
     supports_cap = False  # its decode policy would be balance's walk, not fair coins
     build_capped = Method.build_capped

@@ -117,20 +117,35 @@ class JointBalanceStream:
     """
 
     def __init__(
-        self, H, d, s, *, t, rounds, sink, scale, rng, like, backend="reference", walk=None, window=0, cap=None
+        self,
+        H,
+        d,
+        s,
+        *,
+        t,
+        rounds,
+        sink,
+        scale,
+        rng,
+        like,
+        backend="reference",
+        walk=None,
+        window=0,
+        cap=None,
+        heavy=0,
     ):
         self.H, self.d, self.s, self.t, self.rounds, self.sink = H, d, s, int(t), int(rounds), int(sink)
-        self.window = int(window)
+        self.window, self.heavy = int(window), int(heavy)
         #: memory cap (tokens per head), or None: see :func:`cap_layout` and :meth:`_enforce_cap`
         self.max_tokens, self.max_sets = None, None
         if cap is not None:
             self.rounds = 0  # no counter: a set is merged only when the cap needs it
             self.max_tokens = int(cap)
-            self.max_sets = (self.max_tokens - self.sink - self.window - self.t + 1) // self.t
+            self.max_sets = (self.max_tokens - self.sink - self.window - self.heavy - self.t + 1) // self.t
             if self.max_sets < 1:
                 raise ValueError(
-                    f"cap={cap} is too small for sink={sink}, window={window} and t={t}: it needs at least "
-                    f"{self.sink + self.window + 2 * self.t - 1} tokens"
+                    f"cap={cap} is too small for sink={sink}, window={window}, heavy={heavy} and t={t}: it needs at "
+                    f"least {self.sink + self.window + self.heavy + 2 * self.t - 1} tokens"
                 )
         self.top_n: list[int] = []  # tokens each set of ``top`` stands for (host ints, for the cap's merges)
         self.cap = self.window + self.t  # buffer capacity: the window plus one block
@@ -153,6 +168,17 @@ class JointBalanceStream:
             else np.full(self.cap, -1, np.int64)
         )
         self.nbuf = 0
+        if self.heavy:  # exact heavy hitters by accumulated attention (see :meth:`observe`)
+            Hh = self.heavy
+            full = (
+                (lambda sh, v, dt=like.dtype: torch.full(sh, v, dtype=dt, device=like.device))
+                if self.torch
+                else (lambda sh, v, dt=np.float64: np.full(sh, v, dtype=dt))
+            )
+            self.hv_k, self.hv_v = z(H, Hh, d), z(H, Hh, s)
+            self.hv_lw, self.hv_score = full((H, Hh), -math.inf), z(H, Hh)
+            self.hv_pos = full((H, Hh), -1, torch.int64 if self.torch else np.int64)
+            self.buf_score = z(H, self.cap)
         self.levels: list = [None] * self.rounds  # (K, V, logw, pos) per level, logw/pos (H, t)
         self.top: list = []  # sets at level ``rounds``
         self.n_seen = 0
@@ -221,11 +247,64 @@ class JointBalanceStream:
                 else:
                     pos = np.broadcast_to(self.buf_pos[:t], (self.H, t)).copy()
                     block = (self.buf_k[:, :t].copy(), self.buf_v[:, :t].copy(), np.zeros((self.H, t)), pos)
-                for x in (self.buf_k, self.buf_v):
+                if self.heavy:
+                    block = self._through_heavy(block, self.buf_score[:, :t])
+                for x in (self.buf_k, self.buf_v, *((self.buf_score,) if self.heavy else ())):
                     x[:, : self.window] = x[:, t:].clone() if self.torch else x[:, t:].copy()
+                if self.heavy:
+                    self.buf_score[:, self.window :] = 0
                 self.buf_pos[: self.window] = self.buf_pos[t:].clone() if self.torch else self.buf_pos[t:].copy()
                 self.nbuf = self.window
-                self._push(block, 0)
+                # (a block whose tokens all went to free heavy-hitter slots leaves nothing to store)
+                if not self.heavy or bool((block[3] >= 0).any()):
+                    self._push(block, 0)
+
+    def _through_heavy(self, block, score):
+        """The block leaving the window competes with the heavy hitters: per head the ``heavy`` tokens of
+        both with the largest accumulated attention stay (exact), the other ``t`` form the new set."""
+        K, V, lw, pos = block
+        xp = _xp(self.torch)
+        cat = torch.cat if self.torch else np.concatenate
+        valid = xp.isfinite(self.hv_lw)
+        neg = torch.full_like(self.hv_score, -math.inf) if self.torch else -np.inf
+        psc = cat([xp.where(valid, self.hv_score, neg), score], 1)
+        pool = [cat(x, 1) for x in ((self.hv_k, K), (self.hv_v, V), (self.hv_lw, lw), (self.hv_pos, pos))]
+        if self.torch:
+            order = torch.argsort(-psc, dim=1, stable=True)
+            take = lambda X, idx: torch.gather(X, 1, idx[..., None].expand(-1, -1, X.shape[-1]) if X.ndim == 3 else idx)
+        else:
+            order = np.argsort(-psc, axis=1, kind="stable")
+            take = lambda X, idx: np.take_along_axis(X, idx[..., None] if X.ndim == 3 else idx, 1)
+        top, rest = order[:, : self.heavy], order[:, self.heavy :]
+        self.hv_k, self.hv_v, self.hv_lw, self.hv_pos = (take(x, top) for x in pool)
+        sc = take(psc, top)
+        self.hv_score = xp.where(xp.isfinite(sc), sc, torch.zeros_like(sc) if self.torch else 0.0)
+        return tuple(take(x, rest) for x in pool)
+
+    def observe(self, Q) -> None:
+        """Add the attention of decode queries ``Q (H, mq, d)`` to the heavy hitters' and the window's
+        accumulated scores (softmax over every held slot). Nothing without heavy hitters."""
+        if not self.heavy:
+            return
+        if self.torch:
+            lse_of, stack, exp = (lambda a: torch.logsumexp(a, -1)), torch.stack, torch.exp
+
+            def logits(X, lw):
+                return self.scale * (Q @ X.to(Q.dtype).transpose(-1, -2)) + lw.to(Q.dtype)[:, None, :]
+        else:
+            from scipy.special import logsumexp  # noqa: PLC0415  (reference path only)
+
+            lse_of, stack, exp = (lambda a: logsumexp(a, -1)), np.stack, np.exp
+
+            def logits(X, lw):
+                return self.scale * (Q @ np.swapaxes(X, -1, -2)) + lw[:, None, :]
+
+        lse = lse_of(stack([lse_of(logits(sg.keys.dense(), sg.num_logw)) for sg in self.segments()], -1))
+        self.hv_score += exp(logits(self.hv_k, self.hv_lw) - lse[..., None]).sum(-2)
+        b = self.nbuf
+        if b:
+            zero = self.hv_lw.new_zeros((self.H, b)) if self.torch else np.zeros((self.H, b))
+            self.buf_score[:, :b] += exp(logits(self.buf_k[:, :b], zero) - lse[..., None]).sum(-2)
 
     def _push(self, block, level, count=None):
         """Add a set at counter ``level`` standing for ``count`` tokens (default ``t 2^level``)."""
@@ -295,6 +374,8 @@ class JointBalanceStream:
             segs.append(exact_segment(*self.sink_kv, label="sink"))
         for K, V, lw, pos in [*self.top, *[x for x in reversed(self.levels) if x is not None]]:
             segs.append(dense_segment(K, V, lw, lw, pos, "balance-stream"))
+        if self.heavy:
+            segs.append(dense_segment(self.hv_k, self.hv_v, self.hv_lw, self.hv_lw, self.hv_pos, "heavy"))
         if self.nbuf:
             b = self.nbuf
             segs.append(exact_segment(self.buf_k[:, :b], self.buf_v[:, :b], self.buf_pos[:b], label="buffer"))
@@ -303,31 +384,42 @@ class JointBalanceStream:
     def memory(self) -> np.ndarray:
         """Tokens held per head (sinks, buffer, sets)."""
         n = min(self.sink, self.n_seen) + self.nbuf + self.t * (len(self.top) + sum(x is not None for x in self.levels))
+        n += self.heavy
         return np.full(self.H, n)
 
 
-def cap_layout(cap: int, sink: int, t: int, window_frac: float) -> tuple[int, int, int]:
-    """``(sink, window, t)`` of a :class:`JointBalanceStream` holding at most ``cap`` tokens per head: the
-    sinks take at most an eighth of the cap, sets of ``t <= cap / 16`` slots, an exact recent window of
-    ``window_frac * cap`` tokens, and room for at least one set (``sink + window + 2 t - 1 <= cap``)."""
+def check_cap_options(opts: dict) -> None:
+    """``cap_window`` and ``cap_heavy``: shares of a cap (``compress(..., cap=)``), each in [0, 1), sum < 1."""
+    check_float_option(opts, "cap_window", 0.0, 1.0)
+    check_float_option(opts, "cap_heavy", 0.0, 1.0)
+    if opts["cap_window"] + opts["cap_heavy"] >= 1.0:
+        raise ValueError(
+            f"options cap_window + cap_heavy must be < 1 (shares of the cap), got {opts['cap_window']} + "
+            f"{opts['cap_heavy']}"
+        )
+
+
+def cap_layout(cap: int, sink: int, t: int, window_frac: float, heavy_frac: float = 0.0) -> tuple[int, int, int, int]:
+    """``(sink, window, heavy, t)`` of a :class:`JointBalanceStream` holding at most ``cap`` tokens per head:
+    the sinks take at most an eighth of the cap, sets of ``t <= cap / 16`` slots, an exact recent window of
+    ``window_frac * cap`` tokens, ``heavy_frac * cap`` exact heavy hitters, and room for at least one set
+    (``sink + window + heavy + 2 t - 1 <= cap``; the window, then the heavy hitters give way)."""
     cap = int(cap)
     sink = min(int(sink), cap // 8)
     t = max(1, min(int(t), cap // 16))
-    window = max(0, min(int(round(window_frac * cap)), cap - sink - 2 * t + 1))
-    return sink, window, t
+    room = cap - sink - 2 * t + 1
+    window = max(0, min(int(round(window_frac * cap)), room))
+    heavy = max(0, min(int(round(heavy_frac * cap)), room - window))
+    return sink, window, heavy, t
 
 
-#: the exact recent window's share of a cap (:func:`cap_layout`)
-CAP_WINDOW_FRAC = 0.25
-
-
-def capped_stream(K, V, cap, ctx, *, sink, t, walk=None) -> JointBalanceStream:
+def capped_stream(K, V, cap, ctx, *, sink, t, window_frac, heavy_frac=0.0, walk=None) -> JointBalanceStream:
     """An empty :class:`JointBalanceStream` for ``K``'s heads holding at most ``cap`` tokens per head."""
     H, _, d = K.shape
-    s0, w, t = cap_layout(cap, sink, t, CAP_WINDOW_FRAC)
+    s0, w, hv, t = cap_layout(cap, sink, t, window_frac, heavy_frac)
     return JointBalanceStream(
         H, d, V.shape[-1], t=t, rounds=0, sink=s0, scale=ctx.scale, rng=ctx.rng, like=K, backend=ctx.backend,
-        walk=walk, window=w, cap=cap,
+        walk=walk, window=w, cap=cap, heavy=hv,
     )  # fmt: skip
 
 
@@ -490,7 +582,17 @@ class BalanceKVStream:
 
 class BalanceStream(Method):
     name = "balance-stream"
-    defaults = {"variant": "joint", "t": 64, "sink": 4, "gamma": 4.0, "a2": 0.025, "c": None, "max_retries": 3}
+    defaults = {
+        "variant": "joint",
+        "t": 64,
+        "sink": 4,
+        "gamma": 4.0,
+        "a2": 0.025,
+        "c": None,
+        "max_retries": 3,
+        "cap_window": 0.25,
+        "cap_heavy": 0.0,
+    }
     has_theorem = True
 
     def meets_keep_budget(self, opts):
@@ -506,6 +608,7 @@ class BalanceStream(Method):
         if opts["c"] is not None:
             check_float_option(opts, "c", 0.0, lo_open=True)
         check_int_option(opts, "max_retries", 0)
+        check_cap_options(opts)
 
     # ------------------------------------------------------------------ levels
     @staticmethod
@@ -639,9 +742,13 @@ class BalanceStream(Method):
         if o["variant"] != "joint":
             raise ValueError("cap: only variant='joint' of balance-stream has a capped decode policy")
         H, n, d = K.shape
-        stream = capped_stream(K, V, cap, ctx, sink=o["sink"], t=o["t"], walk={"gamma": o["gamma"], "a2": o["a2"]})
+        stream = capped_stream(
+            K, V, cap, ctx, sink=o["sink"], t=o["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
+            walk={"gamma": o["gamma"], "a2": o["a2"]},
+        )  # fmt: skip
         stream.extend(K, V, torch.arange(n, device=K.device) if is_torch(K) else np.arange(n))
         info = {"variant": "joint", "cap": int(cap), "sink": stream.sink, "window": stream.window, "t": stream.t}
+        info["heavy"] = stream.heavy
         return Built(stream.segments(), stream=stream, info=info)
 
     def theorem_level(self, K, V, eps, ctx):
