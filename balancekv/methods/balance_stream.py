@@ -151,6 +151,7 @@ class JointBalanceStream:
         self.cap = self.window + self.t  # buffer capacity: the window plus one block
         self.scale, self.rng, self.backend = float(scale), rng, backend  # (like only gives kind and dtype)
         self.torch = is_torch(like)
+        self.kind, self.compute_dtype = None, like.dtype  # storage kind (None: the compute dtype), see to_kind
         self.walk = {"gamma": 4.0, "temp": 1.0, "beta": 0.0, "a2": 0.025, "value_centering": True, **(walk or {})}
         self._signs = resolve("blocked_walk_signs", backend)
         self._halve = resolve("fixed_size_halving", backend)
@@ -184,6 +185,34 @@ class JointBalanceStream:
         self.n_seen = 0
         self.reductions = 0
 
+    # ------------------------------------------------------------------ storage
+    def _held(self, x, which: int):
+        """``x`` in the storage dtype of keys (``which=0``) or values (1): the cache's, after :meth:`to_kind`."""
+        if self.kind is None:
+            return x
+        dt = self.kind.dtype if which == 0 else self.kind.value_dtype
+        return x.to(dt) if self.torch else x.astype(dt, copy=False)
+
+    def _compute(self, x):
+        """A stored array in the dtype the walks compute in."""
+        return x.to(self.compute_dtype) if self.torch else np.asarray(x, self.compute_dtype)
+
+    def to_kind(self, kind) -> None:
+        """Hold every token in the cache's storage dtypes (keys ``kind.dtype``, values ``kind.value_dtype``;
+        weights in the compute dtype), once, after the build: the cache's segments are then the state itself,
+        not converted copies (a bf16 model's cache holds bf16 tokens once). Walks cast a merged pair up."""
+        if kind.is_torch != self.torch:
+            raise TypeError("a stream's state stays on its path (torch or NumPy)")
+        self.kind = kind
+        kv = lambda X: tuple(self._held(x, i) if i < 2 else x for i, x in enumerate(X))
+        if self.sink_kv is not None:
+            self.sink_kv = kv(self.sink_kv)
+        self.buf_k, self.buf_v = self._held(self.buf_k, 0), self._held(self.buf_v, 1)
+        self.levels = [None if x is None else kv(x) for x in self.levels]
+        self.top = [kv(x) for x in self.top]
+        if self.heavy:
+            self.hv_k, self.hv_v = self._held(self.hv_k, 0), self._held(self.hv_v, 1)
+
     # ------------------------------------------------------------------ updates
     def append(self, k, v, pos):
         self.extend(k, v, pos)
@@ -199,6 +228,7 @@ class JointBalanceStream:
             # own storage per set (a view would keep the whole build alive after this set is merged)
             cp = (lambda x: x.clone()) if self.torch else (lambda x: x.copy())
             parts = [cp(x[:, a : a + t]) for x in (K, V, logw, pos)]
+            parts[0], parts[1] = self._held(parts[0], 0), self._held(parts[1], 1)
             pad = t - int(parts[0].shape[1])
             if pad:
                 if self.torch:
@@ -222,6 +252,7 @@ class JointBalanceStream:
         if self.n_seen < self.sink:  # sinks first
             a = min(T, self.sink - self.n_seen)
             part = (K[:, :a], V[:, :a], positions[:a])
+            part = (self._held(part[0], 0), self._held(part[1], 1), part[2])
             if self.sink_kv is None:
                 self.sink_kv = tuple(x.clone() if self.torch else x.copy() for x in part)
             else:
@@ -338,15 +369,16 @@ class JointBalanceStream:
         K, V, lw, pos = (cat([x, y], 1) for x, y in zip(a, b))
         self.reductions += 1
         xp = _xp(self.torch)
-        r = host_uniforms(self.rng, (self.H, 2 * self.t), K)
+        Kc, Vc = self._compute(K), self._compute(V)  # the walk computes in the compute dtype
+        r = host_uniforms(self.rng, (self.H, 2 * self.t), Kc)
         # values near 1e154 would overflow the kernel's <v_i, v_j>: the walk sees v / u, u a power of two
         # per head (1 unless max |v| > 2^400, so ordinary caches are untouched)
-        m = V.abs().amax(dim=(1, 2)) if self.torch else np.abs(V).max(axis=(1, 2))
+        m = Vc.abs().amax(dim=(1, 2)) if self.torch else np.abs(Vc).max(axis=(1, 2))
         big = m > 2.0**400
         one = torch.ones_like(m) if self.torch else 1.0
         u = xp.where(big, xp.exp2(xp.ceil(xp.log2(xp.where(big, m, one)))), one)
         ok = xp.isfinite(lw)  # padding slots (lw = -inf, only in sets seeded from a prefill build) are not tokens
-        signs = self._signs(K, V / u[:, None, None], r, weights=xp.exp(lw), scale=self.scale, **self.walk)
+        signs = self._signs(Kc, Vc / u[:, None, None], r, weights=xp.exp(lw), scale=self.scale, **self.walk)
         keep, doubled = self._halve(signs, ok)
         # a head whose two sets hold at most t tokens together keeps them all (no halving needed)
         fits = (ok.sum(-1) <= self.t)[:, None]
