@@ -15,7 +15,8 @@ observed queries only.
     python benchmarks/auto_vs_methods.py                 # the table (ratios 0.125 and 0.25)
     python benchmarks/auto_vs_methods.py --folds --ratios 0.25 --methods balance snapkv h2o
                                                          # fold schemes: validated vs future error
-    python benchmarks/auto_vs_methods.py --eps --methods balance   # eps: future error vs eps, both rules
+    python benchmarks/auto_vs_methods.py --eps --methods balance balance+quant --probes observed fitted
+                                                         # eps: future error vs eps (calibrated margins)
 
 Prints markdown tables; ``--out FILE`` also writes them.
 """
@@ -132,26 +133,37 @@ def run_folds(caps, ratios, methods=("balance", "snapkv", "h2o", "balance+quant"
     return "\n".join(out)
 
 
-def run_eps(caps, eps_list=(0.05, 0.1, 0.2), methods=("balance", "balance+quant"), seed=0):
-    """Item 1's check: with the observed queries, the error on the future queries against eps, for the
-    cross-fitted rule (default) and the in-sample rule (``folds=1``), with the held bytes."""
+def run_eps(
+    caps, eps_list=(0.05, 0.1, 0.2), methods=("balance", "balance+quant"), seed=0, modes=("observed",), margin=None
+):
+    """Items 1-2's check: the error on the future queries against eps, with the observed queries
+    (``observed``: cross-fitted, shift margin) and without (``fitted``: fitted probes), at the calibrated
+    margins (``margin=None``) or a given one, with the held bytes."""
+    from tqdm import tqdm
+
     out = [
-        "\n| method | eps | rule | " + " | ".join(f"layer {L}" for L in caps) + " | max future / eps | mean held |",
-        "|---" * (len(caps) + 5) + "|",
+        "\n| method | eps | probes (margin) | "
+        + " | ".join(f"layer {L}" for L in caps)
+        + " | max future / eps | mean held | max held |",
+        "|---" * (len(caps) + 6) + "|",
     ]
-    for m in methods:
-        for eps in eps_list:
-            for folds in (2, 1):
-                errs, held = [], []
-                for cap in caps.values():
-                    K, V, Qo, Qf = problem(cap)
-                    c = balancekv.compress(K, V, eps, method=m, queries=Qo, scale=cap.scale, seed=seed, folds=folds)
-                    errs.append(future_error(c, K, V, Qf, cap.scale))
-                    held.append(c.ratio)
-                rule = "cross-fit" if folds == 2 else "in-sample"
-                cells = " | ".join(f"{e:.3f} ({h:.2f})" for e, h in zip(errs, held))
-                out.append(f"| {m} | {eps} | {rule} | {cells} | {max(errs) / eps:.2f} | {np.mean(held):.3f} |")
-                print(out[-1], file=sys.stderr)
+    probs = {L: problem(cap) for L, cap in caps.items()}
+    cells = [(mode, m, eps) for mode in modes for m in methods for eps in eps_list]
+    for mode, m, eps in tqdm(cells, desc="eps cells"):
+        errs, held, mg = [], [], None
+        for L, cap in caps.items():
+            K, V, Qo, Qf = probs[L]
+            q = Qo if mode == "observed" else None
+            c = balancekv.compress(K, V, eps, method=m, queries=q, scale=cap.scale, seed=seed, margin=margin)
+            errs.append(future_error(c, K, V, Qf, cap.scale))
+            held.append(c.ratio)
+            mg = c.diagnostics["margin"]
+        cells_md = " | ".join(f"{e:.3f} ({h:.2f})" for e, h in zip(errs, held))
+        out.append(
+            f"| {m} | {eps} | {mode} ({mg:g}) | {cells_md} | {max(errs) / eps:.2f} | {np.mean(held):.3f} "
+            f"| {max(held):.3f} |"
+        )
+        tqdm.write(out[-1], file=sys.stderr)
     return "\n".join(out)
 
 
@@ -163,13 +175,21 @@ def main(argv=None):
     ap.add_argument("--folds", action="store_true", help="compare the fold schemes instead")
     ap.add_argument("--eps", action="store_true", help="eps mode: future-query error against eps instead")
     ap.add_argument("--text", default="python-docs", help="python-docs (report) or numpy-license (tuning)")
+    ap.add_argument(
+        "--probes",
+        nargs="*",
+        default=["observed"],
+        choices=["observed", "fitted"],
+        help="--eps: with the observed queries (observed) and/or without them (fitted probes)",
+    )
+    ap.add_argument("--margin", type=float, default=None, help="--eps: the margin (default: the calibrated one)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     caps = capture_layers("smollm2", get_text(a.text), N, a.layers)
     if a.folds:
         md = run_folds(caps, a.ratios, methods=tuple(a.methods))
     elif a.eps:
-        md = run_eps(caps, methods=tuple(a.methods))
+        md = run_eps(caps, methods=tuple(a.methods), modes=tuple(a.probes), margin=a.margin)
     else:
         md = table_markdown(run_table(caps, a.methods, a.ratios), a.methods, a.ratios, a.layers)
     print(md)
