@@ -12,9 +12,11 @@ Three ways to set the budget (give exactly one):
 - ``ratio``: a byte budget, at most ``ratio * input_nbytes`` held bytes, one level for
   every head (:func:`balancekv.budget.ratio_search`);
 - ``eps`` with ``guarantee="empirical"`` (default): per head, the most
-  compressed level whose mean relative error is at most ``eps``, judged on queries
-  the method did not select with (cross-fitted for query-driven methods,
-  :mod:`balancekv.budget`); a head that meets ``eps`` at no level is stored exactly;
+  compressed level whose predicted mean relative error on the next queries,
+  ``margin x`` the error estimated on queries the method did not select with
+  (cross-fitted for query-driven methods; without ``queries``, probes fitted to the
+  keys), is at most ``eps`` (:mod:`balancekv.budget`); a head that meets ``eps`` at
+  no level is stored exactly;
 - ``eps`` with ``guarantee="theorem"``: the level the method's theorem
   certifies (constants in ``proofs/``); exact if the theorem needs every token.
 
@@ -543,6 +545,7 @@ def compress(
         # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
         per_head = np.array([held_nbytes(b.segments, b.stream) / H for b in builts])
         choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
+        choice = budget.uniform_if_not_dearer(work, builts, choice, per_head, sc.bound() <= eps)
         diag.update(sc.diagnostics(choice))
     infos = [b.info for b in builts]
     diag.update(

@@ -154,6 +154,28 @@ def test_cheapest_meeting_stops_at_the_first_failing_level():
     np.testing.assert_array_equal(budget.cheapest_meeting(sc, cost2, 0.001), [0, 0])
 
 
+@pytest.mark.parametrize("method", ["quant", "balance+quant", "uniform"])
+def test_eps_takes_one_level_for_every_head_when_the_mix_bills_more(method, monkeypatch):
+    """Heads at different levels bill each level's storage (masked codes, padded slots): when every head at
+    the dearest chosen level meets eps and bills fewer bytes, that is the result; at equal bytes (padded
+    dense slots, ``uniform``) the per-head choice stays."""
+    r = np.random.default_rng(0)
+    K, V = r.standard_normal((2, 512, 32)), r.standard_normal((2, 512, 32))
+    V[0] = 1.0  # head 0: any level meets eps; head 1 needs (nearly) everything
+    c = balancekv.compress(K, V, 0.02, method=method, seed=0, margin=1.0)
+    monkeypatch.setattr(budget, "uniform_if_not_dearer", lambda work, builts, choice, per_head, ok: choice)
+    mixed = balancekv.compress(K, V, 0.02, method=method, seed=0, margin=1.0)
+    lv, lv_mixed = c.diagnostics["level_per_head"], mixed.diagnostics["level_per_head"]
+    assert lv_mixed[0] != lv_mixed[1]  # the per-head rule mixes levels here
+    if method == "uniform":
+        np.testing.assert_array_equal(lv, lv_mixed)
+        assert c.nbytes == mixed.nbytes
+    else:
+        assert lv[0] == lv[1] == lv_mixed.min()  # the dearer level (index order: more bytes first)
+        assert c.nbytes < mixed.nbytes
+        assert np.all(c.diagnostics["error_bound_per_head"] <= 0.02)
+
+
 def self_attending(seed=0, H=2, n=512, d=128):
     """Keys of large norm in random directions (a key used as a query attends almost only to itself) and
     values near a common vector: attention of a query that is not a key is broad and easy to compress."""
