@@ -14,9 +14,17 @@ for the in-sample error; so contiguous is the default (``FOLD_SCHEME``). Every l
 is built once per fold with the other folds as its queries and
 measured on the held-out fold, and a level's validated per-head error is the mean
 over all held-out queries with its standard error ``std / sqrt(p)``. A level meets
-``eps`` when ``validated + z * SE <= eps``. Methods that do not select with the
+``eps`` when ``margin * (validated + z * SE) <= eps``. Methods that do not select with the
 probes keep the single in-sample evaluation (their probe error is already out of
-selection).
+selection), as does every method without queries (the probes are then fitted to the
+keys, :func:`balancekv.api.no_query_probes`, and query-aware methods select with the last
+keys).
+
+Shift margin and choice (items 1 and 2). ``eps`` targets the queries that come next; the
+``margin`` (:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text)
+scales the estimate into a prediction for them. :func:`cheapest_meeting` stops at the first
+level, in decreasing bytes, whose prediction fails, and :func:`uniform_if_not_dearer` gives
+every head one level when the per-head mix would bill more bytes.
 
 Byte budget (item 4). :func:`ratio_search` builds and bills every candidate as the
 final cache (:attr:`CompressedKV.nbytes`, the caller's dtypes, weights, positions,
