@@ -142,7 +142,7 @@ def search(work, opts: dict, cv: budget.CrossFit, diag: dict, *, eps=None, keep=
         c = _ratio_mix(work, builts, rows, sc, diag, skipped, rules, None)
     elif eps is not None:
         cost = np.array([held_nbytes(b.segments) / H for b in builts])[:, None] * np.ones((1, H))
-        choice = budget.cheapest_meeting(sc, cost, eps, exact_index=0)
+        choice = budget.cheapest_meeting(sc, cost, eps, exact_index=0, groups=[name for name, _ in rows])
         c = _finish(work, builts, choice, rows, sc, diag, skipped, rules)
     else:
         c = _ratio_mix(work, builts, rows, sc, diag, skipped, rules, budget_bytes)

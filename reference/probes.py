@@ -39,6 +39,14 @@ For ``uniform-halving`` the same construction gives 0.66, 0.67, 0.65, 0.67 (last
 which ``uniform`` may drop and no key-fitted probe attends to as strongly.
 Reproduce with ``python benchmarks/probes_without_queries.py`` (see ``benchmarks/README.md``,
 "Probes without queries").
+
+Re-measured after the builds changed (keep as an upper bound fills the slack with a longer recent
+window; new no-query ``balance`` defaults): the numbers above are stale. With the shipped builds the
+last keys are *optimistic* (they sit in the kept window: ratio 8.3 [0.42..25.9] for ``balance`` at
+keep 1/2) and ``spread=0.25`` is pessimistic, 0.32 [0.03..0.56], 0.51 [0.10..0.81], 0.57 [0.24..0.84]
+at keep 1/2, 1/4, 1/8 (layer 15: real queries put 0.7-0.8 of their mass on the first token, the probes
+almost none). ``compress`` uses these probes without queries (``balancekv.api.no_query_probes``) with a
+margin calibrated for that pessimism (``balancekv.budget.MARGIN_FITTED``).
 """
 
 from __future__ import annotations

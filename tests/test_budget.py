@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import balancekv
+from balancekv import budget
+from balancekv.api import no_query_probes
 from balancekv.methods import get_method
 
 
@@ -54,20 +56,25 @@ def test_uses_queries_flags():
 @pytest.mark.parametrize("method", ["snapkv", "balance"])
 def test_validated_error_differs_and_decides(method):
     K, V, Qo, _ = peaked(0)
-    c = balancekv.compress(K, V, 0.2, method=method, queries=Qo, seed=0)
+    # margin 1: the cross-fitting alone (the shift margin is tested below)
+    c = balancekv.compress(K, V, 0.2, method=method, queries=Qo, seed=0, margin=1.0)
     d = c.diagnostics
     assert d["eps_rule"].startswith("cross-fitted: 2 contiguous folds")
     val, se, ins = d["error_levels"], d["error_se_levels"], d["error_in_sample_levels"]
     # selecting with the judging queries is optimistic: held-out errors are larger at every compressed level
     assert (val[1] > ins[1]).all()
-    # the chosen level is the cheapest (most compressed, levels halve) whose validated bound meets eps
-    bound = val + d["error_se_levels"] * 1.0
+    # the chosen level is the cheapest (most compressed, levels halve) whose margined validated bound meets eps
+    assert d["margin"] == 1.0
+    bound = d["margin"] * (val + d["error_se_levels"] * 1.0)
+    np.testing.assert_allclose(d["error_bound_per_head"], bound[d["level_per_head"], np.arange(len(bound[0]))])
     for h, lv in enumerate(d["level_per_head"]):
-        ok = np.flatnonzero(bound[:, h] <= 0.2)
-        assert lv == ok.max()
+        # levels halve (bytes fall with the index): the last level before the first that fails
+        ok = bound[:, h] <= 0.2
+        ok[0] = True
+        assert lv == (np.argmin(ok) if not ok.all() else len(ok)) - 1
         assert d["error_per_head"][h] == val[lv, h] and d["error_se_per_head"][h] == se[lv, h]
     # the in-sample rule (folds=1) would have compressed more
-    c1 = balancekv.compress(K, V, 0.2, method=method, queries=Qo, seed=0, folds=1)
+    c1 = balancekv.compress(K, V, 0.2, method=method, queries=Qo, seed=0, folds=1, margin=1.0)
     assert c1.diagnostics["eps_rule"].startswith("in-sample")
     assert (c1.diagnostics["level_per_head"] >= d["level_per_head"]).all()
     assert (c1.diagnostics["level_per_head"] > d["level_per_head"]).any()
@@ -78,7 +85,7 @@ def test_validated_choice_meets_eps_on_fresh_queries_more_often():
     for seed in range(4):
         K, V, Qo, Qf = peaked(seed)
         for folds in (1, 2):
-            c = balancekv.compress(K, V, eps, method="snapkv", queries=Qo, seed=0, folds=folds)
+            c = balancekv.compress(K, V, eps, method="snapkv", queries=Qo, seed=0, folds=folds, margin=1.0)
             met[folds] += int((rel_err(c, Qf, K, V) <= eps).sum())
     assert met[2] == 16 and met[1] <= 12, met
 
@@ -89,6 +96,148 @@ def test_methods_without_query_selection_keep_the_single_evaluation():
     d = c.diagnostics
     assert d["eps_rule"].startswith("in-sample")
     np.testing.assert_array_equal(d["error_per_head"], d["error_in_sample_per_head"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    eps=st.floats(0.02, 0.2),
+    margin=st.sampled_from([0.25, 0.5, 2.0, 4.0]),
+    method=st.sampled_from(["snapkv", "uniform"]),
+    queries=st.booleans(),
+)
+def test_margin_scales_the_rule(eps, margin, method, queries):
+    """A level qualifies when ``margin * estimate <= eps``: the choice at (eps, margin) is the choice at
+    (eps / margin, 1) (powers of two: the scaling is exact), and the reported bound meets eps."""
+    K, V, Qo, _ = peaked(2, H=3, n=128)
+    kw = dict(method=method, queries=Qo if queries else None, seed=0)
+    a = balancekv.compress(K, V, eps, margin=margin, **kw).diagnostics
+    b = balancekv.compress(K, V, eps / margin, margin=1.0, **kw).diagnostics
+    np.testing.assert_array_equal(a["level_per_head"], b["level_per_head"])
+    assert a["margin"] == margin and np.all(a["error_bound_per_head"] <= eps)
+    np.testing.assert_allclose(a["error_bound_per_head"], margin * b["error_bound_per_head"])
+
+
+def test_default_margin_is_the_calibrated_one_and_keeps_more_than_margin_one():
+    """Default margin: MARGIN_QUERIES with queries (> 1: the next queries see more error than the observed
+    ones), MARGIN_FITTED without (< 1: the fitted probes overestimate it); the validated level with the
+    margin is less compressed than without, whose bound already met eps."""
+    assert budget.MARGIN_QUERIES > 1 > budget.MARGIN_FITTED > 0
+    K, V, Qo, _ = peaked(0)
+    d = balancekv.compress(K, V, 0.6, method="balance", queries=Qo, seed=0).diagnostics
+    d1 = balancekv.compress(K, V, 0.6, method="balance", queries=Qo, seed=0, margin=1.0).diagnostics
+    assert d["margin"] == budget.MARGIN_QUERIES and d1["margin"] == 1.0
+    assert (d["level_per_head"] <= d1["level_per_head"]).all() and (d["level_per_head"] < d1["level_per_head"]).any()
+    assert "3.5 x (validated error + 1 SE) <= eps" in d["eps_rule"]
+    d0 = balancekv.compress(K, V, 0.2, method="uniform", seed=0).diagnostics
+    assert d0["margin"] == budget.MARGIN_FITTED and d0["probe_kind"] == "fitted"
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="margin"):
+            balancekv.compress(K, V, 0.2, method="uniform", seed=0, margin=bad)
+    with pytest.raises(TypeError, match="margin"):
+        balancekv.compress(K, V, 0.2, method="uniform", seed=0, margin="1")
+
+
+def test_cheapest_meeting_stops_at_the_first_failing_level():
+    """A dip of the estimate at a deeper level is not trusted (monotone rule, per group of rows); without
+    the rule the deepest qualifying row wins; the exact row always qualifies."""
+    err = np.array([[0.0, 0.0], [0.05, 0.3], [0.3, 0.05], [0.05, 0.05], [0.01, 0.5], [0.01, 0.5]])
+    sc = budget.Scores(err, err, np.zeros_like(err), False, "test", 1.0)
+    cost = np.array([10.0, 8, 6, 4, 7, 3])[:, None] * np.ones((1, 2))
+    # one group: order by bytes 10, 8, 7, 6, 4, 3 -> head 0 fails first at cost 6 (row 2), head 1 at 8 (row 1)
+    np.testing.assert_array_equal(budget.cheapest_meeting(sc, cost, 0.1), [4, 0])
+    np.testing.assert_array_equal(budget.cheapest_meeting(sc, cost, 0.1, monotone=False), [5, 3])
+    # two groups (rows 1-3 one method, rows 4-5 another): each chain on its own
+    g = ["exact", "a", "a", "a", "b", "b"]
+    np.testing.assert_array_equal(budget.cheapest_meeting(sc, cost, 0.1, groups=g), [5, 0])
+    # the exact row qualifies even when a row with more bytes fails
+    cost2 = np.array([1.0, 8, 6, 4, 7, 3])[:, None] * np.ones((1, 2))
+    np.testing.assert_array_equal(budget.cheapest_meeting(sc, cost2, 0.001), [0, 0])
+
+
+@pytest.mark.parametrize("method", ["quant", "balance+quant", "uniform"])
+def test_eps_takes_one_level_for_every_head_when_the_mix_bills_more(method, monkeypatch):
+    """Heads at different levels bill each level's storage (masked codes, padded slots): when every head at
+    the dearest chosen level meets eps and bills fewer bytes, that is the result; at equal bytes (padded
+    dense slots, ``uniform``) the per-head choice stays."""
+    r = np.random.default_rng(0)
+    K, V = r.standard_normal((2, 512, 32)), r.standard_normal((2, 512, 32))
+    V[0] = 1.0  # head 0: any level meets eps; head 1 needs (nearly) everything
+    c = balancekv.compress(K, V, 0.02, method=method, seed=0, margin=1.0)
+    monkeypatch.setattr(budget, "uniform_if_not_dearer", lambda work, builts, choice, per_head, ok: choice)
+    mixed = balancekv.compress(K, V, 0.02, method=method, seed=0, margin=1.0)
+    lv, lv_mixed = c.diagnostics["level_per_head"], mixed.diagnostics["level_per_head"]
+    assert lv_mixed[0] != lv_mixed[1]  # the per-head rule mixes levels here
+    if method == "uniform":
+        np.testing.assert_array_equal(lv, lv_mixed)
+        assert c.nbytes == mixed.nbytes
+    else:
+        assert lv[0] == lv[1] == lv_mixed.min()  # the dearer level (index order: more bytes first)
+        assert c.nbytes < mixed.nbytes
+        assert np.all(c.diagnostics["error_bound_per_head"] <= 0.02)
+
+
+def self_attending(seed=0, H=2, n=512, d=128):
+    """Keys of large norm in random directions (a key used as a query attends almost only to itself) and
+    values near a common vector: attention of a query that is not a key is broad and easy to compress."""
+    r = np.random.default_rng(seed)
+    K = 2.0 * r.standard_normal((H, n, d))  # self logit ~ 45, logits of a fitted probe: std ~ 1
+    V = 1.0 + 0.3 * r.standard_normal((H, n, d))
+    return K, V
+
+
+@pytest.mark.parametrize("method", ["uniform", "uniform-halving", "balance"])
+def test_no_query_eps_uses_fitted_probes_and_compresses_where_last_keys_would_not(method):
+    K, V = self_attending()
+    n = K.shape[-2]
+    c = balancekv.compress(K, V, 0.1, method=method, seed=3, margin=1.0)
+    d = c.diagnostics
+    assert d["probe_kind"] == "fitted" and d["probes"] == 64
+    assert "fitted" in d["eps_rule"] or "does not select" in d["eps_rule"]
+    # the error was measured on the fitted probes of seed 3, and meets eps there
+    P = no_query_probes(K, 3)
+    err = rel_err(c, P, K, V)
+    np.testing.assert_allclose(err, d["error_per_head"], rtol=1e-9, atol=1e-12)
+    assert np.all(err <= 0.1)
+    assert np.all(c.kept() <= n // 8)  # it compresses every head
+    # and the estimate holds on fresh queries of the same kind (points near the mean key, not keys)
+    r = np.random.default_rng(9)
+    fresh = K.mean(1, keepdims=True) + 0.25 * K.std(1, keepdims=True) * r.standard_normal((2, 64, K.shape[-1]))
+    assert np.all(rel_err(c, fresh, K, V) <= 0.1 * 1.1)
+    # the last keys as probes (the old fallback) judge the same levels far too lossy (a key attends to itself):
+    # the exact cache for uniform, at least twice the tokens for the methods whose recent window holds them
+    last = balancekv.compress(K, V, 0.1, method=method, seed=3, margin=1.0, queries=K[:, -64:])
+    if method == "uniform":
+        assert np.all(last.kept() == n)
+    else:
+        assert np.all(last.kept() >= 2 * c.kept())
+
+
+def test_keep_mode_measures_on_fitted_probes_and_builds_as_before():
+    """keep mode: the build does not depend on the probes (selection without queries is unchanged: SnapKV
+    still scores with the last keys), ``measure=True`` reports the error on the fitted probes."""
+    K, V = self_attending(1, n=256)
+    a = balancekv.compress(K, V, keep=0.25, method="snapkv", seed=0, measure=True)
+    b = balancekv.compress(K, V, keep=0.25, method="snapkv", seed=0, queries=K[:, -64:])
+    np.testing.assert_array_equal(np.sort(a.positions, -1), np.sort(b.positions, -1))
+    np.testing.assert_allclose(a.diagnostics["error_per_head"], rel_err(a, no_query_probes(K, 0), K, V), rtol=1e-9)
+
+
+def test_no_query_probes_match_the_reference_and_are_seeded():
+    from balancekv.reference.probes import fitted_probes
+
+    K = np.random.default_rng(0).normal(size=(3, 50, 8))
+    np.testing.assert_allclose(no_query_probes(K, 7), fitted_probes(K, 64, seed=[7, budget_tag()]), atol=1e-12)
+    assert not np.array_equal(no_query_probes(K, 7), no_query_probes(K, 8))
+    Kt = torch.from_numpy(K).float()
+    Pt = no_query_probes(Kt, 7)
+    assert isinstance(Pt, torch.Tensor) and Pt.dtype == torch.float32 and Pt.shape == (3, 64, 8)
+    np.testing.assert_allclose(np.asarray(Pt.tolist()), no_query_probes(K, 7), atol=1e-5)
+
+
+def budget_tag():
+    from balancekv.api import PROBE_TAG
+
+    return PROBE_TAG
 
 
 # ---------------------------------------------------------------------- item 4: ratio
@@ -199,10 +348,14 @@ def test_auto_eps_and_keep():
     from balancekv.synthetic import make_kv
 
     K, V, Qo = make_kv("llm", heads=3, n=128, d=32, q=16, seed=2)
-    c = balancekv.compress(K, V, 0.2, method="auto", queries=Qo, seed=0)
+    c = balancekv.compress(K, V, 0.2, method="auto", queries=Qo, seed=0, margin=1.0)
     d = c.diagnostics
     bound = d["error_per_head"] + d["error_se_per_head"]
     assert ((bound <= 0.2) | (d["level_per_head"] == 0)).all()  # row 0: the exact fallback
+    np.testing.assert_allclose(d["error_bound_per_head"], bound)  # margin 1: the bound is err + 1 SE
+    # the default (shift) margin keeps at least as much on every head
+    cm = balancekv.compress(K, V, 0.2, method="auto", queries=Qo, seed=0)
+    assert cm.diagnostics["margin"] == budget.MARGIN_QUERIES and (cm.nbytes >= c.nbytes)
     assert c.ratio < 1
     k = balancekv.compress(K, V, keep=0.25, method="auto", queries=Qo, seed=0)
     assert (k.kept() <= np.ceil(0.25 * 128)).all()

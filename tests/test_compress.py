@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import balancekv
+from balancekv import budget
+from balancekv.api import no_query_probes
 
 
 def probe_error(ckv, K, V, probes):
@@ -22,13 +24,19 @@ def test_eps_search_meets_eps_on_its_probes(kv_factory, method, family):
     K, V, Q = kv_factory(family, heads=3, n=256, d=16, q=8, seed=1)
     eps = 0.1
     c = balancekv.compress(K, V, eps, method=method, seed=0)
-    probes = K[:, -64:]
+    # without queries the probes are fitted to the keys, drawn from the seed (not the last keys)
+    probes = no_query_probes(K, 0)
+    assert c.diagnostics["probe_kind"] == "fitted" and c.diagnostics["probes"] == 64
     err = probe_error(c, K, V, probes)
-    assert np.all(err <= eps + 1e-12), err
+    # a level qualifies when margin x probe error <= eps (the fitted probes' calibrated margin, < 1)
+    margin = c.diagnostics["margin"]
+    assert margin == budget.MARGIN_FITTED
+    assert np.all(margin * err <= eps + 1e-12), err
     np.testing.assert_allclose(err, c.diagnostics["error_per_head"], rtol=1e-9, atol=1e-12)
-    # with explicit queries the probes are those queries
+    np.testing.assert_allclose(margin * err, c.diagnostics["error_bound_per_head"], rtol=1e-9, atol=1e-12)
+    # with explicit queries the probes are those queries (margin > 1: stricter than eps on them)
     cq = balancekv.compress(K, V, eps, method=method, queries=Q, seed=0)
-    assert np.all(probe_error(cq, K, V, Q) <= eps + 1e-12)
+    assert np.all(cq.diagnostics["margin"] * probe_error(cq, K, V, Q) <= eps + 1e-12)
 
 
 @settings(max_examples=12, deadline=None)
@@ -49,13 +57,16 @@ def test_done_criterion_uniform_eps_on_numpy_and_torch(kv_factory):
     V = V + 1.0  # values with a common component, as in real caches (zero-mean values make every
     # attention output nearly 0 and every relative error of order 1)
     for K_, V_ in ((K, V), (torch.tensor(K, dtype=torch.float32), torch.tensor(V, dtype=torch.float32))):
-        c = balancekv.compress(K_, V_, 0.1, method="uniform", seed=0)
+        # margin=1: eps on the probes themselves (the default margin would let the probe error reach 0.2)
+        c = balancekv.compress(K_, V_, 0.1, method="uniform", seed=0, margin=1.0)
         assert isinstance(c, balancekv.CompressedKV)
         assert c.diagnostics["error"] <= 0.1
         assert np.all(c.diagnostics["error_per_head"] <= 0.1)
         assert c.ratio < 1.0  # bounded-norm data is easy enough to compress at 10%
-        probes = K_[..., -64:, :]
-        err = relative_error(np.asarray(c.attend(probes)), attention(K[..., -64:, :], K, V))
+        probes = no_query_probes(K, 0)  # the fitted probes of seed 0 (on torch: the same, moved to K_'s device)
+        err = relative_error(
+            np.asarray(c.attend(probes if K_ is K else torch.from_numpy(probes).float())), attention(probes, K, V)
+        )
         assert err.mean() <= 0.1 + 1e-5
 
 

@@ -130,3 +130,25 @@ def test_eps_mode_on_torch(data, method):
     with no_numpy():
         c = balancekv.compress(K, V, 0.2, method=method, queries=Q, seed=0)
     assert np.all(np.asarray(c.diagnostics["error_per_head"]) <= 0.2)
+
+
+@pytest.mark.parametrize("method", ["uniform", "snapkv"])
+def test_no_query_eps_mode_on_torch_uses_the_fitted_probes(data, method):
+    """Without queries the fitted probes are built on the keys' device (the Gaussian draw on the host,
+    moved once): no NumPy conversion, the same probes as the reference path up to float32 rounding,
+    and the same error estimate within float32 accuracy."""
+    from balancekv import budget
+    from balancekv.api import no_query_probes
+
+    K, V, _ = data
+    Kt, Vt = torch.from_numpy(K).float(), torch.from_numpy(V).float()
+    with no_numpy():
+        P = no_query_probes(Kt, 5)
+        c = balancekv.compress(Kt, Vt, 0.2, method=method, seed=5)
+    assert isinstance(P, torch.Tensor) and P.device == Kt.device and P.dtype == torch.float32
+    np.testing.assert_allclose(np.asarray(P.tolist()), no_query_probes(K, 5), rtol=1e-5, atol=1e-5)
+    d = c.diagnostics
+    assert d["probe_kind"] == "fitted" and d["margin"] == budget.MARGIN_FITTED
+    assert np.all(np.asarray(d["error_bound_per_head"]) <= 0.2)
+    ref = balancekv.compress(K, V, 0.2, method=method, seed=5, measure=True).diagnostics
+    np.testing.assert_allclose(np.asarray(d["error_levels"]), np.asarray(ref["error_levels"]), rtol=1e-3, atol=1e-4)
