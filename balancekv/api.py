@@ -208,6 +208,7 @@ class Work:
         self.lead, self.kind = tuple(lead), kind
         self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
         self._exact = None
+        self.shared: dict = {}  # what the builds of this call share (Context.shared)
 
     @property
     def exact_probe(self):
@@ -225,6 +226,7 @@ class Work:
             opts=opts,
             queries_given=self.queries_given,
             backend=self.backend,
+            shared=self.shared,
         )
 
     def build(self, name: str, meth, opts: dict, level, probes=None) -> Built:
@@ -471,19 +473,23 @@ def compress(
             errors = work.query_errors(built).mean(-1)
     else:
         levels = [None] + meth.levels(n, opts)  # index 0: the exact fallback
-        iterator = levels
+        bar = None
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415  (only when asked for)
 
-            iterator = tqdm(levels, desc=f"compress[{method}] levels")
-        builts = [work.build(method, meth, opts, level) for level in iterator]
-        sc = budget.score(work, method, meth, opts, levels, builts, cv)
+            bar = tqdm(total=len(levels) - 1, desc=f"compress[{method}] levels")
+        # judged least compressed first, stopping once every head has failed a level (budget.eps_search)
+        sc, builts = budget.eps_search(work, method, meth, opts, levels, cv, eps, progress=bar)
+        if bar is not None:
+            bar.close()
         # per head, the fewest held bytes among the levels meeting eps (every level builds every head
-        # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
-        per_head = np.array([held_nbytes(b.segments, b.stream) / H for b in builts])
+        # alike, so a level's bytes per head are its bytes / H; a level not built is never chosen); ties go
+        # to the more compressed index
+        per_head = np.array([np.inf if b is None else held_nbytes(b.segments, b.stream) / H for b in builts])
         choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
         diag.update(sc.diagnostics(choice))
-    infos = [b.info for b in builts]
+        diag["levels_built"] = [i for i, b in enumerate(builts) if b is not None]
+    infos = [{"built": False} if b is None else b.info for b in builts]
     diag.update(
         {
             "levels": levels,

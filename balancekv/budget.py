@@ -117,39 +117,121 @@ def uses_queries(meth, opts, queries_given: bool) -> bool:
     return bool(f(opts, queries_given)) if f is not None else False
 
 
-def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: CrossFit) -> Scores:
-    """In-sample errors of ``builts`` (the builds of ``levels`` with all probes) and, for a method that
-    selects with the probes, cross-fitted ones (one more build per level and fold; level ``None``, the
-    exact cache, has error 0)."""
-    L, H = len(levels), work.H
+def _cross_fit_plan(work, meth, opts, cv: CrossFit) -> tuple[list | None, str]:
+    """``(folds, rule)``: per fold ``(train probes, held-out probes, their exact attention)`` (``None``: the
+    method is judged in sample) and the rule's description."""
     p = int(work.probes.shape[-2])
-    err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
-    for i, (lv, b) in enumerate(zip(levels, builts)):
-        if lv is not None:
-            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
     folds = cv.split(p) if uses_queries(meth, opts, work.queries_given) else None
     if folds is None:
         why = "the method does not select with the probes" if cv.folds >= 2 else "folds=1"
         if uses_queries(meth, opts, work.queries_given) and cv.folds >= 2:
             why = f"too few queries to cross-fit ({p} < 2 x {cv.folds} folds)"
-        return Scores(err_in, err_in, se_in, False, f"in-sample probe error <= eps ({why})", cv.z)
-    held_err = [[] for _ in range(L)]
+        return None, f"in-sample probe error <= eps ({why})"
+    data = []
     for held in folds:
         train = np.setdiff1d(np.arange(p), held)
         q_train, q_held = take_queries(work.probes, train), take_queries(work.probes, held)
-        exact_held = take_queries(work.exact_probe, held)
-        for i, lv in enumerate(levels):
-            if lv is None:
-                held_err[i].append(np.zeros((H, held.size)))
-                continue
-            b = work.build(name, meth, opts, lv, probes=q_train)
-            held_err[i].append(work.query_errors(b, q_held, exact_held))
-    err, se = np.zeros((L, H)), np.zeros((L, H))
-    for i in range(L):
-        err[i], se[i] = _mean_se(np.concatenate(held_err[i], axis=-1))
+        data.append((q_train, q_held, take_queries(work.exact_probe, held)))
     scheme = cv.scheme or FOLD_SCHEME
-    rule = f"cross-fitted: {cv.folds} {scheme} folds, validated error + {cv.z:g} SE <= eps"
+    return data, f"cross-fitted: {cv.folds} {scheme} folds, validated error + {cv.z:g} SE <= eps"
+
+
+def _held_out(work, fold_builts, folds) -> tuple[np.ndarray, np.ndarray]:
+    """Validated error and SE per head of one level from its fold builds (one per fold)."""
+    e = [work.query_errors(b, q_held, exact) for b, (_, q_held, exact) in zip(fold_builts, folds)]
+    return _mean_se(np.concatenate(e, axis=-1))
+
+
+def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: CrossFit) -> Scores:
+    """In-sample errors of ``builts`` (the builds of ``levels`` with all probes) and, for a method that
+    selects with the probes, cross-fitted ones (one more build per level and fold, all built together by
+    ``meth.build_many``; level ``None``, the exact cache, has error 0)."""
+    L, H = len(levels), work.H
+    err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
+    for i, (lv, b) in enumerate(zip(levels, builts)):
+        if lv is not None:
+            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
+    folds, rule = _cross_fit_plan(work, meth, opts, cv)
+    if folds is None:
+        return Scores(err_in, err_in, se_in, False, rule, cv.z)
+    todo = [i for i, lv in enumerate(levels) if lv is not None]
+    reqs = [(levels[i], work.context(name, opts, levels[i], q_train)) for i in todo for q_train, _, _ in folds]
+    fb = meth.build_many(work.Kw, work.Vw, reqs)
+    err, se = np.zeros((L, H)), np.zeros((L, H))
+    for j, i in enumerate(todo):
+        err[i], se[i] = _held_out(work, fb[j * len(folds) : (j + 1) * len(folds)], folds)
     return Scores(err, err_in, se, True, rule, cv.z)
+
+
+def _meets(err, err_in, se, cross: bool, rule: str, z: float, j: int, eps: float) -> np.ndarray:
+    """Per head, whether level ``j`` meets ``eps`` by the rule of :func:`cheapest_meeting` (asked on rows
+    ``0..j`` with ``j`` the cheapest, so it is chosen exactly when it qualifies)."""
+    sub = Scores(err[: j + 1], err_in[: j + 1], se[: j + 1], cross, rule, z)
+    cost = np.arange(j, -1, -1, dtype=float)[:, None] * np.ones((1, err.shape[1]))
+    return cheapest_meeting(sub, cost, eps, exact_index=0) == j
+
+
+def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, eps: float, progress=None):
+    """The empirical ``eps`` search of :func:`balancekv.compress`: ``(scores, builts)`` over ``levels``
+    (``levels[0] = None``, the exact cache; then least to most compressed).
+
+    Doing the work once (issue 11): the levels are judged in order, least compressed first, and the
+    search stops at the first level that no head still searching meets (a head stops searching at the first
+    level it fails). Each step builds, together (``meth.build_many``: the balance walks in lockstep), the
+    final build of level ``k`` (all probes) with the validation builds of levels ``k`` and ``k + 1`` (the
+    fold builds when cross-fitted, else the final builds), so ``k``'s fate and ``k + 1``'s are known after
+    one step, and a level's final build is made only when a head still searching may choose it. Rows of
+    levels never judged are NaN (never meet) and their builds ``None``; a level judged but not built
+    (its validation failed for every head still searching) is not chosen (its bytes are unknown: the caller
+    prices it at infinity). Levels past a head's first failure are judged only for the other heads. With
+    errors that grow with compression this chooses what judging every level would; otherwise a head may
+    stop at a less compressed level than the cheapest that meets ``eps``."""
+    L, H = len(levels), work.H
+    nan = lambda: np.full((L, H), np.nan)
+    err, err_in, se, se_in = nan(), nan(), nan(), nan()
+    err[0] = err_in[0] = se[0] = se_in[0] = 0.0
+    folds, rule = _cross_fit_plan(work, meth, opts, cv)
+    cross = folds is not None
+    builts: list = [None] * L
+    builts[0] = work.build(name, meth, opts, None)
+    judged = np.zeros(L, bool)
+    judged[0] = True
+    meets = lambda j: _meets(err, err_in, se, cross, rule, cv.z, j, eps)
+    active = np.ones(H, bool)  # heads that met every level so far
+    k = 1
+    while k < L and active.any():
+        if judged[k] and not (active & meets(k)).any():
+            break
+        jobs = [] if builts[k] is not None else [("final", k, None)]
+        for j in (k, k + 1):
+            if j < L and not judged[j]:
+                if cross:
+                    jobs += [("fold", j, f) for f in range(len(folds))]
+                elif builts[j] is None and ("final", j, None) not in jobs:
+                    jobs.append(("final", j, None))
+        reqs = [
+            (levels[j], work.context(name, opts, levels[j], None if kind == "final" else folds[f][0]))
+            for kind, j, f in jobs
+        ]
+        got = dict(zip(jobs, meth.build_many(work.Kw, work.Vw, reqs)))
+        for (kind, j, _), b in got.items():
+            if kind == "final":
+                builts[j] = b
+                err_in[j], se_in[j] = _mean_se(work.query_errors(b))
+                if progress is not None:
+                    progress.update(1)
+        for j in (k, k + 1):
+            if j < L and not judged[j]:
+                if cross:
+                    err[j], se[j] = _held_out(work, [got[("fold", j, f)] for f in range(len(folds))], folds)
+                else:
+                    err[j], se[j] = err_in[j], se_in[j]
+                judged[j] = True
+        active &= meets(k)
+        k += 1
+    if not cross:
+        err_in = err
+    return Scores(err, err_in, se, cross, rule, cv.z), builts
 
 
 def cheapest_meeting(sc: Scores, cost: np.ndarray, eps: float, exact_index: int | None = 0) -> np.ndarray:

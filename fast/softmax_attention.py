@@ -22,10 +22,12 @@ def causal_mask(m: int, n: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] <= (n - m + torch.arange(m, device=device))[:, None]
 
 
-def _log_sum(a: torch.Tensor, v: torch.Tensor | None):
+def _log_sum(a: torch.Tensor, v: torch.Tensor | None, both: bool = False):
     M = a.amax(dim=-1, keepdim=True)
     Msafe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     e = torch.exp(a - Msafe)
+    if both:  # (max, e @ v, row sums of e)
+        return M[..., 0], e @ v, e.sum(dim=-1, keepdim=True)
     S = e.sum(dim=-1, keepdim=True) if v is None else e @ v
     return M[..., 0], S
 
@@ -38,8 +40,14 @@ def weighted_attention(Q, K, V, num_logw, den_logw, scale=None, mask=None) -> to
     a = scale * (Q @ K.transpose(-1, -2))
     if mask is not None:
         a = a.masked_fill(~mask, float("-inf"))
-    Mn, Sn = _log_sum(a + num_logw.to(dt)[..., None, :], V)
-    Md, Sd = _log_sum(a + den_logw.to(dt)[..., None, :], None)
+    if num_logw is den_logw or (num_logw.shape == den_logw.shape and torch.equal(num_logw, den_logw)):
+        # one weight set (SPEC 1, the consistent estimator): one exponential serves both sums (the same
+        # numbers as two passes)
+        Mn, Sn, Sd = _log_sum(a + num_logw.to(dt)[..., None, :], V, both=True)
+        Md = Mn
+    else:
+        Mn, Sn = _log_sum(a + num_logw.to(dt)[..., None, :], V)
+        Md, Sd = _log_sum(a + den_logw.to(dt)[..., None, :], None)
     if bool((~torch.isfinite(Md)).any()) or bool((Sd <= 0).any()):
         raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
     rel = torch.where(torch.isfinite(Mn), Mn - Md, torch.full_like(Mn, float("-inf")))

@@ -271,22 +271,44 @@ class Balance(Method):
 
     def build_torch(self, K, V, level, ctx):
         """The same build on torch tensors (device-native: walk, heavy hitters, gathers in torch)."""
-        from balancekv.fast.blocked_balance import blocked_balance as fast_blocked_balance  # noqa: PLC0415
+        return self.build_many(K, V, [(level, ctx)])[0]
 
-        opts = self.concrete(ctx.opts, ctx.queries_given)
-        kernel, vc = self._kernel(opts, ctx.queries_given)
-        plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
-        protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
-        idx, lw = fast_blocked_balance(
-            K,
-            V,
-            kernel=kernel,
-            probes=ctx.probes if kernel == "queries" else None,
-            protect=protect,
-            backend=ctx.backend if ctx.backend in ("triton", "auto") else "torch",
-            **self._walk_options(opts, vc, s0, w0, R, ctx),
-        )
-        return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
+    def build_many(self, K, V, requests):
+        """Torch: the builds run in lockstep (:func:`balancekv.fast.blocked_balance.lockstep`: one sign loop
+        per round for all of them; each build keeps its own uniforms, kernel matrices and result). NumPy: the
+        reference builds, one after the other."""
+        if not is_torch(K):
+            return super().build_many(K, V, requests)
+        from balancekv.fast.blocked_balance import blocked_balance_rounds, lockstep, query_logits  # noqa: PLC0415
+
+        gens, rest = [], []
+        for level, ctx in requests:
+            opts = self.concrete(ctx.opts, ctx.queries_given)
+            kernel, vc = self._kernel(opts, ctx.queries_given)
+            plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
+            protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
+            logits = None
+            if kernel == "queries":  # every level's walk reads the same logits: one matmul per probe set
+                logits = self.memo(
+                    ctx,
+                    ("balance.query_logits", float(opts["temp"])),
+                    K,
+                    lambda: query_logits(K, ctx.probes.to(K.dtype), scale=ctx.scale, temp=opts["temp"]),
+                )
+            gens.append(
+                blocked_balance_rounds(
+                    K,
+                    V,
+                    kernel=kernel,
+                    probes=ctx.probes if kernel == "queries" else None,
+                    logits=logits,
+                    protect=protect,
+                    backend=ctx.backend if ctx.backend in ("triton", "auto") else "torch",
+                    **self._walk_options(opts, vc, s0, w0, R, ctx),
+                )
+            )
+            rest.append((level, plan, protect, kernel, vc, ctx))
+        return [self._finish(K, V, idx, lw, *r) for (idx, lw), r in zip(lockstep(gens), rest)]
 
     # ----------------------------------------------------------------- exact tokens of the middle
     @staticmethod
@@ -295,6 +317,36 @@ class Balance(Method):
         if r == "auto":
             return 2 if queries_given else 0
         return int(r)
+
+    @staticmethod
+    def memo(ctx, tag, K, compute):
+        """``compute()``, once per ``(tag, probes, keys, scale)`` for the builds of one call (``ctx.shared``):
+        what depends on the probes and keys only (not on the level) is shared by every level and fold."""
+        if ctx.shared is None:
+            return compute()
+        key = (tag, id(ctx.probes), id(K), float(ctx.scale))
+        hit = ctx.shared.get(key)
+        if hit is not None and hit[0] is ctx.probes and hit[1] is K:
+            return hit[2]
+        out = compute()
+        ctx.shared[key] = (ctx.probes, K, out)  # the objects are kept with it: their ids stay theirs
+        return out
+
+    def heavy_scores(self, K, ctx):
+        """``(H, n)``: ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens (shared by
+        the builds of one call, :meth:`memo`)."""
+
+        def compute():
+            if is_torch(K):
+                import torch  # noqa: PLC0415  (torch path only)
+
+                return torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)
+            a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
+            a -= a.max(axis=-1, keepdims=True)
+            p = np.exp(a)
+            return (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)
+
+        return self.memo(ctx, "balance.heavy_scores", K, compute)
 
     def extra_exact(self, K, s0: int, w0: int, h: int, ctx):
         """``(H, h)`` middle tokens kept exactly. With observed queries and ``heavy_rounds > 0``: the heavy
@@ -313,19 +365,15 @@ class Balance(Method):
                 return torch.arange(n - w0 - h, n - w0, device=K.device).expand(H, h)
             return rows.copy()
         k = int(ctx.opts["heavy_pool"])
+        score = self.heavy_scores(K, ctx)[:, s0 : n - w0]
         if is_torch(K):
             import torch  # noqa: PLC0415  (torch path only)
             import torch.nn.functional as F  # noqa: PLC0415
 
-            score = torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)[:, s0 : n - w0]
             if k > 1:
                 score = F.max_pool1d(score[:, None], k, stride=1, padding=k // 2)[:, 0]
             top = torch.sort(-score, dim=1, stable=True).indices[:, :h] + s0
             return torch.sort(top, dim=1).values
-        a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
-        a -= a.max(axis=-1, keepdims=True)
-        p = np.exp(a)
-        score = (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)[:, s0 : n - w0]
         if k > 1:
             pad = np.full((H, k // 2), -np.inf)
             sp = np.concatenate([pad, score, pad], axis=1)
