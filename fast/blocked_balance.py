@@ -25,7 +25,14 @@ from balancekv._arrays import host_uniforms, take_rows
 from . import _triton as T
 from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
 
-__all__ = ["blocked_balance", "blocked_balance_rounds", "blocked_walk_signs", "fixed_size_halving", "halving_sizes", "lockstep"]
+__all__ = [
+    "blocked_balance",
+    "blocked_balance_rounds",
+    "blocked_walk_signs",
+    "fixed_size_halving",
+    "halving_sizes",
+    "lockstep",
+]
 
 
 def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_centering, a2_mode="abs"):

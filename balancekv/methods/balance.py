@@ -293,7 +293,7 @@ class Balance(Method):
                     ctx,
                     ("balance.query_logits", float(opts["temp"])),
                     K,
-                    lambda: query_logits(K, ctx.probes.to(K.dtype), scale=ctx.scale, temp=opts["temp"]),
+                    lambda c=ctx, t=opts["temp"]: query_logits(K, c.probes.to(K.dtype), scale=c.scale, temp=t),
                 )
             gens.append(
                 blocked_balance_rounds(
