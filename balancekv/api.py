@@ -208,16 +208,23 @@ class Work:
         self.lead, self.kind = tuple(lead), kind
         self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
         self._exact = None
-        self.shared: dict = {}  # what the builds of this call share (Context.shared)
+        self.shared: dict = {"probes": probes}  # what the builds of this call share (Context.shared)
 
     @property
     def exact_probe(self):
         """Exact attention of every probe query (computed once, on first use)."""
         if self._exact is None:
-            self._exact = exact_attention(self.probes, self.Kw, self.Vw, self.scale)
+            if self.path == "torch":
+                from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+                # the probes' softmax weights, shared with the builds that read them (heavy hitters, kernels)
+                w = probe_softmax(self.Kw, self.probes, self.scale, self.shared)[1]
+                self._exact = w.transpose(-1, -2) @ self.Vw
+            else:
+                self._exact = exact_attention(self.probes, self.Kw, self.Vw, self.scale)
         return self._exact
 
-    def context(self, name: str, opts: dict, level, probes=None) -> Context:
+    def context(self, name: str, opts: dict, level, probes=None, probe_rows=None) -> Context:
         return Context(
             scale=self.scale,
             rng=level_rng(self.entropy, name, level),
@@ -227,6 +234,7 @@ class Work:
             queries_given=self.queries_given,
             backend=self.backend,
             shared=self.shared,
+            probe_rows=None if probes is None else probe_rows,
         )
 
     def build(self, name: str, meth, opts: dict, level, probes=None) -> Built:

@@ -131,14 +131,19 @@ def _cross_fit_plan(work, meth, opts, cv: CrossFit) -> tuple[list | None, str]:
     for held in folds:
         train = np.setdiff1d(np.arange(p), held)
         q_train, q_held = take_queries(work.probes, train), take_queries(work.probes, held)
-        data.append((q_train, q_held, take_queries(work.exact_probe, held)))
+        data.append((q_train, q_held, take_queries(work.exact_probe, held), train))
     scheme = cv.scheme or FOLD_SCHEME
     return data, f"cross-fitted: {cv.folds} {scheme} folds, validated error + {cv.z:g} SE <= eps"
 
 
+def fold_probes(fold) -> tuple:
+    """``(probes, probe_rows)`` of a fold's builds (its training queries and their rows)."""
+    return fold[0], fold[3]
+
+
 def _held_out(work, fold_builts, folds) -> tuple[np.ndarray, np.ndarray]:
     """Validated error and SE per head of one level from its fold builds (one per fold)."""
-    e = [work.query_errors(b, q_held, exact) for b, (_, q_held, exact) in zip(fold_builts, folds)]
+    e = [work.query_errors(b, q_held, exact) for b, (_, q_held, exact, _) in zip(fold_builts, folds)]
     return _mean_se(np.concatenate(e, axis=-1))
 
 
@@ -155,7 +160,7 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
     if folds is None:
         return Scores(err_in, err_in, se_in, False, rule, cv.z)
     todo = [i for i, lv in enumerate(levels) if lv is not None]
-    reqs = [(levels[i], work.context(name, opts, levels[i], q_train)) for i in todo for q_train, _, _ in folds]
+    reqs = [(levels[i], work.context(name, opts, levels[i], *fold_probes(f))) for i in todo for f in folds]
     fb = meth.build_many(work.Kw, work.Vw, reqs)
     err, se = np.zeros((L, H)), np.zeros((L, H))
     for j, i in enumerate(todo):
@@ -210,7 +215,7 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
                 elif builts[j] is None and ("final", j, None) not in jobs:
                     jobs.append(("final", j, None))
         reqs = [
-            (levels[j], work.context(name, opts, levels[j], None if kind == "final" else folds[f][0]))
+            (levels[j], work.context(name, opts, levels[j], *(() if kind == "final" else fold_probes(folds[f]))))
             for kind, j, f in jobs
         ]
         got = dict(zip(jobs, meth.build_many(work.Kw, work.Vw, reqs)))

@@ -62,3 +62,19 @@ def attention(Q, K, V, scale=None, causal: bool = False) -> torch.Tensor:
     zeros = torch.zeros(K.shape[:-1], dtype=compute_dtype(Q, K, V), device=K.device)
     mask = causal_mask(Q.shape[-2], K.shape[-2], K.device) if causal else None
     return weighted_attention(Q, K, V, zeros, zeros, scale, mask=mask)
+
+
+def probe_softmax(K, probes, scale: float, shared: dict | None = None):
+    """``(logits, weights)``, both ``(H, n, p)``: ``scale <k_i, q_l>`` and its softmax over the tokens, for every
+    probe ``q_l (H, p, d)``. Several consumers read them (the exact attention of the probes, heavy-hitter scores,
+    the query-aware kernel's logits, also of the folds: columns of these), so ``shared`` (a dict) keeps them
+    for the call, keyed by the objects."""
+    key = ("probe_softmax", id(probes), id(K), float(scale))
+    hit = None if shared is None else shared.get(key)
+    if hit is not None and hit[0] is probes and hit[1] is K:
+        return hit[2]
+    logits = float(scale) * (K @ probes.to(K.dtype).transpose(-1, -2))
+    out = (logits, torch.softmax(logits, dim=-2))
+    if shared is not None:
+        shared[key] = (probes, K, out)
+    return out

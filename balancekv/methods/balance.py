@@ -279,7 +279,7 @@ class Balance(Method):
         reference builds, one after the other."""
         if not is_torch(K):
             return super().build_many(K, V, requests)
-        from balancekv.fast.blocked_balance import blocked_balance_rounds, lockstep, query_logits  # noqa: PLC0415
+        from balancekv.fast.blocked_balance import blocked_balance_rounds, lockstep  # noqa: PLC0415
 
         gens, rest = [], []
         for level, ctx in requests:
@@ -288,12 +288,12 @@ class Balance(Method):
             plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
             protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
             logits = None
-            if kernel == "queries":  # every level's walk reads the same logits: one matmul per probe set
+            if kernel == "queries":  # every level's walk reads the same logits: one matmul per call
                 logits = self.memo(
                     ctx,
                     ("balance.query_logits", float(opts["temp"])),
                     K,
-                    lambda c=ctx, t=opts["temp"]: query_logits(K, c.probes.to(K.dtype), scale=c.scale, temp=t),
+                    lambda c=ctx, t=opts["temp"]: self._logits(K, c, t),
                 )
             gens.append(
                 blocked_balance_rounds(
@@ -332,14 +332,43 @@ class Balance(Method):
         ctx.shared[key] = (ctx.probes, K, out)  # the objects are kept with it: their ids stay theirs
         return out
 
+    @staticmethod
+    def _probe_columns(K, ctx, which: int):
+        """Torch: the call's probe logits (``which=0``) or softmax weights (``1``), ``(H, n, p)``
+        (:func:`balancekv.fast.softmax_attention.probe_softmax`, shared with the exact attention of the
+        probes), the columns of ``ctx.probe_rows`` for a fold; ``None`` when ``ctx.probes`` are not the call's."""
+        from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+        full = None if ctx.shared is None else ctx.shared.get("probes")
+        if full is None or (ctx.probe_rows is None and full is not ctx.probes):
+            return None
+        x = probe_softmax(K, full, ctx.scale, ctx.shared)[which]
+        if ctx.probe_rows is None:
+            return x
+        import torch  # noqa: PLC0415
+
+        return x.index_select(-1, torch.as_tensor(ctx.probe_rows, dtype=torch.int64, device=x.device))
+
+    def _logits(self, K, ctx, temp):
+        """``temp * scale * <k_i, q_l>`` ``(H, n, L)`` of the walk's query-aware kernel."""
+        from balancekv.fast.blocked_balance import query_logits  # noqa: PLC0415  (torch path only)
+
+        x = self._probe_columns(K, ctx, 0)
+        if x is None:
+            return query_logits(K, ctx.probes.to(K.dtype), scale=ctx.scale, temp=temp)
+        return x if float(temp) == 1.0 else float(temp) * x
+
     def heavy_scores(self, K, ctx):
         """``(H, n)``: ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens (shared by
-        the builds of one call, :meth:`memo`)."""
+        the builds of one call, :meth:`memo`; torch: the call's probe softmax, columns for a fold)."""
 
         def compute():
             if is_torch(K):
                 import torch  # noqa: PLC0415  (torch path only)
 
+                w = self._probe_columns(K, ctx, 1)
+                if w is not None:
+                    return w.sum(-1)
                 return torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)
             a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
             a -= a.max(axis=-1, keepdims=True)

@@ -54,6 +54,9 @@ class Context:
     #: a memo shared by the builds of one ``compress`` call (the ``eps`` search builds many levels and
     #: folds on the same keys): a method stores there what does not depend on the level (keys it owns)
     shared: dict | None = None
+    #: rows of the call's probes (``shared["probes"]``) that ``probes`` holds (a fold's training queries);
+    #: ``None``: ``probes`` are the call's own
+    probe_rows: Any = None
 
 
 @dataclass
