@@ -169,28 +169,40 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
 
 
 def _meets(err, err_in, se, cross: bool, rule: str, z: float, j: int, eps: float) -> np.ndarray:
-    """Per head, whether level ``j`` meets ``eps`` by the rule of :func:`cheapest_meeting` (asked on rows
-    ``0..j`` with ``j`` the cheapest, so it is chosen exactly when it qualifies)."""
-    sub = Scores(err[: j + 1], err_in[: j + 1], se[: j + 1], cross, rule, z)
-    cost = np.arange(j, -1, -1, dtype=float)[:, None] * np.ones((1, err.shape[1]))
-    return cheapest_meeting(sub, cost, eps, exact_index=0) == j
+    """Per head, whether level ``j`` meets ``eps`` by the rule of :func:`cheapest_meeting` (asked on the
+    exact row and row ``j``, the cheaper, so ``j`` is chosen exactly when it qualifies)."""
+    rows = [0, j]
+    sub = Scores(err[rows], err_in[rows], se[rows], cross, rule, z)
+    cost = np.array([[1.0], [0.0]]) * np.ones((1, err.shape[1]))
+    return cheapest_meeting(sub, cost, eps, exact_index=0) == 1
+
+
+def level_chains(meth, levels: list) -> list[list[int]]:
+    """The search's ladders: lists of indices into ``levels`` (``levels[0]`` the exact cache), each least to
+    most compressed, along which the error is expected to grow (``Method.level_chains``; default: one ladder,
+    every level in order)."""
+    f = getattr(meth, "level_chains", None)
+    if f is None:
+        return [list(range(1, len(levels)))]
+    return [[i + 1 for i in chain] for chain in f(levels[1:])]
 
 
 def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, eps: float, progress=None):
     """The empirical ``eps`` search of :func:`balancekv.compress`: ``(scores, builts)`` over ``levels``
-    (``levels[0] = None``, the exact cache; then least to most compressed).
+    (``levels[0] = None``, the exact cache; then the method's levels).
 
-    Doing the work once (issue 11): the levels are judged in order, least compressed first, and the
-    search stops at the first level that no head still searching meets (a head stops searching at the first
-    level it fails). Each step builds, together (``meth.build_many``: the balance walks in lockstep), the
-    final build of level ``k`` (all probes) with the validation builds of levels ``k`` and ``k + 1`` (the
-    fold builds when cross-fitted, else the final builds), so ``k``'s fate and ``k + 1``'s are known after
-    one step, and a level's final build is made only when a head still searching may choose it. Rows of
-    levels never judged are NaN (never meet) and their builds ``None``; a level judged but not built
-    (its validation failed for every head still searching) is not chosen (its bytes are unknown: the caller
-    prices it at infinity). Levels past a head's first failure are judged only for the other heads. With
-    errors that grow with compression this chooses what judging every level would; otherwise a head may
-    stop at a less compressed level than the cheapest that meets ``eps``."""
+    Doing the work once (issue 11): along each ladder of :func:`level_chains` (one for most methods: the
+    levels least to most compressed) the levels are judged in order and the ladder stops at the first level
+    that no head still on it meets (a head leaves a ladder at the first level it fails there). Each step
+    builds together (``meth.build_many``: the balance walks run in lockstep, every ladder at once) the final
+    build of a ladder's current level ``k`` (all probes) with the validation builds of ``k`` and of the next
+    level (fold builds when cross-fitted, else the final builds): ``k``'s fate and the next level's are known
+    after one step, and a final build is made only for a level a head on the ladder may still choose. The
+    caller then applies :func:`cheapest_meeting` to the rows judged: rows never judged are NaN (never meet),
+    their builds ``None``; a level judged but never built (it failed for every head still on its ladder) is
+    priced at infinity by the caller, so it is never chosen. With errors that grow along a ladder this chooses
+    what judging every level would; otherwise a head may get a less compressed level than the cheapest
+    meeting ``eps`` (the chosen level still meets it, validated)."""
     L, H = len(levels), work.H
     nan = lambda: np.full((L, H), np.nan)
     err, err_in, se, se_in = nan(), nan(), nan(), nan()
@@ -202,18 +214,35 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
     judged = np.zeros(L, bool)
     judged[0] = True
     meets = lambda j: _meets(err, err_in, se, cross, rule, cv.z, j, eps)
-    active = np.ones(H, bool)  # heads that met every level so far
-    k = 1
-    while k < L and active.any():
-        if judged[k] and not (active & meets(k)).any():
+    # per ladder: its levels, the position of its current level, the heads that met every level so far
+    ladders = [[chain, 0, np.ones(H, bool)] for chain in level_chains(meth, levels) if chain]
+    while True:
+        jobs: list = []
+        for lad in ladders:
+            chain, at, active = lad
+            # advance as far as what is judged and built allows
+            while at < len(chain) and active.any() and judged[chain[at]]:
+                k = chain[at]
+                if not (active & meets(k)).any():
+                    active = np.zeros(H, bool)  # no head on this ladder meets its next level: it stops here
+                elif builts[k] is not None:
+                    active, at = active & meets(k), at + 1
+                else:
+                    break
+            lad[1], lad[2] = at, active
+            if at >= len(chain) or not active.any():
+                continue
+            k = chain[at]
+            if builts[k] is None and ("final", k, None) not in jobs:
+                jobs.append(("final", k, None))
+            for j in chain[at : at + 2]:
+                if not judged[j]:
+                    if cross:
+                        jobs += [("fold", j, f) for f in range(len(folds)) if ("fold", j, f) not in jobs]
+                    elif builts[j] is None and ("final", j, None) not in jobs:
+                        jobs.append(("final", j, None))
+        if not jobs:
             break
-        jobs = [] if builts[k] is not None else [("final", k, None)]
-        for j in (k, k + 1):
-            if j < L and not judged[j]:
-                if cross:
-                    jobs += [("fold", j, f) for f in range(len(folds))]
-                elif builts[j] is None and ("final", j, None) not in jobs:
-                    jobs.append(("final", j, None))
         reqs = [
             (levels[j], work.context(name, opts, levels[j], *(() if kind == "final" else fold_probes(folds[f]))))
             for kind, j, f in jobs
@@ -225,15 +254,13 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
                 err_in[j], se_in[j] = _mean_se(work.query_errors(b))
                 if progress is not None:
                     progress.update(1)
-        for j in (k, k + 1):
-            if j < L and not judged[j]:
+        for j in sorted({j for _, j, _ in jobs}):
+            if not judged[j]:
                 if cross:
                     err[j], se[j] = _held_out(work, [got[("fold", j, f)] for f in range(len(folds))], folds)
                 else:
                     err[j], se[j] = err_in[j], se_in[j]
                 judged[j] = True
-        active &= meets(k)
-        k += 1
     if not cross:
         err_in = err
     return Scores(err, err_in, se, cross, rule, cv.z), builts

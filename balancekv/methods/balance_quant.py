@@ -66,12 +66,25 @@ class BalanceQuant(Method):
         ]
         return sorted(out, key=est, reverse=True)
 
+    def level_chains(self, levels):
+        """The ``eps`` search's ladders (:func:`balancekv.budget.level_chains`): one per bits, kept fraction
+        decreasing (the error grows along each; across bits the byte order interleaves them)."""
+        bits = sorted({lv["bits"] for lv in levels}, reverse=True)
+        return [[i for i, lv in enumerate(levels) if lv["bits"] == b] for b in bits]
+
     def level_for_keep(self, keep, n, opts):
         return {"keep": float(keep), "bits": int(opts["bits"])}
 
+    def build_many(self, K, V, requests):
+        """The balance builds of every request together (:meth:`Balance.build_many`), then each quantized."""
+        inner = [({"keep": lv["keep"]}, replace(ctx, opts=self.balance_opts(ctx.opts))) for lv, ctx in requests]
+        return [self._quantize(b, lv, ctx) for b, (lv, ctx) in zip(_balance().build_many(K, V, inner), requests)]
+
     def _build(self, K, V, level, ctx):
+        return self.build_many(K, V, [(level, ctx)])[0]
+
+    def _quantize(self, built, level, ctx):
         _, q = self.split(ctx.opts)
-        built = _balance().build(K, V, {"keep": level["keep"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments
         stream = QuantizedStream(
             seg.keys.dense(),
