@@ -54,10 +54,11 @@ def level_rng(entropy: int, method: str, level: dict | None) -> np.random.Genera
 
 def segments_attention(segments: list[Segment], Q, scale: float):
     """The estimator of SPEC section 1 over one path's segments (NumPy reference or torch)."""
-    K = cat([s.keys.dense() for s in segments], -2)
-    Vv = cat([s.values.dense() for s in segments], -2)
-    nl = cat([s.num_logw for s in segments], -1)
-    dl = cat([s.den_logw for s in segments], -1)
+    one = lambda xs, axis: xs[0] if len(xs) == 1 else cat(xs, axis)  # read only: one segment needs no copy
+    K = one([s.keys.dense() for s in segments], -2)
+    Vv = one([s.values.dense() for s in segments], -2)
+    nl = one([s.num_logw for s in segments], -1)
+    dl = one([s.den_logw for s in segments], -1)
     if is_torch(Q):
         from balancekv.fast import softmax_attention as fa  # noqa: PLC0415  (torch path only)
 
@@ -227,7 +228,7 @@ class Work:
     def context(self, name: str, opts: dict, level, probes=None, probe_rows=None) -> Context:
         return Context(
             scale=self.scale,
-            rng=level_rng(self.entropy, name, level),
+            rng=level_rng(self.entropy, name, get_method(name).rng_level(level) if level is not None else None),
             probes=self.probes if probes is None else probes,
             delta=self.delta,
             opts=opts,

@@ -135,6 +135,13 @@ class Method:
             return self.build_torch(K, V, level, ctx)
         return self.build_reference(K, V, level, ctx)
 
+    def rng_level(self, level: dict) -> dict:
+        """The part of ``level`` its random generator is derived from (with the seed and the method's name):
+        the whole level by default. Levels with the same ``rng_level`` draw the same numbers, so a method
+        whose levels share a randomised build (``balance+quant``: one balance walk for every bits) can build
+        it once."""
+        return level
+
     def build_many(self, K, V, requests: list[tuple[dict, Context]]) -> list[Built]:
         """The builds of several ``(level, ctx)`` on the same ``K, V``, each equal to ``build(K, V, level, ctx)``
         alone. The default builds them one after the other; a method that can share work between them (one
