@@ -363,6 +363,14 @@ def compress(
       out of selection: a level qualifies when the mean probe error is at most ``eps``
       (``error_per_head`` = ``error_in_sample_per_head``).
 
+    The search (:func:`balancekv.budget.eps_search`) judges the levels least compressed first and stops
+    at the first level that no head still searching meets (a head stops at the first level it fails), so
+    with errors that grow with compression it chooses what judging every level would; where they do not, a
+    head can get a less compressed level than the cheapest meeting ``eps`` (still one that meets it). At its
+    level, a head's cache is the one ``keep`` mode builds there for the same seed. Diagnostics:
+    ``error_levels`` etc. are NaN for levels not judged, ``levels_built`` lists the levels built,
+    ``level_info`` holds ``{"built": False}`` for the others.
+
     What it does not promise: the error on queries from another distribution than the probes (the
     fallback probes, the last keys, are a proxy of later queries, not a sample of them); the error
     of any single query (it is a mean); a bound that holds with a stated probability (the margin is

@@ -18,6 +18,14 @@ over all held-out queries with its standard error ``std / sqrt(p)``. A level mee
 probes keep the single in-sample evaluation (their probe error is already out of
 selection).
 
+Doing the work once (issue 11, item 2). :func:`eps_search` judges the levels least compressed first
+along the method's ladders (:func:`level_chains`) and stops a ladder at the first level no head still on
+it meets, building per step the final build of the current level with the validation builds of it and
+of the next level, all at once (``Method.build_many``: the balance walks of every level and fold run in
+lockstep, one sign loop per round; heavy-hitter scores, query logits and the exact probe attention are
+computed once per call and a fold reads its columns). The cache returned at a level is the one ``keep``
+mode builds there (same generator: :func:`balancekv.api.level_rng`, ``Method.rng_level``).
+
 Byte budget (item 4). :func:`ratio_search` builds and bills every candidate as the
 final cache (:attr:`CompressedKV.nbytes`, the caller's dtypes, weights, positions,
 codes and stream state included) and keeps the largest one within

@@ -11,8 +11,11 @@ at most a quarter of the budget each, the middle gets the fewest rounds whose ha
 the slack is filled with exact tokens — heavy hitters when observed ``queries`` were given
 (``heavy_rounds`` more rounds free the room: eviction methods keep heavy hitters and drop the rest's
 mass, here the walk estimates it), otherwise the tokens just before the window. The ``eps`` search
-tries the kept fractions ``1/2, 1/4, ...`` (the same caches keep builds). ``{"itrs": T}`` levels
-(exactly ``T`` rounds) remain for experiments.
+tries the kept fractions ``1/2, 1/4, ...`` (the same caches keep builds), least compressed first; on
+torch the builds it asks for at once run in lockstep (:meth:`Balance.build_many`). The levels are not
+nested (each kept fraction has its own heavy-hitter count, rounds and generator), so a level's walk is
+not a snapshot of another's; what does not depend on the level (heavy-hitter scores, the probes' logits)
+is computed once per call. ``{"itrs": T}`` levels (exactly ``T`` rounds) remain for experiments.
 
 Why the defaults differ with and without queries (``"auto"`` options, :attr:`Balance.PRESETS`):
 with observed queries the query-aware kernel (the walk balances the errors on those queries) with
