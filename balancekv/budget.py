@@ -40,6 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Most builds :func:`score` asks ``Method.build_many`` for at once (balance: walks in lockstep).
+LOCKSTEP_CHUNK = 8
+
 #: How the queries are split into folds: ``"contiguous"`` (default) or ``"interleaved"``.
 FOLD_SCHEME = "contiguous"
 
@@ -169,7 +172,12 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
         return Scores(err_in, err_in, se_in, False, rule, cv.z)
     todo = [i for i, lv in enumerate(levels) if lv is not None]
     reqs = [(levels[i], work.context(name, opts, levels[i], *fold_probes(f))) for i in todo for f in folds]
-    fb = meth.build_many(work.Kw, work.Vw, reqs)
+    # in lockstep by chunks (the kernel matrices of one round of every build in a chunk are held at once)
+    fb = [
+        b
+        for at in range(0, len(reqs), LOCKSTEP_CHUNK)
+        for b in meth.build_many(work.Kw, work.Vw, reqs[at : at + LOCKSTEP_CHUNK])
+    ]
     err, se = np.zeros((L, H)), np.zeros((L, H))
     for j, i in enumerate(todo):
         err[i], se[i] = _held_out(work, fb[j * len(folds) : (j + 1) * len(folds)], folds)
