@@ -114,6 +114,13 @@ def cat(arrays, axis: int):
 def take_rows(X: Any, idx: Any) -> Any:
     """``X[..., idx[..., j], :]`` per leading index: rows ``idx (…, m)`` of ``X (…, n, f)``."""
     if is_torch(X):
+        lead, n, f = X.shape[:-2], X.shape[-2], X.shape[-1]
+        if X.is_contiguous() and tuple(idx.shape[:-1]) == tuple(lead):
+            # whole rows of the flattened (…*n, f) array: several times faster than gather on CPU
+            H = int(np.prod(lead, dtype=np.int64))
+            off = torch.arange(0, H * n, n, device=idx.device).reshape(*lead, 1)
+            rows = X.reshape(H * n, f).index_select(0, (idx + off).reshape(-1))
+            return rows.reshape(*idx.shape, f)
         return torch.gather(X, -2, idx[..., None].expand(*idx.shape, X.shape[-1]))
     return np.take_along_axis(X, idx[..., None], axis=-2)
 

@@ -84,10 +84,11 @@ def level_rng(entropy: int, method: str, level: dict | None) -> np.random.Genera
 
 def segments_attention(segments: list[Segment], Q, scale: float):
     """The estimator of SPEC section 1 over one path's segments (NumPy reference or torch)."""
-    K = cat([s.keys.dense() for s in segments], -2)
-    Vv = cat([s.values.dense() for s in segments], -2)
-    nl = cat([s.num_logw for s in segments], -1)
-    dl = cat([s.den_logw for s in segments], -1)
+    one = lambda xs, axis: xs[0] if len(xs) == 1 else cat(xs, axis)  # read only: one segment needs no copy
+    K = one([s.keys.dense() for s in segments], -2)
+    Vv = one([s.values.dense() for s in segments], -2)
+    nl = one([s.num_logw for s in segments], -1)
+    dl = one([s.den_logw for s in segments], -1)
     if is_torch(Q):
         from balancekv.fast import softmax_attention as fa  # noqa: PLC0415  (torch path only)
 
@@ -243,23 +244,33 @@ class Work:
         self.lead, self.kind = tuple(lead), kind
         self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
         self._exact = None
+        self.shared: dict = {"probes": probes}  # what the builds of this call share (Context.shared)
 
     @property
     def exact_probe(self):
         """Exact attention of every probe query (computed once, on first use)."""
         if self._exact is None:
-            self._exact = exact_attention(self.probes, self.Kw, self.Vw, self.scale)
+            if self.path == "torch":
+                from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+                # the probes' softmax weights, shared with the builds that read them (heavy hitters, kernels)
+                w = probe_softmax(self.Kw, self.probes, self.scale, self.shared)[1]
+                self._exact = w.transpose(-1, -2) @ self.Vw
+            else:
+                self._exact = exact_attention(self.probes, self.Kw, self.Vw, self.scale)
         return self._exact
 
-    def context(self, name: str, opts: dict, level, probes=None) -> Context:
+    def context(self, name: str, opts: dict, level, probes=None, probe_rows=None) -> Context:
         return Context(
             scale=self.scale,
-            rng=level_rng(self.entropy, name, level),
+            rng=level_rng(self.entropy, name, get_method(name).rng_level(level) if level is not None else None),
             probes=self.select if probes is None else probes,
             delta=self.delta,
             opts=opts,
             queries_given=self.queries_given,
             backend=self.backend,
+            shared=self.shared,
+            probe_rows=None if probes is None else probe_rows,
         )
 
     def build(self, name: str, meth, opts: dict, level, probes=None) -> Built:
@@ -409,9 +420,13 @@ def compress(
     0.1, 0.2, a layer's mean error on the next 128 queries was at most 1.31 eps with observed queries
     (1.25 eps in all but one cell) and at most 1.06 eps without them at eps <= 0.1, but 2.26 eps at 0.2.
 
-    The search stops at the first level (in decreasing bytes) that fails, and when the heads' levels
-    differ and one level for every head (the dearest chosen, if it meets ``eps`` on every head) bills
-    fewer bytes, that one is taken.
+    The search (:func:`balancekv.budget.eps_search`) judges the levels least compressed first and a head
+    stops at the first level it fails (so an estimate that dips at a deeper level is not trusted); the
+    search ends once every head has stopped, and levels past that are neither judged nor built
+    (``error_levels`` etc. are NaN there, ``level_info`` holds ``{"built": False}``, ``levels_built`` lists
+    the built ones). At its level, a head's cache is the one ``keep`` mode builds there for the same seed.
+    When the heads' levels differ and one level for every head (the dearest chosen, if it meets ``eps`` on
+    every head) bills fewer bytes, that one is taken.
 
     What it does not promise: a bound (``eps`` is an empirical target from one model and two texts, not a
     theorem; other models, texts, prompt lengths or methods may shift differently — ``uniform``, which
@@ -561,20 +576,24 @@ def compress(
             errors = work.query_errors(built).mean(-1)
     else:
         levels = [None] + meth.levels(n, opts)  # index 0: the exact fallback
-        iterator = levels
+        bar = None
         if progress:
             from tqdm.auto import tqdm  # noqa: PLC0415  (only when asked for)
 
-            iterator = tqdm(levels, desc=f"compress[{method}] levels")
-        builts = [work.build(method, meth, opts, level) for level in iterator]
-        sc = budget.score(work, method, meth, opts, levels, builts, cv)
+            bar = tqdm(total=len(levels) - 1, desc=f"compress[{method}] levels")
+        # judged least compressed first, stopping once every head has failed a level (budget.eps_search)
+        sc, builts = budget.eps_search(work, method, meth, opts, levels, cv, eps, progress=bar)
+        if bar is not None:
+            bar.close()
         # per head, the fewest held bytes among the levels meeting eps (every level builds every head
-        # alike, so a level's bytes per head are its bytes / H); ties go to the more compressed index
-        per_head = np.array([held_nbytes(b.segments, b.stream) / H for b in builts])
+        # alike, so a level's bytes per head are its bytes / H; a level not built is never chosen); ties go
+        # to the more compressed index
+        per_head = np.array([np.inf if b is None else held_nbytes(b.segments, b.stream) / H for b in builts])
         choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
         choice = budget.uniform_if_not_dearer(work, builts, choice, per_head, sc.bound() <= eps)
         diag.update(sc.diagnostics(choice))
-    infos = [b.info for b in builts]
+        diag["levels_built"] = [i for i, b in enumerate(builts) if b is not None]
+    infos = [{"built": False} if b is None else b.info for b in builts]
     diag.update(
         {
             "levels": levels,

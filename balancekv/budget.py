@@ -26,6 +26,14 @@ scales the estimate into a prediction for them. :func:`cheapest_meeting` stops a
 level, in decreasing bytes, whose prediction fails, and :func:`uniform_if_not_dearer` gives
 every head one level when the per-head mix would bill more bytes.
 
+Doing the work once (issue 11, item 2). :func:`eps_search` judges the levels least compressed first
+along the method's ladders (:func:`level_chains`) and stops a ladder at the first level no head still on
+it meets, building per step the final build of the current level with the validation builds of it and
+of the next level, all at once (``Method.build_many``: the balance walks of every level and fold run in
+lockstep, one sign loop per round; heavy-hitter scores, query logits and the exact probe attention are
+computed once per call and a fold reads its columns). The cache returned at a level is the one ``keep``
+mode builds there (same generator: :func:`balancekv.api.level_rng`, ``Method.rng_level``).
+
 Byte budget (item 4). :func:`ratio_search` builds and bills every candidate as the
 final cache (:attr:`CompressedKV.nbytes`, the caller's dtypes, weights, positions,
 codes and stream state included) and keeps the largest one within
@@ -39,6 +47,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+#: Most builds :func:`score` asks ``Method.build_many`` for at once (balance: walks in lockstep).
+LOCKSTEP_CHUNK = 8
 
 #: How the queries are split into folds: ``"contiguous"`` (default) or ``"interleaved"``.
 FOLD_SCHEME = "contiguous"
@@ -147,16 +158,10 @@ def uses_queries(meth, opts, queries_given: bool) -> bool:
     return bool(f(opts, queries_given)) if f is not None else False
 
 
-def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: CrossFit) -> Scores:
-    """In-sample errors of ``builts`` (the builds of ``levels`` with all probes) and, for a method that
-    selects with the probes, cross-fitted ones (one more build per level and fold; level ``None``, the
-    exact cache, has error 0)."""
-    L, H = len(levels), work.H
+def _cross_fit_plan(work, meth, opts, cv: CrossFit) -> tuple[list | None, str]:
+    """``(folds, rule)``: per fold ``(train probes, held-out probes, their exact attention, train rows)``
+    (``None``: the method is judged in sample) and the rule's description."""
     p = int(work.probes.shape[-2])
-    err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
-    for i, (lv, b) in enumerate(zip(levels, builts)):
-        if lv is not None:
-            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
     # without queries the probes are fitted to the keys and the method selects with the last keys: the
     # probe error is then out of selection already
     selects = uses_queries(meth, opts, work.queries_given) and getattr(work, "select", work.probes) is work.probes
@@ -167,25 +172,149 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
             why = "the probes are fitted to the keys; the method selects with the last keys, not with them"
         if selects and cv.folds >= 2:
             why = f"too few queries to cross-fit ({p} < 2 x {cv.folds} folds)"
-        rule = f"in-sample probe error x {cv.margin:g} <= eps ({why})"
-        return Scores(err_in, err_in, se_in, False, rule, cv.z, cv.margin)
-    held_err = [[] for _ in range(L)]
+        return None, f"in-sample probe error x {cv.margin:g} <= eps ({why})"
+    data = []
     for held in folds:
         train = np.setdiff1d(np.arange(p), held)
         q_train, q_held = take_queries(work.probes, train), take_queries(work.probes, held)
-        exact_held = take_queries(work.exact_probe, held)
-        for i, lv in enumerate(levels):
-            if lv is None:
-                held_err[i].append(np.zeros((H, held.size)))
-                continue
-            b = work.build(name, meth, opts, lv, probes=q_train)
-            held_err[i].append(work.query_errors(b, q_held, exact_held))
-    err, se = np.zeros((L, H)), np.zeros((L, H))
-    for i in range(L):
-        err[i], se[i] = _mean_se(np.concatenate(held_err[i], axis=-1))
+        data.append((q_train, q_held, take_queries(work.exact_probe, held), train))
     scheme = cv.scheme or FOLD_SCHEME
-    rule = f"cross-fitted: {cv.folds} {scheme} folds, {cv.margin:g} x (validated error + {cv.z:g} SE) <= eps"
+    return data, f"cross-fitted: {cv.folds} {scheme} folds, {cv.margin:g} x (validated error + {cv.z:g} SE) <= eps"
+
+
+def fold_probes(fold) -> tuple:
+    """``(probes, probe_rows)`` of a fold's builds (its training queries and their rows)."""
+    return fold[0], fold[3]
+
+
+def _held_out(work, fold_builts, folds) -> tuple[np.ndarray, np.ndarray]:
+    """Validated error and SE per head of one level from its fold builds (one per fold)."""
+    e = [work.query_errors(b, q_held, exact) for b, (_, q_held, exact, _) in zip(fold_builts, folds)]
+    return _mean_se(np.concatenate(e, axis=-1))
+
+
+def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: CrossFit) -> Scores:
+    """In-sample errors of ``builts`` (the builds of ``levels`` with all probes) and, for a method that
+    selects with the probes, cross-fitted ones (one more build per level and fold, all built together by
+    ``meth.build_many``; level ``None``, the exact cache, has error 0)."""
+    L, H = len(levels), work.H
+    err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
+    for i, (lv, b) in enumerate(zip(levels, builts)):
+        if lv is not None:
+            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
+    folds, rule = _cross_fit_plan(work, meth, opts, cv)
+    if folds is None:
+        return Scores(err_in, err_in, se_in, False, rule, cv.z, cv.margin)
+    todo = [i for i, lv in enumerate(levels) if lv is not None]
+    reqs = [(levels[i], work.context(name, opts, levels[i], *fold_probes(f))) for i in todo for f in folds]
+    # in lockstep by chunks (the kernel matrices of one round of every build in a chunk are held at once)
+    fb = [
+        b
+        for at in range(0, len(reqs), LOCKSTEP_CHUNK)
+        for b in meth.build_many(work.Kw, work.Vw, reqs[at : at + LOCKSTEP_CHUNK])
+    ]
+    err, se = np.zeros((L, H)), np.zeros((L, H))
+    for j, i in enumerate(todo):
+        err[i], se[i] = _held_out(work, fb[j * len(folds) : (j + 1) * len(folds)], folds)
     return Scores(err, err_in, se, True, rule, cv.z, cv.margin)
+
+
+def _meets(err, err_in, se, cross: bool, rule: str, z: float, margin: float, j: int, eps: float) -> np.ndarray:
+    """Per head, whether level ``j`` meets ``eps`` by the rule of :func:`cheapest_meeting` (asked on the
+    exact row and row ``j``, the cheaper, so ``j`` is chosen exactly when it qualifies)."""
+    rows = [0, j]
+    sub = Scores(err[rows], err_in[rows], se[rows], cross, rule, z, margin)
+    cost = np.array([[1.0], [0.0]]) * np.ones((1, err.shape[1]))
+    return cheapest_meeting(sub, cost, eps, exact_index=0) == 1
+
+
+def level_chains(meth, levels: list) -> list[list[int]]:
+    """The search's ladders: lists of indices into ``levels`` (``levels[0]`` the exact cache), each least to
+    most compressed, along which the error is expected to grow (``Method.level_chains``; default: one ladder,
+    every level in order)."""
+    f = getattr(meth, "level_chains", None)
+    if f is None:
+        return [list(range(1, len(levels)))]
+    return [[i + 1 for i in chain] for chain in f(levels[1:])]
+
+
+def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, eps: float, progress=None):
+    """The empirical ``eps`` search of :func:`balancekv.compress`: ``(scores, builts)`` over ``levels``
+    (``levels[0] = None``, the exact cache; then the method's levels).
+
+    Doing the work once (issue 11): along each ladder of :func:`level_chains` (one for most methods: the
+    levels least to most compressed) the levels are judged in order and the ladder stops at the first level
+    that no head still on it meets (a head leaves a ladder at the first level it fails there). Each step
+    builds together (``meth.build_many``: the balance walks run in lockstep, every ladder at once) the final
+    build of a ladder's current level ``k`` (all probes) with the validation builds of ``k`` and of the next
+    level (fold builds when cross-fitted, else the final builds): ``k``'s fate and the next level's are known
+    after one step, and a final build is made only for a level a head on the ladder may still choose. The
+    caller then applies :func:`cheapest_meeting` to the rows judged: rows never judged are NaN (never meet),
+    their builds ``None``; a level judged but never built (it failed for every head still on its ladder) is
+    priced at infinity by the caller, so it is never chosen. With errors that grow along a ladder this chooses
+    what judging every level would; otherwise a head may get a less compressed level than the cheapest
+    meeting ``eps`` (the chosen level still meets it, validated)."""
+    L, H = len(levels), work.H
+    nan = lambda: np.full((L, H), np.nan)
+    err, err_in, se, se_in = nan(), nan(), nan(), nan()
+    err[0] = err_in[0] = se[0] = se_in[0] = 0.0
+    folds, rule = _cross_fit_plan(work, meth, opts, cv)
+    cross = folds is not None
+    builts: list = [None] * L
+    builts[0] = work.build(name, meth, opts, None)
+    judged = np.zeros(L, bool)
+    judged[0] = True
+    meets = lambda j: _meets(err, err_in, se, cross, rule, cv.z, cv.margin, j, eps)
+    # per ladder: its levels, the position of its current level, the heads that met every level so far
+    ladders = [[chain, 0, np.ones(H, bool)] for chain in level_chains(meth, levels) if chain]
+    while True:
+        jobs: list = []
+        for lad in ladders:
+            chain, at, active = lad
+            # advance as far as what is judged and built allows
+            while at < len(chain) and active.any() and judged[chain[at]]:
+                k = chain[at]
+                if not (active & meets(k)).any():
+                    active = np.zeros(H, bool)  # no head on this ladder meets its next level: it stops here
+                elif builts[k] is not None:
+                    active, at = active & meets(k), at + 1
+                else:
+                    break
+            lad[1], lad[2] = at, active
+            if at >= len(chain) or not active.any():
+                continue
+            k = chain[at]
+            if builts[k] is None and ("final", k, None) not in jobs:
+                jobs.append(("final", k, None))
+            for j in chain[at : at + 2]:
+                if not judged[j]:
+                    if cross:
+                        jobs += [("fold", j, f) for f in range(len(folds)) if ("fold", j, f) not in jobs]
+                    elif builts[j] is None and ("final", j, None) not in jobs:
+                        jobs.append(("final", j, None))
+        if not jobs:
+            break
+        reqs = [
+            (levels[j], work.context(name, opts, levels[j], *(() if kind == "final" else fold_probes(folds[f]))))
+            for kind, j, f in jobs
+        ]
+        got = dict(zip(jobs, meth.build_many(work.Kw, work.Vw, reqs)))
+        for (kind, j, _), b in got.items():
+            if kind == "final":
+                builts[j] = b
+                err_in[j], se_in[j] = _mean_se(work.query_errors(b))
+                if progress is not None:
+                    progress.update(1)
+        for j in sorted({j for _, j, _ in jobs}):
+            if not judged[j]:
+                if cross:
+                    err[j], se[j] = _held_out(work, [got[("fold", j, f)] for f in range(len(folds))], folds)
+                else:
+                    err[j], se[j] = err_in[j], se_in[j]
+                judged[j] = True
+    if not cross:
+        err_in = err
+    return Scores(err, err_in, se, cross, rule, cv.z, cv.margin), builts
 
 
 def cheapest_meeting(
@@ -206,7 +335,10 @@ def cheapest_meeting(
         for g in np.unique(labels):
             rows = np.flatnonzero((labels == g) & (np.arange(L) != (-1 if exact_index is None else exact_index)))
             for h in range(cost.shape[1]):
-                order = rows[np.lexsort((rows, -cost[rows, h]))]  # most bytes first, ties by index
+                # most bytes first, ties by index; a row priced at infinity (judged, never built: it failed for
+                # every head still searching, eps_search) ranks as the cheapest, after every built row
+                c_h = np.where(np.isfinite(cost[rows, h]), cost[rows, h], -1.0)
+                order = rows[np.lexsort((rows, -c_h))]
                 ok[order, h] = np.logical_and.accumulate(ok[order, h])
     if exact_index is not None:
         ok[exact_index] = True

@@ -9,7 +9,8 @@ Prints markdown tables (record them in benchmarks/README.md with the command and
    time is the FLOP count of the build (Gram tiles of every round, the query-aware key factor,
    the heavy-hitter scores) divided by this machine's measured fp32 matmul rate on the same
    threads (a 2048^3 matmul), stated beside it.
-2. ``eps`` mode against ``keep`` mode at the level the eps search picked.
+2. ``eps`` mode against ``keep`` mode at the level the eps search picked (balance and the other
+   methods; interleaved, median of repeats).
 3. SmolLM2 generation (2048-token prompt of real text, 32 greedy tokens): end-to-end
    ``generate`` time, compression share of the prefill, decode time per token, each method
    against the plain cache, interleaved, median of repeats.
@@ -88,27 +89,60 @@ def section_compress(args, rate):
         )
 
 
+def timed_pair(f, g, repeats: int) -> tuple[float, float]:
+    """Median wall times of ``f()`` and ``g()``, interleaved ``f, g, f, g, ...`` (after one warm-up each), so
+    that a change in the machine's load hits both alike."""
+    f(), g()
+    tf, tg = [], []
+    for _ in range(repeats):
+        for fn, ts in ((f, tf), (g, tg)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(tf), statistics.median(tg)
+
+
+#: (method, options, eps values) of the eps section: balance at three targets, the others at one
+EPS_CASES = [
+    ("balance", {}, (0.05, 0.1, 0.2)),
+    ("uniform-halving", {}, (0.5,)),
+    ("snapkv", {}, (0.1,)),
+    ("h2o", {}, (0.1,)),
+    ("balance+quant", {}, (0.1,)),
+    ("quant", {}, (0.05,)),
+]
+
+
 def section_eps(args):
-    print("\n### eps mode against keep mode at the level it picks (torch f32, balance, observed queries)\n")
-    print("| problem | eps | level picked (kept fraction per head) | keep-mode time (s) | eps-mode time (s) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("\n### eps mode against keep mode at the level it picks (torch f32, observed queries)\n")
+    print(
+        "| problem | method | eps | level picked per head | levels built | keep-mode time (s) | eps-mode time (s) "
+        "| ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     H, n, d, L = (3, 2048, 64, 96)
     K, V, Q = (torch.from_numpy(x).float() for x in make_kv("llm", heads=H, n=n, d=d, q=L, seed=0))
-    for eps in (0.05, 0.1, 0.2):
-        c = balancekv.compress(K, V, eps, method="balance", queries=Q, seed=0)
-        lv = c.diagnostics["level_per_head"].ravel().tolist()
-        levels = c.diagnostics["levels"]
-        top = max(lv)
-        if top == 0:
-            print(f"| {H} x {n} | {eps} | exact | - | - | - |")
-            continue
-        keep = levels[top]["keep"]
-        t_keep = timed(
-            lambda keep=keep: balancekv.compress(K, V, keep=keep, method="balance", queries=Q, seed=0), args.repeats
-        )
-        t_eps = timed(lambda eps=eps: balancekv.compress(K, V, eps, method="balance", queries=Q, seed=0), args.repeats)
-        picked = [levels[i]["keep"] if i else 1 for i in lv]
-        print(f"| {H} x {n} | {eps} | {picked} | {t_keep:.4f} | {t_eps:.4f} | {t_eps / t_keep:.2f}x |")
+    cases = EPS_CASES if not args.quick else EPS_CASES[:1]
+    for method, opts, targets in cases:
+        for eps in targets:
+            run_eps = lambda eps=eps, m=method, o=opts: balancekv.compress(K, V, eps, method=m, queries=Q, seed=0, **o)
+            c = run_eps()
+            lv = c.diagnostics["level_per_head"].ravel().tolist()
+            levels = c.diagnostics["levels"]
+            top = max(set(lv), key=lv.count)  # keep mode at the level most heads picked
+            picked = [levels[i] if i else "exact" for i in lv]
+            if top == 0:
+                print(f"| {H} x {n} | {method} | {eps} | {picked} | - | - | - | - |")
+                continue
+            level = levels[top]
+            kw = {"keep": level.get("keep", 1.0), **({"bits": level["bits"]} if "bits" in level else {})}
+            run_keep = lambda m=method, o=opts, kw=kw: balancekv.compress(K, V, method=m, queries=Q, seed=0, **o, **kw)
+            t_keep, t_eps = timed_pair(run_keep, run_eps, args.repeats)
+            built = len(c.diagnostics.get("levels_built", levels)) - 1  # compressed levels built (exact excluded)
+            print(
+                f"| {H} x {n} | {method} | {eps} | {picked} | {built} of {len(levels) - 1} | {t_keep:.4f} | "
+                f"{t_eps:.4f} | {t_eps / t_keep:.2f}x |"
+            )
 
 
 def _prompt(n):

@@ -14,6 +14,8 @@ generator state gives the same kept tokens.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from balancekv.reference.blocked_balance import EXP_CLIP, KERNELS, halving_sizes
@@ -23,7 +25,14 @@ from balancekv._arrays import host_uniforms, take_rows
 from . import _triton as T
 from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
 
-__all__ = ["blocked_balance", "blocked_walk_signs", "fixed_size_halving", "halving_sizes"]
+__all__ = [
+    "blocked_balance",
+    "blocked_balance_rounds",
+    "blocked_walk_signs",
+    "fixed_size_halving",
+    "halving_sizes",
+    "lockstep",
+]
 
 
 def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_centering, a2_mode="abs"):
@@ -43,20 +52,31 @@ def blocked_kernel_matrix(K, V, weights, valid, *, scale, temp, beta, a2, value_
     return kappa.mul_(value_factor(V, weights, valid, a2=a2, value_centering=value_centering, a2_mode=a2_mode))
 
 
+def query_logits(K, probes, *, scale, temp):
+    """``temp * scale * <k_i, q_l>`` ``(H, n, L)`` for every token and probe: the rows every round's blocks
+    of the query-aware kernel read (one matmul for all rounds)."""
+    return float(temp * scale) * (K @ probes.transpose(-1, -2))
+
+
 def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
     """The query-aware key factor ``G_ij / max_i G_ii * e^{-beta}`` ``(B, blk, blk)`` of the reference's
     ``kernel="queries"`` (``phi_l(k_i) = exp(s_li - max_i s_li)``, ``G = phi^T phi``). ``scores``
     (optional): the logits ``temp * scale * <q_l, k_i>`` ``(B, L, blk)`` already computed."""
     ok = valid
     sc = float(temp * scale) * (probes @ K.transpose(-1, -2)) if scores is None else scores  # (B, L, blk)
-    sc = sc.masked_fill(~ok[:, None, :], float("-inf"))
+    # no padding (every block but a round's last; checked on the host only): the masks are the identity
+    full = ok.device.type == "cpu" and bool(ok.all())
+    if not full:
+        sc = sc.masked_fill(~ok[:, None, :], float("-inf"))
     m = sc.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    phi = torch.exp((sc - m).clamp_min(-EXP_CLIP)) * ok[:, None, :].to(K.dtype)
+    phi = (sc - m).clamp_min_(-EXP_CLIP).exp_()
+    if not full:
+        phi = phi * ok[:, None, :].to(phi.dtype)
     G = phi.transpose(-1, -2) @ phi
     gmax = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1)
-    tiny = torch.finfo(K.dtype).tiny
-    return G / gmax.clamp_min(tiny)[:, None, None] * float(np.exp(min(-beta, EXP_CLIP)))
+    tiny = torch.finfo(G.dtype).tiny
+    return G.div_(gmax.clamp_min(tiny)[:, None, None]).mul_(float(np.exp(min(-beta, EXP_CLIP))))
 
 
 def value_factor(V, weights, valid, *, a2, value_centering, a2_mode: str = "abs"):
@@ -106,6 +126,68 @@ def _signs(kappa, r, ok, gamma, gamma_norm):
     return xf.to(torch.int8)
 
 
+class WalkRound(NamedTuple):
+    """One round's torch sign loop, deferred so that :func:`lockstep` runs several builds' loops as one:
+    the kernel matrices ``kappa (B, blk, blk)``, uniforms and valid mask ``(B, blk)``, the walk's options."""
+
+    kappa: torch.Tensor
+    r: torch.Tensor
+    valid: torch.Tensor
+    gamma: float
+    gamma_norm: str
+
+
+def _lockstep_signs(rounds: list[WalkRound]) -> list[torch.Tensor]:
+    """The signs of several deferred rounds from one sign loop: blocks padded to the largest ``blk``
+    (padding is invalid: sign 0, and every step of the loop is elementwise per block, so each block's
+    signs are those of its own loop, bit for bit)."""
+    if len(rounds) == 1:
+        w = rounds[0]
+        return [_signs(w.kappa, w.r, w.valid, w.gamma, w.gamma_norm)]
+    bmax = max(w.kappa.shape[-1] for w in rounds)
+    F = torch.nn.functional
+    pad = lambda x, b, v: F.pad(x, (0, bmax - b), value=v) if b < bmax else x
+    kap = torch.cat([F.pad(w.kappa, (0, bmax - w.kappa.shape[-1]) * 2) for w in rounds])
+    r = torch.cat([pad(w.r, w.r.shape[-1], 1.0) for w in rounds])
+    ok = torch.cat([pad(w.valid, w.valid.shape[-1], False) for w in rounds])
+    x = _signs(kap, r, ok, rounds[0].gamma, rounds[0].gamma_norm)
+    out, at = [], 0
+    for w in rounds:
+        B, blk = w.r.shape
+        out.append(x[at : at + B, :blk])
+        at += B
+    return out
+
+
+def lockstep(gens: list) -> list:
+    """Run round generators (:func:`blocked_balance_rounds`) together and return their results in order.
+
+    Each step, the deferred sign loops of every build still running (one round each) run as one loop
+    (per walk option and dtype): the loop's cost is its sequential steps, so ``k`` builds in lockstep
+    cost about one build's steps, not ``k``. Every build draws its own uniforms and computes its own
+    kernel matrices, so its result is the one it has alone."""
+    results: list = [None] * len(gens)
+    waiting: dict[int, WalkRound] = {}
+
+    def advance(i, sent):
+        try:
+            waiting[i] = gens[i].send(sent)
+        except StopIteration as stop:
+            results[i] = stop.value
+            waiting.pop(i, None)
+
+    for i in range(len(gens)):
+        advance(i, None)
+    while waiting:
+        groups: dict = {}
+        for i, w in waiting.items():
+            groups.setdefault((w.gamma, w.gamma_norm, w.kappa.dtype, w.kappa.device), []).append(i)
+        for ids in groups.values():
+            for i, x in zip(ids, _lockstep_signs([waiting[i] for i in ids])):
+                advance(i, x)
+    return results
+
+
 def blocked_walk_signs(
     K,
     V,
@@ -125,6 +207,7 @@ def blocked_walk_signs(
     gamma_norm: str = "none",
     a2_mode: str = "abs",
     backend: str = "auto",
+    _defer: bool = False,
 ):
     """Signs ``(B, blk)`` int8 of one SPEC 4b round for ``B`` blocks; see the reference.
 
@@ -132,7 +215,8 @@ def blocked_walk_signs(
     same device). Computes in float64 for float64 keys, else float32. ``kernel="keys"`` runs the
     Triton kernel on CUDA (Gram tile and running dots in registers); ``kernel="queries"`` (the
     query-aware kernel, ``probes (B, L, d)``) builds its kernel matrix with batched matmuls and
-    runs the torch sign loop on every device.
+    runs the torch sign loop on every device. ``_defer`` (torch input, for :func:`lockstep`): return
+    the :class:`WalkRound` instead of running the torch sign loop (the Triton walk still runs here).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -177,6 +261,8 @@ def blocked_walk_signs(
                 raise ValueError(f"probes must have shape ({B}, L>=1, {d}), got {tuple(P.shape)}")
         kappa = query_kernel_factor(Kt, P, ok, scale=scale, temp=temp, beta=beta, scores=scores)
         kappa = kappa * value_factor(Vt, w, ok, a2=a2, value_centering=value_centering, a2_mode=a2_mode)
+        if _defer:
+            return WalkRound(kappa, r, ok, float(gamma), gamma_norm)
         x = _signs(kappa, r, ok, gamma, gamma_norm)
     elif blk <= MAX_TRITON_BLOCK and gamma_norm == "none" and a2_mode == "abs" and T.use_triton(backend, Kt):
         ker = T.kernels("kernels_walk")
@@ -213,6 +299,8 @@ def blocked_walk_signs(
         kappa = blocked_kernel_matrix(
             Kt, Vt, w, ok, scale=scale, temp=temp, beta=beta, a2=a2, value_centering=value_centering, a2_mode=a2_mode
         )
+        if _defer:
+            return WalkRound(kappa, r, ok, float(gamma), gamma_norm)
         x = _signs(kappa, r, ok, gamma, gamma_norm)
     return x.cpu().numpy() if numpy_in else x
 
@@ -240,7 +328,24 @@ def fixed_size_halving(signs, valid=None):
     return keep, doubled
 
 
-def blocked_balance(
+def blocked_balance(K, V, **kw):
+    """The SPEC 4b procedure on ``H`` heads, on torch tensors; see the reference for the contract.
+
+    ``K (H, n, d)``, ``V (H, n, s)``; torch in, torch out on the same device (NumPy in, NumPy
+    out, computing in float64). Uniforms come from ``rng`` in the reference's order (round ``r``:
+    ``rng.random((H, nblocks_r, blk_r))``, drawn on the host and moved once) or are given;
+    ``kernel``, ``probes (H, L, d)`` and ``protect (H, h)`` as in the reference. ``dtype``
+    (default: float64 for NumPy/float64 input, else float32) is the compute dtype.
+    Returns ``(indices (H, m) int64, log_weights (H, m))``. Several builds run together with
+    :func:`lockstep` over :func:`blocked_balance_rounds` (each gives the same result as here).
+    """
+    idx, lw = lockstep([blocked_balance_rounds(K, V, **kw)])[0]
+    if not isinstance(K, torch.Tensor):
+        return idx.cpu().numpy(), lw.cpu().numpy()
+    return idx, lw
+
+
+def blocked_balance_rounds(
     K,
     V,
     *,
@@ -264,16 +369,12 @@ def blocked_balance(
     a2_mode: str = "abs",
     backend: str = "auto",
     dtype=None,
+    logits=None,
 ):
-    """The SPEC 4b procedure on ``H`` heads, on torch tensors; see the reference for the contract.
-
-    ``K (H, n, d)``, ``V (H, n, s)``; torch in, torch out on the same device (NumPy in, NumPy
-    out, computing in float64). Uniforms come from ``rng`` in the reference's order (round ``r``:
-    ``rng.random((H, nblocks_r, blk_r))``, drawn on the host and moved once) or are given;
-    ``kernel``, ``probes (H, L, d)`` and ``protect (H, h)`` as in the reference. ``dtype``
-    (default: float64 for NumPy/float64 input, else float32) is the compute dtype.
-    Returns ``(indices (H, m) int64, log_weights (H, m))``.
-    """
+    """:func:`blocked_balance` as a generator of its rounds: yields each round's deferred sign loop
+    (:class:`WalkRound`), is sent its signs, and returns ``(indices, log_weights)`` (torch tensors);
+    :func:`lockstep` drives it. ``logits`` (``kernel="queries"``, optional): :func:`query_logits` of
+    ``K`` and ``probes``, when several builds share them (computed here otherwise)."""
     if (rng is None) == (uniforms is None):
         raise ValueError("give exactly one of rng and uniforms")
     if kernel not in KERNELS:
@@ -293,6 +394,8 @@ def blocked_balance(
         P = _as_tensor(probes, "probes", dtype=dtype, device=dev)
         if P.ndim != 3 or P.shape[0] != H or P.shape[2] != d:
             raise ValueError(f"probes must have shape ({H}, L, {d}), got {tuple(P.shape)}")
+        if logits is None:
+            logits = query_logits(Kt, P, scale=scale, temp=temp)
     s0 = min(sink, n)
     w0 = min(window, n - s0)
     cur = torch.arange(s0, n - w0, device=dev).expand(H, n - s0 - w0)
@@ -328,32 +431,35 @@ def blocked_balance(
             rt = _as_tensor(uniforms[rnd], "uniforms", dtype=dtype, device=dev)
             if tuple(rt.shape) != (H, nb, blk):
                 raise ValueError(f"uniforms[{rnd}] must have shape {(H, nb, blk)}, got {tuple(rt.shape)}")
-        Kb = take_rows(Kt, idx).reshape(H * nb, blk, -1)  # gather: much faster than fancy indexing
-        Vb = take_rows(Vt, idx).reshape(H * nb, blk, -1)
+        Vb = take_rows(Vt, idx).reshape(H * nb, blk, -1)  # gather: much faster than fancy indexing
         okb = ok.reshape(H * nb, blk)
-        extra = {}
+        wb, rb = wts.reshape(H * nb, blk), rt.reshape(H * nb, blk)
         if P is not None:
-            # the logits of every block from one matmul per head, (H, L, nb*blk) -> (H*nb, L, blk)
-            sc = float(temp * scale) * (P @ Kb.reshape(H, nb * blk, -1).transpose(-1, -2))
-            sc = sc.reshape(H, P.shape[1], nb, blk).transpose(1, 2).reshape(H * nb, P.shape[1], blk)
-            extra = {"kernel": "queries", "scores": sc}
-        signs = blocked_walk_signs(
-            Kb,
-            Vb,
-            rt.reshape(H * nb, blk),
-            weights=wts.reshape(H * nb, blk),
-            valid=okb,
-            scale=scale,
-            gamma=gamma,
-            temp=temp,
-            beta=beta,
-            a2=a2,
-            value_centering=value_centering,
-            gamma_norm=gamma_norm,
-            a2_mode=a2_mode,
-            backend=backend,
-            **extra,
-        )
+            # the query-aware kernel: the blocks' logits are rows of the logits of every token (H, n, L)
+            sc = take_rows(logits, idx).reshape(H * nb, blk, -1).transpose(-1, -2)  # (H*nb, L, blk)
+            kappa = query_kernel_factor(None, None, okb, scale=scale, temp=temp, beta=beta, scores=sc)
+            kappa = kappa * value_factor(Vb, wb, okb, a2=a2, value_centering=value_centering, a2_mode=a2_mode)
+            signs = WalkRound(kappa, rb, okb, float(gamma), gamma_norm)
+        else:
+            signs = blocked_walk_signs(
+                take_rows(Kt, idx).reshape(H * nb, blk, -1),
+                Vb,
+                rb,
+                weights=wb,
+                valid=okb,
+                scale=scale,
+                gamma=gamma,
+                temp=temp,
+                beta=beta,
+                a2=a2,
+                value_centering=value_centering,
+                gamma_norm=gamma_norm,
+                a2_mode=a2_mode,
+                backend=backend,
+                _defer=True,
+            )
+        if isinstance(signs, WalkRound):
+            signs = yield signs
         if halving == "global":  # the scan over the whole middle, block after block (the released code)
             keep, dbl = fixed_size_halving(signs.reshape(H, nb * blk), ok.reshape(H, nb * blk))
         else:
@@ -373,6 +479,4 @@ def blocked_balance(
     if prot.shape[1]:
         order = torch.sort(out_idx, dim=1, stable=True).indices
         out_idx, out_lw = out_idx.gather(1, order), out_lw.gather(1, order)
-    if numpy_in:
-        return out_idx.cpu().numpy(), out_lw.cpu().numpy()
     return out_idx, out_lw

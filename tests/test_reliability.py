@@ -131,3 +131,14 @@ def test_subgen_huge_t_is_capped(variant):
     K, V = rng.normal(size=(1, 64, 4)), rng.normal(size=(1, 64, 4))
     c = balancekv.compress(K, V, keep=0.5, method="subgen", t=10**9, variant=variant, seed=0)
     assert c.nbytes < 64 * 64
+
+
+@pytest.mark.parametrize("method", ["h2o", "minikv", "snapkv"])
+def test_compress_under_inference_mode(method):
+    """Tensors made under ``torch.inference_mode()`` have no version counter; scoring must not need one."""
+    with torch.inference_mode():
+        K, V = torch.randn(2, 300, 32), torch.randn(2, 300, 32)
+        c = balancekv.compress(K, V, keep=0.25, method=method)
+        c2 = balancekv.compress(K[:, :100], V[:, :100], cap=64, method="h2o")
+        c2.append(K[:, 100:101], V[:, 100:101])
+    assert c.kept().max() <= 75 and c2.kept().max() <= 64

@@ -11,8 +11,11 @@ at most a quarter of the budget each, the middle gets the fewest rounds whose ha
 the slack is filled with exact tokens — heavy hitters when observed ``queries`` were given
 (``heavy_rounds`` more rounds free the room: eviction methods keep heavy hitters and drop the rest's
 mass, here the walk estimates it), otherwise the tokens just before the window. The ``eps`` search
-tries the kept fractions ``1/2, 1/4, ...`` (the same caches keep builds). ``{"itrs": T}`` levels
-(exactly ``T`` rounds) remain for experiments.
+tries the kept fractions ``1/2, 1/4, ...`` (the same caches keep builds), least compressed first; on
+torch the builds it asks for at once run in lockstep (:meth:`Balance.build_many`). The levels are not
+nested (each kept fraction has its own heavy-hitter count, rounds and generator), so a level's walk is
+not a snapshot of another's; what does not depend on the level (heavy-hitter scores, the probes' logits)
+is computed once per call. ``{"itrs": T}`` levels (exactly ``T`` rounds) remain for experiments.
 
 Why the defaults differ with and without queries (``"auto"`` options, :attr:`Balance.PRESETS`):
 with observed queries the query-aware kernel (the walk balances the errors on those queries) with
@@ -278,22 +281,44 @@ class Balance(Method):
 
     def build_torch(self, K, V, level, ctx):
         """The same build on torch tensors (device-native: walk, heavy hitters, gathers in torch)."""
-        from balancekv.fast.blocked_balance import blocked_balance as fast_blocked_balance  # noqa: PLC0415
+        return self.build_many(K, V, [(level, ctx)])[0]
 
-        opts = self.concrete(ctx.opts, ctx.queries_given)
-        kernel, vc = self._kernel(opts, ctx.queries_given)
-        plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
-        protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
-        idx, lw = fast_blocked_balance(
-            K,
-            V,
-            kernel=kernel,
-            probes=ctx.probes if kernel == "queries" else None,
-            protect=protect,
-            backend=ctx.backend if ctx.backend in ("triton", "auto") else "torch",
-            **self._walk_options(opts, vc, s0, w0, R, ctx),
-        )
-        return self._finish(K, V, idx, lw, level, plan, protect, kernel, vc, ctx)
+    def build_many(self, K, V, requests):
+        """Torch: the builds run in lockstep (:func:`balancekv.fast.blocked_balance.lockstep`: one sign loop
+        per round for all of them; each build keeps its own uniforms, kernel matrices and result). NumPy: the
+        reference builds, one after the other."""
+        if not is_torch(K):
+            return super().build_many(K, V, requests)
+        from balancekv.fast.blocked_balance import blocked_balance_rounds, lockstep  # noqa: PLC0415
+
+        gens, rest = [], []
+        for level, ctx in requests:
+            opts = self.concrete(ctx.opts, ctx.queries_given)
+            kernel, vc = self._kernel(opts, ctx.queries_given)
+            plan = s0, w0, R, h = self.plan(K.shape[1], level, opts, ctx.queries_given)
+            protect = self.extra_exact(K, s0, w0, h, ctx) if h else None
+            logits = None
+            if kernel == "queries":  # every level's walk reads the same logits: one matmul per call
+                logits = self.memo(
+                    ctx,
+                    ("balance.query_logits", float(opts["temp"])),
+                    K,
+                    lambda c=ctx, t=opts["temp"]: self._logits(K, c, t),
+                )
+            gens.append(
+                blocked_balance_rounds(
+                    K,
+                    V,
+                    kernel=kernel,
+                    probes=ctx.probes if kernel == "queries" else None,
+                    logits=logits,
+                    protect=protect,
+                    backend=ctx.backend if ctx.backend in ("triton", "auto") else "torch",
+                    **self._walk_options(opts, vc, s0, w0, R, ctx),
+                )
+            )
+            rest.append((level, plan, protect, kernel, vc, ctx))
+        return [self._finish(K, V, idx, lw, *r) for (idx, lw), r in zip(lockstep(gens), rest)]
 
     # ----------------------------------------------------------------- under a memory cap
     supports_cap = True
@@ -346,6 +371,65 @@ class Balance(Method):
             return 2 if queries_given else 0
         return int(r)
 
+    @staticmethod
+    def memo(ctx, tag, K, compute):
+        """``compute()``, once per ``(tag, probes, keys, scale)`` for the builds of one call (``ctx.shared``):
+        what depends on the probes and keys only (not on the level) is shared by every level and fold."""
+        if ctx.shared is None:
+            return compute()
+        key = (tag, id(ctx.probes), id(K), float(ctx.scale))
+        hit = ctx.shared.get(key)
+        if hit is not None and hit[0] is ctx.probes and hit[1] is K:
+            return hit[2]
+        out = compute()
+        ctx.shared[key] = (ctx.probes, K, out)  # the objects are kept with it: their ids stay theirs
+        return out
+
+    @staticmethod
+    def _probe_columns(K, ctx, which: int):
+        """Torch: the call's probe logits (``which=0``) or softmax weights (``1``), ``(H, n, p)``
+        (:func:`balancekv.fast.softmax_attention.probe_softmax`, shared with the exact attention of the
+        probes), the columns of ``ctx.probe_rows`` for a fold; ``None`` when ``ctx.probes`` are not the call's."""
+        from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+        full = None if ctx.shared is None else ctx.shared.get("probes")
+        if full is None or (ctx.probe_rows is None and full is not ctx.probes):
+            return None
+        x = probe_softmax(K, full, ctx.scale, ctx.shared)[which]
+        if ctx.probe_rows is None:
+            return x
+        import torch  # noqa: PLC0415
+
+        return x.index_select(-1, torch.as_tensor(ctx.probe_rows, dtype=torch.int64, device=x.device))
+
+    def _logits(self, K, ctx, temp):
+        """``temp * scale * <k_i, q_l>`` ``(H, n, L)`` of the walk's query-aware kernel."""
+        from balancekv.fast.blocked_balance import query_logits  # noqa: PLC0415  (torch path only)
+
+        x = self._probe_columns(K, ctx, 0)
+        if x is None:
+            return query_logits(K, ctx.probes.to(K.dtype), scale=ctx.scale, temp=temp)
+        return x if float(temp) == 1.0 else float(temp) * x
+
+    def heavy_scores(self, K, ctx):
+        """``(H, n)``: ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens (shared by
+        the builds of one call, :meth:`memo`; torch: the call's probe softmax, columns for a fold)."""
+
+        def compute():
+            if is_torch(K):
+                import torch  # noqa: PLC0415  (torch path only)
+
+                w = self._probe_columns(K, ctx, 1)
+                if w is not None:
+                    return w.sum(-1)
+                return torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)
+            a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
+            a -= a.max(axis=-1, keepdims=True)
+            p = np.exp(a)
+            return (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)
+
+        return self.memo(ctx, "balance.heavy_scores", K, compute)
+
     def extra_exact(self, K, s0: int, w0: int, h: int, ctx):
         """``(H, h)`` middle tokens kept exactly. With observed queries and ``heavy_rounds > 0``: the heavy
         hitters (largest ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens,
@@ -363,19 +447,15 @@ class Balance(Method):
                 return torch.arange(n - w0 - h, n - w0, device=K.device).expand(H, h)
             return rows.copy()
         k = int(ctx.opts["heavy_pool"])
+        score = self.heavy_scores(K, ctx)[:, s0 : n - w0]
         if is_torch(K):
             import torch  # noqa: PLC0415  (torch path only)
             import torch.nn.functional as F  # noqa: PLC0415
 
-            score = torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)[:, s0 : n - w0]
             if k > 1:
                 score = F.max_pool1d(score[:, None], k, stride=1, padding=k // 2)[:, 0]
             top = torch.sort(-score, dim=1, stable=True).indices[:, :h] + s0
             return torch.sort(top, dim=1).values
-        a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
-        a -= a.max(axis=-1, keepdims=True)
-        p = np.exp(a)
-        score = (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)[:, s0 : n - w0]
         if k > 1:
             pad = np.full((H, k // 2), -np.inf)
             sp = np.concatenate([pad, score, pad], axis=1)

@@ -66,18 +66,49 @@ class BalanceQuant(Method):
         ]
         return sorted(out, key=est, reverse=True)
 
+    def level_chains(self, levels):
+        """The ``eps`` search's ladders (:func:`balancekv.budget.level_chains`): one per bits, kept fraction
+        decreasing (the error grows along each; across bits the byte order interleaves them)."""
+        bits = sorted({lv["bits"] for lv in levels}, reverse=True)
+        return [[i for i, lv in enumerate(levels) if lv["bits"] == b] for b in bits]
+
     def level_for_keep(self, keep, n, opts):
         return {"keep": float(keep), "bits": int(opts["bits"])}
 
+    def rng_level(self, level):
+        """The balance walk's randomness depends on the kept fraction only: the levels of one kept fraction
+        (8, 4, 2 bits) quantize the same balance build."""
+        return {"keep": level["keep"]}
+
+    def build_many(self, K, V, requests):
+        """The balance builds of every request together (:meth:`Balance.build_many`, one per kept fraction and
+        probe set: the bits share it, :meth:`rng_level`), then each quantized at its bits."""
+        inner, slot, which = [], {}, []
+        for lv, ctx in requests:
+            key = (lv["keep"], id(ctx.probes), None if ctx.probe_rows is None else tuple(ctx.probe_rows))
+            if key not in slot:
+                slot[key] = len(inner)
+                inner.append(({"keep": lv["keep"]}, replace(ctx, opts=self.balance_opts(ctx.opts))))
+            which.append(slot[key])
+        balance = _balance().build_many(K, V, inner)
+        seen, out = set(), []
+        for j, (lv, ctx) in zip(which, requests):
+            out.append(self._quantize(balance[j], lv, ctx, copy=j in seen))  # a stream owns its arrays
+            seen.add(j)
+        return out
+
     def _build(self, K, V, level, ctx):
+        return self.build_many(K, V, [(level, ctx)])[0]
+
+    def _quantize(self, built, level, ctx, copy: bool = False):
         _, q = self.split(ctx.opts)
-        built = _balance().build(K, V, {"keep": level["keep"]}, replace(ctx, opts=self.balance_opts(ctx.opts)))
         (seg,) = built.segments
+        own = (lambda x: x.clone() if hasattr(x, "clone") else x.copy()) if copy else (lambda x: x)
         stream = QuantizedStream(
-            seg.keys.dense(),
-            seg.values.dense(),
-            seg.positions,
-            seg.num_logw,
+            own(seg.keys.dense()),
+            own(seg.values.dense()),
+            own(seg.positions),
+            own(seg.num_logw),
             bits=level["bits"],
             group=q["group"],
             residual=q["residual"],

@@ -51,6 +51,12 @@ class Context:
     opts: dict
     queries_given: bool = False
     backend: str = "reference"
+    #: a memo shared by the builds of one ``compress`` call (the ``eps`` search builds many levels and
+    #: folds on the same keys): a method stores there what does not depend on the level (keys it owns)
+    shared: dict | None = None
+    #: rows of the call's probes (``shared["probes"]``) that ``probes`` holds (a fold's training queries);
+    #: ``None``: ``probes`` are the call's own
+    probe_rows: Any = None
 
 
 @dataclass
@@ -130,6 +136,19 @@ class Method:
         if is_torch(K):
             return self.build_torch(K, V, level, ctx)
         return self.build_reference(K, V, level, ctx)
+
+    def rng_level(self, level: dict) -> dict:
+        """The part of ``level`` its random generator is derived from (with the seed and the method's name):
+        the whole level by default. Levels with the same ``rng_level`` draw the same numbers, so a method
+        whose levels share a randomised build (``balance+quant``: one balance walk for every bits) can build
+        it once."""
+        return level
+
+    def build_many(self, K, V, requests: list[tuple[dict, Context]]) -> list[Built]:
+        """The builds of several ``(level, ctx)`` on the same ``K, V``, each equal to ``build(K, V, level, ctx)``
+        alone. The default builds them one after the other; a method that can share work between them (one
+        sign loop for several walks) overrides it."""
+        return [self.build(K, V, level, ctx) for level, ctx in requests]
 
     def build_reference(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
         raise NotImplementedError

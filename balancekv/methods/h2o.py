@@ -92,8 +92,28 @@ def h2o_scores_once(K, ctx):
             return fs.h2o_scores(Q, K, ctx.scale, backend=ctx.backend)
         return rs.h2o_scores(Q, K, ctx.scale)
 
-    version = (K._version, Qsrc._version) if is_torch(K) else None  # in-place writes change it
+    version = None
+    if is_torch(K):
+        if K.is_inference() or Qsrc.is_inference():  # inference tensors have no version counter
+            if ctx.shared is None:
+                return compute()  # no memo across calls: an in-place write could not be detected
+        else:
+            version = (K._version, Qsrc._version)  # in-place writes change it
+    if ctx.shared is not None:  # one compress call's memo: every level and fold (each fold its own probes)
+        return shared_memo(ctx.shared, ("h2o_scores", float(ctx.scale), ctx.backend, version), Qsrc, K, compute)
     return _MEMO.get(Qsrc, K, (float(ctx.scale), ctx.backend, version), compute)
+
+
+def shared_memo(shared: dict, tag, Qsrc, K, compute):
+    """``compute()`` once per ``(tag, Qsrc, K)`` in a compress call's ``ctx.shared`` (the objects are kept
+    with the value, so their ids stay theirs)."""
+    key = (tag, id(Qsrc), id(K))
+    hit = shared.get(key)
+    if hit is not None and hit[0] is Qsrc and hit[1] is K:
+        return hit[2]
+    out = compute()
+    shared[key] = (Qsrc, K, out)
+    return out
 
 
 def select_top(scores, budget: int, recent: int):

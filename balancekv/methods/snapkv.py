@@ -23,7 +23,7 @@ from balancekv.reference import selection as rs
 
 from .._arrays import is_torch
 from .base import Built, Method, check_int_option, kept_count
-from .h2o import scoring_queries, select_top, selected_segment
+from .h2o import scoring_queries, select_top, selected_segment, shared_memo
 
 POOLS = rs.POOLS
 
@@ -49,12 +49,17 @@ class SnapKV(Method):
         Q = scoring_queries(ctx.probes, n)
         w = min(ctx.opts["window"], m, Q.shape[-2])
         args = dict(window=w, kernel=ctx.opts["kernel"], pool=ctx.opts["pool"])
-        if is_torch(K):
-            from balancekv.fast import selection as fs  # noqa: PLC0415  (torch path only)
 
-            scores = fs.snapkv_scores(Q, K, ctx.scale, **args, backend=ctx.backend)
-        else:
-            scores = rs.snapkv_scores(Q, K, ctx.scale, **args)
+        def compute():
+            if is_torch(K):
+                from balancekv.fast import selection as fs  # noqa: PLC0415  (torch path only)
+
+                return fs.snapkv_scores(Q, K, ctx.scale, **args, backend=ctx.backend)
+            return rs.snapkv_scores(Q, K, ctx.scale, **args)
+
+        # the scores depend on the probes and the window only: the levels (and folds) of one call share them
+        tag = ("snapkv_scores", float(ctx.scale), ctx.backend, tuple(sorted(args.items())))
+        scores = compute() if ctx.shared is None else shared_memo(ctx.shared, tag, ctx.probes, K, compute)
         idx = select_top(scores, m, w)
         return Built([selected_segment(K, V, idx, "snapkv")], info={"kept": m, "window": w})
 
