@@ -75,6 +75,7 @@ class Balance(Method):
         "halving": "block",
         "cap_window": 0.25,
         "cap_heavy": 0.25,
+        "cap_sink": 4,
     }
     fixed_gamma: float | None = None
     #: what ``"auto"`` options resolve to with observed ``queries`` (tuned on SmolLM2 captures of the
@@ -124,6 +125,7 @@ class Balance(Method):
                 raise ValueError(f"option {k} must be one of {('auto',) + tuple(allowed)}, got {opts[k]!r}")
         if "cap_window" in opts:
             check_cap_options(opts)
+            check_int_option(opts, "cap_sink", 0)
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -329,14 +331,19 @@ class Balance(Method):
         oldest sets are this method's prefill build of the prompt's middle, at most the sets' room
         (``balance`` with the caller's options and queries, its own sink and window 0); during decoding
         tokens leaving the window form new sets, and adjacent sets are merged by the joint walk whenever
-        the cap needs room (the walk options of ``balance-stream``)."""
+        the cap needs room (the walk options of ``balance-stream``). Options: ``cap_sink`` exact first tokens
+        (default 4, StreamingLLM's; the prefill's ``sink`` of 32 would take an eighth of a small cap),
+        ``cap_window`` the exact recent window's share of the cap (0.25), ``cap_heavy`` the share of exact heavy
+        hitters by accumulated decode attention (0.25, fed by :meth:`CompressedKV.observe`; a token leaving the
+        window competes with them, the losers form the sets). The shares were chosen on the tuning text
+        (``benchmarks/README.md``, "Long generation under a memory cap")."""
         if ctx.opts["estimator"] != "consistent":
             raise ValueError("cap: balance's capped policy needs estimator='consistent' (one weight set)")
         bs = BalanceStream.defaults
         H, n, _ = K.shape
         o = ctx.opts
         stream = capped_stream(
-            K, V, cap, ctx, sink=o["sink"], t=bs["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
+            K, V, cap, ctx, sink=o["cap_sink"], t=bs["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
             walk={"gamma": bs["gamma"], "a2": bs["a2"]},
         )  # fmt: skip
         tp = is_torch(K)
@@ -470,7 +477,7 @@ class UniformHalving(Balance):
     name = "uniform-halving"
     # the pure baseline of SPEC 4c: no heavy-hitter protection unless asked for
     defaults = {
-        **{k: v for k, v in Balance.defaults.items() if k not in ("gamma", "cap_window", "cap_heavy")},
+        **{k: v for k, v in Balance.defaults.items() if k not in ("gamma", "cap_window", "cap_heavy", "cap_sink")},
         "heavy_rounds": 0,
     }
     fixed_gamma = 0.0
