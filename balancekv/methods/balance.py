@@ -74,7 +74,7 @@ class Balance(Method):
         "a2_mode": "auto",
         "halving": "block",
         "cap_window": 0.25,
-        "cap_heavy": 0.25,
+        "cap_heavy": 0.4,
         "cap_sink": 4,
     }
     fixed_gamma: float | None = None
@@ -334,7 +334,7 @@ class Balance(Method):
         the cap needs room (the walk options of ``balance-stream``). Options: ``cap_sink`` exact first tokens
         (default 4, StreamingLLM's; the prefill's ``sink`` of 32 would take an eighth of a small cap),
         ``cap_window`` the exact recent window's share of the cap (0.25), ``cap_heavy`` the share of exact heavy
-        hitters by accumulated decode attention (0.25, fed by :meth:`CompressedKV.observe`; a token leaving the
+        hitters by accumulated decode attention (0.4, fed by :meth:`CompressedKV.observe`; a token leaving the
         window competes with them, the losers form the sets). The shares were chosen on the tuning text
         (``benchmarks/README.md``, "Long generation under a memory cap")."""
         if ctx.opts["estimator"] != "consistent":
