@@ -363,9 +363,10 @@ def compress(
     cap : a memory cap for decoding, an int >= 1: the cache holds at most ``cap`` tokens per head now and
         after any number of :meth:`CompressedKV.append` calls (the prompt, if longer, is compressed to fit;
         shorter, it is held exactly and the cache fills up to the cap before the method's decode policy
-        starts compressing). Methods with a capped policy: ``streaming`` (sink + ring), ``h2o`` (online
-        eviction by accumulated attention: feed the decode queries to :meth:`CompressedKV.observe`),
-        ``balance`` and ``balance-stream`` (weighted sets merged by the balancing walk), ``subgen``.
+        starts compressing; the balance streams within a set or two of slack). Methods with a capped
+        policy: ``streaming`` (sink + ring), ``h2o`` (online eviction by accumulated attention: feed the
+        decode queries to :meth:`CompressedKV.observe`), ``balance`` (also exact heavy hitters by that
+        attention) and ``balance-stream`` (weighted sets merged by the balancing walk), ``subgen``.
         Give exactly one of ``eps``, ``keep``, ``ratio`` and ``cap``.
     method : a name from :func:`balancekv.methods.available_methods`; ``"auto"`` chooses per head
         among several methods and their levels (:mod:`balancekv.auto`).
