@@ -99,6 +99,16 @@ def state_segments(state, offset: int = 0):
     return [dense_segment(K, V, nl, dl, pos, "subgen")]
 
 
+def one_stratum(state):
+    """Make ``state`` a single reservoir that never opens a cluster (flat memory); returns it."""
+    if isinstance(state, SubGenState):
+        for head in state.heads:
+            head.threshold = float("inf")
+    else:
+        state.thr.fill_(float("inf"))
+    return state
+
+
 def centres(opts: dict, estimator: str | None = None) -> int:
     """The option ``m``, or its measured default: 1 for the ``cluster`` estimator (one stratum: more
     centres with equal slots per cluster measured worse on real caches), 16 for ``l2`` (the paper's)."""
@@ -295,12 +305,8 @@ class SubGen(Method):
                 t = [max(1, level["den_budget"] // c) for c in clusters]
             state = resolve("subgen_stream", backend)(Ks, Vs, t=t, threshold=thr, **kw)
             info["threshold"] = thr.tolist()
-        if centres(o, est) == 1:  # one stratum: a single reservoir that never opens a cluster (flat memory)
-            if tp:
-                state.thr.fill_(float("inf"))
-            else:
-                for head in state.heads:
-                    head.threshold = float("inf")
+        if centres(o, est) == 1:
+            one_stratum(state)
         cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
         sinks = (cl(K[:, :sink]), cl(V[:, :sink]), cl(positions[:sink])) if sink else None
         win = (cl(K[:, n - window :]), cl(V[:, n - window :]), cl(positions[n - window :])) if window else None
@@ -350,13 +356,9 @@ class SubGen(Method):
         offline = resolve("subgen_offline", backend)
 
         def factory(Ks, Vs):
-            state = offline(Ks, Vs, t=t, m=1, s_num=0, scale=ctx.scale, rng=ctx.rng, estimator="cluster", unit=unit)
-            if tp:  # one stratum: a single reservoir that never opens a cluster
-                state.thr.fill_(float("inf"))
-            else:
-                for head in state.heads:
-                    head.threshold = float("inf")
-            return state
+            return one_stratum(
+                offline(Ks, Vs, t=t, m=1, s_num=0, scale=ctx.scale, rng=ctx.rng, estimator="cluster", unit=unit)
+            )
 
         positions = torch.arange(n, device=K.device) if tp else np.arange(n)
         cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
