@@ -160,3 +160,15 @@ def test_a_cap_needs_a_capped_policy():
         hf.CompressedCache(tiny("sdpa"), method="snapkv", cap=64)
     with pytest.raises(ValueError, match="at most one"):
         hf.CompressedCache(tiny("sdpa"), method="streaming", cap=64, keep=0.5)
+
+
+def test_generation_feeds_online_h2o_its_decode_queries(prompt):
+    """The layer hands each step's queries to ``CompressedKV.observe``: the held decode tokens of an
+    online H2O cache carry accumulated attention (without the call their scores would stay 0)."""
+    model = tiny("sdpa")
+    with torch.no_grad(), hf.compressed(model, method="h2o", cap=48) as cache:
+        model.generate(prompt[:, :40], cache=cache, max_new_tokens=24, do_sample=False)
+    for layer in cache.layers:
+        st = layer.ckv._stream.stream
+        decode = st.pos >= 40
+        assert decode.any() and bool((st.score[decode] > 0).all())
