@@ -125,6 +125,16 @@ def take_rows(X: Any, idx: Any) -> Any:
     return np.take_along_axis(X, idx[..., None], axis=-2)
 
 
+def take_heads(x: Any, idx: Any) -> Any:
+    """A copy of rows ``idx`` (host ints, or a tensor on ``x``'s device) of ``x``'s first axis (the heads).
+
+    Always a fresh array (never a view), so what it returns holds only those heads' bytes."""
+    if is_torch(x):
+        i = idx if is_torch(idx) else torch.as_tensor(np.asarray(idx, np.int64), device=x.device)
+        return x.index_select(0, i.to(x.device))
+    return np.array(x[np.asarray(idx, np.int64)], copy=True)
+
+
 def isfinite(x: Any) -> Any:
     return torch.isfinite(x) if is_torch(x) else np.isfinite(x)
 

@@ -39,10 +39,10 @@ from balancekv.reference import softmax_attention as ra
 
 from . import _validate as V_
 from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
-from .compressed import BACKENDS, CompressedKV
+from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .storage import DenseStore, Segment, compact_dense, exact_segment
+from .storage import Segment, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -178,22 +178,35 @@ class PerHeadStream:
         return out
 
 
-def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment], Any]:
-    """Per head ``h``, the segments of ``builts[choice[h]]``; unchosen heads become padding."""
+def _combine(builts: list[Built], choice: np.ndarray) -> tuple[list[Segment] | None, Any, list | None]:
+    """Per head ``h``, the segments of ``builts[choice[h]]``: ``(segments, stream, groups)``.
+
+    One level for every head: that build's ``(segments, stream, None)``. Heads at different levels, the
+    ragged layout (:class:`~balancekv.compressed.RaggedKV`): ``(None, None, groups)`` with ``groups`` a list
+    of ``(heads, segments, stream)``, per level used, the flattened head indices that chose it and that
+    level's segments (or decode stream) restricted to those heads (copies: each group holds only its
+    heads' slots, codes and residuals). A level whose stream cannot be split per head (``take_heads``; the
+    quantized streams can, the balance-stream, SubGen and StreamingLLM streams cannot) falls back to the
+    masked layout: every used level's segments for every head, the unchosen heads' slots made padding, and
+    a :class:`PerHeadStream` (``(segments, stream, None)``).
+    """
     used = sorted(set(choice.tolist()))
     if len(used) == 1:
         b = builts[used[0]]
-        return b.segments, b.stream
+        return b.segments, b.stream, None
+    if all(builts[u].stream is None or hasattr(builts[u].stream, "take_heads") for u in used):
+        groups = []
+        for u in used:
+            heads, b = np.flatnonzero(choice == u), builts[u]
+            if b.stream is not None:
+                groups.append((heads, None, b.stream.take_heads(heads)))
+            else:
+                groups.append((heads, [sg.take_heads(heads) for sg in b.segments], None))
+        return None, None, groups
     parts = [(choice == u, builts[u].stream, builts[u].segments) for u in used]
     segs = [s.masked(mask) for mask, _, ss in parts for s in ss]
     streamed = any(st is not None for _, st, _ in parts)
-    dense = [s for s in segs if isinstance(s.keys, DenseStore) and isinstance(s.values, DenseStore)]
-    if dense and not streamed:
-        # the dense slots of every part packed into one segment, other stores stay masked per head (with a
-        # decode stream the parts stay alive in it, so the masked views, which share their storage, are kept)
-        segs = [s for s in segs if not any(s is t for t in dense)] + [compact_dense(dense, "mixed")]
-    stream = PerHeadStream(parts) if streamed else None
-    return segs, stream
+    return segs, PerHeadStream(parts) if streamed else None, None
 
 
 def working_arrays(K, V, queries, path: str, H: int):
@@ -289,30 +302,31 @@ class Work:
 
     def finalize(self, builts: list[Built], choice, method: str, diag: dict) -> CompressedKV:
         """The cache holding, per head ``h``, ``builts[choice[h]]`` (in the caller's kind)."""
-        segs, stream = _combine(builts, np.asarray(choice))
+        segs, stream, groups = _combine(builts, np.asarray(choice))
         kind, lead = self.kind, self.lead
         for k, v in diag.items():  # per-head diagnostics in the cache's leading dims
             if k.endswith("_per_head") and isinstance(v, np.ndarray) and v.size == self.H:
                 diag[k] = v.reshape(lead)
+        work_kind = Kind("torch", self.Kw.dtype, self.Kw.device) if self.path == "torch" else Kind("numpy", np.float64)
+        shape = dict(d=int(self.Kw.shape[-1]), s=int(self.Vw.shape[-1]), n_seen=self.n, scale=self.scale, kind=kind)
+        if groups is not None:  # heads at different levels: one sub-cache per level (RaggedKV)
+            subs = [(h, self._cache(sg, st, (len(h),), method, {}, work_kind, shape)) for h, sg, st in groups]
+            return RaggedKV(subs, lead=lead, method=method, diagnostics=diag, work_kind=work_kind, **shape)
+        return self._cache(segs, stream, lead, method, diag, work_kind, shape)
+
+    @staticmethod
+    def _cache(segs, stream, lead, method, diag, work_kind, shape) -> CompressedKV:
+        kind = shape["kind"]
         if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
             stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
+            segs = stream.segments()
+        elif segs is None:  # a stream split per head whose segments are converted below
             segs = stream.segments()
         if stream is not None:
             stream = _LeadStream(stream, lead)
         out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
-        work_kind = Kind("torch", self.Kw.dtype, self.Kw.device) if self.path == "torch" else Kind("numpy", np.float64)
         return CompressedKV(
-            out_segments,
-            lead=lead,
-            d=int(self.Kw.shape[-1]),
-            s=int(self.Vw.shape[-1]),
-            n_seen=self.n,
-            scale=self.scale,
-            kind=kind,
-            method=method,
-            diagnostics=diag,
-            stream=stream,
-            work_kind=work_kind,
+            out_segments, lead=lead, method=method, diagnostics=diag, stream=stream, work_kind=work_kind, **shape
         )
 
     @property

@@ -198,6 +198,11 @@ class CompressedKV:
             self._other = [sg for sg in segments if not _is_dense(sg)]
         self._arena = SlotArena(dense, self.kind, self.lead, self.d, self.s)
 
+    @property
+    def _like(self):
+        """An array of the cache's kind (what queries and appended tokens are checked against)."""
+        return self._arena.keys
+
     # ------------------------------------------------------------------ contents
     @property
     def segments(self) -> list[Segment]:
@@ -297,7 +302,7 @@ class CompressedKV:
         estimator (SDPA for one dense single-set buffer, split partial sums otherwise; the
         Triton split-K kernel on CUDA); NumPy caches the NumPy reference.
         """
-        V_.check_queries("Q", Q, self.lead, self.d, like=self._arena.keys)
+        V_.check_queries("Q", Q, self.lead, self.d, like=self._like)
         V_.check_choice("backend", backend, BACKENDS)
         qpos = None
         if positions is not None:
@@ -324,6 +329,26 @@ class CompressedKV:
                     f"positions: a query at position {int(qpos.min())} precedes every slot of some head (the "
                     f"earliest held token of every head is at {first} or later), so it attends to nothing"
                 )
+        return self._attend(Q, qpos, backend)
+
+    def attend_rows(self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto"):
+        """:func:`balancekv.fast.attend_parts` over this (torch) cache for queries ``Qr (L, R, d)``, row block
+        ``l`` read by flattened head ``l`` (``L = prod(lead)``; GQA callers put a KV head's query heads in its
+        rows); ``query_positions`` ``(R,)`` or ``(L, R)``. What :mod:`balancekv.hf` calls each decode step:
+        no validation, no copy of the cache. Returns ``(L, R, s)``."""
+        from balancekv.fast.decode_attention import attend_parts  # noqa: PLC0415  (torch path only)
+
+        return attend_parts(
+            Qr,
+            self.parts(),
+            self.scale if scale is None else scale,
+            query_positions=query_positions,
+            dtype=dtype,
+            backend=backend,
+        )
+
+    def _attend(self, Q, qpos, backend: str):
+        """:meth:`attend` after validation (``qpos``: None, or ints ``(mq,)`` / ``lead + (mq,)``)."""
         if self.kind.is_torch:
             from balancekv.fast.decode_attention import attend_parts  # noqa: PLC0415  (torch path only)
 
@@ -383,7 +408,7 @@ class CompressedKV:
         V_.check_kv(k, v, "k", "v", allow_empty=True)
         if k.shape[-2] == 0:
             return self  # nothing to add
-        V_.check_same_kind(("k", "the cache"), (k, self._arena.keys))
+        V_.check_same_kind(("k", "the cache"), (k, self._like))
         if tuple(k.shape[:-2]) != self.lead:
             raise ValueError(f"k must have the cache's leading dims {self.lead}, got {tuple(k.shape[:-2])}")
         if k.shape[-1] != self.d or v.shape[-1] != self.s:
@@ -391,7 +416,12 @@ class CompressedKV:
                 f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}"
             )
         t = int(k.shape[-2])
-        ks, vs = self._working(k, "k"), self._working(v, "v")
+        self._append_stored(self._working(k, "k"), self._working(v, "v"), t)
+        self.n_seen += t
+        return self
+
+    def _append_stored(self, ks, vs, t: int) -> None:
+        """:meth:`append` after validation: ``ks``, ``vs`` in the cache's storage dtypes (``n_seen`` not updated)."""
         if self.kind.is_torch:
             pos = torch.arange(self.n_seen, self.n_seen + t, device=self.kind.device)
         else:
@@ -409,8 +439,6 @@ class CompressedKV:
             self._set_segments([sg.to_kind(self.kind) for sg in segs])
         else:
             self._arena.append(ks, vs, pos)
-        self.n_seen += t
-        return self
 
     def observe(self, Q) -> CompressedKV:
         """Tell the cache's decode policy which queries ``Q (…, mq, d)`` attended to it (returns ``self``).
@@ -422,7 +450,7 @@ class CompressedKV:
         """
         if self._stream is None or not getattr(self._stream, "observes", False):
             return self
-        V_.check_queries("Q", Q, self.lead, self.d, like=self._arena.keys)
+        V_.check_queries("Q", Q, self.lead, self.d, like=self._like)
         wk = self.work_kind
         if wk.is_torch:
             q = (Q if is_torch(Q) else torch.from_numpy(np.ascontiguousarray(Q))).detach().to(wk.device, wk.dtype)
@@ -471,3 +499,195 @@ class CompressedKV:
             f"kept={int(kept.min())}..{int(kept.max())} per head, nbytes={self.nbytes}, "
             f"ratio={self.ratio:.4f}, single_set={self.single_set})"
         )
+
+
+class RaggedKV(CompressedKV):
+    """A cache whose heads chose different levels: one sub-cache per level, over the heads that chose it.
+
+    Padding every head to the widest one (the layout before) made every head pay for the widest: on SmolLM2
+    one exact head made a layer cost 1.09x the fp16 cache. Here each group of heads (the heads that chose
+    one level, in head order) is a :class:`CompressedKV` of its own over leading dims ``(heads in the group,)``
+    — its own slot arena, its own quantized codes and decode stream — so the cache holds about the sum of
+    its heads' own slots (``nbytes`` walks every group; each group's spare capacity is its own).
+
+    Queries: one attention call per group over that group's storage (views, never a padded copy; one SDPA
+    call for a dense single-set group), the outputs put back in head order (:meth:`attend`,
+    :meth:`attend_rows`). Appends write each group's buffer (or feed its stream) with its heads' tokens.
+
+    What is built on demand (a copy, not held): ``segments`` is one dense segment padded to the widest
+    head (padding slots: ``-inf`` in both weight sets, position -1; quantized groups dequantized), and so
+    ``keys``, ``values``, ``num_logw``, ``den_logw``, ``positions``, :meth:`to_dense` and :meth:`parts` are
+    padded arrays of ``m`` slots per head, each head's slots in its group's order.
+    """
+
+    def __init__(
+        self,
+        groups: list[tuple[np.ndarray, CompressedKV]],
+        *,
+        lead: tuple[int, ...],
+        d: int,
+        s: int,
+        n_seen: int,
+        scale: float,
+        kind: Kind,
+        method: str,
+        diagnostics: dict | None = None,
+        work_kind: Kind | None = None,
+    ):
+        self.lead, self.d, self.s = tuple(lead), int(d), int(s)
+        self.n_seen = int(n_seen)
+        self.scale = float(scale)
+        self.kind = kind
+        self.method = method
+        self.diagnostics = dict(diagnostics or {})
+        self._stream = None
+        self.work_kind = work_kind or groups[0][1].work_kind
+        L = int(math.prod(self.lead)) if self.lead else 1
+        heads = np.concatenate([np.asarray(h, np.int64) for h, _ in groups])
+        if sorted(heads.tolist()) != list(range(L)):
+            raise ValueError(f"the groups' heads must cover each of the {L} heads once, got {heads.tolist()}")
+        self._groups = [(np.asarray(h, np.int64), c) for h, c in groups]
+        inv = np.argsort(heads, kind="stable")  # output row of head l in the groups' concatenation
+        self._index, self._inv = None, inv
+        if kind.is_torch:  # the groups' head indices on the cache's device (a few bytes, held)
+            dev = kind.device
+            self._index = ([torch.as_tensor(h, device=dev) for h, _ in self._groups], torch.as_tensor(inv, device=dev))
+
+    @property
+    def groups(self) -> list[tuple[np.ndarray, CompressedKV]]:
+        """``[(heads, cache)]``: the flattened head indices of each group and its sub-cache (lead ``(len(heads),)``)."""
+        return list(self._groups)
+
+    @property
+    def _like(self):
+        return self._groups[0][1]._like
+
+    def _rows(self, x, j: int):
+        """Rows of group ``j``'s heads of ``x (L, …)`` (x's kind)."""
+        if is_torch(x):
+            return x.index_select(0, self._index[0][j].to(x.device))
+        return np.asarray(x)[self._groups[j][0]]
+
+    def _stitch(self, outs):
+        """The groups' outputs ``(L_j, …)`` back in head order ``(L, …)``."""
+        if is_torch(outs[0]):
+            return torch.cat(outs, 0).index_select(0, self._index[1].to(outs[0].device))
+        return np.concatenate(outs, 0)[self._inv]
+
+    # ------------------------------------------------------------------ contents
+    def _padded(self) -> Segment:
+        """Every head's slots in one dense segment as wide as the widest head (a copy, built on demand)."""
+        L = int(math.prod(self.lead)) if self.lead else 1
+        M = max(c.m for _, c in self._groups)
+        wdt = self.kind.compute if self.kind.is_torch else np.float64
+        pdt = torch.int64 if self.kind.is_torch else np.int64
+        vk = self.kind.for_values()
+        K = _zeros(self.kind, (L, M, self.d), self.kind.dtype)
+        Vv = _zeros(vk, (L, M, self.s), vk.dtype)
+        nl = _zeros(self.kind, (L, M), wdt)
+        nl[...] = -np.inf
+        dl = _zeros(self.kind, (L, M), wdt)
+        dl[...] = -np.inf
+        pos = _zeros(self.kind, (L, M), pdt)
+        pos[...] = -1
+        for j, (h, c) in enumerate(self._groups):
+            m = c.m
+            if not m:
+                continue
+            idx = self._index[0][j] if self._index is not None else h
+            K[idx, :m] = c.keys.to(K.dtype) if is_torch(K) else c.keys.astype(K.dtype)
+            Vv[idx, :m] = c.values.to(Vv.dtype) if is_torch(Vv) else c.values.astype(Vv.dtype)
+            nl[idx, :m] = c.num_logw
+            dl[idx, :m] = c.den_logw
+            pos[idx, :m] = c.positions
+        lead = self.lead
+        r = lambda x, tail: x.reshape(lead + tail)
+        return dense_segment(
+            r(K, (M, self.d)), r(Vv, (M, self.s)), r(nl, (M,)), r(dl, (M,)), r(pos, (M,)), "ragged (padded copy)"
+        )
+
+    @property
+    def segments(self) -> list[Segment]:
+        """One dense segment padded to the widest head: a copy built on each call (see the class docstring)."""
+        return [self._padded()]
+
+    @property
+    def m(self) -> int:
+        """Slots of the widest head (the width of the padded arrays)."""
+        return max(c.m for _, c in self._groups)
+
+    def kept(self) -> np.ndarray:
+        L = int(math.prod(self.lead)) if self.lead else 1
+        out = np.zeros(L, dtype=np.int64)
+        for h, c in self._groups:
+            out[h] = c.kept().reshape(-1)
+        return out.reshape(self.lead)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array each group holds (and the groups' head indices), each storage once."""
+        return held_nbytes(self._groups, self._index, self._inv)
+
+    @property
+    def single_set(self) -> bool:
+        return all(c.single_set for _, c in self._groups)
+
+    def _first_position(self) -> int:
+        return max(c._first_position() for _, c in self._groups)
+
+    # ------------------------------------------------------------------ queries
+    def parts(self):
+        """The padded layout as one dense part (a copy; decode calls :meth:`attend_rows`, which copies nothing)."""
+        L = int(math.prod(self.lead)) if self.lead else 1
+        w = self._padded()
+        r = lambda x: x.reshape((L,) + tuple(x.shape[len(self.lead) :]))
+        return [(r(w.keys.dense()), r(w.values.dense()), r(w.num_logw), r(w.den_logw), r(w.positions))]
+
+    def attend_rows(self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto"):
+        """One :func:`~balancekv.fast.attend_parts` call per group over its rows of ``Qr (L, R, d)``; outputs in
+        head order."""
+        qp = None
+        if query_positions is not None:
+            qp = torch.as_tensor(query_positions, device=Qr.device)
+            if qp.ndim > 1:
+                qp = torch.broadcast_to(qp, (Qr.shape[0], qp.shape[-1]))
+        outs = []
+        for j, (_, c) in enumerate(self._groups):
+            qj = qp if qp is None or qp.ndim == 1 else self._rows(qp, j)
+            outs.append(c.attend_rows(self._rows(Qr, j), scale, query_positions=qj, dtype=dtype, backend=backend))
+        return self._stitch(outs)
+
+    def _attend(self, Q, qpos, backend: str):
+        L = int(math.prod(self.lead)) if self.lead else 1
+        mq = int(Q.shape[-2])
+        Qf = Q.reshape(L, mq, self.d)
+        pf = None
+        if qpos is not None:
+            if is_torch(Q):
+                pf = torch.broadcast_to(torch.as_tensor(qpos, device=Q.device).to(torch.int64), tuple(Q.shape[:-1]))
+            else:
+                pf = np.broadcast_to(np.asarray(qpos), tuple(Q.shape[:-1]))
+            pf = pf.reshape(L, mq)
+        outs = [
+            c._attend(self._rows(Qf, j), None if pf is None else self._rows(pf, j), backend)
+            for j, (_, c) in enumerate(self._groups)
+        ]
+        return self._stitch(outs).reshape(tuple(Q.shape[:-1]) + (self.s,))
+
+    # ------------------------------------------------------------------ decoding
+    def _append_stored(self, ks, vs, t: int) -> None:
+        L = int(math.prod(self.lead)) if self.lead else 1
+        kf, vf = ks.reshape(L, t, self.d), vs.reshape(L, t, self.s)
+        for j, (_, c) in enumerate(self._groups):
+            c._append_stored(self._rows(kf, j), self._rows(vf, j), t)
+            c.n_seen += t
+
+    def observe(self, Q) -> CompressedKV:
+        if not any(c._stream is not None and getattr(c._stream, "observes", False) for _, c in self._groups):
+            return self
+        V_.check_queries("Q", Q, self.lead, self.d, like=self._like)
+        L = int(math.prod(self.lead)) if self.lead else 1
+        Qf = Q.reshape(L, *Q.shape[-2:])
+        for j, (_, c) in enumerate(self._groups):
+            c.observe(self._rows(Qf, j))
+        return self

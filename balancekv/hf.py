@@ -85,7 +85,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from .api import compress
-from .fast.decode_attention import attend_parts
 from .methods import get_method
 from .methods.base import CAPPED
 
@@ -257,9 +256,8 @@ class CompressedLayer(CacheLayerMixin):
         if t > 1:  # causal inside the new tokens: slot position <= query position
             qpos = torch.arange(self.n_seen - t, self.n_seen, device=query.device).repeat(g)
             qpos = qpos.expand(B * Hkv, g * t)
-        out = attend_parts(
+        out = ckv.attend_rows(  # attend_parts over the cache's parts (one call per group of heads if ragged)
             q,
-            ckv.parts(),
             scaling,
             query_positions=qpos,
             dtype=query.dtype,

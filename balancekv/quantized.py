@@ -44,6 +44,7 @@ segments, see :class:`ResidualStore`), so nothing is held twice.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,7 +52,7 @@ import numpy as np
 
 from balancekv.reference import quantization as rq
 
-from ._arrays import Kind, compute_dtype, is_torch, to_numpy, torch
+from ._arrays import Kind, compute_dtype, is_torch, take_heads, to_numpy, torch
 from .storage import DenseStore, Segment, Store, xp_cat
 
 POLICIES = ("kivi", "minikv")
@@ -248,6 +249,11 @@ class QuantStore(Store):
         r = lambda a: a.reshape(lead + tuple(a.shape[-2:]))
         return replace(self, packed=r(self.packed), scale=r(self.scale), zero=r(self.zero))
 
+    def take_heads(self, idx) -> QuantStore:
+        """The codes, scales and zeros of heads ``idx`` only (copied; spare capacity kept)."""
+        t = lambda a: take_heads(a, idx)
+        return replace(self, packed=t(self.packed), scale=t(self.scale), zero=t(self.zero))
+
 
 @dataclass
 class TokenConcatStore(Store):
@@ -274,6 +280,9 @@ class TokenConcatStore(Store):
 
     def reshape_lead(self, lead: tuple) -> TokenConcatStore:
         return TokenConcatStore([p.reshape_lead(lead) for p in self.parts])
+
+    def take_heads(self, idx) -> TokenConcatStore:
+        return TokenConcatStore([p.take_heads(idx) for p in self.parts])
 
 
 def concat_stores(parts: list) -> Store:
@@ -327,6 +336,12 @@ class Residual:
         self.version += 1
         return out
 
+    def take_heads(self, idx) -> Residual:
+        """A residual of heads ``idx`` only (its buffer copied, spare room kept)."""
+        out = copy.copy(self)
+        out.buf = take_heads(self.buf, idx)
+        return out
+
     def adopt(self, kind: Kind) -> None:
         """Hold the tokens in ``kind``'s storage dtype and device (once; lossless for the caller's data)."""
         x = self.buf
@@ -370,6 +385,11 @@ class Slots:
 
     def view(self):
         return self.buf[..., : self.m]
+
+    def take_heads(self, idx) -> Slots:
+        out = copy.copy(self)
+        out.buf = take_heads(self.buf, idx)
+        return out
 
     def push(self, x) -> None:
         t = int(x.shape[-1])
@@ -503,6 +523,16 @@ class QuantizedStream:
             self.kq = self.kq.to_kind(kind)
         if self.vq is not None:
             self.vq = self.vq.to_kind(kind.for_values())
+
+    def take_heads(self, idx) -> QuantizedStream:
+        """The stream of heads ``idx`` only (every buffer copied: it holds only their codes and residuals), for a
+        cache whose heads chose different levels (:func:`balancekv.api._combine`). ``self`` is unchanged."""
+        out = copy.copy(self)
+        out.pos, out.logw = self.pos.take_heads(idx), self.logw.take_heads(idx)
+        out.kq = None if self.kq is None else self.kq.take_heads(idx)
+        out.vq = None if self.vq is None else self.vq.take_heads(idx)
+        out.kres, out.vres = self.kres.take_heads(idx), self.vres.take_heads(idx)
+        return out
 
     def _residual_store(self, res: Residual) -> ResidualStore:
         return ResidualStore(res.view(), owner=res, version=res.version)

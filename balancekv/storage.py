@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import Kind, cat, held_nbytes, is_torch, isfinite, take_rows, to_numpy, torch
+from ._arrays import Kind, cat, held_nbytes, is_torch, isfinite, take_heads, take_rows, to_numpy, torch
 
 xp_cat = cat  # kept for the modules that concatenate stores
 
@@ -54,6 +54,10 @@ class Store:
         raise NotImplementedError
 
     def reshape_lead(self, lead: tuple) -> Store:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def take_heads(self, idx) -> Store:  # pragma: no cover - interface
+        """A store of heads ``idx`` only (first axis; copies, so it holds only their bytes)."""
         raise NotImplementedError
 
 
@@ -80,6 +84,9 @@ class DenseStore(Store):
 
     def reshape_lead(self, lead: tuple) -> DenseStore:
         return replace(self, x=self.x.reshape(tuple(lead) + self.shape[-2:]))
+
+    def take_heads(self, idx) -> DenseStore:
+        return DenseStore(take_heads(self.x, idx))
 
 
 @dataclass
@@ -139,6 +146,19 @@ class Segment:
             num_logw=self.num_logw.reshape(lead + (m,)),
             den_logw=self.den_logw.reshape(lead + (m,)),
             positions=self.positions.reshape(lead + (m,)),
+        )
+
+    def take_heads(self, idx) -> Segment:
+        """The slots of heads ``idx`` only (first axis, the flattened heads; every array copied)."""
+        nl = take_heads(self.num_logw, idx)
+        return replace(
+            self,
+            keys=self.keys.take_heads(idx),
+            values=self.values.take_heads(idx),
+            num_logw=nl,
+            den_logw=nl if self.den_logw is self.num_logw else take_heads(self.den_logw, idx),
+            positions=take_heads(self.positions, idx),
+            meta=dict(self.meta),
         )
 
     def masked(self, keep_heads) -> Segment:
