@@ -20,17 +20,18 @@ error otherwise. Then, per head:
   (:func:`balancekv.budget.fitting_levels`); the best single one (smallest mean
   error over heads) is the start, and dense candidates without decode state are then
   mixed in per head (each head takes the candidate with its smallest error) as long as
-  the mixed cache, billed in full, still fits. Mixed dense slots are packed into one
-  segment whose width is the largest head's, so the mix of candidates that each fit
-  fits too; quantized or streaming candidates are only taken whole (mixing them bills
-  every part's full storage). The result never has a larger mean error than the best
+  the mixed cache, billed in full, still fits. A mix is held ragged (one sub-cache per
+  candidate over the heads that chose it, :class:`balancekv.compressed.RaggedKV`), so the
+  mix of candidates that each fit fits too; quantized or streaming candidates are only
+  taken whole here (not mixed in). The result never has a larger mean error than the best
   single candidate at the same budget;
 - ``keep``: the token-selecting candidates at kept fraction ``keep`` (each keeps at most
   ``ceil(keep n)`` tokens per head), chosen and mixed as for ``ratio`` without a byte cap
   (the best single candidate, then dense candidates per head).
 
-Per-head choices are assembled by :func:`balancekv.api._combine` (segments masked per
-head). Diagnostics: ``candidates`` (row ``i``: method and level), ``method_per_head``,
+Per-head choices are assembled by :func:`balancekv.api._combine` (one sub-cache per chosen
+candidate over its heads; segments masked per head for streams that cannot be split).
+Diagnostics: ``candidates`` (row ``i``: method and level), ``method_per_head``,
 ``level_per_head`` (rows), the errors of :meth:`balancekv.budget.Scores.diagnostics`.
 """
 

@@ -24,7 +24,7 @@ Shift margin and choice (items 1 and 2). ``eps`` targets the queries that come n
 ``margin`` (:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text)
 scales the estimate into a prediction for them. :func:`cheapest_meeting` stops at the first
 level, in decreasing bytes, whose prediction fails, and :func:`uniform_if_not_dearer` gives
-every head one level when the per-head mix would bill more bytes.
+every head one level when the per-head mix would bill more bytes (rare since mixes are held ragged).
 
 Doing the work once (issue 11, item 2). :func:`eps_search` judges the levels least compressed first
 along the method's ladders (:func:`level_chains`) and stops a ladder at the first level no head still on
@@ -350,11 +350,13 @@ def uniform_if_not_dearer(work, builts, choice: np.ndarray, per_head: np.ndarray
     """``choice`` (per head), or every head at the dearest level it holds when that level meets ``eps`` on
     every head (``ok (L, H)``; row 0, the exact cache, always does) and its cache bills fewer bytes.
 
-    A cache whose heads chose different levels bills each level's storage for the heads that use it,
-    padded to a common width (dense slots) or masked per head (quantized codes, streams): on SmolLM2 one
-    exact head made a layer cost 1.09x the fp16 cache, and mixed ``balance+quant`` bit widths up to 5x.
-    The uniform cache then has fewer bytes and an error no larger on every head. (At equal bytes, as with
-    padded dense slots, the per-head choice is kept.)
+    A cache whose heads chose different levels is held ragged (:class:`balancekv.compressed.RaggedKV`: one
+    sub-cache per level over the heads that chose it), so it bills about the sum of its heads' own levels
+    and this rarely changes the choice now. It still does where the mix bills more: levels whose decode
+    stream cannot be split per head (balance-stream, SubGen, StreamingLLM) are held masked, every used
+    level for every head (before the ragged store, padded dense slots made one exact head cost a SmolLM2
+    layer 1.09x the fp16 cache, and mixed ``balance+quant`` bit widths up to 5x). The uniform cache then
+    has fewer bytes and an error no larger on every head. (At equal bytes the per-head choice is kept.)
     """
     used = sorted(set(np.asarray(choice).tolist()))
     if len(used) < 2:

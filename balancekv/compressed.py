@@ -12,6 +12,13 @@ samples in separate slots, ``-inf`` in the set they do not belong to. Padding
 slots, needed because heads keep different numbers of tokens, are ``-inf`` in
 both.
 
+Heads at different levels (``compress(..., eps=...)`` chooses per head) are held
+*ragged* (:class:`RaggedKV`): one sub-cache per level over the heads that chose it,
+so a cache holds about the sum of its heads' own slots, not heads x the widest head;
+attention runs one call per group and puts the outputs back in head order. Its
+``keys``/``values``/``positions`` and :meth:`CompressedKV.to_dense` are padded arrays
+built on demand.
+
 Where the data lives: a cache built from torch tensors holds torch tensors on
 the caller's device (kept tokens in the caller's dtype, log-weights in the
 compute dtype, positions int64), one built from NumPy holds NumPy arrays.
@@ -149,7 +156,8 @@ class CompressedKV:
     Attributes
     ----------
     keys, values : array in the caller's kind (NumPy or torch, same device), a concatenated copy
-        (dequantized when a method stores them in low bits).
+        (dequantized when a method stores them in low bits; for a :class:`RaggedKV`, padded to the
+        widest head).
     num_logw, den_logw : ``(…, m)`` log-weights of the numerator and denominator estimates.
     positions : ``(…, m)`` int64 (the cache's kind), index in the input stream of each slot (-1 = padding).
     nbytes : bytes of every array the cache holds, each storage once (see :mod:`balancekv.storage`).

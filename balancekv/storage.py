@@ -210,7 +210,9 @@ def compact_dense(segments: list[Segment], label: str = "") -> Segment:
     """One dense segment holding the valid slots of ``segments`` (dense stores only, either kind).
 
     Each head's valid slots are packed to the front in stream order; the array is as
-    wide as the largest head, the rest padding. Estimates are unchanged.
+    wide as the largest head, the rest padding. Estimates are unchanged. (Mixed-level caches
+    no longer use it: they are held ragged, :class:`balancekv.compressed.RaggedKV`; the tests
+    build the padded layout with it as the control.)
     """
     K = cat([s.keys.dense() for s in segments], -2)
     Vv = cat([s.values.dense() for s in segments], -2)

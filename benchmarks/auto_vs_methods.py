@@ -267,6 +267,7 @@ def main(argv=None):
         help="--eps: with the observed queries (observed) and/or without them (fitted probes)",
     )
     ap.add_argument("--margin", type=float, default=None, help="--eps: the margin (default: the calibrated one)")
+    ap.add_argument("--eps-list", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="--eps: the targets")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     caps = capture_layers("smollm2", get_text(a.text), N, a.layers)
@@ -275,7 +276,7 @@ def main(argv=None):
     elif a.calibrate:
         md = run_calibrate(caps, methods=tuple(a.methods))
     elif a.eps:
-        md = run_eps(caps, methods=tuple(a.methods), modes=tuple(a.probes), margin=a.margin)
+        md = run_eps(caps, tuple(a.eps_list), methods=tuple(a.methods), modes=tuple(a.probes), margin=a.margin)
     else:
         md = table_markdown(run_table(caps, a.methods, a.ratios), a.methods, a.ratios, a.layers)
     print(md)

@@ -155,10 +155,10 @@ def test_cheapest_meeting_stops_at_the_first_failing_level():
 
 
 @pytest.mark.parametrize("method", ["quant", "balance+quant", "uniform"])
-def test_eps_takes_one_level_for_every_head_when_the_mix_bills_more(method, monkeypatch):
-    """Heads at different levels bill each level's storage (masked codes, padded slots): when every head at
-    the dearest chosen level meets eps and bills fewer bytes, that is the result; at equal bytes (padded
-    dense slots, ``uniform``) the per-head choice stays."""
+def test_eps_keeps_the_per_head_mix_which_bills_less_than_one_level(method, monkeypatch):
+    """Heads at different levels are held ragged (each head's own level): the mix bills fewer bytes than
+    every head at the dearest chosen level, so the per-head choice stays (``uniform_if_not_dearer`` leaves
+    it; before the ragged store, masked codes made the one-level cache the cheaper here)."""
     r = np.random.default_rng(0)
     K, V = r.standard_normal((2, 512, 32)), r.standard_normal((2, 512, 32))
     V[0] = 1.0  # head 0: any level meets eps; head 1 needs (nearly) everything
@@ -167,13 +167,39 @@ def test_eps_takes_one_level_for_every_head_when_the_mix_bills_more(method, monk
     mixed = balancekv.compress(K, V, 0.02, method=method, seed=0, margin=1.0)
     lv, lv_mixed = c.diagnostics["level_per_head"], mixed.diagnostics["level_per_head"]
     assert lv_mixed[0] != lv_mixed[1]  # the per-head rule mixes levels here
-    if method == "uniform":
-        np.testing.assert_array_equal(lv, lv_mixed)
-        assert c.nbytes == mixed.nbytes
+    np.testing.assert_array_equal(lv, lv_mixed)
+    assert c.nbytes == mixed.nbytes
+    dearest = int(lv.min())  # index order: more bytes first
+    level = c.diagnostics["levels"][dearest]
+    if level is None:
+        one = balancekv.compress(K, V, keep=1.0, method="uniform", seed=0)
     else:
-        assert lv[0] == lv[1] == lv_mixed.min()  # the dearer level (index order: more bytes first)
-        assert c.nbytes < mixed.nbytes
-        assert np.all(c.diagnostics["error_bound_per_head"] <= 0.02)
+        opts = {k: v for k, v in level.items() if k != "keep"}
+        one = balancekv.compress(K, V, keep=level.get("keep", 1.0), method=method, seed=0, **opts)
+    assert c.nbytes < one.nbytes
+
+
+def test_uniform_if_not_dearer_takes_one_level_when_the_mix_bills_more():
+    """The rule itself (still used where a mix is held masked: streams that cannot be split per head): one
+    level for every head when it meets eps everywhere and bills fewer bytes; at equal bytes, or when the
+    dearest level fails eps on a head, the per-head choice stays."""
+    from types import SimpleNamespace
+
+    def work(mixed_bytes, uniform_bytes):
+        fin = lambda builts, choice, method, diag: SimpleNamespace(
+            nbytes=mixed_bytes if len(set(np.asarray(choice).tolist())) > 1 else uniform_bytes
+        )
+        return SimpleNamespace(H=2, finalize=fin)
+
+    builts = [SimpleNamespace(stream=None), SimpleNamespace(stream=None)]
+    choice, per_head = np.array([0, 1]), np.array([10.0, 5.0])
+    ok = np.ones((2, 2), bool)
+    np.testing.assert_array_equal(budget.uniform_if_not_dearer(work(300, 200), builts, choice, per_head, ok), [0, 0])
+    np.testing.assert_array_equal(budget.uniform_if_not_dearer(work(200, 200), builts, choice, per_head, ok), [0, 1])
+    np.testing.assert_array_equal(budget.uniform_if_not_dearer(work(150, 200), builts, choice, per_head, ok), [0, 1])
+    per_head2 = np.array([5.0, 10.0])  # the dearest level is row 1, which fails eps on head 0
+    ok2 = np.array([[True, True], [False, True]])
+    np.testing.assert_array_equal(budget.uniform_if_not_dearer(work(300, 200), builts, choice, per_head2, ok2), [0, 1])
 
 
 def self_attending(seed=0, H=2, n=512, d=128):
