@@ -50,6 +50,15 @@ def _zeros(kind: Kind, shape, dtype):
     return np.zeros(shape, dtype=dtype)
 
 
+def _same(a, b) -> bool:
+    """``a`` and ``b`` are one array or equal arrays (``-inf`` padding compares equal)."""
+    if a is b:
+        return True
+    if is_torch(a):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 class SlotArena:
     """Every dense slot of a cache in one buffer with spare capacity, in stream order of arrival.
 
@@ -68,6 +77,9 @@ class SlotArena:
             self.bounds.append((a, a + sg.m, sg.label, sg.meta))
             a += sg.m
         self.used = a
+        #: one log-weight array serves both sets when every segment has equal ones (a single-set cache: an
+        #: attention bias); ``den`` is then ``num`` itself and is held once
+        self.shared = all(_same(sg.num_logw, sg.den_logw) for sg in segments)
         if len(segments) == 1:  # one segment: its arrays become the buffer (no copy until it grows)
             (sg,) = segments
             self.keys, self.values, self.num, self.den, self.pos = (
@@ -81,7 +93,7 @@ class SlotArena:
             self.keys = cat([sg.keys.dense() for sg in segments], -2)
             self.values = cat([sg.values.dense() for sg in segments], -2)
             self.num = cat([sg.num_logw for sg in segments], -1)
-            self.den = cat([sg.den_logw for sg in segments], -1)
+            self.den = None if self.shared else cat([sg.den_logw for sg in segments], -1)
             self.pos = cat([sg.positions for sg in segments], -1)
         else:
             self.keys = _zeros(kind, self.lead + (0, d), kind.dtype)
@@ -89,6 +101,8 @@ class SlotArena:
             self.num = _zeros(kind, self.lead + (0,), wdt)
             self.den = _zeros(kind, self.lead + (0,), wdt)
             self.pos = _zeros(kind, self.lead + (0,), torch.int64 if kind.is_torch else np.int64)
+        if self.shared:
+            self.den = self.num
 
     @property
     def capacity(self) -> int:
@@ -103,13 +117,15 @@ class SlotArena:
             y = _zeros(self.kind, self.lead + (cap, x.shape[-1]), x.dtype)
             y[..., : self.used, :] = x[..., : self.used, :]
             new[name] = y
-        for name in ("num", "den", "pos"):
+        for name in ("num", "pos") if self.shared else ("num", "den", "pos"):
             x = getattr(self, name)
             y = _zeros(self.kind, self.lead + (cap,), x.dtype)
             y[..., : self.used] = x[..., : self.used]
             new[name] = y
         for name, y in new.items():
             setattr(self, name, y)
+        if self.shared:
+            self.den = self.num
 
     def append(self, k, v, pos) -> None:
         """Exact tokens ``k (…, t, d)``, ``v (…, t, s)`` at stream positions ``pos (t,)``."""
@@ -120,7 +136,8 @@ class SlotArena:
         self.keys[..., a:b, :] = k
         self.values[..., a:b, :] = v
         self.num[..., a:b] = 0
-        self.den[..., a:b] = 0
+        if not self.shared:
+            self.den[..., a:b] = 0
         self.pos[..., a:b] = pos
         self.used = b
 

@@ -18,8 +18,9 @@ Accounting convention (stated once, used everywhere): **a cache bills the
 bytes it holds.** ``nbytes`` of a store, a segment or a cache is the size of
 every array it keeps alive, each storage counted once
 (:func:`balancekv._arrays.held_nbytes`): dense entries at their dtype's size,
-codes, scales and zeros, both log-weight arrays, positions, padding slots and
-spare capacity. ``ratio`` divides by the bytes of the uncompressed cache in the
+codes, scales and zeros, the log-weight arrays (a cache whose numerator and
+denominator weights are equal, a single-set cache, holds one array for both), positions,
+padding slots and spare capacity. ``ratio`` divides by the bytes of the uncompressed cache in the
 *same* dtype as the input (``heads * n * (d + s) * itemsize``), so a float64
 NumPy cache and a bf16 torch cache of the same tokens report the same ratio
 for dense methods; quantized stores, whose codes do not depend on the input

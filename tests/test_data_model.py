@@ -198,7 +198,7 @@ def test_append_exact_equals_attention_over_concatenation(small_kv):
     assert c.n_seen == K.shape[1]
     np.testing.assert_allclose(c.attend(Q), attention(Q, K, V), rtol=1e-10)
     # appended tokens are written into the slot buffer's spare capacity (at most a quarter extra)
-    per_slot = (K.shape[-1] + V.shape[-1]) * 8 + 24
+    per_slot = (K.shape[-1] + V.shape[-1]) * 8 + 16  # one float64 log-weight (single set), one int64 position
     assert K.shape[0] * K.shape[1] * per_slot <= c.nbytes <= 1.25 * K.shape[0] * K.shape[1] * per_slot
 
 
@@ -217,11 +217,12 @@ def test_causal_positions_mask_later_tokens(small_kv):
 
 def test_nbytes_accounting(small_kv):
     """nbytes is the memory held (storage accounting of balancekv.storage): per kept slot and head,
-    keys and values in the input's dtype, two float64 log-weights and an int64 position."""
+    keys and values in the input's dtype, one float64 log-weight array (a single-set cache holds one for both
+    sets) and an int64 position; a two-set cache holds both log-weight arrays."""
     K, V, _ = small_kv
     h, n, d = K.shape
     s = V.shape[-1]
-    per_slot = (d + s) * K.itemsize + 8 + 8 + 8
+    per_slot = (d + s) * K.itemsize + 8 + 8
     exact = balancekv.compress(K, V, keep=1.0, method="exact")
     assert exact.nbytes == h * n * per_slot
     assert exact.ratio == pytest.approx(per_slot / ((d + s) * K.itemsize))
@@ -229,10 +230,13 @@ def test_nbytes_accounting(small_kv):
     m = n // 4
     assert uni.nbytes == h * m * per_slot
     stream = balancekv.compress(K, V, keep=0.25, method="streaming")
-    # the window ring holds one weight array for both sets
-    assert h * m * (per_slot - 8) <= stream.nbytes <= h * m * per_slot
+    # the window ring holds one weight array for both sets too
+    assert h * m * per_slot <= stream.nbytes <= 1.05 * h * m * per_slot
+    # two sets (balance-stream's theory variant keeps separate numerator and denominator weights): both held
+    two = make_ckv(K[:, :8].copy(), V[:, :8].copy(), np.zeros((h, 8)), np.full((h, 8), np.log(2.0)))
+    assert not two.single_set and two.nbytes == h * 8 * (per_slot + 8)
     # float32 torch input: kept tokens in float32, weights float32, positions int64
     Kt, Vt = torch.from_numpy(K).float(), torch.from_numpy(V).float()
     t = balancekv.compress(Kt, Vt, keep=0.25, method="uniform", seed=0)
-    assert t.nbytes == h * m * ((d + s) * 4 + 4 + 4 + 8)
+    assert t.nbytes == h * m * ((d + s) * 4 + 4 + 8)
     assert t.ratio == pytest.approx(t.nbytes / (h * n * (d + s) * 4))
