@@ -73,8 +73,9 @@ class Balance(Method):
         "gamma_norm": "auto",
         "a2_mode": "auto",
         "halving": "block",
-        "cap_window": 0.25,
-        "cap_heavy": 0.4,
+        "cap_window": 0.15,
+        "cap_window_min": 64,
+        "cap_heavy": 0.2,
         "cap_sink": 4,
     }
     fixed_gamma: float | None = None
@@ -126,6 +127,7 @@ class Balance(Method):
         if "cap_window" in opts:
             check_cap_options(opts)
             check_int_option(opts, "cap_sink", 0)
+            check_int_option(opts, "cap_window_min", 0)
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -333,10 +335,13 @@ class Balance(Method):
         tokens leaving the window form new sets, and adjacent sets are merged by the joint walk whenever
         the cap needs room (the walk options of ``balance-stream``). Options: ``cap_sink`` exact first tokens
         (default 4, StreamingLLM's; the prefill's ``sink`` of 32 would take an eighth of a small cap),
-        ``cap_window`` the exact recent window's share of the cap (0.25), ``cap_heavy`` the share of exact heavy
-        hitters by accumulated decode attention (0.4, fed by :meth:`CompressedKV.observe`; a token leaving the
-        window competes with them, the losers form the sets). The shares were chosen on the tuning text
-        (``benchmarks/README.md``, "Long generation under a memory cap")."""
+        ``cap_window`` the exact recent window's share of the cap (0.15) but at least ``cap_window_min`` tokens
+        (64: a language model needs a local window of a few dozen tokens whatever the cap), ``cap_heavy`` the
+        share of exact heavy hitters by accumulated decode attention (0.2, fed by :meth:`CompressedKV.observe`;
+        a token leaving the window competes with them, the losers form the sets); the rest of the cap, about
+        60% at cap 512, holds the balanced sets. Chosen on the tuning text (``benchmarks/README.md``, "Long
+        generation under a memory cap": more room for the sets and a smaller window beat the first shares
+        0.25 / 0.4 at cap 512, and a window under ~64 tokens lost at cap 256)."""
         if ctx.opts["estimator"] != "consistent":
             raise ValueError("cap: balance's capped policy needs estimator='consistent' (one weight set)")
         bs = BalanceStream.defaults
@@ -344,7 +349,7 @@ class Balance(Method):
         o = ctx.opts
         stream = capped_stream(
             K, V, cap, ctx, sink=o["cap_sink"], t=bs["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
-            walk={"gamma": bs["gamma"], "a2": bs["a2"]},
+            window_min=o["cap_window_min"], walk={"gamma": bs["gamma"], "a2": bs["a2"]},
         )  # fmt: skip
         tp = is_torch(K)
         pos = torch.arange(n, device=K.device) if tp else np.arange(n)
@@ -477,7 +482,7 @@ class UniformHalving(Balance):
     name = "uniform-halving"
     # the pure baseline of SPEC 4c: no heavy-hitter protection unless asked for
     defaults = {
-        **{k: v for k, v in Balance.defaults.items() if k not in ("gamma", "cap_window", "cap_heavy", "cap_sink")},
+        **{k: v for k, v in Balance.defaults.items() if k != "gamma" and not k.startswith("cap_")},
         "heavy_rounds": 0,
     }
     fixed_gamma = 0.0
