@@ -294,11 +294,13 @@ class Work:
         for k, v in diag.items():  # per-head diagnostics in the cache's leading dims
             if k.endswith("_per_head") and isinstance(v, np.ndarray) and v.size == self.H:
                 diag[k] = v.reshape(lead)
+        in_kind = False
         if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
             stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
             segs = stream.segments()
+            in_kind = bool(getattr(stream, "segments_in_kind", False))
         if stream is not None:
-            stream = _LeadStream(stream, lead)
+            stream = _LeadStream(stream, lead, in_kind)
         out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
         work_kind = Kind("torch", self.Kw.dtype, self.Kw.device) if self.path == "torch" else Kind("numpy", np.float64)
         return CompressedKV(
@@ -614,8 +616,10 @@ def compress(
 class _LeadStream:
     """Adapts a method's ``(H, …)`` stream to the cache's leading dims and the caller's kind."""
 
-    def __init__(self, stream, lead):
+    def __init__(self, stream, lead, in_kind: bool = False):
         self.stream, self.lead = stream, tuple(lead)
+        #: the stream holds its state in the cache's kind (:meth:`Work.finalize`): its segments need no conversion
+        self.in_kind = bool(in_kind)
 
     def append(self, k, v, pos):
         H = int(np.prod(self.lead, dtype=np.int64))
