@@ -16,6 +16,13 @@ import numpy as np
 from ._arrays import is_torch, torch
 
 
+def _all_finite_torch(x) -> bool:
+    """Every entry of ``x`` finite. A sum is finite when every term is (an inf or NaN term makes it inf or
+    NaN), so one reduction (no mask tensor) decides it unless the sum of finite entries overflows: then the
+    elementwise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
     """``x`` is a real floating NumPy array or torch tensor of at least ``min_ndim`` dims, all finite."""
     if is_torch(x):
@@ -26,7 +33,7 @@ def check_array(name: str, x: Any, min_ndim: int = 2) -> None:
         if x.device.type == "meta":
             raise TypeError(f"{name} is a meta tensor (it holds no data); materialise it on a real device first")
         ndim = x.dim()
-        finite = bool(torch.isfinite(x).all()) if x.numel() else True
+        finite = _all_finite_torch(x) if x.numel() else True
     elif isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must have a real floating dtype, got numpy {x.dtype}")

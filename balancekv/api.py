@@ -317,13 +317,15 @@ class Work:
     @staticmethod
     def _cache(segs, stream, lead, method, diag, work_kind, shape) -> CompressedKV:
         kind = shape["kind"]
+        in_kind = False
         if stream is not None and hasattr(stream, "to_kind") and not isinstance(stream, PerHeadStream):
             stream.to_kind(kind)  # the stream holds its state in the cache's kind: its segments need no copy
             segs = stream.segments()
+            in_kind = bool(getattr(stream, "segments_in_kind", False))
         elif segs is None:  # a stream split per head whose segments are converted below
             segs = stream.segments()
         if stream is not None:
-            stream = _LeadStream(stream, lead)
+            stream = _LeadStream(stream, lead, in_kind)
         out_segments = [sg.reshape_lead(lead).to_kind(kind) for sg in segs]
         return CompressedKV(
             out_segments, lead=lead, method=method, diagnostics=diag, stream=stream, work_kind=work_kind, **shape
@@ -628,8 +630,10 @@ def compress(
 class _LeadStream:
     """Adapts a method's ``(H, …)`` stream to the cache's leading dims and the caller's kind."""
 
-    def __init__(self, stream, lead):
+    def __init__(self, stream, lead, in_kind: bool = False):
         self.stream, self.lead = stream, tuple(lead)
+        #: the stream holds its state in the cache's kind (:meth:`Work.finalize`): its segments need no conversion
+        self.in_kind = bool(in_kind)
 
     def append(self, k, v, pos):
         H = int(np.prod(self.lead, dtype=np.int64))

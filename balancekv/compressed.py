@@ -217,7 +217,10 @@ class CompressedKV:
         A cache with a decode stream keeps the stream's segments as they are (the stream owns them)."""
         segments = list(segments)  # already in the cache's kind (see compress)
         if self._stream is not None:  # the stream owns its storage: its segments are used as they are
-            dense, self._other = [], segments
+            self._other = segments
+            if getattr(self, "_arena", None) is None or self._arena.used:
+                self._arena = SlotArena([], self.kind, self.lead, self.d, self.s)
+            return  # (an empty arena is kept from step to step)
         else:
             dense = [sg for sg in segments if _is_dense(sg)]
             self._other = [sg for sg in segments if not _is_dense(sg)]
@@ -461,7 +464,9 @@ class CompressedKV:
             else:
                 kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, np.int64)
             segs = self._stream.append(kw, vw, pw)
-            self._set_segments([sg.to_kind(self.kind) for sg in segs])
+            if not getattr(self._stream, "in_kind", False):  # a stream holding its state in the cache's kind
+                segs = [sg.to_kind(self.kind) for sg in segs]  # returns its segments in it already
+            self._set_segments(segs)
         else:
             self._arena.append(ks, vs, pos)
 

@@ -431,6 +431,10 @@ class QuantizedStream:
     buffers (nothing is copied per step).
     """
 
+    #: after :meth:`to_kind` its segments are in the cache's kind as they are (codes on the device, residuals in
+    #: the storage dtypes, log-weights in the compute dtype, positions int64): a decode step converts nothing
+    segments_in_kind = True
+
     def __init__(
         self,
         K,

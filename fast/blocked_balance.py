@@ -23,7 +23,7 @@ from balancekv.reference.blocked_balance import EXP_CLIP, KERNELS, halving_sizes
 from balancekv._arrays import host_uniforms, take_rows
 
 from . import _triton as T
-from .walk import MAX_TRITON_BLOCK, _as_tensor, walk_loop
+from .walk import MAX_TRITON_BLOCK, _as_tensor, balance_walk_loop
 
 __all__ = [
     "blocked_balance",
@@ -79,6 +79,47 @@ def query_kernel_factor(K, probes, valid, *, scale, temp, beta, scores=None):
     return G.div_(gmax.clamp_min(tiny)[:, None, None]).mul_(float(np.exp(min(-beta, EXP_CLIP))))
 
 
+def _query_round_kappa(logits, idx, m, Vb, wb, okb, *, beta, a2, value_centering, a2_mode):
+    """``kappa (B, blk, blk)`` of one round of the query-aware kernel on the blocks of ``idx (H, nb * blk)`` (the
+    first ``m`` slots of each head are tokens, the rest padding): :func:`query_kernel_factor` of the rows
+    ``idx`` of ``logits (H, n, L)`` times :func:`value_factor` of the gathered values ``Vb (B, blk, s)``. The same
+    numbers, computed in the gathered ``(B, blk, L)`` layout (no transposed copy) and in place on the fresh
+    gathered buffers (``Vb`` is overwritten): padding is a slice of each head's last block (never a whole
+    block), so it is set instead of masked."""
+    H, nbk = idx.shape
+    B, blk, _ = Vb.shape
+    sc = take_rows(logits, idx)  # (H, nb * blk, L), a fresh buffer
+    if m < nbk:
+        sc[:, m:] = float("-inf")
+    sc = sc.view(B, blk, -1)
+    phi = sc.sub_(sc.amax(1, keepdim=True))  # every block holds a token: the maxima are finite
+    if phi.dtype == torch.float64:  # float32: exp(-EXP_CLIP) is already 0, the clip changes nothing
+        phi.clamp_min_(-EXP_CLIP)
+    phi.exp_()
+    if m < nbk:
+        phi.view(H, nbk, -1)[:, m:] = 0.0
+    G = torch.bmm(phi, phi.transpose(1, 2))
+    gmax = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1)
+    G.div_(gmax.clamp_min(torch.finfo(G.dtype).tiny)[:, None, None])
+    if float(np.exp(min(-beta, EXP_CLIP))) != 1.0:
+        G.mul_(float(np.exp(min(-beta, EXP_CLIP))))
+    if a2_mode != "abs":
+        return G.mul_(value_factor(Vb, wb, okb, a2=a2, value_centering=value_centering, a2_mode=a2_mode))
+    okf = okb.to(Vb.dtype)
+    wv = wb * okf
+    if value_centering:
+        vbar = torch.einsum("bi,bis->bs", wv, Vb) / wv.sum(-1).clamp_min(torch.finfo(Vb.dtype).tiny)[:, None]
+        Vb.sub_(vbar[:, None, :])
+    Vp = Vb.mul_(wv[..., None])
+    if float(a2) == 0.0:
+        vf = torch.bmm(Vp, Vp.transpose(1, 2))
+    else:
+        vf = torch.baddbmm(
+            torch.full((), float(a2), dtype=Vp.dtype, device=Vp.device).expand(B, blk, blk), Vp, Vp.transpose(1, 2)
+        )
+    return G.mul_(vf)
+
+
 def value_factor(V, weights, valid, *, a2, value_centering, a2_mode: str = "abs"):
     """``<v'_i, v'_j> + a2`` ``(B, blk, blk)`` with ``v'`` the weighted (optionally centred) values; with
     ``a2_mode="rel"`` the constant is ``a2 * mu_b * w_i w_j`` (``mu_b`` the block's mean squared unweighted
@@ -119,10 +160,7 @@ def drift_scale(kappa, valid, gamma_norm: str):
 
 def _signs(kappa, r, ok, gamma, gamma_norm):
     first = ok & (torch.cumsum(ok.to(torch.int64), dim=-1) == 1)
-    step = lambda g: ((0.5 - gamma * g).clamp(0.0, 1.0), None)
-    xf, _ = walk_loop(
-        kappa, r, step, forced_first=first, valid=ok, symmetric=True, row_scale=drift_scale(kappa, ok, gamma_norm)
-    )
+    xf = balance_walk_loop(kappa, r, gamma, first=first, valid=ok, row_scale=drift_scale(kappa, ok, gamma_norm))
     return xf.to(torch.int8)
 
 
@@ -436,9 +474,9 @@ def blocked_balance_rounds(
         wb, rb = wts.reshape(H * nb, blk), rt.reshape(H * nb, blk)
         if P is not None:
             # the query-aware kernel: the blocks' logits are rows of the logits of every token (H, n, L)
-            sc = take_rows(logits, idx).reshape(H * nb, blk, -1).transpose(-1, -2)  # (H*nb, L, blk)
-            kappa = query_kernel_factor(None, None, okb, scale=scale, temp=temp, beta=beta, scores=sc)
-            kappa = kappa * value_factor(Vb, wb, okb, a2=a2, value_centering=value_centering, a2_mode=a2_mode)
+            kappa = _query_round_kappa(
+                logits, idx, m, Vb, wb, okb, beta=beta, a2=a2, value_centering=value_centering, a2_mode=a2_mode
+            )
             signs = WalkRound(kappa, rb, okb, float(gamma), gamma_norm)
         else:
             signs = blocked_walk_signs(

@@ -91,6 +91,97 @@ def _partials_torch(Qr, K, V, nl, dl, kpos, qpos, scale, dt):
     return mn[:, None], md[:, None], sn[:, None], sd[:, None]
 
 
+# ---------------------------------------------------------------------------- one weight set, several parts (CPU)
+#: float32 with the bit pattern ``0x4B000000 | c`` is ``2^23 + c`` for a code ``c < 2^23``
+_MAGIC_BITS = 0x4B000000
+_MAGIC = 8388608.0
+
+
+def _codes_float(words, bits: int, dt):
+    """The codes of int32 ``words (..., W)`` as floats ``(..., W * 32/bits)`` (little end first), in one buffer:
+    shift and mask in int32 and, for float32, the conversion in place (the code as the mantissa of ``2^23 + c``,
+    minus ``2^23``: exact), so a packed store is unpacked with a single allocation."""
+    per = 32 // bits
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
+    c = torch.bitwise_right_shift(words[..., None], shifts).bitwise_and_((1 << bits) - 1)
+    c = c.reshape(*words.shape[:-1], words.shape[-1] * per)
+    if dt != torch.float32:
+        return c.to(dt)
+    return c.bitwise_or_(_MAGIC_BITS).view(torch.float32).sub_(_MAGIC)
+
+
+def _packed_keys_scores(Qs, P: Packed, dt):
+    """``Qs @ k^T`` ``(L, R, n)`` for packed keys (per channel along tokens): the covering groups are unpacked and
+    dequantized in place (``code * scale + zero``, as :func:`.quantization.dequantize_packed`), then one matmul;
+    ``None`` when the groups do not cover whole words (the general path)."""
+    b, G, per = P.bits, P.group, 32 // P.bits
+    start, n = P.offset, P.n
+    g0, g1 = start // G, -(-(start + n) // G)
+    t0, t1 = g0 * G, g1 * G
+    if G % per or t1 // per > P.words.shape[-1] or g1 > P.scale.shape[-2]:
+        return None
+    L, f = P.words.shape[0], P.words.shape[1]
+    k = _codes_float(P.words[..., t0 // per : t1 // per], b, dt).view(L, f, g1 - g0, G)
+    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]).add_(
+        P.zero[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]
+    )
+    return torch.bmm(Qs, k.view(L, f, t1 - t0)[..., start - t0 : start - t0 + n])
+
+
+def _packed_values_dense(P: Packed, dt):
+    """The ``(L, n, f)`` values of a packed value store (per token along channels), dequantized in one buffer."""
+    n, G = P.n, P.group
+    ng = P.scale.shape[-1]
+    v = _codes_float(P.words[:, :n], P.bits, dt)[..., : ng * G].unflatten(-1, (ng, G))
+    v.mul_(P.scale[:, :n].to(dt)[..., None]).add_(P.zero[:, :n].to(dt)[..., None])
+    return v.flatten(-2)[..., : P.f]
+
+
+def _same_weights(nl, dl) -> bool:
+    if nl is dl:
+        return True
+    if nl.shape == dl.shape and nl.data_ptr() == dl.data_ptr() and nl.stride() == dl.stride() and nl.dtype == dl.dtype:
+        return True  # views of one buffer (a quantized stream's log-weights)
+    return nl.shape == dl.shape and torch.equal(nl, dl)
+
+
+def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
+    """The estimator over parts that all hold one weight set (numerator weights = denominator weights): one
+    softmax over the logits of every part (``scale <q, k> + logw``, masked by position), then the probabilities
+    times each part's values. Packed stores are dequantized per call into temporaries (nothing is kept).
+    ``None`` when a packed part needs the general path."""
+    L, R, _ = Qr.shape
+    Qs = Qr.to(dt) * scale
+    logits, values = [], []
+    for K, V, nl, _dl, kpos in parts:
+        n = nl.shape[-1]
+        if isinstance(K, Packed):
+            a = _packed_keys_scores(Qs, K, dt) if K.axis == "tokens" else None
+            if a is None:
+                return None
+        else:
+            a = torch.bmm(Qs, _flatten_lead(K, len(klead)).to(dt).transpose(-1, -2))
+        a = a + nl.reshape(L, 1, n).to(dt)
+        if qpos is not None:
+            if kpos is None:
+                raise ValueError("query_positions needs the key positions of every part")
+            kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
+            a.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+        logits.append(a)
+        values.append(V)
+    p = torch.softmax(torch.cat(logits, -1) if len(logits) > 1 else logits[0], dim=-1)
+    out, at = None, 0
+    for V, a in zip(values, logits):
+        n = a.shape[-1]
+        Vd = _packed_values_dense(V, dt) if isinstance(V, Packed) else _flatten_lead(V, len(klead)).to(dt)
+        pa = p[..., at : at + n]
+        out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
+        at += n
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
+    return out
+
+
 def _single_set_sdpa(Qr, K, V, bias, kpos, qpos, scale, dt):
     """Attention with an additive logit bias ``(L, n)`` through SDPA; ``FloatingPointError`` if a
     query sees no slot (the estimate would be 0/0)."""
@@ -300,6 +391,17 @@ def attend_parts(
             out = _single_set_sdpa(
                 Qr, _flatten_lead(K, len(klead)), _flatten_lead(V, len(klead)), nl.reshape(L, -1), kp, qpos, scale, dt
             )
+            return out.reshape(qlead + (mq, out.shape[-1]))
+    if (
+        not T.use_triton(backend, Qr)
+        and dt in (torch.float32, torch.float64)
+        and all(_same_weights(p[2], p[3]) for p in parts)
+        and all(p[0].axis == "tokens" for p in parts if isinstance(p[0], Packed))
+        and all(p[1].axis == "channels" for p in parts if isinstance(p[1], Packed))
+        and all(p[0].shape[-1] == d for p in parts if not isinstance(p[0], Packed))
+    ):
+        out = _single_set_parts(Qr, parts, klead, qpos, scale, dt)
+        if out is not None:
             return out.reshape(qlead + (mq, out.shape[-1]))
     outs = []
     for K, V, nl, dl, kpos in parts:

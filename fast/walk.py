@@ -16,7 +16,7 @@ import torch
 
 from . import _triton as T
 
-__all__ = ["gram_walk_signs", "walk_loop"]
+__all__ = ["balance_walk_loop", "gram_walk_signs", "walk_loop"]
 
 #: largest block the Triton kernels keep in registers (larger problems run the torch loop)
 MAX_TRITON_BLOCK = 256
@@ -76,6 +76,42 @@ def walk_loop(
     finally:
         torch.set_num_threads(threads)
     return x, state[0]
+
+
+def balance_walk_loop(G, r, gamma: float, *, first, valid, row_scale=None):
+    """The signs ``(B, n)`` (float) of :func:`walk_loop` for the balancing walk of a symmetric ``G``: step ``i``
+    gives ``+1`` iff ``r_i < clip(1/2 - gamma g_i, 0, 1)``, ``+1`` at the ``first`` valid step, 0 at invalid
+    steps (no FAIL). The same numbers with fewer operations per step: the clip is dropped (``r`` lies in
+    ``[0, 1)``, so the comparison is the same), and the sign of a valid step comes from precomputed
+    ``(n, B)`` tables (``+1`` / ``-1`` or ``+1`` at the first step / ``0``) in one ``where`` written in place."""
+    B, n, _ = G.shape
+    dt, dev = G.dtype, G.device
+    one = torch.ones((), dtype=dt, device=dev)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    pos = torch.where(valid, one, zero).T.contiguous()  # sign where r_i < p_i
+    neg = torch.where(first, one, torch.where(valid, -one, zero)).T.contiguous()  # sign otherwise
+    rT = r.to(dt).T.contiguous()
+    x = torch.zeros((n, B), dtype=dt, device=dev)
+    run = torch.zeros((B, n), dtype=dt, device=dev)
+    gam = torch.tensor(float(gamma), dtype=dt, device=dev)  # 0-dim tensors: no scalar wrapping per step
+    half = torch.tensor(0.5, dtype=dt, device=dev)
+    # every per-step view made once (unbind), the loop body is four operations and one update
+    cols, rows = run.unbind(1), G.unbind(1)
+    xs, xc = x.unbind(0), x[:, :, None].unbind(0)
+    rr, pp, nn = rT.unbind(0), pos.unbind(0), neg.unbind(0)
+    rs = [None] * n if row_scale is None else row_scale.T.contiguous().unbind(0)
+    mul, sub, lt, where, update = torch.mul, torch.sub, torch.lt, torch.where, run.addcmul_
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # as in walk_loop: the steps are too small for intra-op threads
+    try:
+        for i in range(n):
+            g = cols[i] if rs[i] is None else mul(cols[i], rs[i])
+            where(lt(rr[i], sub(half, mul(g, gam))), pp[i], nn[i], out=xs[i])  # 1/2 - gamma g, as the reference
+            update(rows[i], xc[i])
+    finally:
+        torch.set_num_threads(threads)
+    return x.T
 
 
 def _steps(n, run, r, x, Gc, threshold_fn, forced_first, valid, one, zero, step, state, row_scale=None):
