@@ -124,11 +124,12 @@ def exact_attention(probes, K, Vv, scale):
 
 
 def exact_slot_bytes(K, V) -> int:
-    """Bytes one head's exact slot holds on this path: key, value, two log-weights, one position."""
+    """Bytes one head's exact slot holds on this path: key, value, one log-weight (the exact cache is a
+    single-set cache: one array serves both sets), one position."""
     if is_torch(K):
         w = 8 if K.dtype == torch.float64 else 4
-        return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + 2 * w + 8
-    return (K.shape[-1] + V.shape[-1]) * 8 + 3 * 8
+        return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + w + 8
+    return (K.shape[-1] + V.shape[-1]) * 8 + 2 * 8
 
 
 def max_distinct_tokens(segments) -> int:
@@ -569,8 +570,11 @@ def compress(
         built = work.build(method, meth, opts, level)
         if level is not None and keep is not None:
             budget_n = meth.token_budget(keep, n, opts)
-            # the slots attended over (a stream's private bookkeeping is billed in nbytes, not here)
-            too_big = held_nbytes(built.segments) > H * n * exact_slot_bytes(Kw, Vw)
+            # what the cache will hold: the slots and the decode stream's state (the theory stream's instances
+            # are a known extra, see balancekv.methods.balance_stream: there the slots attended over)
+            theory = opts.get("variant") == "theory"
+            held = held_nbytes(built.segments) if theory else held_nbytes(built.segments, built.stream)
+            too_big = held > H * n * exact_slot_bytes(Kw, Vw)
             # (a theory variant only predicts its size, and a walk FAIL stores its set exactly: SPEC 2)
             bounded = meth.meets_keep_budget(opts) and not built.info.get("fallbacks", 0)
             over = bounded and max_distinct_tokens(built.segments) > budget_n
@@ -624,7 +628,20 @@ def compress(
         diag.update({"error_per_head": errors.reshape(lead), "error": float(errors.mean())})
     if "error_per_head" in diag:
         diag["error_per_head"] = np.asarray(diag["error_per_head"]).reshape(lead)
-    return work.finalize(builts, choice, method, diag)
+    c = work.finalize(builts, choice, method, diag)
+    if cap is None and not meth.selects_tokens and c.nbytes > exact_cache_nbytes(c):
+        # never larger than the exact cache, by what the caches hold in the caller's kind: a quantized store's
+        # scales and zeros do not shrink with the input's dtype (the working-kind checks above cannot see it)
+        diag.update(fallback="exact", level_per_head=np.zeros(lead, dtype=int))
+        c = work.finalize([work.build(method, meth, opts, None)], np.zeros(H, dtype=int), method, diag)
+    return c
+
+
+def exact_cache_nbytes(c) -> int:
+    """Bytes the exact cache of ``c``'s input holds: its tokens in the input's dtypes, one log-weight (the
+    compute dtype; float64 on NumPy) and one int64 position per slot."""
+    w = Kind.itemsize(c.kind.compute) if c.kind.is_torch else 8
+    return int(c.input_nbytes + int(np.prod(c.lead, dtype=np.int64)) * c.n_seen * (w + 8))
 
 
 class _LeadStream:

@@ -190,16 +190,17 @@ def dense_segment(K, V, num_logw, den_logw, positions, label: str = "") -> Segme
 
 
 def exact_segment(K, V, positions, label: str = "exact", weight_dtype: Any = None) -> Segment:
-    """Tokens kept exactly: log-weight 0 in both sets. ``positions``: ints broadcastable to ``(…, m)``."""
+    """Tokens kept exactly: log-weight 0 in both sets (one zero array serves both: a single-set segment, held
+    once). ``positions``: ints broadcastable to ``(…, m)``."""
     shape = tuple(K.shape[:-1])
     if is_torch(K):
         wdt = weight_dtype or (torch.float64 if K.dtype == torch.float64 else torch.float32)
         z = torch.zeros(shape, dtype=wdt, device=K.device)
         pos = torch.as_tensor(positions, device=K.device, dtype=torch.int64).expand(shape).clone()
-        return dense_segment(K, V, z, z.clone(), pos, label)
+        return dense_segment(K, V, z, z, pos, label)
     z = np.zeros(shape)
     pos = np.broadcast_to(np.asarray(positions, np.int64), shape).copy()
-    return dense_segment(K, V, z, z.copy(), pos, label)
+    return dense_segment(K, V, z, z, pos, label)
 
 
 def gather_tokens(X, idx):
