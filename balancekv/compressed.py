@@ -198,12 +198,7 @@ class CompressedKV:
         stream: Any = None,
         work_kind: Kind | None = None,
     ):
-        self.lead, self.d, self.s = tuple(lead), int(d), int(s)
-        self.n_seen = int(n_seen)
-        self.scale = float(scale)
-        self.kind = kind
-        self.method = method
-        self.diagnostics = dict(diagnostics or {})
+        self._describe(lead, d, s, n_seen, scale, kind, method, diagnostics)
         self._stream = stream
         # the dtype streams compute in (float64 NumPy on the reference path)
         self.work_kind = work_kind or (
@@ -225,6 +220,15 @@ class CompressedKV:
             dense = [sg for sg in segments if _is_dense(sg)]
             self._other = [sg for sg in segments if not _is_dense(sg)]
         self._arena = SlotArena(dense, self.kind, self.lead, self.d, self.s)
+
+    def _describe(self, lead, d, s, n_seen, scale, kind, method, diagnostics) -> None:
+        """The attributes every cache has: shape, tokens seen, scale, kind, method, diagnostics."""
+        self.lead, self.d, self.s = tuple(lead), int(d), int(s)
+        self.n_seen = int(n_seen)
+        self.scale = float(scale)
+        self.kind = kind
+        self.method = method
+        self.diagnostics = dict(diagnostics or {})
 
     @property
     def _like(self):
@@ -564,12 +568,7 @@ class RaggedKV(CompressedKV):
         diagnostics: dict | None = None,
         work_kind: Kind | None = None,
     ):
-        self.lead, self.d, self.s = tuple(lead), int(d), int(s)
-        self.n_seen = int(n_seen)
-        self.scale = float(scale)
-        self.kind = kind
-        self.method = method
-        self.diagnostics = dict(diagnostics or {})
+        self._describe(lead, d, s, n_seen, scale, kind, method, diagnostics)
         self._stream = None
         self.work_kind = work_kind or groups[0][1].work_kind
         L = int(math.prod(self.lead)) if self.lead else 1
