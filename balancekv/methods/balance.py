@@ -77,6 +77,7 @@ class Balance(Method):
         "cap_window_min": 64,
         "cap_heavy": 0.2,
         "cap_sink": 4,
+        "cap_t": 32,
     }
     fixed_gamma: float | None = None
     #: what ``"auto"`` options resolve to with observed ``queries`` (tuned on SmolLM2 captures of the
@@ -128,6 +129,7 @@ class Balance(Method):
             check_cap_options(opts)
             check_int_option(opts, "cap_sink", 0)
             check_int_option(opts, "cap_window_min", 0)
+            check_int_option(opts, "cap_t", 1)
 
     # ----------------------------------------------------------------- levels
     @staticmethod
@@ -339,17 +341,19 @@ class Balance(Method):
         (64: a language model needs a local window of a few dozen tokens whatever the cap), ``cap_heavy`` the
         share of exact heavy hitters by accumulated decode attention (0.2, fed by :meth:`CompressedKV.observe`;
         a token leaving the window competes with them, the losers form the sets); the rest of the cap, about
-        60% at cap 512, holds the balanced sets. Chosen on the tuning text (``benchmarks/README.md``, "Long
-        generation under a memory cap": more room for the sets and a smaller window beat the first shares
-        0.25 / 0.4 at cap 512, and a window under ~64 tokens lost at cap 256)."""
+        60% at cap 512, holds the balanced sets, of ``cap_t`` slots each (32, at most an eighth of the cap and
+        small enough for 3 sets: sets of 16 and 64 were worse at cap 512, 32 better than 16 at cap 256). Chosen
+        on the tuning text (``benchmarks/README.md``, "Long generation under a memory cap": more room for the
+        sets and a smaller window beat the first shares 0.25 / 0.4 at cap 512, and a window under ~64 tokens
+        lost at cap 256)."""
         if ctx.opts["estimator"] != "consistent":
             raise ValueError("cap: balance's capped policy needs estimator='consistent' (one weight set)")
         bs = BalanceStream.defaults
         H, n, _ = K.shape
         o = ctx.opts
         stream = capped_stream(
-            K, V, cap, ctx, sink=o["cap_sink"], t=bs["t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
-            window_min=o["cap_window_min"], walk={"gamma": bs["gamma"], "a2": bs["a2"]},
+            K, V, cap, ctx, sink=o["cap_sink"], t=o["cap_t"], window_frac=o["cap_window"], heavy_frac=o["cap_heavy"],
+            window_min=o["cap_window_min"], t_div=8, min_sets=3, walk={"gamma": bs["gamma"], "a2": bs["a2"]},
         )  # fmt: skip
         tp = is_torch(K)
         pos = torch.arange(n, device=K.device) if tp else np.arange(n)

@@ -432,27 +432,36 @@ def check_cap_options(opts: dict) -> None:
 
 
 def cap_layout(
-    cap: int, sink: int, t: int, window_frac: float, heavy_frac: float = 0.0, window_min: int = 0
+    cap: int,
+    sink: int,
+    t: int,
+    window_frac: float,
+    heavy_frac: float = 0.0,
+    window_min: int = 0,
+    t_div: int = 16,
+    min_sets: int = 1,
 ) -> tuple[int, int, int, int]:
     """``(sink, window, heavy, t)`` of a :class:`JointBalanceStream` holding at most ``cap`` tokens per head:
-    the sinks take at most an eighth of the cap, sets of ``t <= cap / 16`` slots, an exact recent window of
+    the sinks take at most an eighth of the cap, sets of ``t <= cap / t_div`` slots, an exact recent window of
     ``max(window_frac * cap, window_min)`` tokens, ``heavy_frac * cap`` exact heavy hitters, and room for at
-    least one set (``sink + window + heavy + 2 t - 1 <= cap``; the window, then the heavy hitters give way)."""
+    least one set (``sink + window + heavy + 2 t - 1 <= cap``; the window, then the heavy hitters give way);
+    then ``t`` shrinks until the room left holds ``min_sets`` sets besides the buffer's block."""
     cap = int(cap)
     sink = min(int(sink), cap // 8)
-    t = max(1, min(int(t), cap // 16))
+    t = max(1, min(int(t), cap // int(t_div)))
     room = cap - sink - 2 * t + 1
     window = max(0, min(max(int(round(window_frac * cap)), int(window_min)), room))
     heavy = max(0, min(int(round(heavy_frac * cap)), room - window))
+    t = max(1, min(t, (cap - sink - window - heavy + 1) // (int(min_sets) + 1)))
     return sink, window, heavy, t
 
 
 def capped_stream(
-    K, V, cap, ctx, *, sink, t, window_frac, heavy_frac=0.0, window_min=0, walk=None
+    K, V, cap, ctx, *, sink, t, window_frac, heavy_frac=0.0, window_min=0, t_div=16, min_sets=1, walk=None
 ) -> JointBalanceStream:
     """An empty :class:`JointBalanceStream` for ``K``'s heads holding at most ``cap`` tokens per head."""
     H, _, d = K.shape
-    s0, w, hv, t = cap_layout(cap, sink, t, window_frac, heavy_frac, window_min)
+    s0, w, hv, t = cap_layout(cap, sink, t, window_frac, heavy_frac, window_min, t_div, min_sets)
     return JointBalanceStream(
         H, d, V.shape[-1], t=t, rounds=0, sink=s0, scale=ctx.scale, rng=ctx.rng, like=K, backend=ctx.backend,
         walk=walk, window=w, cap=cap, heavy=hv,
