@@ -209,3 +209,26 @@ def test_online_h2o_keeps_the_heavy_hitter_only_when_it_observes(kind):
         results[observe] = (20 in _positions(ckv)[0], float(np.linalg.norm(z - ex) / np.linalg.norm(ex)))
     assert results[True][0] and results[True][1] < 0.15, results
     assert not results[False][0] and results[False][1] > 0.3, results
+
+
+@pytest.mark.parametrize("cap", [64, 96, 128, 256, 512, 1024])
+def test_capped_balance_layout_fits_the_cap_with_its_window_and_sets(cap):
+    """balance's capped layout (``cap_layout(..., t_div=8, min_sets=3)``, the defaults): the window is at
+    least ``cap_window_min`` tokens where the cap has room for it, the sets are at most ``cap_t`` and an eighth
+    of the cap, at least 3 sets fit besides the buffer's block, and everything fits the cap. Control: the
+    balance-stream layout at cap 128 (t = cap / 16, one set minimum) has a 32-token window, under 64."""
+    from balancekv.methods.balance_stream import cap_layout
+
+    o = get_method("balance").defaults
+    sink, window, heavy, t = cap_layout(
+        cap, o["cap_sink"], o["cap_t"], o["cap_window"], o["cap_heavy"], o["cap_window_min"], 8, 3
+    )
+    assert t <= min(o["cap_t"], cap // 8)
+    sets = (cap - sink - window - heavy - t + 1) // t  # JointBalanceStream.max_sets
+    assert sets >= 3, (sink, window, heavy, t)
+    assert sink + window + heavy + (sets + 1) * t <= cap + 1
+    if cap >= 128:
+        assert window >= o["cap_window_min"]
+    c = balancekv.compress(*(np.random.default_rng(cap).standard_normal((1, 2 * cap, 8)) for _ in range(2)), cap=cap)
+    assert int(c.kept().max()) <= cap
+    assert cap_layout(128, 4, 64, 0.25)[1] < 64
