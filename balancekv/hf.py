@@ -234,6 +234,8 @@ class CompressedLayer(CacheLayerMixin):
         )
         if p.eps is not None:
             kw["eps"] = p.eps
+            if p.margin is not None:
+                kw["margin"] = p.margin
         elif p.cap is not None:
             kw["cap"] = p.cap
         else:
@@ -308,6 +310,8 @@ class CompressedCache(Cache):
     method : any name of :func:`balancekv.available_methods`.
     keep : mean kept fraction per layer, in (0, 1] (``budgets`` spreads it across layers).
     eps : instead of ``keep``, a target error: each head picks its own level (SPEC 8).
+    margin : with ``eps`` only, the shift margin of the eps rule (:func:`balancekv.compress`'s ``margin``;
+        ``None``: the calibrated default).
     cap : instead of ``keep``, a memory cap: every layer holds at most ``cap`` tokens per KV head through
         prefill and generation (``compress(..., cap=)``: ``streaming``, ``h2o`` (online, fed each decode
         step's queries), ``balance``, ``balance-stream``, ``subgen``).
@@ -327,6 +331,7 @@ class CompressedCache(Cache):
         *,
         keep: float | None = None,
         eps: float | None = None,
+        margin: float | None = None,
         cap: int | None = None,
         budgets="uniform",
         beta: float = 20.0,
@@ -364,6 +369,11 @@ class CompressedCache(Cache):
                 raise ValueError(f"method {method!r} keeps every token; use keep=1 (or eps) and its options")
         if eps is not None:
             eps = _check_real("eps", eps, 0.0, 1.0, hi_open=True)
+        if margin is not None:
+            if eps is None:
+                raise ValueError("margin is the eps rule's: give it with eps")
+            margin = _check_real("margin", margin, 0.0, float("inf"), hi_open=True)
+        self.margin = margin
         if isinstance(probe_window, bool) or not isinstance(probe_window, Integral) or probe_window < 1:
             raise ValueError(f"probe_window must be a positive int, got {probe_window!r}")
         if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:

@@ -172,3 +172,37 @@ def test_generation_feeds_online_h2o_its_decode_queries(prompt):
         st = layer.ckv._stream.stream
         decode = st.pos >= 40
         assert decode.any() and bool((st.score[decode] > 0).all())
+
+
+def test_generation_through_a_ragged_cache(prompt):
+    """eps mode lets heads choose different levels; such a layer's cache is a RaggedKV (one sub-cache per
+    level) and generation reads it through ``attend_rows`` each step: the cache holds at most 1.10x what it
+    bills, and decode tokens reach every group. (snapkv at eps 0.9 mixes levels on this model's layer 1.)"""
+    from balancekv.compressed import RaggedKV
+
+    model = tiny("sdpa")
+    with hf.compressed(model, method="snapkv", eps=0.9) as cache, torch.no_grad():
+        model.generate(prompt, cache=cache, max_new_tokens=9, do_sample=False)
+    ragged = [layer.ckv for layer in cache.layers if isinstance(layer.ckv, RaggedKV)]
+    assert ragged, [layer.ckv.diagnostics["level_per_head"] for layer in cache.layers]
+    for ckv in ragged:
+        assert ckv.n_seen == N + 8 and all(c.n_seen == N + 8 for _, c in ckv.groups)
+    held = reachable_array_bytes(cache, stop=(model,))
+    assert held <= 1.10 * cache.nbytes, (held, cache.nbytes)
+    assert cache.get_seq_length() == N + 8
+
+
+def test_margin_reaches_the_eps_rule(prompt):
+    """``margin`` goes to ``compress``: a smaller margin admits more compressed levels (fewer bytes) on the
+    same prompt; without ``eps`` it is refused."""
+    model = tiny("sdpa")
+    sizes = {}
+    for margin in (None, 0.05):
+        with hf.compressed(model, method="snapkv", eps=0.5, margin=margin) as cache, torch.no_grad():
+            model(prompt, cache=cache, use_cache=True)
+        sizes[margin] = cache.nbytes
+        if margin is not None:
+            assert all(layer.ckv.diagnostics["margin"] == margin for layer in cache.layers)
+    assert sizes[0.05] < sizes[None], sizes
+    with pytest.raises(ValueError, match="margin"):
+        hf.CompressedCache(model, method="snapkv", keep=0.5, margin=1.0)
