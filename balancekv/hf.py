@@ -520,6 +520,8 @@ def generate(
     *,
     keep: float | None = None,
     eps: float | None = None,
+    margin: float | None = None,
+    cap: int | None = None,
     budgets="uniform",
     seed: int = 0,
     probe_window: int = 32,
@@ -528,7 +530,8 @@ def generate(
 ):
     """``model.generate`` from a compressed prompt cache; returns ``(token ids, cache)``.
 
-    ``generate_kwargs`` go to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample``).
+    ``keep``, ``eps`` (with ``margin``) or ``cap`` as for :class:`CompressedCache`; ``cache_options`` are the
+    method's options. ``generate_kwargs`` go to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample``).
     The model's attention is restored afterwards.
     """
     with compressed(
@@ -536,6 +539,8 @@ def generate(
         method,
         keep=keep,
         eps=eps,
+        margin=margin,
+        cap=cap,
         budgets=budgets,
         seed=seed,
         probe_window=probe_window,

@@ -206,3 +206,12 @@ def test_margin_reaches_the_eps_rule(prompt):
     assert sizes[0.05] < sizes[None], sizes
     with pytest.raises(ValueError, match="margin"):
         hf.CompressedCache(model, method="snapkv", keep=0.5, margin=1.0)
+
+
+def test_generate_helper_passes_a_cap(prompt):
+    """``hf.generate(..., cap=C)``: every layer holds at most ``C`` tokens per KV head after generation."""
+    model = tiny("sdpa")
+    out, cache = hf.generate(model, prompt, "streaming", cap=64, max_new_tokens=6, do_sample=False)
+    assert out.shape[-1] == N + 6
+    assert all(int(layer.ckv.kept().max()) <= 64 for layer in cache.layers)
+    assert cache.get_seq_length() == N + 5
