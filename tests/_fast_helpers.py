@@ -67,3 +67,16 @@ def first_difference(a: np.ndarray, b: np.ndarray):
     for row in np.nonzero((a != b).any(axis=-1))[0]:
         out.append((int(row), int(np.argmax(a[row] != b[row]))))
     return out
+
+
+def slot_table(c, h):
+    """Head ``h``'s weighted token set: rows ``(position, total num weight, total den weight)`` over its
+    valid slots, slots holding the same token merged (a sampler may store a token twice), sorted."""
+    tolist = lambda x: np.asarray(x.tolist() if torch.is_tensor(x) else x, dtype=np.float64)
+    pos, nl, dl = tolist(c.positions)[h], tolist(c.num_logw)[h], tolist(c.den_logw)[h]
+    ok = np.isfinite(nl) | np.isfinite(dl)
+    rows = {}
+    for p, a, b in zip(pos[ok], np.exp(nl[ok]), np.exp(dl[ok])):
+        ra, rb = rows.get(p, (0.0, 0.0))
+        rows[p] = (ra + a, rb + b)
+    return np.array([(p, *rows[p]) for p in sorted(rows)])

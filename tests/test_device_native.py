@@ -19,6 +19,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import slot_table
 
 import balancekv
 from balancekv.methods import available_methods, get_method
@@ -81,19 +82,6 @@ def test_torch_stays_torch_without_numpy(data, method, dtype):
             assert torch.is_tensor(x) and x.device == K.device
     assert c.keys.dtype == dtype
     assert c.n_seen == 515
-
-
-def slot_table(c, h):
-    """Head ``h``'s weighted token set: rows ``(position, total num weight, total den weight)`` over its
-    valid slots, slots holding the same token merged (a sampler may store a token twice), sorted."""
-    tolist = lambda x: np.asarray(x.tolist() if torch.is_tensor(x) else x, dtype=np.float64)
-    pos, nl, dl = tolist(c.positions)[h], tolist(c.num_logw)[h], tolist(c.den_logw)[h]
-    ok = np.isfinite(nl) | np.isfinite(dl)
-    rows = {}
-    for p, a, b in zip(pos[ok], np.exp(nl[ok]), np.exp(dl[ok])):
-        ra, rb = rows.get(p, (0.0, 0.0))
-        rows[p] = (ra + a, rb + b)
-    return np.array([(p, *rows[p]) for p in sorted(rows)])
 
 
 @pytest.mark.parametrize("method", METHODS)

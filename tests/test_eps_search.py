@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import slot_table
 
 import balancekv
 from balancekv import budget
@@ -45,19 +46,6 @@ def kinds(data, path):
     if path == "torch":
         return tuple(torch.from_numpy(x).float() for x in data)
     return data
-
-
-def slot_table(c, h):
-    """Head ``h``'s weighted token set: ``(position, num weight, den weight)`` per valid slot, slots holding
-    the same token merged, sorted by position."""
-    tolist = lambda x: np.asarray(x.tolist() if torch.is_tensor(x) else x, dtype=np.float64)
-    pos, nl, dl = tolist(c.positions)[h], tolist(c.num_logw)[h], tolist(c.den_logw)[h]
-    ok = np.isfinite(nl) | np.isfinite(dl)
-    rows = {}
-    for p, a, b in zip(pos[ok], np.exp(nl[ok]), np.exp(dl[ok])):
-        ra, rb = rows.get(p, (0.0, 0.0))
-        rows[p] = (ra + a, rb + b)
-    return np.array([(p, *rows[p]) for p in sorted(rows)])
 
 
 def keep_kwargs(level):
