@@ -124,12 +124,13 @@ def exact_attention(probes, K, Vv, scale):
 
 
 def exact_slot_bytes(K, V) -> int:
-    """Bytes one head's exact slot holds on this path: key, value, one log-weight (the exact cache is a
-    single-set cache: one array serves both sets), one position."""
+    """Bytes one head's exact slot holds when ``K`` and ``V`` are what it stores: key and value at their
+    dtypes, one log-weight (the exact cache is a single-set cache: one array serves both sets; the compute
+    dtype on torch, float64 on NumPy), one int64 position."""
     if is_torch(K):
         w = 8 if K.dtype == torch.float64 else 4
         return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + w + 8
-    return (K.shape[-1] + V.shape[-1]) * 8 + 2 * 8
+    return K.shape[-1] * K.dtype.itemsize + V.shape[-1] * V.dtype.itemsize + 8 + 8
 
 
 def max_distinct_tokens(segments) -> int:
@@ -629,19 +630,12 @@ def compress(
     if "error_per_head" in diag:
         diag["error_per_head"] = np.asarray(diag["error_per_head"]).reshape(lead)
     c = work.finalize(builts, choice, method, diag)
-    if cap is None and not meth.selects_tokens and c.nbytes > exact_cache_nbytes(c):
+    if cap is None and not meth.selects_tokens and c.nbytes > H * n * exact_slot_bytes(K, V):
         # never larger than the exact cache, by what the caches hold in the caller's kind: a quantized store's
         # scales and zeros do not shrink with the input's dtype (the working-kind checks above cannot see it)
         diag.update(fallback="exact", level_per_head=np.zeros(lead, dtype=int))
         c = work.finalize([work.build(method, meth, opts, None)], np.zeros(H, dtype=int), method, diag)
     return c
-
-
-def exact_cache_nbytes(c) -> int:
-    """Bytes the exact cache of ``c``'s input holds: its tokens in the input's dtypes, one log-weight (the
-    compute dtype; float64 on NumPy) and one int64 position per slot."""
-    w = Kind.itemsize(c.kind.compute) if c.kind.is_torch else 8
-    return int(c.input_nbytes + int(np.prod(c.lead, dtype=np.int64)) * c.n_seen * (w + 8))
 
 
 class _LeadStream:
