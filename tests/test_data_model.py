@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import balancekv
-from balancekv._arrays import Kind
+from balancekv._arrays import Kind, held_nbytes
 from balancekv.compressed import CompressedKV
-from balancekv.storage import dense_segment
+from balancekv.storage import dense_segment, exact_segment
 
 
 def make_ckv(K, V, num_logw, den_logw, scale=None, kind=None):
@@ -240,3 +240,17 @@ def test_nbytes_accounting(small_kv):
     t = balancekv.compress(Kt, Vt, keep=0.25, method="uniform", seed=0)
     assert t.nbytes == h * m * ((d + s) * 4 + 4 + 8)
     assert t.ratio == pytest.approx(t.nbytes / (h * n * (d + s) * 4))
+
+
+def test_an_exact_segment_holds_one_log_weight_array(small_kv):
+    """Exact tokens carry log-weight 0 in both sets: one zero array serves both, so the segment bills keys,
+    values, one weight and one position per slot. The methods' never-larger-than-exact rules compare
+    against this segment; a second zero array would let a build 4-8 bytes per slot dearer pass them."""
+    K, V, _ = small_kv
+    h, n, d = K.shape
+    s = V.shape[-1]
+    sg = exact_segment(K.copy(), V.copy(), np.arange(n))
+    assert held_nbytes(sg) == h * n * ((d + s) * K.itemsize + 8 + 8)
+    Kt, Vt = torch.from_numpy(K).float(), torch.from_numpy(V).float()
+    sg = exact_segment(Kt, Vt, torch.arange(n))
+    assert held_nbytes(sg) == h * n * ((d + s) * 4 + 4 + 8)
