@@ -42,7 +42,7 @@ from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .storage import Segment, exact_segment
+from .storage import Segment, check_stream_length, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -126,11 +126,11 @@ def exact_attention(probes, K, Vv, scale):
 def exact_slot_bytes(K, V) -> int:
     """Bytes one head's exact slot holds when ``K`` and ``V`` are what it stores: key and value at their
     dtypes, one log-weight (the exact cache is a single-set cache: one array serves both sets; the compute
-    dtype on torch, float64 on NumPy), one int64 position."""
+    dtype on torch, float64 on NumPy), one int32 position (:data:`balancekv.storage.POSITION_NP`)."""
     if is_torch(K):
         w = 8 if K.dtype == torch.float64 else 4
-        return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + w + 8
-    return K.shape[-1] * K.dtype.itemsize + V.shape[-1] * V.dtype.itemsize + 8 + 8
+        return K.shape[-1] * K.element_size() + V.shape[-1] * V.element_size() + w + 4
+    return K.shape[-1] * K.dtype.itemsize + V.shape[-1] * V.dtype.itemsize + 8 + 4
 
 
 def max_distinct_tokens(segments) -> int:
@@ -258,6 +258,7 @@ class Work:
         self.path, self.backend, self.queries_given = path, backend, queries_given
         self.lead, self.kind = tuple(lead), kind
         self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
+        check_stream_length(self.n, "K")
         self._exact = None
         self.shared: dict = {"probes": probes}  # what the builds of this call share (Context.shared)
 

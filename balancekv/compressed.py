@@ -21,7 +21,7 @@ built on demand.
 
 Where the data lives: a cache built from torch tensors holds torch tensors on
 the caller's device (kept tokens in the caller's dtype, log-weights in the
-compute dtype, positions int64), one built from NumPy holds NumPy arrays.
+compute dtype, positions int32), one built from NumPy holds NumPy arrays.
 Dense slots sit in one buffer with spare capacity (:class:`SlotArena`), so
 decode tokens are written in place and a cache of dense single-set slots is
 attended by one ``scaled_dot_product_attention`` call over a view; quantized
@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _validate as V_
 from ._arrays import Kind, cat, compute_dtype, held_nbytes, is_torch, isfinite, to_numpy, torch
-from .storage import DenseStore, Segment, dense_segment
+from .storage import POSITION_NP, DenseStore, Segment, as_positions, check_stream_length, dense_segment, position_dtype
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -87,20 +87,20 @@ class SlotArena:
                 sg.values.dense(),
                 sg.num_logw,
                 sg.den_logw,
-                sg.positions,
+                as_positions(sg.positions),
             )
         elif segments:
             self.keys = cat([sg.keys.dense() for sg in segments], -2)
             self.values = cat([sg.values.dense() for sg in segments], -2)
             self.num = cat([sg.num_logw for sg in segments], -1)
             self.den = None if self.shared else cat([sg.den_logw for sg in segments], -1)
-            self.pos = cat([sg.positions for sg in segments], -1)
+            self.pos = as_positions(cat([sg.positions for sg in segments], -1))
         else:
             self.keys = _zeros(kind, self.lead + (0, d), kind.dtype)
             self.values = _zeros(kind, self.lead + (0, s), kind.value_dtype)
             self.num = _zeros(kind, self.lead + (0,), wdt)
             self.den = _zeros(kind, self.lead + (0,), wdt)
-            self.pos = _zeros(kind, self.lead + (0,), torch.int64 if kind.is_torch else np.int64)
+            self.pos = _zeros(kind, self.lead + (0,), position_dtype(kind))
         if self.shared:
             self.den = self.num
 
@@ -176,7 +176,7 @@ class CompressedKV:
         (dequantized when a method stores them in low bits; for a :class:`RaggedKV`, padded to the
         widest head).
     num_logw, den_logw : ``(…, m)`` log-weights of the numerator and denominator estimates.
-    positions : ``(…, m)`` int64 (the cache's kind), index in the input stream of each slot (-1 = padding).
+    positions : ``(…, m)`` int32 (the cache's kind), index in the input stream of each slot (-1 = padding).
     nbytes : bytes of every array the cache holds, each storage once (see :mod:`balancekv.storage`).
     ratio : ``nbytes`` divided by the input cache's bytes in the input's dtype.
     diagnostics : dict with the method, options, per-head level, seed, retries, and the probe error
@@ -412,9 +412,9 @@ class CompressedKV:
         """The largest, over heads, of each head's earliest held position (a query before it sees nothing)."""
         pos, valid = self.positions, cat([sg.valid() for sg in self.segments], -1)
         if is_torch(pos):
-            big = torch.iinfo(torch.int64).max
+            big = torch.iinfo(pos.dtype).max
             return int(torch.where(valid, pos, torch.full_like(pos, big)).amin(-1).max())
-        return int(np.where(valid, pos, np.iinfo(np.int64).max).min(-1).max())
+        return int(np.where(valid, pos, np.iinfo(pos.dtype).max).min(-1).max())
 
     # ------------------------------------------------------------------ decoding
     def _working(self, x, name: str):
@@ -448,6 +448,7 @@ class CompressedKV:
                 f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}"
             )
         t = int(k.shape[-2])
+        check_stream_length(self.n_seen + t, "the cache's stream")
         self._append_stored(self._working(k, "k"), self._working(v, "v"), t)
         self.n_seen += t
         return self
@@ -455,18 +456,18 @@ class CompressedKV:
     def _append_stored(self, ks, vs, t: int) -> None:
         """:meth:`append` after validation: ``ks``, ``vs`` in the cache's storage dtypes (``n_seen`` not updated)."""
         if self.kind.is_torch:
-            pos = torch.arange(self.n_seen, self.n_seen + t, device=self.kind.device)
+            pos = torch.arange(self.n_seen, self.n_seen + t, device=self.kind.device, dtype=torch.int32)
         else:
-            pos = np.arange(self.n_seen, self.n_seen + t)
+            pos = np.arange(self.n_seen, self.n_seen + t, dtype=POSITION_NP)
         if self._stream is not None:
             wk = self.work_kind
             if wk.is_torch:
                 as_t = lambda x: (x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))).to(
                     device=wk.device, dtype=wk.dtype
                 )
-                kw, vw, pw = as_t(ks), as_t(vs), as_t(pos).to(torch.int64)
+                kw, vw, pw = as_t(ks), as_t(vs), as_positions(as_t(pos))
             else:
-                kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, np.int64)
+                kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, POSITION_NP)
             segs = self._stream.append(kw, vw, pw)
             if not getattr(self._stream, "in_kind", False):  # a stream holding its state in the cache's kind
                 segs = [sg.to_kind(self.kind) for sg in segs]  # returns its segments in it already
@@ -609,7 +610,7 @@ class RaggedKV(CompressedKV):
         L = int(math.prod(self.lead)) if self.lead else 1
         M = max(c.m for _, c in self._groups)
         wdt = self.kind.compute if self.kind.is_torch else np.float64
-        pdt = torch.int64 if self.kind.is_torch else np.int64
+        pdt = position_dtype(self.kind)
         vk = self.kind.for_values()
         K = _zeros(self.kind, (L, M, self.d), self.kind.dtype)
         Vv = _zeros(vk, (L, M, self.s), vk.dtype)

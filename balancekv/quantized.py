@@ -53,7 +53,7 @@ import numpy as np
 from balancekv.reference import quantization as rq
 
 from ._arrays import Kind, compute_dtype, is_torch, take_heads, to_numpy, torch
-from .storage import DenseStore, Segment, Store, xp_cat
+from .storage import DenseStore, Segment, Store, as_positions, xp_cat
 
 POLICIES = ("kivi", "minikv")
 SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -432,7 +432,7 @@ class QuantizedStream:
     """
 
     #: after :meth:`to_kind` its segments are in the cache's kind as they are (codes on the device, residuals in
-    #: the storage dtypes, log-weights in the compute dtype, positions int64): a decode step converts nothing
+    #: the storage dtypes, log-weights in the compute dtype, positions int32): a decode step converts nothing
     segments_in_kind = True
 
     def __init__(
@@ -463,10 +463,10 @@ class QuantizedStream:
         self.label, self.backend = label, backend
         t = is_torch(K)
         if t:
-            pos = torch.as_tensor(positions, device=K.device).to(torch.int64).expand(H, n)
+            pos = as_positions(positions, K).expand(H, n)
             lw = torch.zeros((H, n), dtype=K.dtype, device=K.device) if logw is None else logw.to(K.dtype)
         else:
-            pos = np.broadcast_to(np.asarray(positions, np.int64), (H, n))
+            pos = np.broadcast_to(as_positions(positions), (H, n))
             lw = np.zeros((H, n)) if logw is None else np.asarray(logw, np.float64)
         self.pos, self.logw = Slots(pos, self.R), Slots(lw, self.R)
         if policy == "kivi":
@@ -582,10 +582,10 @@ class QuantizedStream:
             self.kres.push(kc)
             self.vres.push(vc)
             if is_torch(kc):
-                self.pos.push(torch.as_tensor(pc, device=kc.device).to(torch.int64).expand(H, c1 - c0))
+                self.pos.push(as_positions(pc, kc).expand(H, c1 - c0))
                 self.logw.push(torch.zeros((H, c1 - c0), dtype=self.logw.buf.dtype, device=kc.device))
             else:
-                self.pos.push(np.broadcast_to(np.asarray(pc, np.int64), (H, c1 - c0)))
+                self.pos.push(np.broadcast_to(as_positions(pc), (H, c1 - c0)))
                 self.logw.push(np.zeros((H, c1 - c0)))
             if self.policy == "kivi":
                 while len(self.kres) >= R:

@@ -36,6 +36,35 @@ import numpy as np
 
 from ._arrays import Kind, cat, held_nbytes, is_torch, isfinite, take_heads, take_rows, to_numpy, torch
 
+#: Held positions (each slot's index in the input stream, -1 for padding) are int32 on both paths: 4 bytes a
+#: slot instead of 8 (a 64-dim fp16 slot is 256 bytes). A stream of more than ``MAX_POSITION`` tokens is
+#: refused with a ``ValueError`` (:func:`check_stream_length`), never wrapped around.
+POSITION_NP = np.int32
+MAX_POSITION = int(np.iinfo(np.int32).max)
+
+
+def position_dtype(kind_or_array):
+    """The position dtype for a :class:`Kind` or an array's kind (``torch.int32`` or ``np.int32``)."""
+    tt = kind_or_array.is_torch if isinstance(kind_or_array, Kind) else is_torch(kind_or_array)
+    return torch.int32 if tt else POSITION_NP
+
+
+def as_positions(p, like=None):
+    """``p`` as held positions: int32 in ``p``'s kind (torch on its device, or NumPy); ``like`` (a tensor) moves
+    NumPy or list input to its device."""
+    if is_torch(p):
+        return p if p.dtype == torch.int32 else p.to(torch.int32)
+    if like is not None and is_torch(like):
+        return torch.as_tensor(np.asarray(p), device=like.device).to(torch.int32)
+    return np.asarray(p, POSITION_NP)
+
+
+def check_stream_length(n: int, what: str = "the stream") -> None:
+    """Refuse a stream whose positions would not fit the held int32 positions."""
+    if int(n) > MAX_POSITION:
+        raise ValueError(f"{what} has {int(n)} tokens; positions are held as int32 (at most {MAX_POSITION} tokens)")
+
+
 xp_cat = cat  # kept for the modules that concatenate stores
 
 
@@ -124,10 +153,10 @@ class Segment:
         if kind.is_torch:
             wdt = kind.compute
             w = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, wdt)
-            p = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, torch.int64)
+            p = lambda a: (a if is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))).to(kind.device, torch.int32)
         else:
             w = lambda a: np.asarray(a, np.float64) if isinstance(a, np.ndarray) else to_numpy(a)
-            p = lambda a: np.asarray(a, np.int64) if isinstance(a, np.ndarray) else to_numpy(a, np.int64)
+            p = lambda a: np.asarray(a, POSITION_NP) if isinstance(a, np.ndarray) else to_numpy(a, POSITION_NP)
         return replace(
             self,
             keys=self.keys.to_kind(kind),
@@ -184,9 +213,7 @@ class Segment:
 
 def dense_segment(K, V, num_logw, den_logw, positions, label: str = "") -> Segment:
     """A segment of dense keys ``K (…, m, d)`` and values ``V (…, m, s)`` (all arrays of one kind)."""
-    if not is_torch(K):
-        positions = np.asarray(positions, np.int64)
-    return Segment(DenseStore(K), DenseStore(V), num_logw, den_logw, positions, label)
+    return Segment(DenseStore(K), DenseStore(V), num_logw, den_logw, as_positions(positions, K), label)
 
 
 def exact_segment(K, V, positions, label: str = "exact", weight_dtype: Any = None) -> Segment:
@@ -196,10 +223,10 @@ def exact_segment(K, V, positions, label: str = "exact", weight_dtype: Any = Non
     if is_torch(K):
         wdt = weight_dtype or (torch.float64 if K.dtype == torch.float64 else torch.float32)
         z = torch.zeros(shape, dtype=wdt, device=K.device)
-        pos = torch.as_tensor(positions, device=K.device, dtype=torch.int64).expand(shape).clone()
+        pos = as_positions(positions, K).expand(shape).clone()
         return dense_segment(K, V, z, z, pos, label)
     z = np.zeros(shape)
-    pos = np.broadcast_to(np.asarray(positions, np.int64), shape).copy()
+    pos = np.broadcast_to(as_positions(positions), shape).copy()
     return dense_segment(K, V, z, z, pos, label)
 
 
@@ -224,7 +251,7 @@ def compact_dense(segments: list[Segment], label: str = "") -> Segment:
     if is_torch(K):
         valid = torch.isfinite(nl) | torch.isfinite(dl)
         width = max(int(valid.sum(-1).max()), 1)
-        big = torch.iinfo(torch.int64).max
+        big = torch.iinfo(pos.dtype).max
         order = torch.sort(torch.where(valid, pos, torch.full_like(pos, big)), dim=-1, stable=True).indices
         order = order[..., :width]
         take = lambda a: torch.gather(a, -1, order)
@@ -240,7 +267,7 @@ def compact_dense(segments: list[Segment], label: str = "") -> Segment:
     valid = np.isfinite(nl) | np.isfinite(dl)
     width = max(int(np.count_nonzero(valid, axis=-1).max()), 1)
     # sort key: valid slots first, by position (ties keep segment order)
-    order = np.argsort(np.where(valid, pos, np.iinfo(np.int64).max), axis=-1, kind="stable")[..., :width]
+    order = np.argsort(np.where(valid, pos, np.iinfo(pos.dtype).max), axis=-1, kind="stable")[..., :width]
     take = lambda a: np.take_along_axis(a, order, axis=-1)
     return dense_segment(
         take_rows(K, order), take_rows(Vv, order), take(nl), take(dl), np.where(take(valid), take(pos), -1), label

@@ -198,7 +198,7 @@ def test_append_exact_equals_attention_over_concatenation(small_kv):
     assert c.n_seen == K.shape[1]
     np.testing.assert_allclose(c.attend(Q), attention(Q, K, V), rtol=1e-10)
     # appended tokens are written into the slot buffer's spare capacity (at most a quarter extra)
-    per_slot = (K.shape[-1] + V.shape[-1]) * 8 + 16  # one float64 log-weight (single set), one int64 position
+    per_slot = (K.shape[-1] + V.shape[-1]) * 8 + 12  # one float64 log-weight (single set), one int32 position
     assert K.shape[0] * K.shape[1] * per_slot <= c.nbytes <= 1.25 * K.shape[0] * K.shape[1] * per_slot
 
 
@@ -218,11 +218,11 @@ def test_causal_positions_mask_later_tokens(small_kv):
 def test_nbytes_accounting(small_kv):
     """nbytes is the memory held (storage accounting of balancekv.storage): per kept slot and head,
     keys and values in the input's dtype, one float64 log-weight array (a single-set cache holds one for both
-    sets) and an int64 position; a two-set cache holds both log-weight arrays."""
+    sets) and an int32 position; a two-set cache holds both log-weight arrays."""
     K, V, _ = small_kv
     h, n, d = K.shape
     s = V.shape[-1]
-    per_slot = (d + s) * K.itemsize + 8 + 8
+    per_slot = (d + s) * K.itemsize + 8 + 4
     exact = balancekv.compress(K, V, keep=1.0, method="exact")
     assert exact.nbytes == h * n * per_slot
     assert exact.ratio == pytest.approx(per_slot / ((d + s) * K.itemsize))
@@ -235,10 +235,10 @@ def test_nbytes_accounting(small_kv):
     # two sets (balance-stream's theory variant keeps separate numerator and denominator weights): both held
     two = make_ckv(K[:, :8].copy(), V[:, :8].copy(), np.zeros((h, 8)), np.full((h, 8), np.log(2.0)))
     assert not two.single_set and two.nbytes == h * 8 * (per_slot + 8)
-    # float32 torch input: kept tokens in float32, weights float32, positions int64
+    # float32 torch input: kept tokens in float32, weights float32, positions int32
     Kt, Vt = torch.from_numpy(K).float(), torch.from_numpy(V).float()
     t = balancekv.compress(Kt, Vt, keep=0.25, method="uniform", seed=0)
-    assert t.nbytes == h * m * ((d + s) * 4 + 4 + 8)
+    assert t.nbytes == h * m * ((d + s) * 4 + 4 + 4)
     assert t.ratio == pytest.approx(t.nbytes / (h * n * (d + s) * 4))
 
 
@@ -250,7 +250,24 @@ def test_an_exact_segment_holds_one_log_weight_array(small_kv):
     h, n, d = K.shape
     s = V.shape[-1]
     sg = exact_segment(K.copy(), V.copy(), np.arange(n))
-    assert held_nbytes(sg) == h * n * ((d + s) * K.itemsize + 8 + 8)
+    assert held_nbytes(sg) == h * n * ((d + s) * K.itemsize + 8 + 4)
     Kt, Vt = torch.from_numpy(K).float(), torch.from_numpy(V).float()
     sg = exact_segment(Kt, Vt, torch.arange(n))
-    assert held_nbytes(sg) == h * n * ((d + s) * 4 + 4 + 8)
+    assert held_nbytes(sg) == h * n * ((d + s) * 4 + 4 + 4)
+
+
+def test_positions_are_int32_and_a_stream_past_int32_is_refused(small_kv):
+    """Held positions are int32 (4 bytes a slot, ``balancekv.storage.POSITION_NP``); a stream whose positions
+    would not fit is refused with a ValueError, not wrapped around to negative positions (which would read as
+    padding). Control: without the check, the append below stores position -2**31 silently."""
+    from balancekv.storage import MAX_POSITION
+
+    K, V, _ = small_kv
+    c = balancekv.compress(K, V, keep=1.0, method="exact")
+    assert c.positions.dtype == np.int32
+    ct = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=0.5, method="uniform", seed=0)
+    assert ct.positions.dtype == torch.int32
+    c.n_seen = MAX_POSITION - 1
+    c.append(K[:, :1], V[:, :1])  # the last position that fits: 2**31 - 2 ... MAX_POSITION - 1
+    with pytest.raises(ValueError, match="int32"):
+        c.append(K[:, :1], V[:, :1])

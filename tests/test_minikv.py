@@ -26,8 +26,8 @@ def test_minikv_keeps_h2o_selection_and_bills_four_bits():
     assert set(range(150, 200)) <= set(c.positions[1].tolist())
     q, r = 96, 4  # 100 = 6 * 16 + 4
     # held bytes: 4 bits per quantized element, the remainder in the input's float64, and one float64
-    # log-weight and one int64 position per slot
-    assert c.nbytes == H * (q * 2 * d * 4 // 8 + r * 2 * d * 8 + m * (8 + 8))
+    # log-weight and one int32 position per slot
+    assert c.nbytes == H * (q * 2 * d * 4 // 8 + r * 2 * d * 8 + m * (8 + 4))
     # the quantized tokens really are quantized; the remainder is exact
     Ks = np.take_along_axis(K, c.positions[..., None], 1)
     assert np.all(np.asarray(c.keys)[:, q:] == Ks[:, q:]) and not np.all(np.asarray(c.keys)[:, :q] == Ks[:, :q])
@@ -122,7 +122,7 @@ def test_balance_quant_bytes_and_levels():
     per_head = qd * 32 * 4 // 8 + (qd // 32) * 32 * 4  # keys: codes + fp16 scale/zero per group
     per_head += qd * (32 * 4 // 8 + 1 * 4)  # values: per token
     per_head += (m - qd) * 32 * 2 * 8  # remainder in the input's float64
-    per_head += m * (8 + 8)  # float64 log-weights, int64 positions
+    per_head += m * (8 + 4)  # float64 log-weights, int32 positions
     assert n_mid > 0 and c.nbytes == 2 * per_head
     assert c.ratio < bk.compress(K, V, keep=0.25, method="balance", seed=0).ratio / 2
     lv = get_method("balance+quant").levels(512, get_method("balance+quant").resolve_options({}))

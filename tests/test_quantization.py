@@ -300,11 +300,11 @@ def test_quant_method_levels_and_refusals():
         errs.append(float(bk.reference.relative_error(c.attend(Q), exact).mean()))
         # held bytes, float64 input: keys all 256 quantized (256 % 64 == 0), codes + fp16 scale and zero
         # per (group of 32 tokens, channel); values 192 quantized (codes + one fp16 scale/zero per token),
-        # the last 64 in float64; one float64 log-weight and one int64 position per slot
+        # the last 64 in float64; one float64 log-weight and one int32 position per slot
         n, d = 256, 32
         keys = n * d * b // 8 + (n // 32) * d * 2 * 2
         values = 192 * (d * b // 8 + 2 * 2) + 64 * d * 8
-        assert c.nbytes == 2 * (keys + values + n * 8 + n * 8)
+        assert c.nbytes == 2 * (keys + values + n * 8 + n * 4)
     # each halving of the bits multiplies the step (2^b - 1) by about 16 and 5: errors follow
     assert errs[0] < errs[1] / 8 and errs[1] < errs[2] / 3 and errs[2] < 1
     c = bk.compress(K, V, eps=errs[1] * 1.01, method="quant", seed=0)
@@ -325,11 +325,11 @@ def test_quant_cache_decodes_and_torch_kind():
     err = bk.reference.relative_error(out, bk.attention(Q, Kall, Vall)).mean()
     assert err < 1.0
     # after 40 decode steps with R=32, G=32: keys 128 quantized + 12 float64, values 108 quantized + 32 float64
-    # (the input is float64), float64 log-weights and int64 positions: what the tokens need ...
-    need = (128 * 32 * 2 // 8 + 4 * 32 * 4) + 108 * (32 * 2 // 8 + 4) + (12 + 32) * 32 * 8 + 140 * 16
+    # (the input is float64), float64 log-weights and int32 positions: what the tokens need ...
+    need = (128 * 32 * 2 // 8 + 4 * 32 * 4) + 108 * (32 * 2 // 8 + 4) + (12 + 32) * 32 * 8 + 140 * 12
     # ... plus spare capacity, bounded by the policy: each residual buffer at most 2R tokens, slots and
     # codes grown by at most max(R, a quarter) tokens
-    spare = 2 * (2 * 32) * 32 * 8 + 35 * 16 + 2 * 35 * (32 * 2 // 8 + 4 + 2)
+    spare = 2 * (2 * 32) * 32 * 8 + 35 * 12 + 2 * 35 * (32 * 2 // 8 + 4 + 2)
     assert 2 * need <= c.nbytes <= 2 * (need + spare)
     segs = c.segments
     assert any(isinstance(s, Segment) for s in segs)

@@ -50,10 +50,10 @@ def compress_both(K, V, eps, monkeypatch, **kw):
 
 def slot_bytes(c) -> int:
     """Bytes of one dense slot of ``c``: key, value, log-weights (one array serves both sets of a single-set
-    cache), one position."""
+    cache), one int32 position."""
     isz = lambda dt: balancekv._arrays.Kind.itemsize(dt)
     w = isz(c.kind.compute) if c.kind.is_torch else 8
-    return c.d * isz(c.kind.dtype) + c.s * isz(c.kind.value_dtype) + (1 if c.single_set else 2) * w + 8
+    return c.d * isz(c.kind.dtype) + c.s * isz(c.kind.value_dtype) + (1 if c.single_set else 2) * w + 4
 
 
 def as_kind(x, torch_path):

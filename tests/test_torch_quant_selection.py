@@ -95,7 +95,7 @@ def test_torch_in_torch_out_without_numpy(method, dtype, no_numpy):
     for sg in c.segments:
         for x in (sg.num_logw, sg.den_logw, sg.positions, sg.keys.dense(), sg.values.dense()):
             assert isinstance(x, torch.Tensor) and x.device == Kt.device
-        assert sg.positions.dtype == torch.int64
+        assert sg.positions.dtype == torch.int32
 
 
 # ---------------------------------------------------------------- float64: the reference's build
@@ -214,9 +214,9 @@ def test_many_appends_keep_every_token_in_bounded_memory(policy):
     # codes are written in place: the packed key buffer was reallocated a few times, not per append
     assert len({x.data_ptr() for x in seen}) <= 12
     # what is held: 2-bit codes + fp16 scale and zero per group (4 bits/elem at G=16), float32 residual,
-    # float32 weights and int64 positions, spare capacity bounded as above
+    # float32 weights and int32 positions, spare capacity bounded as above
     nq = st.nk + st.nv
-    need = nq * d * 4 // 8 + (2 * t - nq) * d * 4 + t * 12
+    need = nq * d * 4 // 8 + (2 * t - nq) * d * 4 + t * 8
     assert H * need <= c.nbytes <= H * (1.3 * need + 2 * (3 * R + G) * d * 4)
     Qt = torch.randn(H, 4, d)
     exact = bk.attention(Qt, Kt, Vt)
