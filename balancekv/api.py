@@ -42,7 +42,7 @@ from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .storage import Segment, check_stream_length, exact_segment
+from .storage import Segment, check_stream_length, dense_segment, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -260,6 +260,7 @@ class Work:
         self.H, self.n = int(Kw.shape[0]), int(Kw.shape[1])
         check_stream_length(self.n, "K")
         self._exact = None
+        self._exact_hidden = None  # (hidden tokens, exact attention of the probes over the rest): the gap check
         self.shared: dict = {"probes": probes}  # what the builds of this call share (Context.shared)
 
     @property
@@ -297,11 +298,45 @@ class Work:
             return Built([exact_segment(K, Vv, np.arange(self.n))], info={"exact": True})
         return meth.build(self.Kw, self.Vw, level, self.context(name, opts, level, probes))
 
-    def query_errors(self, built: Built, probes=None, exact=None) -> np.ndarray:
-        """``(H, p)`` relative error of each probe query (host NumPy; computed on the path)."""
+    def query_errors(self, built: Built, probes=None, exact=None, hide_last: int = 0) -> np.ndarray:
+        """``(H, p)`` relative error of each probe query (host NumPy; computed on the path).
+
+        ``hide_last > 0`` (the eps rule's gap check, :data:`balancekv.budget.MARGIN_GAP`): the error of the
+        probes when the cache's last ``hide_last`` tokens (stream positions ``>= n - hide_last``) are hidden from
+        the exact attention and from the compressed one alike. A head whose compressed slots are all hidden has
+        error 1 there (it has nothing of the visible past: what returning zero scores)."""
+        if hide_last:
+            return self._hidden_errors(built, int(hide_last))
         probes = self.probes if probes is None else probes
         exact = self.exact_probe if exact is None else exact
         return host(relative_error(segments_attention(built.segments, probes, self.scale), exact))
+
+    def _hidden_errors(self, built: Built, g: int) -> np.ndarray:
+        cut = self.n - g
+        if self._exact_hidden is None or self._exact_hidden[0] != g:
+            ex = exact_attention(self.probes, self.Kw[..., :cut, :], self.Vw[..., :cut, :], self.scale)
+            self._exact_hidden = (g, ex)
+        segs = built.segments
+        one = lambda xs, axis: xs[0] if len(xs) == 1 else cat(xs, axis)
+        K = one([s.keys.dense() for s in segs], -2)
+        Vv = one([s.values.dense() for s in segs], -2)
+        nl, dl = one([s.num_logw for s in segs], -1), one([s.den_logw for s in segs], -1)
+        hide = one([s.positions for s in segs], -1) >= cut
+        if is_torch(K):
+            ninf = torch.full((), float("-inf"), dtype=nl.dtype, device=nl.device)
+            nl, dl = torch.where(hide, ninf, nl), torch.where(hide, ninf, dl)
+            empty = ~torch.isfinite(dl).any(-1)
+            if bool(empty.any()):  # a dummy slot keeps the estimator defined; the head scores 1 below
+                nl[empty, 0] = 0.0
+                dl[empty, 0] = 0.0
+        else:
+            nl, dl = np.where(hide, -np.inf, nl), np.where(hide, -np.inf, dl)
+            empty = ~np.isfinite(dl).any(-1)
+            nl[empty, 0] = dl[empty, 0] = 0.0
+        seg = dense_segment(K, Vv, nl, dl, one([s.positions for s in segs], -1))
+        e = host(relative_error(segments_attention([seg], self.probes, self.scale), self._exact_hidden[1]))
+        e[host(empty).astype(bool)] = 1.0
+        return e
 
     def finalize(self, builts: list[Built], choice, method: str, diag: dict) -> CompressedKV:
         """The cache holding, per head ``h``, ``builts[choice[h]]`` (in the caller's kind)."""

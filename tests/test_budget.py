@@ -39,6 +39,37 @@ def rel_err(c, Q, K, V):
     return (np.linalg.norm(c.attend(Q) - ex, axis=-1) / np.linalg.norm(ex, axis=-1)).mean(-1)
 
 
+def recency(seed, n=1024, d=16, p=64, beta=8.0):
+    """Heads whose queries attend to their own position's key (a recency head): the observed queries (the last
+    ``p`` positions) find theirs in the recent window every method keeps exactly; the next 128 queries' own keys
+    are not in the cache, so they read the compressed rest of it."""
+    r = np.random.default_rng(seed)
+    P = r.standard_normal((2, n + 128, d))
+    P /= np.linalg.norm(P, axis=-1, keepdims=True)
+    K = P[:, :n] + 0.3 * r.standard_normal((2, n, d)) / np.sqrt(d)
+    V = 1.0 + 0.5 * r.standard_normal((2, n, d))
+    return K, V, beta * P[:, n - p : n], beta * P[:, n:]
+
+
+def test_gap_check_holds_eps_on_the_next_queries_where_the_validated_error_alone_does_not(monkeypatch):
+    """The gap check (budget.MARGIN_GAP): with the cache's last GAP_TOKENS tokens hidden, the observed queries
+    see the cache as the next queries do. On recency heads the validated error alone picks a level whose error
+    on the next 128 queries exceeds eps (the control, GAP_TOKENS = 0); with the check it is within eps, and every
+    chosen level satisfies MARGIN_GAP x gap error <= eps."""
+    K, V, Qo, Qf = recency(0)
+    ex = balancekv.attention(Qf, K, V)
+    future = lambda c: float(np.mean(np.linalg.norm(c.attend(Qf) - ex, axis=-1) / np.linalg.norm(ex, axis=-1)))
+    eps = 0.1
+    c = balancekv.compress(K, V, eps, method="balance", queries=Qo, seed=0)
+    d = c.diagnostics
+    assert np.all(budget.MARGIN_GAP * d["error_gap_per_head"] <= eps)
+    assert future(c) <= eps
+    monkeypatch.setattr(budget, "GAP_TOKENS", 0)
+    c0 = balancekv.compress(K, V, eps, method="balance", queries=Qo, seed=0)
+    assert "error_gap_per_head" not in c0.diagnostics
+    assert (c0.diagnostics["level_per_head"] > d["level_per_head"]).any() and future(c0) > eps
+
+
 # ---------------------------------------------------------------------- item 1: validated eps
 def test_uses_queries_flags():
     assert get_method("snapkv").uses_queries({}, False)
@@ -117,17 +148,16 @@ def test_margin_scales_the_rule(eps, margin, method, queries):
     np.testing.assert_allclose(a["error_bound_per_head"], margin * b["error_bound_per_head"])
 
 
-def test_default_margin_is_the_calibrated_one_and_keeps_more_than_margin_one():
-    """Default margin: MARGIN_QUERIES with queries (> 1: the next queries see more error than the observed
-    ones), MARGIN_FITTED without (< 1: the fitted probes overestimate it); the validated level with the
-    margin is less compressed than without, whose bound already met eps."""
-    assert budget.MARGIN_QUERIES > 1 > budget.MARGIN_FITTED > 0
+def test_default_margin_is_the_calibrated_one_and_a_larger_margin_keeps_more():
+    """Default margin: MARGIN_QUERIES with queries (the gap check carries the shift, MARGIN_GAP > 1), MARGIN_FITTED
+    without (< 1: the fitted probes overestimate it); a larger margin gives less compressed levels."""
+    assert budget.MARGIN_FITTED < 1 < budget.MARGIN_GAP and budget.MARGIN_QUERIES > 0
     K, V, Qo, _ = peaked(0)
     d = balancekv.compress(K, V, 0.6, method="balance", queries=Qo, seed=0).diagnostics
-    d1 = balancekv.compress(K, V, 0.6, method="balance", queries=Qo, seed=0, margin=1.0).diagnostics
-    assert d["margin"] == budget.MARGIN_QUERIES and d1["margin"] == 1.0
-    assert (d["level_per_head"] <= d1["level_per_head"]).all() and (d["level_per_head"] < d1["level_per_head"]).any()
-    assert "3.5 x (validated error + 1 SE) <= eps" in d["eps_rule"]
+    d2 = balancekv.compress(K, V, 0.6, method="balance", queries=Qo, seed=0, margin=3.0).diagnostics
+    assert d["margin"] == budget.MARGIN_QUERIES and d2["margin"] == 3.0
+    assert (d2["level_per_head"] <= d["level_per_head"]).all() and (d2["level_per_head"] < d["level_per_head"]).any()
+    assert "x (validated error + 1 SE) <= eps" in d["eps_rule"] and "gap check" in d["eps_rule"]
     d0 = balancekv.compress(K, V, 0.2, method="uniform", seed=0).diagnostics
     assert d0["margin"] == budget.MARGIN_FITTED and d0["probe_kind"] == "fitted"
     for bad in (0.0, -1.0, float("inf"), float("nan")):
