@@ -14,7 +14,8 @@ Three ways to set the budget (give exactly one):
 - ``eps`` with ``guarantee="empirical"`` (default): per head, the most
   compressed level whose predicted mean relative error on the next queries,
   ``margin x`` the error estimated on queries the method did not select with
-  (cross-fitted for query-driven methods; without ``queries``, probes fitted to the
+  (cross-fitted for query-driven methods, and at least the gap check's: the queries with
+  the cache's last tokens hidden; without ``queries``, probes fitted to the
   keys), is at most ``eps`` (:mod:`balancekv.budget`); a head that meets ``eps`` at
   no level is stored exactly;
 - ``eps`` with ``guarantee="theorem"``: the level the method's theorem
@@ -437,8 +438,8 @@ def compress(
         in-sample error), the estimate is the validated error plus ``z`` standard errors.
     margin : the shift margin of the ``eps`` rule: a level qualifies when ``margin * estimate <= eps``.
         ``None`` (default): calibrated on the tuning text, :data:`balancekv.budget.MARGIN_QUERIES`
-        (3.5) with ``queries``, :data:`balancekv.budget.MARGIN_FITTED` (0.5) with the fitted probes.
-        ``margin=1`` asks for ``eps`` on the probes themselves.
+        (1) with ``queries`` (the estimate then includes the gap check, below), and
+        :data:`balancekv.budget.MARGIN_FITTED` (0.6) with the fitted probes.
     delta : failure probability for theorem budgets and walk thresholds.
     scale : logit scale, default ``1/sqrt(d)``.
     seed : makes the result reproducible; drawn (and recorded in ``diagnostics``) if ``None``.
@@ -466,14 +467,21 @@ def compress(
     - without ``queries``: the mean error on the fitted probes (out of selection: query-aware methods
       select with the last keys).
 
-    The margin corrects for the shift between the estimate and the next queries, which no split of the
-    observed queries can see: on SmolLM2 the cross-fitted estimate was about half the error on the next
-    128 queries (a third to a twentieth on some heads), and the fitted probes overestimate it (2-30x on
-    layers whose queries attend mostly to the first token). The defaults were calibrated on the tuning
-    text ``numpy-license`` and checked on the report text ``python-docs`` (``benchmarks/README.md``,
-    "eps on the next queries"): there, for ``balance`` and ``balance+quant`` on five layers and eps 0.05,
-    0.1, 0.2, a layer's mean error on the next 128 queries was at most 1.31 eps with observed queries
-    (1.25 eps in all but one cell) and at most 1.06 eps without them at eps <= 0.1, but 2.26 eps at 0.2.
+    With ``queries``, the estimate is the larger of that validated error and the *gap check*:
+    :data:`balancekv.budget.MARGIN_GAP` (1.2) x the error of the queries when the cache's last
+    ``min(128, n // 4)`` tokens are hidden from the exact and the compressed attention alike
+    (:data:`balancekv.budget.GAP_TOKENS`). ``queries`` are taken to be the *latest* queries (e.g. the last
+    positions of the prefill): they attend most to the tokens just before them, which every method keeps
+    exactly, while the next queries read the same cache from further away, where it is compressed. On
+    SmolLM2 the validated error alone was about half the error on the next 128 queries and a twentieth on
+    recency heads (layer 2: 0.015 against 0.33); the gap check follows it there (0.155). Without queries,
+    the margin corrects the fitted probes, which overestimate the next queries' error on layers whose
+    queries attend mostly to the first token and underestimate it on others. The defaults were chosen on
+    five windows of the tuning text ``numpy-license`` and checked on the report text ``python-docs``
+    (``benchmarks/eps_rule_calibration.py``; ``benchmarks/README.md``, "eps on the next queries"): there,
+    for ``balance`` and ``balance+quant`` on five layers and eps 0.05, 0.1, 0.2, a layer's mean error on
+    the next 128 queries was at most 1.04 eps with observed queries (0.27 and 0.17 of the fp16 cache's
+    bytes at eps 0.2), and without queries at most 1.07 eps except ``balance`` at eps 0.2 (1.64 eps).
 
     The search (:func:`balancekv.budget.eps_search`) judges the levels least compressed first and a head
     stops at the first level it fails (so an estimate that dips at a deeper level is not trusted); the
@@ -487,9 +495,10 @@ def compress(
     theorem; other models, texts, prompt lengths or methods may shift differently — ``uniform``, which
     keeps no sink, is optimistic on fitted probes); the error of a single head, query or position (the
     margins were calibrated on the mean over the 3 KV heads of a layer, and single heads went above
-    eps); the error after decode tokens are appended or far beyond the next 128 positions. With
-    ``margin=1`` the chosen levels meet ``eps`` on the estimate itself (the probes). Diagnostics:
-    ``error_per_head`` (the estimate), ``error_bound_per_head`` (``margin x`` it, with the SE term),
+    eps); the error after decode tokens are appended or far beyond the next 128 positions; queries that
+    are not the latest (the gap check then measures the wrong distance). Diagnostics:
+    ``error_per_head`` (the validated estimate), ``error_gap_per_head`` (the gap check's error, with queries),
+    ``error_bound_per_head`` (what was compared with ``eps``: ``margin x`` the larger of the two, SE included),
     ``error_in_sample_per_head`` (the final build on all its queries, optimistic), ``error_se_per_head``,
     ``margin``, ``eps_rule``, ``probe_kind`` (``"queries"`` or ``"fitted"``). For a certified bound
     use ``guarantee="theorem"``.

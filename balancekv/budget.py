@@ -20,9 +20,11 @@ selection), as does every method without queries (the probes are then fitted to 
 keys, :func:`balancekv.api.no_query_probes`, and query-aware methods select with the last
 keys).
 
-Shift margin and choice (items 1 and 2). ``eps`` targets the queries that come next; the
-``margin`` (:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text)
-scales the estimate into a prediction for them. :func:`cheapest_meeting` stops at the first
+Shift margin, gap check and choice (items 1 and 2). ``eps`` targets the queries that come next.
+With queries the prediction for them is the larger of the validated error and the gap check
+(:data:`MARGIN_GAP` x the error of the queries with the cache's last :func:`gap_tokens` tokens
+hidden: the next queries read the cache from further away than the observed ones); the ``margin``
+(:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text) scales it. :func:`cheapest_meeting` stops at the first
 level, in decreasing bytes, whose prediction fails, and :func:`uniform_if_not_dearer` gives
 every head one level when the per-head mix would bill more bytes (rare since mixes are held ragged).
 
