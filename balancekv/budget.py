@@ -24,9 +24,10 @@ Shift margin, gap check and choice (items 1 and 2). ``eps`` targets the queries 
 With queries the prediction for them is the larger of the validated error and the gap check
 (:data:`MARGIN_GAP` x the error of the queries with the cache's last :func:`gap_tokens` tokens
 hidden: the next queries read the cache from further away than the observed ones); the ``margin``
-(:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text) scales it. :func:`cheapest_meeting` stops at the first
-level, in decreasing bytes, whose prediction fails, and :func:`uniform_if_not_dearer` gives
-every head one level when the per-head mix would bill more bytes (rare since mixes are held ragged).
+(:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text) scales it.
+:func:`cheapest_meeting` stops at the first level, in decreasing bytes, whose prediction fails, and
+:func:`uniform_if_not_dearer` gives every head one level when the per-head mix would bill more bytes
+(rare since mixes are held ragged).
 
 Doing the work once (issue 11, item 2). :func:`eps_search` judges the levels least compressed first
 along the method's ladders (:func:`level_chains`) and stops a ladder at the first level no head still on

@@ -17,8 +17,7 @@ observed queries only.
                                                          # fold schemes: validated vs future error
     python benchmarks/auto_vs_methods.py --eps --methods balance balance+quant --probes observed fitted
                                                          # eps: future error vs eps (calibrated margins)
-    python benchmarks/auto_vs_methods.py --calibrate --methods balance balance+quant --text numpy-license
-                                                         # the margin grid the defaults were chosen from
+    (the eps rule's defaults were chosen with benchmarks/eps_rule_calibration.py)
 
 Prints markdown tables; ``--out FILE`` also writes them.
 """
@@ -170,86 +169,6 @@ def run_eps(
     return "\n".join(out)
 
 
-def collect_levels(caps, methods=("balance", "balance+quant"), seed=0):
-    """Per layer, method and mode (observed queries or fitted probes): every eps level's estimate (what the
-    rule scales by the margin), its SE, the error on the future queries and the bytes, per KV head. One eps
-    search per cell (``budget.score`` is wrapped to see the levels it scores; its result is unchanged)."""
-    from balancekv import api
-
-    rows, cur, orig = [], {}, budget.score
-
-    def hooked(work, name, meth, opts, levels, builts, cv):
-        sc = orig(work, name, meth, opts, levels, builts, cv)
-        Qf = cur["Qf"].astype(np.float64)
-        exf = api.exact_attention(Qf, work.Kw, work.Vw, work.scale)
-        fut = np.stack(
-            [
-                np.zeros(work.H) if lv is None else work.query_errors(b, Qf, exf).mean(-1)
-                for lv, b in zip(levels, builts)
-            ]
-        )
-        nb = np.array(
-            [1.0 if lv is None else budget._final_nbytes(work, b) / work.input_nbytes for lv, b in zip(levels, builts)]
-        )
-        rows.append({**{k: v for k, v in cur.items() if k != "Qf"}, "sc": sc, "fut": fut, "bytes": nb})
-        return sc
-
-    from tqdm import tqdm
-
-    budget.score = hooked
-    try:
-        for L, cap in tqdm(caps.items(), desc="layers"):
-            K, V, Qo, Qf = problem(cap)
-            for m in methods:
-                for mode in ("observed", "fitted"):
-                    cur.clear()
-                    cur.update(layer=L, method=m, mode=mode, Qf=Qf)
-                    q = Qo if mode == "observed" else None
-                    balancekv.compress(K, V, 0.1, method=m, queries=q, scale=cap.scale, seed=seed, margin=1.0)
-    finally:
-        budget.score = orig
-    return rows
-
-
-def run_calibrate(caps, eps_list=(0.05, 0.1, 0.2), methods=("balance", "balance+quant"), seed=0):
-    """The margin grid on one text: per mode, method and margin, the worst (over layers) future error / eps
-    per eps and the mean held bytes at eps 0.2, with the package's own choice rule
-    (``budget.cheapest_meeting``, monotone). Held bytes here: the mean over heads of each head's level
-    (unpadded; a cache whose heads chose different levels bills the padding too)."""
-    from dataclasses import replace
-
-    rows = collect_levels(caps, methods, seed)
-    grids = {"observed": (1, 2, 2.5, 3, 3.5, 4, 4.5, 5), "fitted": (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.8, 1)}
-    out = [
-        "\n| probes | method | margin | "
-        + " | ".join(f"max future / eps at {e}" for e in eps_list)
-        + " | mean held at eps 0.2 (unpadded) |",
-        "|---" * (len(eps_list) + 4) + "|",
-    ]
-    for mode, grid in grids.items():
-        for m in methods:
-            cells = [r for r in rows if r["mode"] == mode and r["method"] == m]
-            for c in grid:
-                worst, held = [], {}
-                for eps in eps_list:
-                    fs, hs = [], []
-                    for r in cells:
-                        H = r["fut"].shape[1]
-                        cost = r["bytes"][:, None] * np.ones((1, H))
-                        ch = budget.cheapest_meeting(replace(r["sc"], margin=c), cost, eps, exact_index=0)
-                        fs.append(r["fut"][ch, np.arange(H)].mean())
-                        hs.append(r["bytes"][ch].mean())
-                    worst.append(max(fs) / eps)
-                    held[eps] = float(np.mean(hs))
-                ok = "" if max(worst) <= 1.25 else " ✗"
-                out.append(
-                    f"| {mode} | {m} | {c:g}{ok} | "
-                    + " | ".join(f"{w:.2f}" for w in worst)
-                    + f" | {held[eps_list[-1]]:.3f} |"
-                )
-    return "\n".join(out)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, nargs="*", default=list(LAYERS))
@@ -257,7 +176,6 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_CANDIDATES))
     ap.add_argument("--folds", action="store_true", help="compare the fold schemes instead")
     ap.add_argument("--eps", action="store_true", help="eps mode: future-query error against eps instead")
-    ap.add_argument("--calibrate", action="store_true", help="the margin grid (run it on the tuning text)")
     ap.add_argument("--text", default="python-docs", help="python-docs (report) or numpy-license (tuning)")
     ap.add_argument(
         "--probes",
@@ -273,8 +191,6 @@ def main(argv=None):
     caps = capture_layers("smollm2", get_text(a.text), N, a.layers)
     if a.folds:
         md = run_folds(caps, a.ratios, methods=tuple(a.methods))
-    elif a.calibrate:
-        md = run_calibrate(caps, methods=tuple(a.methods))
     elif a.eps:
         md = run_eps(caps, tuple(a.eps_list), methods=tuple(a.methods), modes=tuple(a.probes), margin=a.margin)
     else:

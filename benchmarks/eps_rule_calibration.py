@@ -151,8 +151,14 @@ def table(tune, report) -> str:
             tw, th = max(max(t[m][0]) for m in METHODS), float(np.mean([t[m][1] for m in METHODS]))
             res.append((tw > 1.25, th, label, tw, r))
         res.sort(key=lambda x: (x[0], x[1]))
+        default = (
+            f"max({budget.MARGIN_QUERIES:g} x validated, {budget.MARGIN_GAP:g} x gap{budget.GAP_TOKENS})"
+            if mode == "observed"
+            else f"margin {budget.MARGIN_FITTED:g} x fitted"
+        )
         for i, (bad, th, label, tw, r) in enumerate(res[:12]):
-            mark = " **(chosen)**" if i == 0 and not bad else (" ✗" if bad else "")
+            mark = " (fewest bytes)" if i == 0 and not bad else (" ✗" if bad else "")
+            mark += " **(the package's default)**" if label == default else ""
             rep = "; ".join(" ".join(f"{w:.2f}" for w in r[m][0]) for m in METHODS)
             held = f"{r[METHODS[0]][1]:.3f}; {r[METHODS[1]][1]:.3f}"
             lines.append(f"| {mode} | {label}{mark} | {tw:.2f} | {th:.3f} | {rep} | {held} |")
