@@ -9,14 +9,16 @@ Usage (CPU)::
 The protocol of ``long_generation.py`` (64-token prompt, 2048 teacher-forced tokens, 16 per forward, one
 torch thread) on ``TEXT`` (choose on the tuning text ``numpy-license``; report with ``long_generation.py``
 on ``python-docs``), with ``hf.CompressedCache(model, METHOD, cap=CAP, **options)``. Each run writes
-``/tmp/lg_tune_TEXT/NAME.json``; once ``full`` is there, a run prints ΔNLL against it (all tokens and the
-last 512), the end-of-stream attention error of layers 1/15/28 and the cache's bytes.
+``/tmp/lg_tune_TEXT/NAME.json`` (``$LG_TUNE_WORK/NAME.json`` when that is set); once ``full`` is there,
+a run prints ΔNLL against it (all tokens and the last 512), the end-of-stream attention error of layers
+1/15/28 and the cache's bytes.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -30,6 +32,8 @@ from balancekv import hf
 
 
 def parse(value: str):
+    if value in ("true", "false"):
+        return value == "true"
     for conv in (int, float):
         try:
             return conv(value)
@@ -45,7 +49,7 @@ def main(argv: list[str]) -> int:
     text, cap, name, method = argv[0], int(argv[1]), argv[2], argv[3]
     opts = dict((k, parse(v)) for k, v in (kv.split("=", 1) for kv in argv[4:]))
     args = types.SimpleNamespace(prompt=64, cont=2048, queries=64, layers=[1, 15, 28], text=text, threads=1, chunk=16)
-    work = Path(f"/tmp/lg_tune_{text}")
+    work = Path(os.environ.get("LG_TUNE_WORK") or f"/tmp/lg_tune_{text}")
     work.mkdir(parents=True, exist_ok=True)
     lg.capture(args, work)
     hf.CompressedCache = functools.partial(hf.CompressedCache, **opts)
