@@ -152,7 +152,8 @@ def search(work, opts: dict, cv: budget.CrossFit, diag: dict, *, eps=None, keep=
 
 def _ratio_mix(work, builts, rows, sc, diag, skipped, rules, budget_bytes):
     H = work.H
-    mean = sc.err.mean(-1)
+    pred = sc.predicted()  # validated error, and with queries at least the gap check's (budget.MARGIN_GAP)
+    mean = pred.mean(-1)
     best = int(np.argmin(mean))
     S = [best]
     choice = np.full(H, best)
@@ -168,8 +169,8 @@ def _ratio_mix(work, builts, rows, sc, diag, skipped, rules, budget_bytes):
                 if i in S:
                     continue
                 T = S + [int(i)]
-                trial = np.asarray(T)[np.argmin(sc.err[T], axis=0)]  # ties: the earlier member
-                if sc.err[trial, np.arange(H)].mean() >= sc.err[choice, np.arange(H)].mean() - 1e-15:
+                trial = np.asarray(T)[np.argmin(pred[T], axis=0)]  # ties: the earlier member
+                if pred[trial, np.arange(H)].mean() >= pred[choice, np.arange(H)].mean() - 1e-15:
                     continue
                 ct = _finish(work, builts, trial, rows, sc, diag, skipped, rules)
                 if fits(ct):

@@ -162,6 +162,11 @@ class Scores:
             **({} if self.gap is None else self._gap_diagnostics(choice, cols)),
         }
 
+    def predicted(self) -> np.ndarray:
+        """A point prediction of each row's error on the next queries (what ``method="auto"`` ranks by): the
+        validated error, or the larger of it and ``gap_margin * gap`` with the gap check."""
+        return self.err if self.gap is None else np.fmax(self.err, self.gap_margin * self.gap)
+
     def _gap_diagnostics(self, choice, cols) -> dict:
         g = self.gap
         return {"error_gap_per_head": g[choice, cols], "error_gap_levels": g, "gap_margin": self.gap_margin}
@@ -170,6 +175,9 @@ class Scores:
     def stack(parts: list[Scores]) -> Scores:
         cat = lambda f: np.concatenate([f(p) for p in parts], axis=0)
         rules = sorted({p.rule for p in parts})
+        gaps = [p.gap for p in parts]
+        if any(g is None for g in gaps) and not all(g is None for g in gaps):
+            raise ValueError("Scores.stack: every part or none must carry the gap check")
         return Scores(
             cat(lambda p: p.err),
             cat(lambda p: p.err_in),
@@ -178,6 +186,8 @@ class Scores:
             "; ".join(rules),
             parts[0].z,
             parts[0].margin,
+            None if gaps[0] is None else cat(lambda p: p.gap),
+            parts[0].gap_margin,
         )
 
 
@@ -234,12 +244,18 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
     ``meth.build_many``; level ``None``, the exact cache, has error 0)."""
     L, H = len(levels), work.H
     err_in, se_in = np.zeros((L, H)), np.zeros((L, H))
+    g = gap_tokens(work.n) if work.queries_given else 0
+    gap = np.zeros((L, H)) if g else None  # the gap check, as in eps_search
     for i, (lv, b) in enumerate(zip(levels, builts)):
         if lv is not None:
             err_in[i], se_in[i] = _mean_se(work.query_errors(b))
+            if g:
+                gap[i] = work.query_errors(b, hide_last=g).mean(-1)
     folds, rule = _cross_fit_plan(work, meth, opts, cv)
+    if g:
+        rule += f"; gap check: the queries with the last {g} tokens hidden x {MARGIN_GAP:g} <= eps"
     if folds is None:
-        return Scores(err_in, err_in, se_in, False, rule, cv.z, cv.margin)
+        return Scores(err_in, err_in, se_in, False, rule, cv.z, cv.margin, gap)
     todo = [i for i, lv in enumerate(levels) if lv is not None]
     reqs = [(levels[i], work.context(name, opts, levels[i], *fold_probes(f))) for i in todo for f in folds]
     # in lockstep by chunks (the kernel matrices of one round of every build in a chunk are held at once)
@@ -251,7 +267,7 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
     err, se = np.zeros((L, H)), np.zeros((L, H))
     for j, i in enumerate(todo):
         err[i], se[i] = _held_out(work, fb[j * len(folds) : (j + 1) * len(folds)], folds)
-    return Scores(err, err_in, se, True, rule, cv.z, cv.margin)
+    return Scores(err, err_in, se, True, rule, cv.z, cv.margin, gap)
 
 
 def _meets(err, err_in, se, cross: bool, rule: str, z: float, margin: float, j: int, eps: float, gap=None):
@@ -517,7 +533,7 @@ def ratio_search(work, name, meth, opts, cv: CrossFit, diag: dict, ratio: float,
     sc = None
     if len(levels) > 1 or measure:
         sc = score(work, name, meth, opts, levels, builts, cv)
-    pick = int(np.argmin(sc.err.mean(-1))) if len(levels) > 1 else 0
+    pick = int(np.argmin(sc.predicted().mean(-1))) if len(levels) > 1 else 0
     choice = np.zeros(work.H, dtype=int)
     diag.update(
         {
@@ -531,11 +547,12 @@ def ratio_search(work, name, meth, opts, cv: CrossFit, diag: dict, ratio: float,
         }
     )
     if sc is not None:
-        one = Scores(sc.err[[pick]], sc.err_in[[pick]], sc.se[[pick]], sc.cross_fit, sc.rule, sc.z, sc.margin)
+        gap = None if sc.gap is None else sc.gap[[pick]]
+        one = Scores(sc.err[[pick]], sc.err_in[[pick]], sc.se[[pick]], sc.cross_fit, sc.rule, sc.z, sc.margin, gap)
         d = one.diagnostics(choice)
         d["error_per_head"] = d["error_per_head"].reshape(work.lead)
-        for k in ("eps_rule", "margin", "error_bound_per_head"):
-            d.pop(k)
+        for k in ("eps_rule", "margin", "error_bound_per_head", "gap_margin", "error_gap_levels"):
+            d.pop(k, None)
         d["error_rule"] = sc.rule
         d.update(error_levels=sc.err, error_se_levels=sc.se, error_in_sample_levels=sc.err_in)
         diag.update(d)
