@@ -25,7 +25,7 @@ sums with dense tensor algebra and serves CPU tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,20 @@ def _same_weights(nl, dl) -> bool:
     return nl.shape == dl.shape and torch.equal(nl, dl)
 
 
+def _continues(P, N) -> bool:
+    """``N`` is packed keys of the same store as the packed keys ``P``, starting where ``P`` ends."""
+    return (
+        isinstance(N, Packed)
+        and N.axis == P.axis == "tokens"
+        and N.offset == P.offset + P.n
+        and (N.bits, N.group, N.f) == (P.bits, P.group, P.f)
+        and all(
+            a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            for a, b in ((N.words, P.words), (N.scale, P.scale), (N.zero, P.zero))
+        )
+    )
+
+
 def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     """The estimator over parts that all hold one weight set (numerator weights = denominator weights): one
     softmax over the logits of every part (``scale <q, k> + logw``, masked by position), then the probabilities
@@ -152,27 +166,37 @@ def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     ``None`` when a packed part needs the general path."""
     L, R, _ = Qr.shape
     Qs = Qr.to(dt) * scale
-    logits, values = [], []
-    for K, V, nl, _dl, kpos in parts:
-        n = nl.shape[-1]
+    logits, values = [], []  # logits: one tensor per run of parts; values: (V, n) per part
+    i = 0
+    while i < len(parts):
+        K = parts[i][0]
+        j = i + 1
         if isinstance(K, Packed):
-            a = _packed_keys_scores(Qs, K, dt) if K.axis == "tokens" else None
+            while j < len(parts) and _continues(parts[j - 1][0], parts[j][0]):
+                j += 1  # parts reading one packed key store back to back: one unpack and one product for all
+            Kg = K if j == i + 1 else replace(K, n=sum(p[0].n for p in parts[i:j]))
+            a = _packed_keys_scores(Qs, Kg, dt) if K.axis == "tokens" else None
             if a is None:
                 return None
         else:
             a = torch.bmm(Qs, _flatten_lead(K, len(klead)).to(dt).transpose(-1, -2))
-        a = a + nl.reshape(L, 1, n).to(dt)
-        if qpos is not None:
-            if kpos is None:
-                raise ValueError("query_positions needs the key positions of every part")
-            kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
-            a.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+        at = 0
+        for _K, V, nl, _dl, kpos in parts[i:j]:
+            n = nl.shape[-1]
+            ap = a[..., at : at + n]
+            ap += nl.reshape(L, 1, n).to(dt)
+            if qpos is not None:
+                if kpos is None:
+                    raise ValueError("query_positions needs the key positions of every part")
+                kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
+                ap.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+            values.append((V, n))
+            at += n
         logits.append(a)
-        values.append(V)
+        i = j
     p = torch.softmax(torch.cat(logits, -1) if len(logits) > 1 else logits[0], dim=-1)
     out, at = None, 0
-    for V, a in zip(values, logits):
-        n = a.shape[-1]
+    for V, n in values:
         Vd = _packed_values_dense(V, dt) if isinstance(V, Packed) else _flatten_lead(V, len(klead)).to(dt)
         pa = p[..., at : at + n]
         out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
