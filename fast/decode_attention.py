@@ -112,8 +112,10 @@ def _codes_float(words, bits: int, dt):
 
 def _packed_keys_scores(Qs, P: Packed, dt):
     """``Qs @ k^T`` ``(L, R, n)`` for packed keys (per channel along tokens): the covering groups are unpacked and
-    dequantized in place (``code * scale + zero``, as :func:`.quantization.dequantize_packed`), then one matmul;
-    ``None`` when the groups do not cover whole words (the general path)."""
+    scaled in place, multiplied by the queries, and the zeros added to the small logits
+    (``q . (c s + z) = (q . c s) + q . z``: one value per group and row, a pass over the codes fewer than
+    dequantizing); ``None`` when the groups do not cover whole words (the general path). Equal to the product with
+    :func:`.quantization.dequantize_packed`'s keys up to float rounding."""
     b, G, per = P.bits, P.group, 32 // P.bits
     start, n = P.offset, P.n
     g0, g1 = start // G, -(-(start + n) // G)
@@ -122,10 +124,22 @@ def _packed_keys_scores(Qs, P: Packed, dt):
         return None
     L, f = P.words.shape[0], P.words.shape[1]
     k = _codes_float(P.words[..., t0 // per : t1 // per], b, dt).view(L, f, g1 - g0, G)
-    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]).add_(
-        P.zero[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]
-    )
-    return torch.bmm(Qs, k.view(L, f, t1 - t0)[..., start - t0 : start - t0 + n])
+    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None])
+    a = torch.bmm(Qs, k.view(L, f, t1 - t0)).unflatten(-1, (g1 - g0, G))
+    a.add_(torch.bmm(Qs, P.zero[:, g0:g1, :].transpose(-1, -2).to(dt))[..., None])
+    return a.flatten(-2)[..., start - t0 : start - t0 + n]
+
+
+def _packed_values_product(p, P: Packed, dt):
+    """``p @ v`` ``(L, R, f)`` for packed values (per token, groups of channels): the codes unpacked and scaled in
+    place, multiplied by ``p``, the zeros added to the small product (``p @ (c s + z) = p @ (c s) + (p @ z)`` per
+    group of channels)."""
+    n, G = P.n, P.group
+    ng = P.scale.shape[-1]
+    v = _codes_float(P.words[:, :n], P.bits, dt)[..., : ng * G].unflatten(-1, (ng, G))
+    v.mul_(P.scale[:, :n].to(dt)[..., None])
+    o = torch.bmm(p, v.flatten(-2)).unflatten(-1, (ng, G)).add_(torch.bmm(p, P.zero[:, :n].to(dt))[..., None])
+    return o.flatten(-2)[..., : P.f]
 
 
 def _packed_values_dense(P: Packed, dt):
@@ -197,9 +211,13 @@ def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     p = torch.softmax(torch.cat(logits, -1) if len(logits) > 1 else logits[0], dim=-1)
     out, at = None, 0
     for V, n in values:
-        Vd = _packed_values_dense(V, dt) if isinstance(V, Packed) else _flatten_lead(V, len(klead)).to(dt)
         pa = p[..., at : at + n]
-        out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
+        if isinstance(V, Packed):
+            o = _packed_values_product(pa, V, dt)
+            out = o if out is None else out.add_(o)
+        else:
+            Vd = _flatten_lead(V, len(klead)).to(dt)
+            out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
         at += n
     if not bool(torch.isfinite(out).all()):
         raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
