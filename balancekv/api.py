@@ -696,6 +696,20 @@ class _LeadStream:
         segs = self.stream.append(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
         return [sg.reshape_lead(self.lead) for sg in segs]
 
+    def push(self, k, v, pos) -> None:
+        """:meth:`append` without building the segments (an in-kind stream: the cache asks for them when it
+        needs them, :meth:`segments`; a decode step reads :meth:`flat_segments` only)."""
+        H = int(np.prod(self.lead, dtype=np.int64))
+        self.stream.append(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
+
+    def segments(self) -> list:
+        """The stream's segments in the cache's leading dims."""
+        return [sg.reshape_lead(self.lead) for sg in self.stream.segments()]
+
+    def flat_segments(self) -> list:
+        """The stream's segments with the heads flattened (``(H, …)``: what attention parts are cut from)."""
+        return self.stream.segments()
+
     @property
     def observes(self) -> bool:
         return hasattr(self.stream, "observe")

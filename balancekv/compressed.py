@@ -206,6 +206,17 @@ class CompressedKV:
         )
         self._set_segments(segments)
 
+    @property
+    def _other(self) -> list[Segment]:
+        """The segments outside the arena (a stream's, built on first use after an append)."""
+        if self._other_segs is None:
+            self._other_segs = list(self._stream.segments())
+        return self._other_segs
+
+    @_other.setter
+    def _other(self, segments: list[Segment]) -> None:
+        self._other_segs = segments
+
     def _set_segments(self, segments: list[Segment]) -> None:
         """Dense segments go into one arena (views of it stay the segments); others stay as they are.
 
@@ -316,7 +327,11 @@ class CompressedKV:
 
         L = int(math.prod(self.lead)) if self.lead else 1
         out = []
-        for sg in self._other:
+        if self._other_segs is None:  # an in-kind stream after an append: its flat segments, not reshaped ones
+            segs = self._stream.flat_segments()
+        else:
+            segs = self._other_segs
+        for sg in segs:
             out.extend(store_parts(sg, L))
         if self._arena.used:
             w = self._arena.whole()
@@ -424,7 +439,7 @@ class CompressedKV:
             y = x.detach().to(device=self.kind.device, dtype=dt)
         else:
             y = np.asarray(x, dtype=dt)
-        if not bool(isfinite(y).all()):
+        if y.dtype != x.dtype and not bool(isfinite(y).all()):  # (x itself is checked by append)
             raise ValueError(f"{name} does not fit the cache's dtype {self.kind.dtype} (it would overflow to inf)")
         return y
 
@@ -465,9 +480,16 @@ class CompressedKV:
                 as_t = lambda x: (x if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))).to(
                     device=wk.device, dtype=wk.dtype
                 )
-                kw, vw, pw = as_t(ks), as_t(vs), as_positions(as_t(pos))
+                kw, vw = as_t(ks), as_t(vs)
+                pw = as_positions(pos, like=kw)  # ints, never through the float working dtype
             else:
                 kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, POSITION_NP)
+            if getattr(self._stream, "in_kind", False) and hasattr(self._stream, "push"):
+                # a stream holding its state in the cache's kind: its segments are built when asked for (a decode
+                # step's attention reads the stream's flat segments, :meth:`parts`), not reshaped every step
+                self._stream.push(kw, vw, pw)
+                self._other_segs = None
+                return
             segs = self._stream.append(kw, vw, pw)
             if not getattr(self._stream, "in_kind", False):  # a stream holding its state in the cache's kind
                 segs = [sg.to_kind(self.kind) for sg in segs]  # returns its segments in it already

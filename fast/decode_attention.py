@@ -25,7 +25,7 @@ sums with dense tensor algebra and serves CPU tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,10 @@ def _codes_float(words, bits: int, dt):
 
 def _packed_keys_scores(Qs, P: Packed, dt):
     """``Qs @ k^T`` ``(L, R, n)`` for packed keys (per channel along tokens): the covering groups are unpacked and
-    dequantized in place (``code * scale + zero``, as :func:`.quantization.dequantize_packed`), then one matmul;
-    ``None`` when the groups do not cover whole words (the general path)."""
+    scaled in place, multiplied by the queries, and the zeros added to the small logits
+    (``q . (c s + z) = (q . c s) + q . z``: one value per group and row, a pass over the codes fewer than
+    dequantizing); ``None`` when the groups do not cover whole words (the general path). Equal to the product with
+    :func:`.quantization.dequantize_packed`'s keys up to float rounding."""
     b, G, per = P.bits, P.group, 32 // P.bits
     start, n = P.offset, P.n
     g0, g1 = start // G, -(-(start + n) // G)
@@ -122,10 +124,22 @@ def _packed_keys_scores(Qs, P: Packed, dt):
         return None
     L, f = P.words.shape[0], P.words.shape[1]
     k = _codes_float(P.words[..., t0 // per : t1 // per], b, dt).view(L, f, g1 - g0, G)
-    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]).add_(
-        P.zero[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None]
-    )
-    return torch.bmm(Qs, k.view(L, f, t1 - t0)[..., start - t0 : start - t0 + n])
+    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None])
+    a = torch.bmm(Qs, k.view(L, f, t1 - t0)).unflatten(-1, (g1 - g0, G))
+    a.add_(torch.bmm(Qs, P.zero[:, g0:g1, :].transpose(-1, -2).to(dt))[..., None])
+    return a.flatten(-2)[..., start - t0 : start - t0 + n]
+
+
+def _packed_values_product(p, P: Packed, dt):
+    """``p @ v`` ``(L, R, f)`` for packed values (per token, groups of channels): the codes unpacked and scaled in
+    place, multiplied by ``p``, the zeros added to the small product (``p @ (c s + z) = p @ (c s) + (p @ z)`` per
+    group of channels)."""
+    n, G = P.n, P.group
+    ng = P.scale.shape[-1]
+    v = _codes_float(P.words[:, :n], P.bits, dt)[..., : ng * G].unflatten(-1, (ng, G))
+    v.mul_(P.scale[:, :n].to(dt)[..., None])
+    o = torch.bmm(p, v.flatten(-2)).unflatten(-1, (ng, G)).add_(torch.bmm(p, P.zero[:, :n].to(dt))[..., None])
+    return o.flatten(-2)[..., : P.f]
 
 
 def _packed_values_dense(P: Packed, dt):
@@ -145,6 +159,20 @@ def _same_weights(nl, dl) -> bool:
     return nl.shape == dl.shape and torch.equal(nl, dl)
 
 
+def _continues(P, N) -> bool:
+    """``N`` is packed keys of the same store as the packed keys ``P``, starting where ``P`` ends."""
+    return (
+        isinstance(N, Packed)
+        and N.axis == P.axis == "tokens"
+        and N.offset == P.offset + P.n
+        and (N.bits, N.group, N.f) == (P.bits, P.group, P.f)
+        and all(
+            a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            for a, b in ((N.words, P.words), (N.scale, P.scale), (N.zero, P.zero))
+        )
+    )
+
+
 def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     """The estimator over parts that all hold one weight set (numerator weights = denominator weights): one
     softmax over the logits of every part (``scale <q, k> + logw``, masked by position), then the probabilities
@@ -152,30 +180,44 @@ def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     ``None`` when a packed part needs the general path."""
     L, R, _ = Qr.shape
     Qs = Qr.to(dt) * scale
-    logits, values = [], []
-    for K, V, nl, _dl, kpos in parts:
-        n = nl.shape[-1]
+    logits, values = [], []  # logits: one tensor per run of parts; values: (V, n) per part
+    i = 0
+    while i < len(parts):
+        K = parts[i][0]
+        j = i + 1
         if isinstance(K, Packed):
-            a = _packed_keys_scores(Qs, K, dt) if K.axis == "tokens" else None
+            while j < len(parts) and _continues(parts[j - 1][0], parts[j][0]):
+                j += 1  # parts reading one packed key store back to back: one unpack and one product for all
+            Kg = K if j == i + 1 else replace(K, n=sum(p[0].n for p in parts[i:j]))
+            a = _packed_keys_scores(Qs, Kg, dt) if K.axis == "tokens" else None
             if a is None:
                 return None
         else:
             a = torch.bmm(Qs, _flatten_lead(K, len(klead)).to(dt).transpose(-1, -2))
-        a = a + nl.reshape(L, 1, n).to(dt)
-        if qpos is not None:
-            if kpos is None:
-                raise ValueError("query_positions needs the key positions of every part")
-            kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
-            a.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+        at = 0
+        for _K, V, nl, _dl, kpos in parts[i:j]:
+            n = nl.shape[-1]
+            ap = a[..., at : at + n]
+            ap += nl.reshape(L, 1, n).to(dt)
+            if qpos is not None:
+                if kpos is None:
+                    raise ValueError("query_positions needs the key positions of every part")
+                kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
+                ap.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+            values.append((V, n))
+            at += n
         logits.append(a)
-        values.append(V)
+        i = j
     p = torch.softmax(torch.cat(logits, -1) if len(logits) > 1 else logits[0], dim=-1)
     out, at = None, 0
-    for V, a in zip(values, logits):
-        n = a.shape[-1]
-        Vd = _packed_values_dense(V, dt) if isinstance(V, Packed) else _flatten_lead(V, len(klead)).to(dt)
+    for V, n in values:
         pa = p[..., at : at + n]
-        out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
+        if isinstance(V, Packed):
+            o = _packed_values_product(pa, V, dt)
+            out = o if out is None else out.add_(o)
+        else:
+            Vd = _flatten_lead(V, len(klead)).to(dt)
+            out = torch.bmm(pa, Vd) if out is None else out.baddbmm_(pa, Vd)
         at += n
     if not bool(torch.isfinite(out).all()):
         raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")

@@ -89,7 +89,8 @@ def test_torch_quantize_bit_identical_property(seed, bits, axis, group, ngroups,
     axis=st.sampled_from([0, 1, -1]),
 )
 def test_pack_unpack_roundtrip(seed, bits, length, axis):
-    """``unpack(pack(c)) == c`` for every length (partial last word included); words equal the reference."""
+    """``unpack(pack(c)) == c`` for every length (partial last word included); words equal the reference (both
+    packers, top codes with the sign bit set included)."""
     rng = np.random.default_rng(seed)
     shape = [3, 2, 4]
     shape[axis] = length
@@ -97,6 +98,8 @@ def test_pack_unpack_roundtrip(seed, bits, length, axis):
     w = fq.pack(torch.from_numpy(c), bits, axis)
     _same_bits(w.numpy(), rq.pack(c, bits, axis))
     _same_bits(fq.unpack(w, bits, axis, length, backend="torch").numpy(), c)
+    # the quantizer's unchecked packer (what quantize_pack uses on the torch path): the same words
+    _same_bits(fq._pack_codes(torch.from_numpy(c), bits, axis).numpy(), rq.pack(c, bits, axis))
 
 
 def test_numpy_in_numpy_out_and_dequantize():
