@@ -130,7 +130,7 @@ def candidates():
         for a in (0, 1, 2):
             for c in (1.0, 1.1, 1.2, 1.25, 1.3, 1.5, 2.0):
                 out.append(("observed", f"max({a:g} x validated, {c:g} x gap{g})", _gap_rule(a, c, g)))
-    out += [("fitted", f"margin {a:g} x fitted", _scaled(a)) for a in (0.4, 0.5, 0.6, 0.7, 0.8, 1)]
+    out += [("fitted", f"margin {a:g} x fitted", _scaled(a)) for a in (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1)]
     return out
 
 
