@@ -43,7 +43,7 @@ from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .storage import Segment, check_stream_length, dense_segment, exact_segment
+from .storage import Segment, check_stream_length, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -83,13 +83,27 @@ def level_rng(entropy: int, method: str, level: dict | None) -> np.random.Genera
     return np.random.default_rng([int(entropy), tag])
 
 
+def _one(xs: list, axis: int):
+    return xs[0] if len(xs) == 1 else cat(xs, axis)  # read only: one segment needs no copy
+
+
+def _joined(segments: list[Segment]) -> tuple:
+    """``(K, V, num_logw, den_logw)`` of ``segments`` side by side."""
+    return (
+        _one([s.keys.dense() for s in segments], -2),
+        _one([s.values.dense() for s in segments], -2),
+        _one([s.num_logw for s in segments], -1),
+        _one([s.den_logw for s in segments], -1),
+    )
+
+
 def segments_attention(segments: list[Segment], Q, scale: float):
     """The estimator of SPEC section 1 over one path's segments (NumPy reference or torch)."""
-    one = lambda xs, axis: xs[0] if len(xs) == 1 else cat(xs, axis)  # read only: one segment needs no copy
-    K = one([s.keys.dense() for s in segments], -2)
-    Vv = one([s.values.dense() for s in segments], -2)
-    nl = one([s.num_logw for s in segments], -1)
-    dl = one([s.den_logw for s in segments], -1)
+    K, Vv, nl, dl = _joined(segments)
+    return _weighted_attention(Q, K, Vv, nl, dl, scale)
+
+
+def _weighted_attention(Q, K, Vv, nl, dl, scale: float):
     if is_torch(Q):
         from balancekv.fast import softmax_attention as fa  # noqa: PLC0415  (torch path only)
 
@@ -317,12 +331,8 @@ class Work:
         if self._exact_hidden is None or self._exact_hidden[0] != g:
             ex = exact_attention(self.probes, self.Kw[..., :cut, :], self.Vw[..., :cut, :], self.scale)
             self._exact_hidden = (g, ex)
-        segs = built.segments
-        one = lambda xs, axis: xs[0] if len(xs) == 1 else cat(xs, axis)
-        K = one([s.keys.dense() for s in segs], -2)
-        Vv = one([s.values.dense() for s in segs], -2)
-        nl, dl = one([s.num_logw for s in segs], -1), one([s.den_logw for s in segs], -1)
-        hide = one([s.positions for s in segs], -1) >= cut
+        K, Vv, nl, dl = _joined(built.segments)
+        hide = _one([s.positions for s in built.segments], -1) >= cut
         if is_torch(K):
             ninf = torch.full((), float("-inf"), dtype=nl.dtype, device=nl.device)
             nl, dl = torch.where(hide, ninf, nl), torch.where(hide, ninf, dl)
@@ -334,8 +344,7 @@ class Work:
             nl, dl = np.where(hide, -np.inf, nl), np.where(hide, -np.inf, dl)
             empty = ~np.isfinite(dl).any(-1)
             nl[empty, 0] = dl[empty, 0] = 0.0
-        seg = dense_segment(K, Vv, nl, dl, one([s.positions for s in segs], -1))
-        e = host(relative_error(segments_attention([seg], self.probes, self.scale), self._exact_hidden[1]))
+        e = host(relative_error(_weighted_attention(self.probes, K, Vv, nl, dl, self.scale), self._exact_hidden[1]))
         e[host(empty).astype(bool)] = 1.0
         return e
 

@@ -81,6 +81,10 @@ GAP_TOKENS = 128
 MARGIN_FITTED = 0.6
 
 
+def _gap_rule(g: int) -> str:
+    return f"; gap check: the queries with the last {g} tokens hidden x {MARGIN_GAP:g} <= eps"
+
+
 def gap_tokens(n: int) -> int:
     """How many of the cache's last tokens the gap check hides: :data:`GAP_TOKENS`, at most a quarter of the
     cache (a shorter cache keeps three quarters visible; below 8 tokens there is no gap check, 0)."""
@@ -253,7 +257,7 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
                 gap[i] = work.query_errors(b, hide_last=g).mean(-1)
     folds, rule = _cross_fit_plan(work, meth, opts, cv)
     if g:
-        rule += f"; gap check: the queries with the last {g} tokens hidden x {MARGIN_GAP:g} <= eps"
+        rule += _gap_rule(g)
     if folds is None:
         return Scores(err_in, err_in, se_in, False, rule, cv.z, cv.margin, gap)
     todo = [i for i, lv in enumerate(levels) if lv is not None]
@@ -318,7 +322,7 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
     if g:
         gap = nan()
         gap[0] = 0.0
-        rule += f"; gap check: the queries with the last {g} tokens hidden x {MARGIN_GAP:g} <= eps"
+        rule += _gap_rule(g)
     builts: list = [None] * L
     builts[0] = work.build(name, meth, opts, None)
     judged = np.zeros(L, bool)
