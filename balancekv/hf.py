@@ -179,7 +179,7 @@ class CompressedLayer(CacheLayerMixin):
                 f"position {int(pos.reshape(-1)[0])}: a cache serves one prompt. Call cache.reset() (or make a new "
                 "CompressedCache) before the next prompt"
             )
-        self.ckv.append(key_states.detach(), value_states.detach())
+        self.ckv.append_rows(key_states.detach(), value_states.detach())
         self.n_seen = self.ckv.n_seen
         keys = key_states.view_as(key_states)
         setattr(keys, _TAG, (self, "decode"))

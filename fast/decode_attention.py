@@ -92,29 +92,20 @@ def _partials_torch(Qr, K, V, nl, dl, kpos, qpos, scale, dt):
 
 
 # ---------------------------------------------------------------------------- one weight set, several parts (CPU)
-#: float32 with the bit pattern ``0x4B000000 | c`` is ``2^23 + c`` for a code ``c < 2^23``
-_MAGIC_BITS = 0x4B000000
-_MAGIC = 8388608.0
-
-
-def _codes_float(words, bits: int, dt):
-    """The codes of int32 ``words (..., W)`` as floats ``(..., W * 32/bits)`` (little end first), in one buffer:
-    shift and mask in int32 and, for float32, the conversion in place (the code as the mantissa of ``2^23 + c``,
-    minus ``2^23``: exact), so a packed store is unpacked with a single allocation."""
+def _codes_int(words, bits: int):
+    """The codes of int32 ``words (..., W)`` as int32 ``(..., W * 32/bits)`` (little end first): one shift and one
+    mask, in one buffer."""
     per = 32 // bits
     shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
     c = torch.bitwise_right_shift(words[..., None], shifts).bitwise_and_((1 << bits) - 1)
-    c = c.reshape(*words.shape[:-1], words.shape[-1] * per)
-    if dt != torch.float32:
-        return c.to(dt)
-    return c.bitwise_or_(_MAGIC_BITS).view(torch.float32).sub_(_MAGIC)
+    return c.reshape(*words.shape[:-1], words.shape[-1] * per)
 
 
 def _packed_keys_scores(Qs, P: Packed, dt):
     """``Qs @ k^T`` ``(L, R, n)`` for packed keys (per channel along tokens): the covering groups are unpacked and
-    scaled in place, multiplied by the queries, and the zeros added to the small logits
-    (``q . (c s + z) = (q . c s) + q . z``: one value per group and row, a pass over the codes fewer than
-    dequantizing); ``None`` when the groups do not cover whole words (the general path). Equal to the product with
+    scaled in one pass (the int32 codes times the float scales: the product is the float), multiplied by the
+    queries, and the zeros added to the small logits (``q . (c s + z) = (q . c s) + q . z``: one value per group and
+    row); ``None`` when the groups do not cover whole words (the general path). Equal to the product with
     :func:`.quantization.dequantize_packed`'s keys up to float rounding."""
     b, G, per = P.bits, P.group, 32 // P.bits
     start, n = P.offset, P.n
@@ -123,32 +114,29 @@ def _packed_keys_scores(Qs, P: Packed, dt):
     if G % per or t1 // per > P.words.shape[-1] or g1 > P.scale.shape[-2]:
         return None
     L, f = P.words.shape[0], P.words.shape[1]
-    k = _codes_float(P.words[..., t0 // per : t1 // per], b, dt).view(L, f, g1 - g0, G)
-    k.mul_(P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None])
+    c = _codes_int(P.words[..., t0 // per : t1 // per], b).view(L, f, g1 - g0, G)
+    k = torch.mul(c, P.scale[:, g0:g1, :].transpose(-1, -2).to(dt)[..., None])
     a = torch.bmm(Qs, k.view(L, f, t1 - t0)).unflatten(-1, (g1 - g0, G))
     a.add_(torch.bmm(Qs, P.zero[:, g0:g1, :].transpose(-1, -2).to(dt))[..., None])
     return a.flatten(-2)[..., start - t0 : start - t0 + n]
 
 
-def _packed_values_product(p, P: Packed, dt):
-    """``p @ v`` ``(L, R, f)`` for packed values (per token, groups of channels): the codes unpacked and scaled in
-    place, multiplied by ``p``, the zeros added to the small product (``p @ (c s + z) = p @ (c s) + (p @ z)`` per
-    group of channels)."""
+def _packed_values_scaled(P: Packed, dt):
+    """``(L, n, ng, G)`` codes times scales of a packed value store (per token, groups of channels), one pass."""
     n, G = P.n, P.group
     ng = P.scale.shape[-1]
-    v = _codes_float(P.words[:, :n], P.bits, dt)[..., : ng * G].unflatten(-1, (ng, G))
-    v.mul_(P.scale[:, :n].to(dt)[..., None])
+    c = _codes_int(P.words[:, :n], P.bits)[..., : ng * G].unflatten(-1, (ng, G))
+    return torch.mul(c, P.scale[:, :n].to(dt)[..., None])
+
+
+def _packed_values_product(p, P: Packed, dt):
+    """``p @ v`` ``(L, R, f)`` for packed values: the scaled codes (:func:`_packed_values_scaled`) multiplied by
+    ``p``, the zeros added to the small product (``p @ (c s + z) = p @ (c s) + (p @ z)`` per group of channels)."""
+    n, G = P.n, P.group
+    ng = P.scale.shape[-1]
+    v = _packed_values_scaled(P, dt)
     o = torch.bmm(p, v.flatten(-2)).unflatten(-1, (ng, G)).add_(torch.bmm(p, P.zero[:, :n].to(dt))[..., None])
     return o.flatten(-2)[..., : P.f]
-
-
-def _packed_values_dense(P: Packed, dt):
-    """The ``(L, n, f)`` values of a packed value store (per token along channels), dequantized in one buffer."""
-    n, G = P.n, P.group
-    ng = P.scale.shape[-1]
-    v = _codes_float(P.words[:, :n], P.bits, dt)[..., : ng * G].unflatten(-1, (ng, G))
-    v.mul_(P.scale[:, :n].to(dt)[..., None]).add_(P.zero[:, :n].to(dt)[..., None])
-    return v.flatten(-2)[..., : P.f]
 
 
 def _same_weights(nl, dl) -> bool:

@@ -80,34 +80,36 @@ def walk_loop(
 
 def balance_walk_loop(G, r, gamma: float, *, first, valid, row_scale=None):
     """The signs ``(B, n)`` (float) of :func:`walk_loop` for the balancing walk of a symmetric ``G``: step ``i``
-    gives ``+1`` iff ``r_i < clip(1/2 - gamma g_i, 0, 1)``, ``+1`` at the ``first`` valid step, 0 at invalid
-    steps (no FAIL). The same numbers with fewer operations per step: the clip is dropped (``r`` lies in
-    ``[0, 1)``, so the comparison is the same), and the sign of a valid step comes from precomputed
-    ``(n, B)`` tables (``+1`` / ``-1`` or ``+1`` at the first step / ``0``) in one ``where`` written in place."""
+    gives ``+1`` iff ``r_i < clip(1/2 - gamma s_i g_i, 0, 1)`` (``s = row_scale``, 1 when ``None``), ``+1`` at the
+    ``first`` valid step, 0 at invalid steps (no FAIL). The same test with fewer operations per step: the clip is
+    dropped (``r`` lies in ``[0, 1)``, so the comparison is the same) and the test is rewritten as
+    ``g_i < t_i = (1/2 - r_i) / (gamma s_i)`` with the thresholds ``t`` computed before the loop (``gamma s_i > 0``;
+    ``gamma = 0`` gives ``t = +-inf``, or NaN at ``r_i = 1/2``, where the comparison is false as ``r_i < 1/2``
+    is: the same signs). Up to the rounding of the two forms (a flip needs ``r_i`` within an ulp of the
+    threshold) the signs are the reference's. The sign of a valid step comes from precomputed ``(n, B)`` tables
+    (``+1`` / ``-1`` or ``+1`` at the first step / ``0``) in one ``where`` written in place; a step is three
+    operations (compare, select, update)."""
     B, n, _ = G.shape
     dt, dev = G.dtype, G.device
     one = torch.ones((), dtype=dt, device=dev)
     zero = torch.zeros((), dtype=dt, device=dev)
-    pos = torch.where(valid, one, zero).T.contiguous()  # sign where r_i < p_i
+    pos = torch.where(valid, one, zero).T.contiguous()  # sign where g_i < t_i
     neg = torch.where(first, one, torch.where(valid, -one, zero)).T.contiguous()  # sign otherwise
-    rT = r.to(dt).T.contiguous()
+    den = float(gamma) if row_scale is None else float(gamma) * row_scale.to(dt)
+    thr = ((0.5 - r.to(dt)) / den).T.contiguous()  # (n, B)
     x = torch.zeros((n, B), dtype=dt, device=dev)
     run = torch.zeros((B, n), dtype=dt, device=dev)
-    gam = torch.tensor(float(gamma), dtype=dt, device=dev)  # 0-dim tensors: no scalar wrapping per step
-    half = torch.tensor(0.5, dtype=dt, device=dev)
-    # every per-step view made once (unbind), the loop body is four operations and one update
+    # every per-step view made once (unbind)
     cols, rows = run.unbind(1), G.unbind(1)
     xs, xc = x.unbind(0), x[:, :, None].unbind(0)
-    rr, pp, nn = rT.unbind(0), pos.unbind(0), neg.unbind(0)
-    rs = [None] * n if row_scale is None else row_scale.T.contiguous().unbind(0)
-    mul, sub, lt, where, update = torch.mul, torch.sub, torch.lt, torch.where, run.addcmul_
+    tt, pp, nn = thr.unbind(0), pos.unbind(0), neg.unbind(0)
+    lt, where, update = torch.lt, torch.where, run.addcmul_
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(1)  # as in walk_loop: the steps are too small for intra-op threads
     try:
         for i in range(n):
-            g = cols[i] if rs[i] is None else mul(cols[i], rs[i])
-            where(lt(rr[i], sub(half, mul(g, gam))), pp[i], nn[i], out=xs[i])  # 1/2 - gamma g, as the reference
+            where(lt(cols[i], tt[i]), pp[i], nn[i], out=xs[i])
             update(rows[i], xc[i])
     finally:
         torch.set_num_threads(threads)
