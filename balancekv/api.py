@@ -708,8 +708,9 @@ class _LeadStream:
     def push(self, k, v, pos) -> None:
         """:meth:`append` without building the segments (an in-kind stream: the cache asks for them when it
         needs them, :meth:`segments`; a decode step reads :meth:`flat_segments` only)."""
-        H = int(np.prod(self.lead, dtype=np.int64))
-        self.stream.append(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
+        H = math.prod(self.lead)
+        add = getattr(self.stream, "push", self.stream.append)  # (a stream's push: its append without segments)
+        add(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
 
     def segments(self) -> list:
         """The stream's segments in the cache's leading dims."""

@@ -578,10 +578,15 @@ class QuantizedStream:
         ]
 
     def append(self, k, v, pos) -> list[Segment]:
+        """:meth:`push`, then the segments."""
+        self.push(k, v, pos)
+        return self.segments()
+
+    def push(self, k, v, pos) -> None:
         """Add decode tokens ``k (H, t, d)``, ``v (H, t, s)`` at stream positions ``pos (t,)``.
 
         Processed in chunks of at most ``R`` tokens, so the residual buffers never hold more than
-        ``2R`` tokens; each chunk is written into them and flushed per the policy.
+        ``2R + group`` tokens; each chunk is written into them and flushed per the policy.
         """
         H, t = k.shape[0], int(k.shape[-2])
         R = self.R
@@ -606,7 +611,6 @@ class QuantizedStream:
                 while len(self.kres) >= R:
                     self._quantize_keys(R)
                     self._quantize_values(R)
-        return self.segments()
 
 
 def quantize_segments_dense(K, V, positions, logw, **policy_options) -> tuple[list[Segment], QuantizedStream]:
