@@ -92,11 +92,16 @@ def _partials_torch(Qr, K, V, nl, dl, kpos, qpos, scale, dt):
 
 
 # ---------------------------------------------------------------------------- one weight set, several parts (CPU)
+_SHIFTS: dict = {}
+
+
 def _codes_int(words, bits: int):
     """The codes of int32 ``words (..., W)`` as int32 ``(..., W * 32/bits)`` (little end first): one shift and one
     mask, in one buffer."""
     per = 32 // bits
-    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
+    shifts = _SHIFTS.get((bits, words.device))
+    if shifts is None:  # (made once per width and device: a decode step unpacks two stores per layer)
+        shifts = _SHIFTS[bits, words.device] = torch.arange(per, device=words.device, dtype=torch.int32) * bits
     c = torch.bitwise_right_shift(words[..., None], shifts).bitwise_and_((1 << bits) - 1)
     return c.reshape(*words.shape[:-1], words.shape[-1] * per)
 
