@@ -448,3 +448,27 @@ def test_gap_error_is_the_error_with_the_cache_end_hidden_from_both_attentions()
     z = balancekv.reference.weighted_attention(Qo, c.keys, c.values, c.num_logw, c.den_logw, mask=mask)
     by_hand = (np.linalg.norm(z - ex, axis=-1) / np.linalg.norm(ex, axis=-1)).mean(-1)
     np.testing.assert_allclose(d["error_gap_levels"][1], by_hand, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_gap_error_is_one_for_a_head_whose_every_slot_is_hidden(kind):
+    """``Work.query_errors(..., hide_last=g)``: a level whose cache holds only the last ``g`` tokens has nothing of
+    the visible past, so its gap error is 1 on every head (what returning zero scores), on both paths. StreamingLLM
+    with ``sink=0`` keeps just the recent window: at keep 1/16 of 1024 tokens (64 slots) that window lies inside the
+    128 hidden tokens; at keep 1/2 it does not. Control: without the branch the dummy slot that keeps the estimator
+    defined (log-weight 0 at the first slot) gives that slot's value, an error other than 1."""
+    K, V, Qo, _ = recency(1)
+    n = K.shape[1]
+    g = budget.gap_tokens(n)
+    assert g == 128
+    if kind == "torch":
+        K, V, Qo = (torch.from_numpy(x) for x in (K, V, Qo))
+    # margin 1e-3: every level meets eps 0.9, so the search judges the whole ladder
+    d = balancekv.compress(K, V, 0.9, method="streaming", sink=0, queries=Qo, seed=0, margin=1e-3).diagnostics
+    keeps = [lv["keep"] if lv else 1.0 for lv in d["levels"]]
+    gaps = np.asarray(d["error_gap_levels"])
+    assert np.isfinite(gaps).all()
+    deep = [i for i, k in enumerate(keeps) if k * n <= g]
+    shallow = [i for i, k in enumerate(keeps) if 0 < i and k * n > 2 * g]
+    assert deep and shallow and np.all(gaps[shallow] < 1)
+    np.testing.assert_array_equal(gaps[deep], 1.0)
