@@ -1,6 +1,6 @@
 """Device-native compression and real inference: the targets of the device-native issue, side by side.
 
-Run:  python benchmarks/bench_inference.py [--quick] [--repeats R] [--sections compress,eps,generate,memory]
+Run:  python benchmarks/bench_inference.py [--quick] [--repeats R] [--sections compress,eps,generate,decode,memory]
 
 Prints markdown tables (record them in benchmarks/README.md with the command and the machine):
 
@@ -14,7 +14,10 @@ Prints markdown tables (record them in benchmarks/README.md with the command and
 3. SmolLM2 generation (2048-token prompt of real text, 32 greedy tokens): end-to-end
    ``generate`` time, compression share of the prefill, decode time per token, each method
    against the plain cache, interleaved, median of repeats.
-4. Memory: bytes of every tensor reachable from the cache (gc walk, each storage once) against
+4. Decode only (``decode``): every cache prefilled once, then interleaved rounds of a few greedy
+   tokens per cache; the median per-token time against the plain cache (less noisy than the
+   generate section's decode column on a shared machine).
+5. Memory: bytes of every tensor reachable from the cache (gc walk, each storage once) against
    its ``nbytes`` and against the plain cache's bytes.
 """
 
@@ -231,6 +234,50 @@ def section_generate(args):
     return net, ids, methods, kwargs
 
 
+def section_decode(args):
+    """Decode only, interleaved: every cache prefilled once, then rounds of ``block`` greedy tokens per cache in
+    turn (plain first), so a change of the machine's load hits every row alike; median ms per token over rounds."""
+    from transformers import DynamicCache
+
+    from balancekv import hf, models
+
+    net = models.load_model("smollm2").model
+    n, block, rounds = (512, 2, 3) if args.quick else (2048, 4, max(4, 3 * args.repeats))
+    ids = _prompt(n)
+    methods = [None] + (GEN_METHODS[:2] if args.quick else GEN_METHODS)
+    state = {}
+    with torch.no_grad():
+        for m in methods:
+            if m is None:
+                hf.disable(net)
+                cache = DynamicCache(config=net.config)
+            else:
+                hf.enable(net)
+                cache = hf.CompressedCache(net, m, keep=0.25 if balancekv.get_method(m).selects_tokens else 1.0)
+            state[m] = [cache, net(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)]
+        ts = {m: [] for m in methods}
+        for _ in tqdm(range(rounds), desc="decode (interleaved rounds)"):
+            for m in methods:
+                (hf.disable if m is None else hf.enable)(net)
+                cache, tok = state[m]
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    tok = net(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                ts[m].append((time.perf_counter() - t0) / block)
+                state[m][1] = tok
+    hf.disable(net)
+    med = {m: statistics.median(v) for m, v in ts.items()}
+    print(
+        f"\n### SmolLM2 decode only, {n}-token prompt prefilled once per cache, {rounds} interleaved rounds of "
+        f"{block} greedy tokens (median per token)\n"
+    )
+    print("| cache | decode / token (ms) | vs plain | fastest round (ms) |")
+    print("|---|---|---|---|")
+    for m in methods:
+        name = "plain DynamicCache" if m is None else m
+        print(f"| {name} | {1e3 * med[m]:.1f} | {med[m] / med[None]:.2f}x | {1e3 * min(ts[m]):.1f} |")
+
+
 def section_memory(args, net=None, ids=None, methods=None, kwargs=None):
     from transformers import DynamicCache
 
@@ -274,7 +321,7 @@ def main(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    ap.add_argument("--sections", default="compress,eps,generate,memory", help="comma-separated sections to run")
+    ap.add_argument("--sections", default="compress,eps,generate,decode,memory", help="comma-separated sections to run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -293,6 +340,8 @@ def main(argv=None):
     if "generate" in sections:
         net, ids, methods, kwargs = section_generate(args)
         state = dict(net=net, ids=ids, methods=methods, kwargs=kwargs)
+    if "decode" in sections:
+        section_decode(args)
     if "memory" in sections:
         section_memory(args, **state)
 
