@@ -244,7 +244,10 @@ def section_decode(args):
     net = models.load_model("smollm2").model
     n, block, rounds = (512, 2, 3) if args.quick else (2048, 4, max(4, 3 * args.repeats))
     ids = _prompt(n)
-    methods = [None] + (GEN_METHODS[:2] if args.quick else GEN_METHODS)
+    rows = [(m, {"keep": 0.25 if balancekv.get_method(m).selects_tokens else 1.0}) for m in GEN_METHODS]
+    rows.insert(rows.index(("quant", {"keep": 1.0})) + 1, ("quant", {"keep": 1.0, "policy": "kivi-batched"}))
+    configs = {None: None, **{f"{m} {kw}": (m, kw) for m, kw in (rows[:2] if args.quick else rows)}}
+    methods = list(configs)
     state = {}
     with torch.no_grad():
         for m in methods:
@@ -253,7 +256,7 @@ def section_decode(args):
                 cache = DynamicCache(config=net.config)
             else:
                 hf.enable(net)
-                cache = hf.CompressedCache(net, m, keep=0.25 if balancekv.get_method(m).selects_tokens else 1.0)
+                cache = hf.CompressedCache(net, configs[m][0], **configs[m][1])
             state[m] = [cache, net(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)]
         ts = {m: [] for m in methods}
         for _ in tqdm(range(rounds), desc="decode (interleaved rounds)"):

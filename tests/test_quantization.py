@@ -252,18 +252,22 @@ def test_quant_store_torch_matches_numpy_and_reshapes():
 
 
 # ---------------------------------------------------------------- decode policies
-def test_kivi_policy_windows():
-    """kivi: R to R + G - 1 full-precision values once n > R (the oldest G quantized together); key buffer < R;
-    key groups only from whole blocks."""
+@pytest.mark.parametrize("policy", ["kivi", "kivi-batched"])
+def test_kivi_policy_windows(policy):
+    """kivi: exactly R full-precision values once n > R (kivi-batched: R to R + G - 1, the oldest G quantized
+    together); key buffer < R; key groups only from whole blocks."""
     H, d, R, G = 2, 16, 32, 8
     K, V, _ = bk.synthetic.make_kv("gaussian", heads=H, n=300, d=d, seed=3)
-    st_ = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy="kivi")
+    st_ = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy=policy)
     assert (st_.nk, st_.nv) == (64, 38)
     n = 70
     for step in (1, 1, 5, 1, 40, 1, 3):
         segs = st_.append(K[:, n : n + step], V[:, n : n + step], np.arange(n, n + step))
         n += step
-        assert R <= n - st_.nv < R + G and (st_.nv - 38) % G == 0
+        if policy == "kivi":
+            assert st_.nv == n - R
+        else:
+            assert R <= n - st_.nv < R + G and (st_.nv - 38) % G == 0
         assert st_.nk % R == 0 and 0 <= n - st_.nk < R
         (seg,) = segs
         assert seg.m == n
@@ -334,3 +338,26 @@ def test_quant_cache_decodes_and_torch_kind():
     assert 2 * need <= c.nbytes <= 2 * (need + spare)
     segs = c.segments
     assert any(isinstance(s, Segment) for s in segs)
+
+
+def test_kivi_batched_stores_the_codes_kivi_stores():
+    """Values are quantized per token, so batching when they are quantized changes no code: after the same appends,
+    the tokens both policies hold quantized dequantize to the same values, and kivi-batched holds the rest exactly.
+    The last assertion fails if kivi-batched flushed at every step (it would be kivi)."""
+    H, d, R, G = 2, 16, 32, 8
+    K, V, _ = bk.synthetic.make_kv("gaussian", heads=H, n=200, d=d, seed=6)
+    a = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy="kivi")
+    b = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy="kivi-batched")
+    n = 70
+    for _ in range(45):
+        a.append(K[:, n : n + 1], V[:, n : n + 1], np.array([n]))
+        b.append(K[:, n : n + 1], V[:, n : n + 1], np.array([n]))
+        n += 1
+        assert b.nv <= a.nv
+        va, vb = (np.asarray(st_.segments()[0].values.dense()) for st_ in (a, b))
+        np.testing.assert_array_equal(va[:, : b.nv], vb[:, : b.nv])
+        np.testing.assert_array_equal(vb[:, b.nv :], V[:, b.nv : n])
+        np.testing.assert_array_equal(
+            np.asarray(a.segments()[0].keys.dense()), np.asarray(b.segments()[0].keys.dense())
+        )
+    assert a.nv - b.nv > 0  # the check above met a state where kivi-batched had not flushed yet

@@ -187,7 +187,7 @@ def test_reference_path_holds_what_it_bills():
 
 
 # ---------------------------------------------------------------- decode policies on the torch path
-@pytest.mark.parametrize("policy", ["kivi", "minikv"])
+@pytest.mark.parametrize("policy", ["kivi", "kivi-batched", "minikv"])
 def test_many_appends_keep_every_token_in_bounded_memory(policy):
     H, n, d, R, G = 2, 100, 32, 32, 16
     K, V, _ = make_kv("gaussian", heads=H, n=n + 700, d=d, seed=7)
@@ -202,6 +202,8 @@ def test_many_appends_keep_every_token_in_bounded_memory(policy):
         # every token kept, in stream order
         assert c.n_seen == t and c.kept().tolist() == [t, t]
         if policy == "kivi":
+            assert len(st.vres) == R and 0 <= len(st.kres) < R and st.nk % R == 0
+        elif policy == "kivi-batched":
             assert R <= len(st.vres) < R + G and 0 <= len(st.kres) < R and st.nk % R == 0
         else:
             assert len(st.kres) == len(st.vres) < R and st.nk == st.nv

@@ -3,7 +3,7 @@
 Keys per channel in groups of ``group`` consecutive tokens, values per token in
 groups of ``group`` channels, scale and zero in ``scale_dtype`` (fp16), with a
 full-precision residual window of ``residual`` tokens handled by the decode
-policy ``policy`` (``"kivi"`` or ``"minikv"``; see :mod:`balancekv.quantized`).
+policy ``policy`` (``"kivi"``, ``"kivi-batched"`` or ``"minikv"``; see :mod:`balancekv.quantized`).
 
 Every token is kept, so ``keep < 1`` is refused; ``keep=1`` stores at ``bits``.
 In ``eps`` mode the levels are 8, 4 and 2 bits (least to most compressed).
