@@ -80,6 +80,10 @@ MARGIN_GAP = 1.2
 GAP_TOKENS = 128
 MARGIN_FITTED = 0.6
 
+#: What ``method="auto"`` and ``ratio=`` rank candidates by, with observed queries (:meth:`Scores.predicted`):
+#: ``"max"`` the larger of the validated error and ``MARGIN_GAP`` x the gap check's, ``"gap"`` the gap check's alone.
+AUTO_RANK = "max"
+
 
 def _gap_rule(g: int) -> str:
     return f"; gap check: the queries with the last {g} tokens hidden x {MARGIN_GAP:g} <= eps"
@@ -169,7 +173,11 @@ class Scores:
     def predicted(self) -> np.ndarray:
         """A point prediction of each row's error on the next queries (what ``method="auto"`` ranks by): the
         validated error, or the larger of it and ``gap_margin * gap`` with the gap check."""
-        return self.err if self.gap is None else np.fmax(self.err, self.gap_margin * self.gap)
+        if self.gap is None:
+            return self.err
+        if AUTO_RANK == "gap":
+            return np.where(np.isfinite(self.gap), self.gap_margin * self.gap, self.err)
+        return np.fmax(self.err, self.gap_margin * self.gap)
 
     def _gap_diagnostics(self, choice, cols) -> dict:
         g = self.gap

@@ -472,3 +472,22 @@ def test_gap_error_is_one_for_a_head_whose_every_slot_is_hidden(kind):
     shallow = [i for i, k in enumerate(keeps) if 0 < i and k * n > 2 * g]
     assert deep and shallow and np.all(gaps[shallow] < 1)
     np.testing.assert_array_equal(gaps[deep], 1.0)
+
+
+def test_predicted_error_ranks_by_the_rule_auto_rank_names(monkeypatch):
+    """``Scores.predicted`` (what ``auto`` and ``ratio=`` rank by): ``"max"`` is the larger of the validated error and
+    ``MARGIN_GAP`` x the gap error, ``"gap"`` the gap term alone where the gap is known (the validated error where it
+    is NaN: a level without a final build). Here the two rules rank the two rows oppositely, so a rule that ignored
+    ``AUTO_RANK`` fails one of the two orderings."""
+    err = np.array([[0.0, 0.0], [0.030, 0.020], [0.010, 0.011]])
+    gap = np.array([[0.0, 0.0], [0.010, 0.012], [0.020, np.nan]])
+    sc = budget.Scores(err, err, np.zeros_like(err), True, "test", 1.0, 1.0, gap)
+    m = budget.MARGIN_GAP
+    monkeypatch.setattr(budget, "AUTO_RANK", "max")
+    p = sc.predicted()
+    np.testing.assert_allclose(p, np.fmax(err, m * gap))
+    assert p[1].mean() > p[2].mean()  # max: row 2 is predicted better
+    monkeypatch.setattr(budget, "AUTO_RANK", "gap")
+    p = sc.predicted()
+    np.testing.assert_allclose(p, np.where(np.isnan(gap), err, m * gap))
+    assert p[1].mean() < p[2].mean()  # gap alone: row 1 is predicted better
