@@ -261,7 +261,7 @@ def test_kivi_policy_windows(policy):
     st_ = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy=policy)
     assert (st_.nk, st_.nv) == (64, 38)
     n = 70
-    for step in (1, 1, 5, 1, 40, 1, 3):
+    for step in (1, 1, 5, 3, 40, 1, 3):  # 5 + 3: a flush with over % G != 0
         segs = st_.append(K[:, n : n + step], V[:, n : n + step], np.arange(n, n + step))
         n += step
         if policy == "kivi":
