@@ -8,8 +8,6 @@ exponentials as the reference.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -17,51 +15,34 @@ def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def causal_mask(m: int, n: int, device=None) -> torch.Tensor:
-    """Query ``j`` of the last ``m`` positions sees keys ``0 .. n - m + j``."""
-    return torch.arange(n, device=device)[None, :] <= (n - m + torch.arange(m, device=device))[:, None]
+def weighted_attention(Q, K, V, num_logw, den_logw, scale=None, *, key_positions=None, query_positions=None):
+    """``z(q) = sum exp(a+num_logw) v / sum exp(a+den_logw)`` for every query; see the reference.
 
+    The package's one torch estimator computes it: :func:`.decode_attention.attend_parts` with the cache as one
+    dense part (torch SDPA with the log-weights as a float bias for one weight set, two max-shifted log-sum-exps for
+    two), in the compute dtype of ``Q``, ``K``, ``V``. ``key_positions`` / ``query_positions`` mask the slots of
+    later tokens (as :func:`.decode_attention.attend_parts`); ``FloatingPointError`` if a query has no slot."""
+    from .decode_attention import attend_parts  # noqa: PLC0415  (it imports the quantization kernels)
 
-def _log_sum(a: torch.Tensor, v: torch.Tensor | None, both: bool = False):
-    M = a.amax(dim=-1, keepdim=True)
-    Msafe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    e = torch.exp(a - Msafe)
-    if both:  # (max, e @ v, row sums of e)
-        return M[..., 0], e @ v, e.sum(dim=-1, keepdim=True)
-    S = e.sum(dim=-1, keepdim=True) if v is None else e @ v
-    return M[..., 0], S
-
-
-def weighted_attention(Q, K, V, num_logw, den_logw, scale=None, mask=None) -> torch.Tensor:
-    """``z(q) = sum exp(a+num_logw) v / sum exp(a+den_logw)`` for every query; see the reference."""
-    dt = compute_dtype(Q, K, V)
-    Q, K, V = Q.to(dt), K.to(dt), V.to(dt)
-    scale = 1.0 / math.sqrt(K.shape[-1]) if scale is None else float(scale)
-    a = scale * (Q @ K.transpose(-1, -2))
-    if mask is not None:
-        a = a.masked_fill(~mask, float("-inf"))
-    if num_logw is den_logw or (num_logw.shape == den_logw.shape and torch.equal(num_logw, den_logw)):
-        # one weight set (SPEC 1, the consistent estimator): one exponential serves both sums (the same
-        # numbers as two passes)
-        Mn, Sn, Sd = _log_sum(a + num_logw.to(dt)[..., None, :], V, both=True)
-        Md = Mn
-    else:
-        Mn, Sn = _log_sum(a + num_logw.to(dt)[..., None, :], V)
-        Md, Sd = _log_sum(a + den_logw.to(dt)[..., None, :], None)
-    if bool((~torch.isfinite(Md)).any()) or bool((Sd <= 0).any()):
-        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
-    rel = torch.where(torch.isfinite(Mn), Mn - Md, torch.full_like(Mn, float("-inf")))
-    out = torch.exp(rel)[..., None] * Sn / Sd
-    if not bool(torch.isfinite(out).all()):
-        raise FloatingPointError("the estimate overflowed (numerator weights far exceed denominator weights)")
-    return out
+    return attend_parts(
+        Q,
+        [(K, V, num_logw, den_logw, key_positions)],
+        scale,
+        query_positions=query_positions,
+        backend="torch",
+        dtype=compute_dtype(Q, K, V),
+    )
 
 
 def attention(Q, K, V, scale=None, causal: bool = False) -> torch.Tensor:
-    """Exact softmax attention (optionally causal, bottom-right aligned)."""
+    """Exact softmax attention (optionally causal, bottom-right aligned: query ``j`` of the last ``m`` positions
+    sees keys ``0 .. n - m + j``)."""
     zeros = torch.zeros(K.shape[:-1], dtype=compute_dtype(Q, K, V), device=K.device)
-    mask = causal_mask(Q.shape[-2], K.shape[-2], K.device) if causal else None
-    return weighted_attention(Q, K, V, zeros, zeros, scale, mask=mask)
+    if not causal:
+        return weighted_attention(Q, K, V, zeros, zeros, scale)
+    n, m = K.shape[-2], Q.shape[-2]
+    kp, qp = torch.arange(n, device=K.device), torch.arange(n - m, n, device=K.device)
+    return weighted_attention(Q, K, V, zeros, zeros, scale, key_positions=kp, query_positions=qp)
 
 
 def probe_softmax(K, probes, scale: float, shared: dict | None = None):
