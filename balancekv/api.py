@@ -241,7 +241,8 @@ def working_arrays(K, V, queries, path: str, H: int):
         def conv(x):
             t = x.detach() if is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
             # contiguous: a model's keys and values are head-transposed views, and every round's row gathers
-            # are several times faster on contiguous rows (one copy per call, never of the caller's storage)
+            # are several times faster on contiguous rows (a copy for such a view, held for the call; contiguous
+            # input of the compute dtype is used as it is: methods never write their input)
             return t.to(device=K.device if is_torch(K) else t.device, dtype=dt).reshape(H, *t.shape[-2:]).contiguous()
 
     return conv(K), conv(V), None if queries is None else conv(queries)

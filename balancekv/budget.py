@@ -171,12 +171,16 @@ class Scores:
         }
 
     def predicted(self) -> np.ndarray:
-        """A point prediction of each row's error on the next queries (what ``method="auto"`` ranks by): the
-        validated error, or the larger of it and ``gap_margin * gap`` with the gap check."""
+        """A point prediction of each row's error on the next queries (what ``method="auto"`` and ``ratio=`` rank
+        by): the validated error; with the gap check, per :data:`AUTO_RANK`, the larger of it and ``gap_margin *
+        gap`` (``"max"``) or ``gap_margin * gap`` alone (``"gap"``; the validated error where the gap is NaN, a level
+        without a final build)."""
+        if AUTO_RANK not in ("max", "gap"):
+            raise ValueError(f"budget.AUTO_RANK must be 'max' or 'gap', got {AUTO_RANK!r}")
         if self.gap is None:
             return self.err
         if AUTO_RANK == "gap":
-            return np.where(np.isfinite(self.gap), self.gap_margin * self.gap, self.err)
+            return np.where(np.isnan(self.gap), self.err, self.gap_margin * self.gap)
         return np.fmax(self.err, self.gap_margin * self.gap)
 
     def _gap_diagnostics(self, choice, cols) -> dict:

@@ -737,16 +737,6 @@ class RaggedKV(CompressedKV):
         return self._stitch(outs).reshape(tuple(Q.shape[:-1]) + (self.s,))
 
     # ------------------------------------------------------------------ decoding
-    def append_rows(self, k, v) -> None:
-        """:meth:`append` for :mod:`balancekv.hf`'s decode steps: no validation of the model's tensors (they have the
-        cache's leading dims and feature sizes by construction; like transformers' own caches, their values are the
-        model's), converted to the storage dtypes, the stream length checked."""
-        t = int(k.shape[-2])
-        check_stream_length(self.n_seen + t, "the cache's stream")
-        kd, vd = self.kind.dtype, self.kind.value_dtype
-        self._append_stored(k if k.dtype == kd else k.to(kd), v if v.dtype == vd else v.to(vd), t)
-        self.n_seen += t
-
     def _append_stored(self, ks, vs, t: int) -> None:
         L = int(math.prod(self.lead)) if self.lead else 1
         kf, vf = ks.reshape(L, t, self.d), vs.reshape(L, t, self.s)

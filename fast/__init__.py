@@ -1,6 +1,7 @@
 """Torch (and, on CUDA, Triton) implementations of the reference functions.
 
-Same names and semantics as :mod:`balancekv.reference`; only speed and device differ.
+Same names and semantics as :mod:`balancekv.reference`; only speed and device differ (one exception:
+``weighted_attention`` masks by ``key_positions`` / ``query_positions``, not by the reference's boolean ``mask``).
 """
 
 from .blocked_balance import blocked_balance, blocked_walk_signs, fixed_size_halving

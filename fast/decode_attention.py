@@ -223,6 +223,9 @@ def _single_set_sdpa(Qr, K, V, bias, kpos, qpos, scale, dt):
     mask = bias.to(dt)[:, None, :]
     if kpos is not None:
         mask = mask.masked_fill(~(kpos[:, None, :] <= qpos[:, :, None]), float("-inf"))
+    # SDPA returns 0 for a query whose every slot is masked (-inf): the estimate 0/0 must not pass as 0
+    if not bool((mask > float("-inf")).any(-1).all()):
+        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
     out = F.scaled_dot_product_attention(Qr.to(dt), K.to(dt), V.to(dt), attn_mask=mask, scale=scale)
     if not bool(torch.isfinite(out).all()):
         raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")

@@ -21,9 +21,15 @@ def weighted_attention(Q, K, V, num_logw, den_logw, scale=None, *, key_positions
     The package's one torch estimator computes it: :func:`.decode_attention.attend_parts` with the cache as one
     dense part (torch SDPA with the log-weights as a float bias for one weight set, two max-shifted log-sum-exps for
     two), in the compute dtype of ``Q``, ``K``, ``V``. ``key_positions`` / ``query_positions`` mask the slots of
-    later tokens (as :func:`.decode_attention.attend_parts`); ``FloatingPointError`` if a query has no slot."""
+    later tokens (as :func:`.decode_attention.attend_parts`; the reference's boolean ``mask`` is not taken here);
+    ``FloatingPointError`` if a query has no slot."""
     from .decode_attention import attend_parts  # noqa: PLC0415  (it imports the quantization kernels)
 
+    # the reference broadcasts the leading dims of every input (one head's log-weights (n,), a batch of query sets
+    # against one cache, ...): broadcast them here too (views), so the cache is one dense part of those dims
+    lead = torch.broadcast_shapes(Q.shape[:-2], K.shape[:-2], V.shape[:-2], num_logw.shape[:-1], den_logw.shape[:-1])
+    Q, K, V = (x.expand(lead + tuple(x.shape[-2:])) for x in (Q, K, V))
+    num_logw, den_logw = (x.expand(lead + tuple(x.shape[-1:])) for x in (num_logw, den_logw))
     return attend_parts(
         Q,
         [(K, V, num_logw, den_logw, key_positions)],

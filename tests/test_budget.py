@@ -491,3 +491,11 @@ def test_predicted_error_ranks_by_the_rule_auto_rank_names(monkeypatch):
     p = sc.predicted()
     np.testing.assert_allclose(p, np.where(np.isnan(gap), err, m * gap))
     assert p[1].mean() < p[2].mean()  # gap alone: row 1 is predicted better
+    # an infinite gap error (x / 0) ranks last, it does not fall back to the validated error
+    inf_gap = gap.copy()
+    inf_gap[1, 0] = np.inf
+    p = budget.Scores(err, err, np.zeros_like(err), True, "test", 1.0, 1.0, inf_gap).predicted()
+    assert p[1, 0] == np.inf
+    monkeypatch.setattr(budget, "AUTO_RANK", "maximum")
+    with pytest.raises(ValueError, match="AUTO_RANK"):
+        sc.predicted()

@@ -271,3 +271,37 @@ def test_positions_are_int32_and_a_stream_past_int32_is_refused(small_kv):
     c.append(K[:, :1], V[:, :1])  # the last position that fits: 2**31 - 2 ... MAX_POSITION - 1
     with pytest.raises(ValueError, match="int32"):
         c.append(K[:, :1], V[:, :1])
+
+
+@pytest.mark.parametrize(
+    "qs, nls, dls",
+    [((3, 2, 5), (4,), (4,)), ((3, 2, 5), (1, 4), (1, 4)), ((3, 2, 5), (3, 4), (1, 4)), ((1, 2, 5), (3, 4), (3, 4)),
+     ((2, 3, 2, 5), (3, 4), (3, 4))],
+)  # fmt: skip
+def test_torch_estimator_broadcasts_leading_dims_like_the_reference(qs, nls, dls):
+    """``fast.weighted_attention`` (through ``attend_parts``) broadcasts the leading dims of queries, keys, values and
+    either log-weight set as the reference does (one head's log-weights ``(n,)``, a batch of query sets against one
+    cache). It failed on these shapes when it first delegated to ``attend_parts`` without broadcasting."""
+    from balancekv.fast.softmax_attention import weighted_attention as fast_wa
+
+    rng = np.random.default_rng(0)
+    K, V = rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 5))
+    Q, nl, dl = rng.normal(size=qs), rng.normal(size=nls), rng.normal(size=dls)
+    ref = weighted_attention(Q, K, V, nl, dl, 0.3)
+    out = fast_wa(*(torch.tensor(x) for x in (Q, K, V, nl, dl)), 0.3)
+    torch.testing.assert_close(out, torch.tensor(ref), rtol=1e-10, atol=1e-12)
+
+
+def test_torch_estimator_refuses_a_query_without_slots():
+    """A query whose every slot is masked has the undefined estimate 0/0: the reference raises, and so must the torch
+    estimator's SDPA path (SDPA itself returns 0 for such a row), for log-weights that are all -inf and for causal
+    attention with more queries than keys. Control: without the check these return rows of zeros."""
+    from balancekv.fast.softmax_attention import attention as fast_att
+    from balancekv.fast.softmax_attention import weighted_attention as fast_wa
+
+    K, V, Q = torch.randn(1, 4, 4, dtype=torch.float64), torch.randn(1, 4, 2), torch.randn(1, 2, 4)
+    ninf = torch.full((1, 4), -float("inf"))
+    with pytest.raises(FloatingPointError, match="no slot"):
+        fast_wa(Q, K, V, ninf, ninf, 0.3)
+    with pytest.raises(FloatingPointError, match="no slot"):
+        fast_att(torch.randn(1, 5, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4), causal=True)

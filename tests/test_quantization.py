@@ -340,12 +340,15 @@ def test_quant_cache_decodes_and_torch_kind():
     assert any(isinstance(s, Segment) for s in segs)
 
 
-def test_kivi_batched_stores_the_codes_kivi_stores():
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_kivi_batched_stores_the_codes_kivi_stores(kind):
     """Values are quantized per token, so batching when they are quantized changes no code: after the same appends,
     the tokens both policies hold quantized dequantize to the same values, and kivi-batched holds the rest exactly.
     The last assertion fails if kivi-batched flushed at every step (it would be kivi)."""
     H, d, R, G = 2, 16, 32, 8
     K, V, _ = bk.synthetic.make_kv("gaussian", heads=H, n=200, d=d, seed=6)
+    if kind == "torch":
+        K, V = torch.from_numpy(K).float(), torch.from_numpy(V).float()
     a = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy="kivi")
     b = QuantizedStream(K[:, :70], V[:, :70], np.arange(70), bits=2, group=G, residual=R, policy="kivi-batched")
     n = 70
@@ -354,10 +357,9 @@ def test_kivi_batched_stores_the_codes_kivi_stores():
         b.append(K[:, n : n + 1], V[:, n : n + 1], np.array([n]))
         n += 1
         assert b.nv <= a.nv
-        va, vb = (np.asarray(st_.segments()[0].values.dense()) for st_ in (a, b))
+        host = lambda x: x.numpy() if kind == "torch" else np.asarray(x)
+        va, vb = (host(st_.segments()[0].values.dense()) for st_ in (a, b))
         np.testing.assert_array_equal(va[:, : b.nv], vb[:, : b.nv])
-        np.testing.assert_array_equal(vb[:, b.nv :], V[:, b.nv : n])
-        np.testing.assert_array_equal(
-            np.asarray(a.segments()[0].keys.dense()), np.asarray(b.segments()[0].keys.dense())
-        )
+        np.testing.assert_array_equal(vb[:, b.nv :], host(V[:, b.nv : n]))
+        np.testing.assert_array_equal(host(a.segments()[0].keys.dense()), host(b.segments()[0].keys.dense()))
     assert a.nv - b.nv > 0  # the check above met a state where kivi-batched had not flushed yet

@@ -170,10 +170,15 @@ def test_ragged_cache_in_leading_dims_and_attend_rows(monkeypatch):
     Q = torch.from_numpy(r.standard_normal((2, 2, 6, K.shape[-1]))).float()
     np.testing.assert_allclose(to_np(ragged.attend(Q)), to_np(padded.attend(Q)), rtol=1e-5, atol=1e-6)
     Qr = Q.reshape(4, 6, -1)
-    qp = torch.arange(6).expand(4, 6) + 500
+    # query positions from the latest first slot on: every head has a visible slot for every query (a query before
+    # a head's every slot has no estimate, 0/0, and raises FloatingPointError)
+    first = ragged._first_position()
+    qp = torch.arange(6).expand(4, 6) + first
     a = ragged.attend_rows(Qr, query_positions=qp)
     b = padded.attend_rows(Qr, query_positions=qp)
     np.testing.assert_allclose(to_np(a), to_np(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        to_np(ragged.attend_rows(Qr, query_positions=torch.arange(6) + 500)), to_np(b), rtol=1e-5, atol=1e-6
+        to_np(ragged.attend_rows(Qr, query_positions=torch.arange(6) + first)), to_np(b), rtol=1e-5, atol=1e-6
     )
+    with pytest.raises(FloatingPointError, match="no slot"):  # before some head's every slot
+        ragged.attend_rows(Qr, query_positions=torch.arange(6) + first - 6)
