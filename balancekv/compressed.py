@@ -462,16 +462,13 @@ class CompressedKV:
             raise ValueError(
                 f"k and v must have feature dims d={self.d}, s={self.s}, got {k.shape[-1]} and {v.shape[-1]}"
             )
-        t = int(k.shape[-2])
-        check_stream_length(self.n_seen + t, "the cache's stream")
-        self._append_stored(self._working(k, "k"), self._working(v, "v"), t)
-        self.n_seen += t
+        self.append_rows(self._working(k, "k"), self._working(v, "v"))
         return self
 
     def append_rows(self, k, v) -> None:
-        """:meth:`append` for :mod:`balancekv.hf`'s decode steps: no validation of the model's tensors (they have the
-        cache's leading dims and feature sizes by construction; like transformers' own caches, their values are the
-        model's), converted to the storage dtypes, the stream length checked."""
+        """:meth:`append` without its validation (what :mod:`balancekv.hf`'s decode steps call: the model's tensors
+        have the cache's leading dims and feature sizes by construction; like transformers' own caches, their values
+        are the model's): converted to the storage dtypes, the stream length checked."""
         t = int(k.shape[-2])
         check_stream_length(self.n_seen + t, "the cache's stream")
         kd, vd = self.kind.dtype, self.kind.value_dtype
