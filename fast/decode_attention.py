@@ -166,6 +166,14 @@ def _continues(P, N) -> bool:
     )
 
 
+def _key_positions(kpos, device, klead, n: int, L: int):
+    """A part's key positions as int64 ``(L, n)`` (``kpos`` ints ``(…, n)`` or ``(n,)``, broadcast over the heads);
+    ``ValueError`` when the part has none (query positions need every part's)."""
+    if kpos is None:
+        raise ValueError("query_positions needs the key positions of every part")
+    return torch.broadcast_to(torch.as_tensor(kpos, device=device).to(torch.int64), klead + (n,)).reshape(L, n)
+
+
 def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
     """The estimator over parts that all hold one weight set (numerator weights = denominator weights): one
     softmax over the logits of every part (``scale <q, k> + logw``, masked by position), then the probabilities
@@ -193,10 +201,8 @@ def _single_set_parts(Qr, parts, klead, qpos, scale, dt):
             ap = a[..., at : at + n]
             ap += nl.reshape(L, 1, n).to(dt)
             if qpos is not None:
-                if kpos is None:
-                    raise ValueError("query_positions needs the key positions of every part")
-                kp = torch.broadcast_to(torch.as_tensor(kpos, device=Qr.device).to(torch.int64), klead + (n,))
-                ap.masked_fill_(~(kp.reshape(L, 1, n) <= qpos[:, :, None]), float("-inf"))
+                kp = _key_positions(kpos, Qr.device, klead, n, L)
+                ap.masked_fill_(~(kp[:, None, :] <= qpos[:, :, None]), float("-inf"))
             values.append((V, n))
             at += n
         logits.append(a)
@@ -419,13 +425,7 @@ def attend_parts(
     if len(parts) == 1 and not T.use_triton(backend, Qr):
         K, V, nl, dl, kpos = parts[0]
         if not isinstance(K, Packed) and not isinstance(V, Packed) and (nl is dl or torch.equal(nl, dl)):
-            kp = None
-            if qpos is not None:
-                if kpos is None:
-                    raise ValueError("query_positions needs the key positions of every part")
-                n = nl.shape[-1]
-                kp = torch.broadcast_to(torch.as_tensor(kpos, device=Q.device).to(torch.int64), klead + (n,))
-                kp = kp.reshape(L, n)
+            kp = None if qpos is None else _key_positions(kpos, Q.device, klead, nl.shape[-1], L)
             out = _single_set_sdpa(
                 Qr, _flatten_lead(K, len(klead)), _flatten_lead(V, len(klead)), nl.reshape(L, -1), kp, qpos, scale, dt
             )
@@ -450,11 +450,7 @@ def attend_parts(
         Vr = V if isinstance(V, Packed) else _flatten_lead(V, len(klead))
         if not isinstance(Kr, Packed) and Kr.shape[-1] != d:
             raise ValueError(f"Q has d={d} but the cache's keys have d={Kr.shape[-1]}")
-        kp = None
-        if qpos is not None:
-            if kpos is None:
-                raise ValueError("query_positions needs the key positions of every part")
-            kp = torch.broadcast_to(torch.as_tensor(kpos, device=Q.device).to(torch.int64), klead + (n,)).reshape(L, n)
+        kp = None if qpos is None else _key_positions(kpos, Q.device, klead, n, L)
         tensors = [t for t in (Qr, Kr, Vr) if isinstance(t, torch.Tensor)]
         if T.use_triton(backend, *tensors):
             outs.append(_partials_triton(Qr, Kr, Vr, nlr, dlr, kp, qpos, scale, dt, num_splits, block_n))
