@@ -42,6 +42,11 @@ from _memory import reachable_array_bytes
 GEN_METHODS = ["balance", "snapkv", "minikv", "quant", "balance+quant"]
 
 
+def keep_kwargs(method: str) -> dict:
+    """The budget every section runs a method at: keep 0.25 for token-selecting methods, else every token."""
+    return {"keep": 0.25 if balancekv.get_method(method).selects_tokens else 1.0}
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
     fn()
@@ -170,7 +175,7 @@ def section_generate(args):
     new = 8 if args.quick else 32
     ids = _prompt(n)
     methods = GEN_METHODS[:2] if args.quick else GEN_METHODS
-    kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
+    kwargs = {m: keep_kwargs(m) for m in methods}
 
     comp_time = {}
     original = hf.CompressedLayer.compress_from
@@ -231,7 +236,7 @@ def section_generate(args):
         )
     hf.CompressedLayer.compress_from = original
     hf.disable(net)
-    return net, ids, methods, kwargs
+    return net, ids
 
 
 def section_decode(args):
@@ -244,7 +249,7 @@ def section_decode(args):
     net = models.load_model("smollm2").model
     n, block, rounds = (512, 2, 3) if args.quick else (2048, 4, max(4, 3 * args.repeats))
     ids = _prompt(n)
-    rows = [(m, {"keep": 0.25 if balancekv.get_method(m).selects_tokens else 1.0}) for m in GEN_METHODS]
+    rows = [(m, keep_kwargs(m)) for m in GEN_METHODS]
     rows.insert(rows.index(("quant", {"keep": 1.0})) + 1, ("quant", {"keep": 1.0, "policy": "kivi-batched"}))
     configs = {None: None, **{f"{m} {kw}": (m, kw) for m, kw in (rows[:2] if args.quick else rows)}}
     methods = list(configs)
@@ -281,7 +286,7 @@ def section_decode(args):
         print(f"| {name} | {1e3 * med[m]:.1f} | {med[m] / med[None]:.2f}x | {1e3 * min(ts[m]):.1f} |")
 
 
-def section_memory(args, net=None, ids=None, methods=None, kwargs=None):
+def section_memory(args, net=None, ids=None):
     from transformers import DynamicCache
 
     from balancekv import hf, models
@@ -289,11 +294,8 @@ def section_memory(args, net=None, ids=None, methods=None, kwargs=None):
     if net is None:
         net = models.load_model("smollm2").model
         ids = _prompt(512 if args.quick else 2048)
-        methods = balancekv.available_methods()
-        kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
-    else:
-        methods = balancekv.available_methods()
-        kwargs = {m: {"keep": 0.25} if balancekv.get_method(m).selects_tokens else {"keep": 1.0} for m in methods}
+    methods = balancekv.available_methods()
+    kwargs = {m: keep_kwargs(m) for m in methods}
     with torch.no_grad():
         plain = DynamicCache(config=net.config)
         hf.disable(net)
@@ -341,8 +343,8 @@ def main(argv=None):
         section_eps(args)
     state = {}
     if "generate" in sections:
-        net, ids, methods, kwargs = section_generate(args)
-        state = dict(net=net, ids=ids, methods=methods, kwargs=kwargs)
+        net, ids = section_generate(args)
+        state = dict(net=net, ids=ids)
     if "decode" in sections:
         section_decode(args)
     if "memory" in sections:
