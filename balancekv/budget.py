@@ -207,6 +207,13 @@ class Scores:
         )
 
 
+def _final_errors(work, built, g: int):
+    """``(in-sample error, its SE, gap error or None)`` per head of a final build (all probes); ``g`` hidden tokens
+    for the gap check (0: none). What :func:`score` and :func:`eps_search` both record for a level."""
+    e, se = _mean_se(work.query_errors(built))
+    return e, se, (work.query_errors(built, hide_last=g).mean(-1) if g else None)
+
+
 def _mean_se(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over the last axis and its standard error (``std(ddof=1) / sqrt(p)``; 0 for one query)."""
     p = e.shape[-1]
@@ -264,9 +271,9 @@ def score(work, name: str, meth, opts: dict, levels: list, builts: list, cv: Cro
     gap = np.zeros((L, H)) if g else None  # the gap check, as in eps_search
     for i, (lv, b) in enumerate(zip(levels, builts)):
         if lv is not None:
-            err_in[i], se_in[i] = _mean_se(work.query_errors(b))
+            err_in[i], se_in[i], gi = _final_errors(work, b, g)
             if g:
-                gap[i] = work.query_errors(b, hide_last=g).mean(-1)
+                gap[i] = gi
     folds, rule = _cross_fit_plan(work, meth, opts, cv)
     if g:
         rule += _gap_rule(g)
@@ -377,9 +384,9 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
         for (kind, j, _), b in got.items():
             if kind == "final":
                 builts[j] = b
-                err_in[j], se_in[j] = _mean_se(work.query_errors(b))
+                err_in[j], se_in[j], gj = _final_errors(work, b, g)
                 if gap is not None:
-                    gap[j] = work.query_errors(b, hide_last=g).mean(-1)
+                    gap[j] = gj
                 if progress is not None:
                     progress.update(1)
         for j in sorted({j for _, j, _ in jobs}):
