@@ -43,6 +43,7 @@ from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
+from .quantized import store_parts
 from .storage import Segment, check_stream_length, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
@@ -710,7 +711,7 @@ class _LeadStream:
 
     def push(self, k, v, pos) -> None:
         """:meth:`append` without building the segments (an in-kind stream: the cache asks for them when it
-        needs them, :meth:`segments`; a decode step reads :meth:`flat_segments` only)."""
+        needs them, :meth:`segments`; a decode step reads :meth:`flat_parts` only)."""
         H = math.prod(self.lead)
         add = getattr(self.stream, "push", self.stream.append)  # (a stream's push: its append without segments)
         add(k.reshape(H, *k.shape[-2:]), v.reshape(H, *v.shape[-2:]), pos)
@@ -719,9 +720,14 @@ class _LeadStream:
         """The stream's segments in the cache's leading dims."""
         return [sg.reshape_lead(self.lead) for sg in self.stream.segments()]
 
-    def flat_segments(self) -> list:
-        """The stream's segments with the heads flattened (``(H, …)``: what attention parts are cut from)."""
-        return self.stream.segments()
+    def flat_parts(self) -> list:
+        """The stream as attention parts with the heads flattened (``(H, …)``): its own ``flat_parts`` where it
+        has one, else the parts :func:`~balancekv.quantized.store_parts` cuts from its segments."""
+        own = getattr(self.stream, "flat_parts", None)
+        if own is not None:
+            return own()
+        H = math.prod(self.lead)
+        return [p for sg in self.stream.segments() for p in store_parts(sg, H)]
 
     @property
     def observes(self) -> bool:

@@ -326,13 +326,10 @@ class CompressedKV:
         from balancekv.quantized import store_parts  # noqa: PLC0415  (quantized imports this module)
 
         L = int(math.prod(self.lead)) if self.lead else 1
-        out = []
-        if self._other_segs is None:  # an in-kind stream after an append: its flat segments, not reshaped ones
-            segs = self._stream.flat_segments()
+        if self._other_segs is None:  # an in-kind stream after an append: its parts, cut from its own buffers
+            out = self._stream.flat_parts()
         else:
-            segs = self._other_segs
-        for sg in segs:
-            out.extend(store_parts(sg, L))
+            out = [p for sg in self._other_segs for p in store_parts(sg, L)]
         if self._arena.used:
             w = self._arena.whole()
             r = lambda x: x.reshape((L,) + tuple(x.shape[len(self.lead) :]))

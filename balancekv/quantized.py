@@ -580,6 +580,25 @@ class QuantizedStream:
             )
         ]
 
+    def flat_parts(self) -> list:
+        """The stream as :func:`balancekv.fast.attend_parts` parts ``(H, …)`` (torch streams): the parts
+        :func:`store_parts` cuts from :meth:`segments`, made directly from the buffers (a decode step asks for them
+        every step; the segments' generic cutting cost about 0.15 ms a layer). Cut where the key or the value
+        store changes representation: ``[0, min(nk, nv))`` codes both, then one side's codes and the other's
+        residual, then both residuals."""
+        n, nk, nv = self.n, self.nk, self.nv
+        H = self.pos.buf.shape[0]
+        lw, pos = self.logw.view(), self.pos.view()
+        kres, vres = self.kres.view(), self.vres.view()
+        cuts = sorted({0, nk, nv, n})
+        parts = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            K = _slice_store(self.kq, a, b, "keys", H) if a < nk else kres[:, a - nk : b - nk]
+            V = _slice_store(self.vq, a, b, "values", H) if a < nv else vres[:, a - nv : b - nv]
+            w = lw[:, a:b]
+            parts.append((K, V, w, w, pos[:, a:b]))
+        return parts
+
     def append(self, k, v, pos) -> list[Segment]:
         """:meth:`push`, then the segments."""
         self.push(k, v, pos)

@@ -278,6 +278,42 @@ def test_kivi_policy_windows(policy):
         )
 
 
+@pytest.mark.parametrize("policy", ["kivi", "kivi-batched", "minikv"])
+def test_stream_flat_parts_are_the_parts_cut_from_its_segments(policy):
+    """A decode step takes the stream's attention parts from ``QuantizedStream.flat_parts`` (cut from its buffers
+    directly); they must be the parts :func:`store_parts` cuts from its segments: the same cuts, the same packed
+    codes read at the same offsets, the same residual slots, and the same estimate. Checked after pushes that
+    flush keys and values (kivi: the value window moves every step, so the cuts at nv, nk and n all differ)."""
+    import importlib
+
+    from balancekv.quantized import store_parts
+
+    da = importlib.import_module("balancekv.fast.decode_attention")
+    H, d, R, G = 2, 16, 32, 8
+    K, V, Q = (torch.from_numpy(x).float() for x in bk.synthetic.make_kv("gaussian", heads=H, n=200, d=d, q=3, seed=7))
+    pos = torch.arange(200)
+    st_ = QuantizedStream(K[:, :70], V[:, :70], pos[:70], bits=2, group=G, residual=R, policy=policy)
+    n, cuts_seen = 70, set()
+    for step in (1, 5, 3, 40, 1, 17):
+        st_.push(K[:, n : n + step], V[:, n : n + step], pos[n : n + step])
+        n += step
+        got = st_.flat_parts()
+        want = [p for sg in st_.segments() for p in store_parts(sg, H)]
+        assert len(got) == len(want) and sum(p[2].shape[-1] for p in got) == n
+        cuts_seen.add(len(got))
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                if isinstance(b, da.Packed):
+                    assert isinstance(a, da.Packed)
+                    fields = lambda P: (P.axis, P.n, P.offset, P.bits, P.group, P.f)
+                    assert fields(a) == fields(b)
+                    assert torch.equal(a.dense(), b.dense())
+                else:
+                    assert not isinstance(a, da.Packed) and torch.equal(a, b)
+        torch.testing.assert_close(da.attend_parts(Q, got, backend="torch"), da.attend_parts(Q, want, backend="torch"))
+    assert cuts_seen == ({2} if policy == "minikv" else {3})  # minikv: keys and values flush together
+
+
 def test_minikv_policy_flushes_in_blocks():
     H, d, R, G = 2, 16, 32, 16
     K, V, _ = bk.synthetic.make_kv("gaussian", heads=H, n=200, d=d, seed=4)
