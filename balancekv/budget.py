@@ -82,7 +82,11 @@ MARGIN_FITTED = 0.6
 
 #: What ``method="auto"`` and ``ratio=`` rank candidates by, with observed queries (:meth:`Scores.predicted`):
 #: ``"max"`` the larger of the validated error and ``MARGIN_GAP`` x the gap check's, ``"gap"`` the gap check's alone.
-AUTO_RANK = "max"
+#: Chosen on the tuning text ``numpy-license`` (``benchmarks/auto_vs_methods.py --text numpy-license --offset O
+#: --auto-rank R``, three 2048-token windows at character offsets 0, 18000, 36000; 10 cells each): ``"gap"`` was never
+#: worse than ``"max"`` and better in two windows (cells at the best single method's error: 9 / 8 / 8 against
+#: 9 / 6 / 8; mean error at ratio 0.25 0.0628 and 0.0635 against 0.0667 and 0.0652 at offsets 18000 and 36000).
+AUTO_RANK = "gap"
 
 
 def _gap_rule(g: int) -> str:

@@ -187,11 +187,14 @@ def main(argv=None):
     ap.add_argument("--margin", type=float, default=None, help="--eps: the margin (default: the calibrated one)")
     ap.add_argument("--eps-list", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="--eps: the targets")
     ap.add_argument("--auto-rank", choices=["max", "gap"], default=None, help="budget.AUTO_RANK (default: package)")
+    ap.add_argument(
+        "--offset", type=int, default=0, help="the window starts this many characters into the text (default 0)"
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.auto_rank:
         budget.AUTO_RANK = a.auto_rank
-    caps = capture_layers("smollm2", get_text(a.text), N, a.layers)
+    caps = capture_layers("smollm2", get_text(a.text)[a.offset :], N, a.layers)
     if a.folds:
         md = run_folds(caps, a.ratios, methods=tuple(a.methods))
     elif a.eps:
