@@ -43,7 +43,6 @@ from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .quantized import store_parts
 from .storage import Segment, check_stream_length, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
@@ -721,13 +720,9 @@ class _LeadStream:
         return [sg.reshape_lead(self.lead) for sg in self.stream.segments()]
 
     def flat_parts(self) -> list:
-        """The stream as attention parts with the heads flattened (``(H, …)``): its own ``flat_parts`` where it
-        has one, else the parts :func:`~balancekv.quantized.store_parts` cuts from its segments."""
-        own = getattr(self.stream, "flat_parts", None)
-        if own is not None:
-            return own()
-        H = math.prod(self.lead)
-        return [p for sg in self.stream.segments() for p in store_parts(sg, H)]
+        """The stream's attention parts with the heads flattened (``(H, …)``): an in-kind stream (the only kind whose
+        segments the cache does not hold, :meth:`CompressedKV.parts`) cuts them from its own buffers."""
+        return self.stream.flat_parts()
 
     @property
     def observes(self) -> bool:

@@ -490,7 +490,7 @@ class CompressedKV:
                 kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, POSITION_NP)
             if getattr(self._stream, "in_kind", False) and hasattr(self._stream, "push"):
                 # a stream holding its state in the cache's kind: its segments are built when asked for (a decode
-                # step's attention reads the stream's flat segments, :meth:`parts`), not reshaped every step
+                # step's attention reads the stream's flat parts, :meth:`parts`), not reshaped every step
                 self._stream.push(kw, vw, pw)
                 self._other_segs = None
                 return

@@ -444,7 +444,8 @@ class QuantizedStream:
     """
 
     #: after :meth:`to_kind` its segments are in the cache's kind as they are (codes on the device, residuals in
-    #: the storage dtypes, log-weights in the compute dtype, positions int32): a decode step converts nothing
+    #: the storage dtypes, log-weights in the compute dtype, positions int32): a decode step converts nothing, and
+    #: reads its attention parts from :meth:`flat_parts` (what an in-kind stream provides)
     segments_in_kind = True
 
     def __init__(
