@@ -39,7 +39,7 @@ import numpy as np
 from balancekv.reference import softmax_attention as ra
 
 from . import _validate as V_
-from ._arrays import Kind, cat, held_nbytes, is_torch, to_numpy, torch
+from ._arrays import Kind, cat, held_nbytes, is_torch, take_rows, to_numpy, torch
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
@@ -154,6 +154,11 @@ def max_distinct_tokens(segments) -> int:
     ok = host(cat([sg.valid() for sg in segments], -1)).astype(bool)
     pos, ok = pos.reshape(-1, pos.shape[-1]), ok.reshape(-1, ok.shape[-1])
     return max((np.unique(p[o]).size for p, o in zip(pos, ok)), default=0)
+
+
+def take_queries_rows(Q, rows):
+    """Rows ``rows`` of the query axis of a torch ``Q (H, p, ·)``."""
+    return Q.index_select(-2, torch.as_tensor(rows, dtype=torch.int64, device=Q.device))
 
 
 def host(x) -> np.ndarray:
@@ -316,39 +321,99 @@ class Work:
             return Built([exact_segment(K, Vv, np.arange(self.n))], info={"exact": True})
         return meth.build(self.Kw, self.Vw, level, self.context(name, opts, level, probes))
 
-    def query_errors(self, built: Built, probes=None, exact=None, hide_last: int = 0) -> np.ndarray:
-        """``(H, p)`` relative error of each probe query (host NumPy; computed on the path).
+    def query_errors(self, built: Built, rows=None) -> np.ndarray:
+        """``(H, p')`` relative error of the probe queries ``rows`` (indices into the probes; every probe when
+        ``None``), host NumPy, computed on the path."""
+        return self.final_errors(built, 0, rows)[0]
 
-        ``hide_last > 0`` (the eps rule's gap check, :data:`balancekv.budget.MARGIN_GAP`): the error of the
-        probes when the cache's last ``hide_last`` tokens (stream positions ``>= n - hide_last``) are hidden from
-        the exact attention and from the compressed one alike. A head whose compressed slots are all hidden has
-        error 1 there (it has nothing of the visible past: what returning zero scores)."""
-        if hide_last:
-            return self._hidden_errors(built, int(hide_last))
-        probes = self.probes if probes is None else probes
-        exact = self.exact_probe if exact is None else exact
-        return host(relative_error(segments_attention(built.segments, probes, self.scale), exact))
+    def errors_on(self, built: Built, Q, exact) -> np.ndarray:
+        """``(H, q)`` relative error of other queries ``Q`` against their ``exact`` attention (host NumPy)."""
+        return host(relative_error(segments_attention(built.segments, Q, self.scale), exact))
+
+    def final_errors(self, built: Built, hide_last: int = 0, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(errors, gap errors)``: ``(H, p')`` relative errors of the probes ``rows`` (all when ``None``) and, for
+        ``hide_last > 0`` (the eps rule's gap check, :data:`balancekv.budget.MARGIN_GAP`), ``(H, p)`` those of every
+        probe when the cache's last ``hide_last`` tokens (stream positions ``>= n - hide_last``) are hidden from the
+        exact attention and from the compressed one alike (``None`` for 0). A head whose compressed slots are all
+        hidden has gap error 1 (it has nothing of the visible past: what returning zero scores).
+
+        Torch path: the probe logits over the build's slots are computed once and serve both errors; for a build
+        whose every segment's keys are rows of the working keys (:data:`balancekv.storage.KEY_ROWS`) they are
+        gathered from the probes' logits over those keys, which the exact attention of the probes already made
+        (no key product per build). The reference path runs the definition once per error."""
+        g = int(hide_last)
+        if g and rows is not None:
+            raise ValueError("the gap check is measured on every probe (rows=None)")
+        if self.path == "torch":
+            return self._torch_errors(built, g, rows)
+        probes = self.probes if rows is None else self.probes[:, rows]
+        exact = self.exact_probe if rows is None else self.exact_probe[:, rows]
+        e = host(relative_error(segments_attention(built.segments, probes, self.scale), exact))
+        return e, (self._hidden_errors(built, g) if g else None)
+
+    def _probe_logits(self):
+        """``(H, n, p)`` the probes' scaled logits over the working keys (shared with :attr:`exact_probe`)."""
+        from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+        return probe_softmax(self.Kw, self.probes, self.scale, self.shared)[0]
+
+    def _exact_hidden_torch(self, g: int):
+        """Exact attention of every probe over the first ``n - g`` tokens, from the shared probe logits."""
+        if self._exact_hidden is None or self._exact_hidden[0] != g:
+            cut = self.n - g
+            w = torch.softmax(self._probe_logits()[:, :cut], dim=-2)
+            self._exact_hidden = (g, w.transpose(-1, -2) @ self.Vw[:, :cut])
+        return self._exact_hidden[1]
+
+    def _torch_errors(self, built: Built, g: int, rows):
+        from balancekv.fast.softmax_attention import weighted_from_logits  # noqa: PLC0415  (torch path only)
+
+        from .storage import KEY_ROWS  # noqa: PLC0415
+
+        segs = built.segments
+        K, Vv, nl, dl = _joined(segs)
+        pos = _one([s.positions for s in segs], -1)
+        if all(s.values.shape[-2] == s.m for s in segs) and all(s.meta.get(KEY_ROWS) for s in segs):
+            S = self._probe_logits()  # (H, n, p): the slots' logits are its rows at their positions
+            a = take_rows(S, pos.clamp_min(0).to(torch.int64)).transpose(-1, -2)
+            if rows is not None:
+                a = a.index_select(-2, torch.as_tensor(rows, dtype=torch.int64, device=a.device))
+        else:
+            q = self.probes if rows is None else take_queries_rows(self.probes, rows)
+            dt = Vv.dtype if Vv.dtype == torch.float64 else torch.float32
+            a = self.scale * (q.to(dt) @ K.to(dt).transpose(-1, -2))
+        if all(s.num_logw is s.den_logw for s in segs):
+            dl = nl  # one weight set: one softmax
+        exact = self.exact_probe if rows is None else take_queries_rows(self.exact_probe, rows)
+        e = host(relative_error(weighted_from_logits(a, Vv, nl, dl), exact))
+        if not g:
+            return e, None
+        hide = pos >= self.n - g
+        ninf = torch.full((), float("-inf"), dtype=nl.dtype, device=nl.device)
+        nl_h = torch.where(hide, ninf, nl)
+        dl_h = nl_h if dl is nl else torch.where(hide, ninf, dl)
+        empty = ~torch.isfinite(dl_h).any(-1)
+        if bool(empty.any()):  # a dummy slot keeps the estimator defined; the head scores 1 below
+            nl_h[empty, 0] = 0.0
+            if dl_h is not nl_h:
+                dl_h[empty, 0] = 0.0
+        eg = host(relative_error(weighted_from_logits(a, Vv, nl_h, dl_h), self._exact_hidden_torch(g)))
+        eg[host(empty).astype(bool)] = 1.0
+        return e, eg
 
     def _hidden_errors(self, built: Built, g: int) -> np.ndarray:
+        """The gap check's ``(H, p)`` errors on the reference path (the definition, run once more)."""
         cut = self.n - g
         if self._exact_hidden is None or self._exact_hidden[0] != g:
             ex = exact_attention(self.probes, self.Kw[..., :cut, :], self.Vw[..., :cut, :], self.scale)
             self._exact_hidden = (g, ex)
         K, Vv, nl, dl = _joined(built.segments)
         hide = _one([s.positions for s in built.segments], -1) >= cut
-        if is_torch(K):
-            ninf = torch.full((), float("-inf"), dtype=nl.dtype, device=nl.device)
-            nl, dl = torch.where(hide, ninf, nl), torch.where(hide, ninf, dl)
-            empty = ~torch.isfinite(dl).any(-1)
-            if bool(empty.any()):  # a dummy slot keeps the estimator defined; the head scores 1 below
-                nl[empty, 0] = 0.0
-                dl[empty, 0] = 0.0
-        else:
-            nl, dl = np.where(hide, -np.inf, nl), np.where(hide, -np.inf, dl)
-            empty = ~np.isfinite(dl).any(-1)
-            nl[empty, 0] = dl[empty, 0] = 0.0
+        nl, dl = np.where(hide, -np.inf, nl), np.where(hide, -np.inf, dl)
+        empty = ~np.isfinite(dl).any(-1)
+        nl[empty, 0] = dl[empty, 0] = 0.0
         e = host(relative_error(_weighted_attention(self.probes, K, Vv, nl, dl, self.scale), self._exact_hidden[1]))
-        e[host(empty).astype(bool)] = 1.0
+        e[empty] = 1.0
         return e
 
     def finalize(self, builts: list[Built], choice, method: str, diag: dict) -> CompressedKV:

@@ -214,8 +214,9 @@ class Scores:
 def _final_errors(work, built, g: int):
     """``(in-sample error, its SE, gap error or None)`` per head of a final build (all probes); ``g`` hidden tokens
     for the gap check (0: none). What :func:`score` and :func:`eps_search` both record for a level."""
-    e, se = _mean_se(work.query_errors(built))
-    return e, se, (work.query_errors(built, hide_last=g).mean(-1) if g else None)
+    e, eg = work.final_errors(built, g)
+    e, se = _mean_se(e)
+    return e, se, (eg.mean(-1) if g else None)
 
 
 def _mean_se(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +232,7 @@ def uses_queries(meth, opts, queries_given: bool) -> bool:
 
 
 def _cross_fit_plan(work, meth, opts, cv: CrossFit) -> tuple[list | None, str]:
-    """``(folds, rule)``: per fold ``(train probes, held-out probes, their exact attention, train rows)``
+    """``(folds, rule)``: per fold ``(train probes, held-out rows, train rows)``
     (``None``: the method is judged in sample) and the rule's description."""
     p = int(work.probes.shape[-2])
     # without queries the probes are fitted to the keys and the method selects with the last keys: the
@@ -248,20 +249,19 @@ def _cross_fit_plan(work, meth, opts, cv: CrossFit) -> tuple[list | None, str]:
     data = []
     for held in folds:
         train = np.setdiff1d(np.arange(p), held)
-        q_train, q_held = take_queries(work.probes, train), take_queries(work.probes, held)
-        data.append((q_train, q_held, take_queries(work.exact_probe, held), train))
+        data.append((take_queries(work.probes, train), held, train))
     scheme = cv.scheme or FOLD_SCHEME
     return data, f"cross-fitted: {cv.folds} {scheme} folds, {cv.margin:g} x (validated error + {cv.z:g} SE) <= eps"
 
 
 def fold_probes(fold) -> tuple:
     """``(probes, probe_rows)`` of a fold's builds (its training queries and their rows)."""
-    return fold[0], fold[3]
+    return fold[0], fold[2]
 
 
 def _held_out(work, fold_builts, folds) -> tuple[np.ndarray, np.ndarray]:
     """Validated error and SE per head of one level from its fold builds (one per fold)."""
-    e = [work.query_errors(b, q_held, exact) for b, (_, q_held, exact, _) in zip(fold_builts, folds)]
+    e = [work.query_errors(b, held) for b, (_, held, _) in zip(fold_builts, folds)]
     return _mean_se(np.concatenate(e, axis=-1))
 
 

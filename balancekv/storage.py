@@ -164,6 +164,7 @@ class Segment:
             num_logw=w(self.num_logw),
             den_logw=w(self.den_logw),
             positions=p(self.positions),
+            meta={k: v for k, v in self.meta.items() if k != KEY_ROWS},
         )
 
     def reshape_lead(self, lead: tuple) -> Segment:
@@ -214,6 +215,20 @@ class Segment:
 def dense_segment(K, V, num_logw, den_logw, positions, label: str = "") -> Segment:
     """A segment of dense keys ``K (…, m, d)`` and values ``V (…, m, s)`` (all arrays of one kind)."""
     return Segment(DenseStore(K), DenseStore(V), num_logw, den_logw, as_positions(positions, K), label)
+
+
+#: ``Segment.meta`` key: the segment's keys are rows ``positions`` of the keys its build was given, bit for bit
+#: (set by :func:`input_rows_segment`; dropped by ``to_kind``, whose dtype may round them). A ``compress`` call then
+#: scores the segment from the probes' logits over its working keys (``Work``), without a key product of its own.
+KEY_ROWS = "key_rows"
+
+
+def input_rows_segment(K, V, idx, num_logw, den_logw, label: str = "") -> Segment:
+    """A dense segment of the tokens ``idx (…, m)`` of ``K`` and ``V``, at those positions (marked
+    :data:`KEY_ROWS`)."""
+    sg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), num_logw, den_logw, idx, label)
+    sg.meta[KEY_ROWS] = True
+    return sg
 
 
 def exact_segment(K, V, positions, label: str = "exact", weight_dtype: Any = None) -> Segment:

@@ -45,13 +45,13 @@ METHODS = ("balance", "balance+quant")
 
 
 def hidden_errors(work, levels, builts, g: int) -> np.ndarray:
-    """``(L, H)`` the gap check's error of each level (``Work.query_errors(..., hide_last=g)``), NaN if not built."""
+    """``(L, H)`` the gap check's error of each level (``Work.final_errors(..., g)``), NaN if not built."""
     rows = []
     for lv, b in zip(levels, builts):
         if lv is None:
             rows.append(np.zeros(work.H))
         else:
-            rows.append(np.full(work.H, np.nan) if b is None else work.query_errors(b, hide_last=g).mean(-1))
+            rows.append(np.full(work.H, np.nan) if b is None else work.final_errors(b, g)[1].mean(-1))
     return np.stack(rows)
 
 
@@ -66,7 +66,7 @@ def collect(text: str, offset: int, seed: int = 0) -> list[dict]:
             [
                 np.zeros(work.H)
                 if lv is None
-                else (np.full(work.H, np.nan) if b is None else work.query_errors(b, Qf, exf).mean(-1))
+                else (np.full(work.H, np.nan) if b is None else work.errors_on(b, Qf, exf).mean(-1))
                 for lv, b in zip(levels, builts)
             ]
         )

@@ -51,6 +51,33 @@ def attention(Q, K, V, scale=None, causal: bool = False) -> torch.Tensor:
     return weighted_attention(Q, K, V, zeros, zeros, scale, key_positions=kp, query_positions=qp)
 
 
+def weighted_from_logits(a, V, num_logw, den_logw) -> torch.Tensor:
+    """The estimator of :func:`weighted_attention` from its logits: ``a (..., p, m)`` already scaled (``scale <q, k>``),
+    values ``V (..., m, s)``, log-weights ``(..., m)``; computed in ``a``'s dtype, each sum shifted by its own
+    maximum. A caller that already holds the logits (the probes' over the working keys, shared by a ``compress``
+    call) skips the key product. One weight set (``den_logw is num_logw``): one softmax. ``FloatingPointError`` if
+    a query has no slot in the denominator or the ratio of the two sets' maxima overflows."""
+    dt = a.dtype
+    Vd = V.to(dt)
+    an = a + num_logw.to(dt).unsqueeze(-2)
+    if den_logw is num_logw:
+        if not bool(torch.isfinite(an.amax(-1)).all()):
+            raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
+        return torch.softmax(an, dim=-1) @ Vd
+    ad = a + den_logw.to(dt).unsqueeze(-2)
+    mn, md = an.amax(-1, keepdim=True), ad.amax(-1, keepdim=True)
+    if not bool(torch.isfinite(md).all()):
+        raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
+    fin = torch.isfinite(mn)
+    mn_s = torch.where(fin, mn, torch.zeros_like(mn))
+    sn = torch.exp(an - mn_s) @ Vd
+    sd = torch.exp(ad - md).sum(-1, keepdim=True)
+    f = torch.exp(torch.where(fin, mn - md, torch.full_like(mn, float("-inf"))))
+    if not bool(torch.isfinite(f).all()):
+        raise FloatingPointError("overflow: the numerator's largest weight exceeds the denominator's beyond range")
+    return f * sn / sd
+
+
 def probe_softmax(K, probes, scale: float, shared: dict | None = None):
     """``(logits, weights)``, both ``(H, n, p)``: ``scale <k_i, q_l>`` and its softmax over the tokens, for every
     probe ``q_l (H, p, d)``. Several consumers read them (the exact attention of the probes, heavy-hitter scores,

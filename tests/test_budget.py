@@ -452,7 +452,7 @@ def test_gap_error_is_the_error_with_the_cache_end_hidden_from_both_attentions()
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_gap_error_is_one_for_a_head_whose_every_slot_is_hidden(kind):
-    """``Work.query_errors(..., hide_last=g)``: a level whose cache holds only the last ``g`` tokens has nothing of
+    """``Work.final_errors(..., g)``: a level whose cache holds only the last ``g`` tokens has nothing of
     the visible past, so its gap error is 1 on every head (what returning zero scores), on both paths. StreamingLLM
     with ``sink=0`` keeps just the recent window: at keep 1/16 of 1024 tokens (64 slots) that window lies inside the
     128 hidden tokens; at keep 1/2 it does not. Control: without the branch the dummy slot that keeps the estimator

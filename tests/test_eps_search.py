@@ -120,7 +120,7 @@ def test_early_stopping_chooses_what_judging_every_level_would(monkeypatch, data
     builts = [work.build(s["name"], s["meth"], s["opts"], lv) for lv in levels]
     full = budget.score(work, s["name"], s["meth"], s["opts"], levels, builts, s["cv"])
     g = budget.gap_tokens(work.n)  # the gap check of the search, on every level
-    full.gap = np.stack([np.zeros(work.H)] + [work.query_errors(b, hide_last=g).mean(-1) for b in builts[1:]])
+    full.gap = np.stack([np.zeros(work.H)] + [work.final_errors(b, g)[1].mean(-1) for b in builts[1:]])
     ok = full.bound() <= eps
     per_head = np.array([balancekv.api.held_nbytes(b.segments, b.stream) / work.H for b in builts])
     want = budget.cheapest_meeting(full, per_head[:, None] * np.ones((1, work.H)), eps, exact_index=0)

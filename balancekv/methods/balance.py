@@ -48,7 +48,7 @@ from balancekv.reference.blocked_balance import (
 )
 
 from .._arrays import is_torch, torch
-from ..storage import dense_segment, gather_tokens
+from ..storage import input_rows_segment
 from .balance_stream import BalanceStream, capped_stream, check_cap_options
 from .base import Built, Method, check_float_option, check_int_option, halving_levels
 
@@ -234,7 +234,7 @@ class Balance(Method):
                     mid = mid & ~np.isin(idx, protect)
                 den = np.where(mid, R * np.log(2.0), 0.0)
         den = den.clone() if is_torch(den) else den.copy()
-        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), lw, den, idx, self.name)
+        seg = input_rows_segment(K, V, idx, lw, den, self.name)
         m = idx.shape[1]
         info = {
             "kept": m,

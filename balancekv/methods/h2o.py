@@ -36,7 +36,7 @@ import numpy as np
 from balancekv.reference import selection as rs
 
 from .._arrays import is_torch, take_rows, torch
-from ..storage import DenseStore, Segment, exact_segment, gather_tokens
+from ..storage import KEY_ROWS, DenseStore, Segment, exact_segment, gather_tokens
 from .base import Built, Method, check_float_option, kept_count
 
 
@@ -126,8 +126,10 @@ def select_top(scores, budget: int, recent: int):
 
 
 def selected_segment(K, V, idx, label):
-    """The tokens ``idx (H, m)`` kept exactly, at their stream positions."""
-    return exact_segment(gather_tokens(K, idx), gather_tokens(V, idx), idx, label)
+    """The tokens ``idx (H, m)`` kept exactly, at their stream positions (keys rows of ``K``: :data:`KEY_ROWS`)."""
+    sg = exact_segment(gather_tokens(K, idx), gather_tokens(V, idx), idx, label)
+    sg.meta[KEY_ROWS] = True
+    return sg
 
 
 class OnlineH2OStream:

@@ -7,7 +7,7 @@ import numpy as np
 from balancekv.reference.sampling import uniform_sample_indices
 
 from .._arrays import host_uniforms
-from ..storage import dense_segment, gather_tokens
+from ..storage import input_rows_segment
 from .base import Built, Method, kept_count
 
 
@@ -20,7 +20,7 @@ class Uniform(Method):
         m = kept_count(level["keep"], n)
         idx = uniform_sample_indices(n, m, H, ctx.rng)
         logw = np.full((H, m), np.log(n / m))
-        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), logw, logw.copy(), idx, "uniform")
+        seg = input_rows_segment(K, V, idx, logw, logw.copy(), "uniform")
         return Built([seg], info={"kept": m})
 
     def build_torch(self, K, V, level, ctx):
@@ -31,5 +31,5 @@ class Uniform(Method):
         keys = host_uniforms(ctx.rng, (H, n), K)  # the reference's draws, so the same tokens
         idx = torch.sort(torch.sort(keys, dim=-1, stable=True).indices[:, :m], dim=-1).values
         logw = torch.full((H, m), float(np.log(n / m)), dtype=K.dtype, device=K.device)
-        seg = dense_segment(gather_tokens(K, idx), gather_tokens(V, idx), logw, logw.clone(), idx, "uniform")
+        seg = input_rows_segment(K, V, idx, logw, logw.clone(), "uniform")
         return Built([seg], info={"kept": m})
