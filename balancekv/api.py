@@ -375,14 +375,14 @@ class Work:
         pos = _one([s.positions for s in segs], -1)
         if all(s.values.shape[-2] == s.m for s in segs) and all(s.meta.get(KEY_ROWS) for s in segs):
             S = self._probe_logits()  # (H, n, p): the slots' logits are its rows at their positions
-            a = take_rows(S, pos.clamp_min(0).to(torch.int64)).transpose(-1, -2)
             if rows is not None:
-                a = a.index_select(-2, torch.as_tensor(rows, dtype=torch.int64, device=a.device))
+                S = S.index_select(-1, torch.as_tensor(rows, dtype=torch.int64, device=S.device))
+            a = take_rows(S, pos.clamp_min(0).to(torch.int64))  # (H, m, p')
         else:
             q = self.probes if rows is None else take_queries_rows(self.probes, rows)
             dt = Vv.dtype if Vv.dtype == torch.float64 else torch.float32
-            a = self.scale * (q.to(dt) @ K.to(dt).transpose(-1, -2))
-        if all(s.num_logw is s.den_logw for s in segs):
+            a = self.scale * (K.to(dt) @ q.to(dt).transpose(-1, -2))
+        if all(s.num_logw is s.den_logw for s in segs) or torch.equal(nl, dl):
             dl = nl  # one weight set: one softmax
         exact = self.exact_probe if rows is None else take_queries_rows(self.exact_probe, rows)
         e = host(relative_error(weighted_from_logits(a, Vv, nl, dl), exact))

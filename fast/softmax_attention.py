@@ -52,30 +52,32 @@ def attention(Q, K, V, scale=None, causal: bool = False) -> torch.Tensor:
 
 
 def weighted_from_logits(a, V, num_logw, den_logw) -> torch.Tensor:
-    """The estimator of :func:`weighted_attention` from its logits: ``a (..., p, m)`` already scaled (``scale <q, k>``),
-    values ``V (..., m, s)``, log-weights ``(..., m)``; computed in ``a``'s dtype, each sum shifted by its own
-    maximum. A caller that already holds the logits (the probes' over the working keys, shared by a ``compress``
-    call) skips the key product. One weight set (``den_logw is num_logw``): one softmax. ``FloatingPointError`` if
-    a query has no slot in the denominator or the ratio of the two sets' maxima overflows."""
+    """The estimator of :func:`weighted_attention` from its logits, ``(..., p, s)``: ``a (..., m, p)`` the scaled
+    logits ``scale <k_i, q_j>`` slot by query (the layout of :func:`probe_softmax`), values ``V (..., m, s)``,
+    log-weights ``(..., m)``; computed in ``a``'s dtype, each sum shifted by its own maximum. A caller that
+    already holds the logits (the probes' over the working keys, shared by a ``compress`` call) skips the key
+    product. Equal weight sets (the same tensor, or equal values): one softmax. ``FloatingPointError`` if a
+    query has no slot in the denominator or the ratio of the two sets' maxima overflows."""
     dt = a.dtype
     Vd = V.to(dt)
-    an = a + num_logw.to(dt).unsqueeze(-2)
-    if den_logw is num_logw:
-        if not bool(torch.isfinite(an.amax(-1)).all()):
+    nl = num_logw.to(dt)
+    an = a + nl.unsqueeze(-1)
+    if den_logw is num_logw or (den_logw.shape == num_logw.shape and torch.equal(den_logw.to(dt), nl)):
+        if not bool(torch.isfinite(an.amax(-2)).all()):
             raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
-        return torch.softmax(an, dim=-1) @ Vd
-    ad = a + den_logw.to(dt).unsqueeze(-2)
-    mn, md = an.amax(-1, keepdim=True), ad.amax(-1, keepdim=True)
+        return torch.softmax(an, dim=-2).transpose(-1, -2) @ Vd
+    ad = a + den_logw.to(dt).unsqueeze(-1)
+    mn, md = an.amax(-2, keepdim=True), ad.amax(-2, keepdim=True)
     if not bool(torch.isfinite(md).all()):
         raise FloatingPointError("a query has no slot in the denominator: the estimate is undefined")
     fin = torch.isfinite(mn)
     mn_s = torch.where(fin, mn, torch.zeros_like(mn))
-    sn = torch.exp(an - mn_s) @ Vd
-    sd = torch.exp(ad - md).sum(-1, keepdim=True)
-    f = torch.exp(torch.where(fin, mn - md, torch.full_like(mn, float("-inf"))))
+    sn = torch.exp(an - mn_s).transpose(-1, -2) @ Vd  # (..., p, s)
+    sd = torch.exp(ad - md).sum(-2)  # (..., p)
+    f = torch.exp(torch.where(fin, mn - md, torch.full_like(mn, float("-inf"))))[..., 0, :]
     if not bool(torch.isfinite(f).all()):
         raise FloatingPointError("overflow: the numerator's largest weight exceeds the denominator's beyond range")
-    return f * sn / sd
+    return (f / sd)[..., None] * sn
 
 
 def probe_softmax(K, probes, scale: float, shared: dict | None = None):
