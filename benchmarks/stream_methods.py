@@ -89,11 +89,27 @@ def run(P, method, keep, opts, seed=0):
 
 
 def uniform_at_bytes(P, nbytes, seed=0):
+    return baseline_at_bytes(P, "uniform", nbytes, seed)
+
+
+def baseline_at_bytes(P, method, nbytes, seed=0):
+    """``(error, nbytes)`` of ``method`` (``uniform`` or ``streaming``) at the most kept tokens whose cache holds at
+    most ``nbytes`` (bisection on the kept count; one token per head if even that is more)."""
     n = P["K"].shape[1]
-    probe = balancekv.compress(P["K"], P["V"], keep=0.5, method="uniform", seed=seed)
-    per_tok = probe.nbytes / probe.kept().max()
-    keep = min(1.0, max(1.0 / n, nbytes / per_tok / n))
-    c, e, _ = run(P, "uniform", keep, {}, seed)
+    fits = {}
+
+    def build(m):
+        if m not in fits:
+            fits[m] = run(P, method, m / n, {}, seed)[:2]
+        return fits[m]
+
+    lo, hi = 1, n
+    if build(n)[0].nbytes <= nbytes:
+        lo = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if build(mid)[0].nbytes <= nbytes else (lo, mid)
+    c, e = build(lo)
     return e, c.nbytes
 
 
@@ -112,16 +128,23 @@ def cmd_errors(args):
                         opts[k] = type(opts.get(k, 0.0))(v) if k in opts else _parse(v)
                 c, e, dt = run(P, method, rate, opts)
                 eu, ub = uniform_at_bytes(P, c.nbytes)
-                ur = ub / c.input_nbytes
-                rows.append((layer, rate, name, e, c.ratio, eu, ur, dt))
-                ur = ub / c.input_nbytes
+                es, sb = baseline_at_bytes(P, "streaming", c.nbytes)
+                ur, sr = ub / c.input_nbytes, sb / c.input_nbytes
+                rows.append((layer, rate, name, e, c.ratio, eu, ur, es, sr, dt))
                 print(f"L{layer:<3d} 1/{round(1 / rate)}  {name:24s} err {e:8.3f}  ratio {c.ratio:.3f}   "
-                      f"uniform@bytes {eu:.3f} (ratio {ur:.3f})  {dt * 1e3:7.1f} ms", flush=True)  # fmt: skip
+                      f"uniform@bytes {eu:.3f} (ratio {ur:.3f})  streaming@bytes {es:.3f} (ratio {sr:.3f})  "
+                      f"{dt * 1e3:7.1f} ms", flush=True)  # fmt: skip
     print()
-    print("| layer | rate | method | error | ratio | uniform at equal bytes | method / uniform |")
-    print("|---|---|---|---|---|---|---|")
-    for layer, rate, name, e, r, eu, ur, _ in rows:
-        print(f"| {layer} | 1/{round(1 / rate)} | {name} | {e:.3f} | {r:.3f} | {eu:.3f} ({ur:.3f}) | {e / eu:.2f} |")
+    print(
+        "| layer | rate | method | error | ratio | uniform at equal bytes (ratio) | method / uniform "
+        "| StreamingLLM at equal bytes (ratio) | method / StreamingLLM |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for layer, rate, name, e, r, eu, ur, es, sr, _ in rows:
+        print(
+            f"| {layer} | 1/{round(1 / rate)} | {name} | {e:.3f} | {r:.3f} | {eu:.3f} ({ur:.3f}) | {e / eu:.2f} "
+            f"| {es:.3f} ({sr:.3f}) | {e / es:.2f} |"
+        )
 
 
 def _parse(v):
