@@ -40,10 +40,11 @@ from balancekv.reference import softmax_attention as ra
 
 from . import _validate as V_
 from ._arrays import Kind, cat, held_nbytes, is_torch, take_rows, to_numpy, torch
+from .budget import take_queries
 from .compressed import BACKENDS, CompressedKV, RaggedKV
 from .methods import get_method
 from .methods.base import CAPPED, Built, Context
-from .storage import Segment, check_stream_length, exact_segment
+from .storage import KEY_ROWS, Segment, check_stream_length, exact_segment
 
 GUARANTEES = ("empirical", "theorem")
 MAX_PROBES = 64
@@ -154,11 +155,6 @@ def max_distinct_tokens(segments) -> int:
     ok = host(cat([sg.valid() for sg in segments], -1)).astype(bool)
     pos, ok = pos.reshape(-1, pos.shape[-1]), ok.reshape(-1, ok.shape[-1])
     return max((np.unique(p[o]).size for p, o in zip(pos, ok)), default=0)
-
-
-def take_queries_rows(Q, rows):
-    """Rows ``rows`` of the query axis of a torch ``Q (H, p, ·)``."""
-    return Q.index_select(-2, torch.as_tensor(rows, dtype=torch.int64, device=Q.device))
 
 
 def host(x) -> np.ndarray:
@@ -346,8 +342,8 @@ class Work:
             raise ValueError("the gap check is measured on every probe (rows=None)")
         if self.path == "torch":
             return self._torch_errors(built, g, rows)
-        probes = self.probes if rows is None else self.probes[:, rows]
-        exact = self.exact_probe if rows is None else self.exact_probe[:, rows]
+        probes = self.probes if rows is None else take_queries(self.probes, rows)
+        exact = self.exact_probe if rows is None else take_queries(self.exact_probe, rows)
         e = host(relative_error(segments_attention(built.segments, probes, self.scale), exact))
         return e, (self._hidden_errors(built, g) if g else None)
 
@@ -368,23 +364,21 @@ class Work:
     def _torch_errors(self, built: Built, g: int, rows):
         from balancekv.fast.softmax_attention import weighted_from_logits  # noqa: PLC0415  (torch path only)
 
-        from .storage import KEY_ROWS  # noqa: PLC0415
-
         segs = built.segments
         K, Vv, nl, dl = _joined(segs)
         pos = _one([s.positions for s in segs], -1)
-        if all(s.values.shape[-2] == s.m for s in segs) and all(s.meta.get(KEY_ROWS) for s in segs):
+        if all(s.meta.get(KEY_ROWS) for s in segs):
             S = self._probe_logits()  # (H, n, p): the slots' logits are its rows at their positions
             if rows is not None:
                 S = S.index_select(-1, torch.as_tensor(rows, dtype=torch.int64, device=S.device))
             a = take_rows(S, pos.clamp_min(0).to(torch.int64))  # (H, m, p')
         else:
-            q = self.probes if rows is None else take_queries_rows(self.probes, rows)
+            q = self.probes if rows is None else take_queries(self.probes, rows)
             dt = Vv.dtype if Vv.dtype == torch.float64 else torch.float32
             a = self.scale * (K.to(dt) @ q.to(dt).transpose(-1, -2))
         if all(s.num_logw is s.den_logw for s in segs) or torch.equal(nl, dl):
             dl = nl  # one weight set: one softmax
-        exact = self.exact_probe if rows is None else take_queries_rows(self.exact_probe, rows)
+        exact = self.exact_probe if rows is None else take_queries(self.exact_probe, rows)
         e = host(relative_error(weighted_from_logits(a, Vv, nl, dl), exact))
         if not g:
             return e, None

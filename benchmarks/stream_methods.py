@@ -14,7 +14,8 @@ the last 66 prompt queries of each KV head's query group); the next 128 queries 
 attend to the compressed prefix (grouped-query: each KV head serves its 3 query heads); the error is
 the mean over queries and heads of ``||z - Attn|| / ||Attn||``. Uniform sampling is run at *equal
 bytes*: with the kept fraction whose ``nbytes`` matches the method's (``nbytes`` = every array the
-cache holds, incl. the stream's state).
+cache holds, incl. the stream's state), and StreamingLLM likewise (the most kept tokens within the method's bytes).
+``--seeds S`` averages the method and uniform over seeds ``0 .. S-1``.
 """
 
 from __future__ import annotations
@@ -126,9 +127,13 @@ def cmd_errors(args):
                     if kv.startswith(name + "."):
                         k, v = kv[len(name) + 1 :].split("=")
                         opts[k] = type(opts.get(k, 0.0))(v) if k in opts else _parse(v)
-                c, e, dt = run(P, method, rate, opts)
-                eu, ub = uniform_at_bytes(P, c.nbytes)
-                es, sb = baseline_at_bytes(P, "streaming", c.nbytes)
+                # the mean over seeds of the method and of uniform at each seed's bytes (StreamingLLM draws nothing)
+                got = [run(P, method, rate, opts, seed) for seed in range(args.seeds)]
+                c, dt = got[0][0], got[0][2]
+                e = float(np.mean([g[1] for g in got]))
+                us = [uniform_at_bytes(P, g[0].nbytes, seed) for seed, g in enumerate(got)]
+                eu, ub = float(np.mean([u[0] for u in us])), max(u[1] for u in us)
+                es, sb = baseline_at_bytes(P, "streaming", min(g[0].nbytes for g in got))
                 ur, sr = ub / c.input_nbytes, sb / c.input_nbytes
                 rows.append((layer, rate, name, e, c.ratio, eu, ur, es, sr, dt))
                 print(f"L{layer:<3d} 1/{round(1 / rate)}  {name:24s} err {e:8.3f}  ratio {c.ratio:.3f}   "
@@ -228,6 +233,7 @@ def main():
     e.add_argument("--n", type=int, default=2048)
     e.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     e.add_argument("--methods", default="")
+    e.add_argument("--seeds", type=int, default=1, help="seeds averaged for the method and uniform (default 1)")
     e.add_argument("--opt", action="append", help="method.option=value, e.g. subgen.window_frac=0.5")
     m = sub.add_parser("memory")
     m.add_argument("--n-mem", type=int, default=1024)
