@@ -496,14 +496,19 @@ class Fitter:
         return self.nbytes(level) <= self.budget
 
     def largest(self, level_of) -> object | bool:
-        """The level of the most tokens ``B`` that fits (bisection on ``B``, every probe billed); ``False``
-        when even one token per head does not fit."""
+        """The level of the most tokens ``B`` that fits (bisection on ``B`` above the smallest fitting power of two,
+        every probe billed); ``False`` when no ``B`` fits."""
         n = self.work.n
-        if not self.fits(level_of(1)):
-            return False
+        lo = 1
+        # a method without a configuration that small falls back to the exact cache there (balance-stream's
+        # joint sets): the smallest fitting count is then found by doubling, and the bisection runs above it
+        while not self.fits(level_of(lo)):
+            if lo >= n:
+                return False
+            lo = min(2 * lo, n)
         if self.fits(level_of(n)):
             return level_of(n)
-        lo, hi = 1, n
+        hi = n
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.fits(level_of(mid)) else (lo, mid)

@@ -298,7 +298,7 @@ def budget_tag():
 
 # ---------------------------------------------------------------------- item 4: ratio
 RATIO_METHODS = ["balance", "uniform-halving", "snapkv", "h2o", "uniform", "streaming", "quant", "minikv"]
-RATIO_METHODS += ["balance+quant"]
+RATIO_METHODS += ["balance+quant", "balance-stream", "subgen"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -321,9 +321,24 @@ def test_ratio_never_exceeds_its_byte_budget(n, r, method, queries, f32):
         assert f"ratio={r:g}" in str(e) and "smallest achievable ratio" in str(e)
         smallest = float(str(e).split("smallest achievable ratio here is ")[1].split()[0])
         assert smallest > r
+        # the minimum named is achievable (balance-stream once named the exact cache's 1.03 at every ratio)
+        c = balancekv.compress(K, V, ratio=smallest * (1 + 1e-3), method=method, queries=Q, seed=0, **opts)
+        assert c.nbytes <= smallest * (1 + 1e-3) * c.input_nbytes
         return
     assert c.nbytes <= r * c.input_nbytes
     assert c.ratio <= r
+
+
+@pytest.mark.parametrize("method", ["balance-stream", "subgen"])
+def test_ratio_compresses_the_streaming_methods(method):
+    """``ratio=`` holds a compressed cache within the budget for the streaming methods too. Control: balance-stream
+    has no configuration for a one-token budget (its ``level_for_keep`` gives the exact cache there), and the search,
+    which started from one token, refused every ratio below the exact cache's 1.03."""
+    rng = np.random.default_rng(0)
+    K, V = 0.5 * rng.standard_normal((2, 512, 32)), rng.standard_normal((2, 512, 32)) + 1
+    for r in (0.9, 0.25):
+        c = balancekv.compress(K, V, ratio=r, method=method, seed=0)
+        assert c.nbytes <= r * c.input_nbytes and 0 < c.kept().max() < 512 * r, (method, r)
 
 
 def test_ratio_uses_the_budget():
