@@ -681,7 +681,15 @@ def compress(
             # every token too, at its bits)
             level = None if (keep == 1 and meth.selects_tokens) else meth.level_for_keep(keep, n, opts)
         else:
-            ctx = Context(scale=scale, rng=level_rng(entropy, method, None), probes=select, delta=delta, opts=opts)
+            ctx = Context(
+                scale=scale,
+                rng=level_rng(entropy, method, None),
+                probes=select,
+                delta=delta,
+                opts=opts,
+                queries_given=queries is not None,
+                backend=method_backend,
+            )
             level = meth.theorem_level(Kw, Vw, eps, ctx)
             diag["theorem_exact"] = level is None
         built = work.build(method, meth, opts, level)

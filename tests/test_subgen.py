@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from balancekv.reference.softmax_attention import attention, relative_error, weighted_attention
 from balancekv.reference.subgen import fold_scale, greedy_k_center, online_clusters, subgen_offline, subgen_stream
 from hypothesis import given, settings
@@ -327,6 +328,23 @@ def test_theorem_mode_exact_when_bound_needs_everything_and_compresses_when_easy
     assert level is not None and level["t"] == 1 and level["s_num"] < n
     c = balancekv.compress(K, V, 0.5, method="subgen", guarantee="theorem", delta=0.5, variant="stream", seed=0)
     assert not c.diagnostics["theorem_exact"] and int(c.kept()[0]) < n
+
+
+@pytest.mark.parametrize("variant", ["stream", "offline"])
+def test_theorem_mode_on_torch_certifies_the_reference_level(variant):
+    """guarantee='theorem' with torch input runs on torch (it raised a TypeError: NumPy code on tensors) and
+    certifies the level the NumPy reference certifies (float64: the same constants, clusters and sizes)."""
+    rng = np.random.default_rng(0)
+    n, d = 3000, 4
+    K = 1e-4 * rng.normal(size=(2, n, d))
+    V = np.ones((2, n, 2)) * rng.uniform(0.5, 1.5, size=(2, n, 1))
+    got = {}
+    for kind in ("numpy", "torch"):
+        Ki, Vi = (torch.from_numpy(K), torch.from_numpy(V)) if kind == "torch" else (K, V)
+        c = balancekv.compress(Ki, Vi, 0.5, method="subgen", guarantee="theorem", delta=0.5, variant=variant, seed=0)
+        assert isinstance(c.keys, torch.Tensor) == (kind == "torch")
+        got[kind] = (c.diagnostics["levels"], c.diagnostics["theorem_exact"])
+    assert got["torch"] == got["numpy"] and not got["numpy"][1]
 
 
 # ---------------------------------------------------------------------- edge cases

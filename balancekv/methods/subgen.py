@@ -245,19 +245,63 @@ class SubGen(Method):
         return np.asarray([gkc(fold_scale(K[h], ctx.scale), m)[2].max() for h in range(H)])
 
     def _clusterings(self, K, ctx, m=None):
-        """Per head ``(assign, dist)`` of the clustering the level uses (deterministic, NumPy input)."""
+        """Per head ``(clusters, largest cluster radius, cluster sizes)`` of the clustering the level uses
+        (deterministic; torch: every head at once on the device, the sizes as a tensor)."""
         out = []
+        if is_torch(K):
+            backend = "torch" if ctx.backend == "reference" else ctx.backend
+            if ctx.opts["variant"] == "offline":
+                _, assign, dist = resolve("greedy_k_center", backend)(ctx.scale * K, m)
+            else:
+                thr = torch.as_tensor(self._thresholds(K, ctx), device=K.device)
+                _, assign, dist = resolve("online_clusters", backend)(ctx.scale * K, thr)
+            for h in range(K.shape[0]):
+                sizes = torch.bincount(assign[h])
+                out.append((int(sizes.numel()), float(dist[h].max()), sizes))
+            return out
         if ctx.opts["variant"] == "offline":
             gkc = resolve("greedy_k_center", ctx.backend)
             for h in range(K.shape[0]):
                 _, assign, dist = gkc(fold_scale(K[h], ctx.scale), m)
-                out.append((assign, dist))
+                out.append((int(assign.max()) + 1, float(dist.max()), np.bincount(assign)))
         else:
             thr = self._thresholds(K, ctx)
             onc = resolve("online_clusters", ctx.backend)
             for h in range(K.shape[0]):
                 _, assign, dist = onc(fold_scale(K[h], ctx.scale), thr[h])
-                out.append((assign, dist))
+                out.append((int(assign.max()) + 1, float(dist.max()), np.bincount(assign)))
+        return out
+
+    @staticmethod
+    def _theorem_scalars(K, V, probes, scale):
+        """Per head ``(min over probes of ||Attn(q)|| / (||softmax(q)||_2 ||V||_op), largest probe norm, ||V||_op,
+        stable rank of V)`` on the path of ``K`` (``ratio = inf`` when ``V = 0``: every estimate is exactly 0)."""
+        out = []
+        if is_torch(K):
+            dt = torch.float64 if K.dtype == torch.float64 else torch.float32
+            Kd, Vd, Pd = K.to(dt), V.to(dt), probes.to(dt)
+            p = torch.softmax(scale * (Pd @ Kd.transpose(-1, -2)), dim=-1)  # (H, p, n)
+            exact = p @ Vd
+            for h in range(K.shape[0]):
+                op = float(torch.linalg.matrix_norm(Vd[h], 2))
+                if op == 0.0:
+                    out.append((math.inf, 0.0, 0.0, 0.0))
+                    continue
+                ratio = torch.linalg.vector_norm(exact[h], dim=-1) / (torch.linalg.vector_norm(p[h], dim=-1) * op)
+                srank = float((Vd[h] * Vd[h]).sum()) / op**2
+                out.append((float(ratio.min()), float(torch.linalg.vector_norm(Pd[h], dim=-1).max()), op, srank))
+            return out
+        exact = ra.attention(probes, K, V, scale)
+        for h in range(K.shape[0]):
+            a = scale * probes[h] @ K[h].T
+            p = np.exp(a - a.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            op = float(np.linalg.norm(V[h], 2))
+            if op == 0.0:
+                out.append((math.inf, 0.0, 0.0, 0.0))
+                continue
+            ratio = np.linalg.norm(exact[h], axis=-1) / (np.linalg.norm(p, axis=-1) * op)
+            out.append((float(ratio.min()), float(np.linalg.norm(probes[h], axis=-1).max()), op, stable_rank(V[h])))
         return out
 
     def build_reference(self, K, V, level, ctx):
@@ -384,30 +428,21 @@ class SubGen(Method):
         opts = ctx.opts
         m = min(centres(opts, "l2"), n)
         clus = self._clusterings(K, ctx, m)
-        exact = ra.attention(ctx.probes, K, V, ctx.scale)
         T, S = 1, 1
-        for h in range(H):
-            a = ctx.scale * ctx.probes[h] @ K[h].T
-            p = np.exp(a - a.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
-            op = np.linalg.norm(V[h], 2)
+        for h, (ratio, r, op, srank) in enumerate(self._theorem_scalars(K, V, ctx.probes, ctx.scale)):
             if op == 0.0:
                 continue  # V = 0: every estimate is exactly 0
-            ratio = np.linalg.norm(exact[h], axis=-1) / (np.linalg.norm(p, axis=-1) * op)
-            eps_h = eps * float(ratio.min())
+            eps_h = eps * ratio
             if eps_h <= 0.0:
                 return None
-            r = float(np.linalg.norm(ctx.probes[h], axis=-1).max())
-            assign, dist = clus[h]
-            t, s = subgen_sample_sizes(
-                min(eps_h, 1.0), r, float(dist.max()), int(assign.max()) + 1, stable_rank(V[h]), ctx.delta
-            )
+            clusters, radius, _ = clus[h]
+            t, s = subgen_sample_sizes(min(eps_h, 1.0), r, radius, clusters, srank, ctx.delta)
             T, S = max(T, t), max(S, s)
         if not np.isfinite(T):
             return None
-        for assign, _ in clus:
-            sizes = np.bincount(assign)
-            if S + np.minimum(sizes, T).sum() >= n:
+        for _, _, sizes in clus:
+            held = sizes.clamp(max=T).sum() if is_torch(sizes) else np.minimum(sizes, T).sum()
+            if S + int(held) >= n:
                 return None
         level = {"t": int(T), "s_num": int(S)}
         if opts["variant"] == "offline":
