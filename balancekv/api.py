@@ -736,7 +736,7 @@ def compress(
         # to the more compressed index
         per_head = np.array([np.inf if b is None else held_nbytes(b.segments, b.stream) / H for b in builts])
         choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
-        choice = budget.uniform_if_not_dearer(work, builts, choice, per_head, sc.bound() <= eps)
+        choice = budget.uniform_if_not_dearer(work, builts, choice, per_head, sc.meets(eps))
         diag.update(sc.diagnostics(choice))
         diag["levels_built"] = [i for i, b in enumerate(builts) if b is not None]
     infos = [{"built": False} if b is None else b.info for b in builts]

@@ -154,6 +154,17 @@ class Scores:
             b = np.fmax(b, self.margin * self.gap_margin * self.gap)
         return b
 
+    def meets(self, eps: float) -> np.ndarray:
+        """``(L, H)`` rows that meet ``eps`` on their own (before the monotone rule of :func:`cheapest_meeting`)."""
+        return (self.bound() <= eps) & ~self.worse_than_zero()
+
+    def worse_than_zero(self) -> np.ndarray:
+        """``(L, H)`` rows whose measured error (validated or in-sample, or the gap check's) is at least 1: an estimate
+        no better than returning zero. Such a row never meets ``eps``, whatever the margin (without queries the
+        calibrated margin is below 1, so ``margin x error <= eps`` alone let errors above 1 through at large eps)."""
+        e = self.err if self.gap is None else np.fmax(self.err, self.gap)
+        return np.nan_to_num(e, nan=0.0) >= 1.0
+
     def diagnostics(self, choice: np.ndarray) -> dict:
         cols = np.arange(self.err.shape[1])
         e = self.err[choice, cols]
@@ -409,14 +420,15 @@ def cheapest_meeting(
     sc: Scores, cost: np.ndarray, eps: float, exact_index: int | None = 0, groups=None, monotone: bool = True
 ) -> np.ndarray:
     """Per head, the index of the fewest bytes (``cost (L, H)``) among the rows meeting ``eps``; the exact
-    row always qualifies; ties go to the later (more compressed) index.
+    row always qualifies; ties go to the later (more compressed) index. A row whose measured error is 1 or more
+    (:meth:`Scores.worse_than_zero`) never meets ``eps``.
 
     ``monotone`` (default): a row meets ``eps`` only when every row of its group (``groups``: one label per
     row, e.g. the method of each candidate; default one group) holding more bytes on that head meets it
     too: the search stops at the first level that fails, so an estimate that dips at a deeper level (on
     SmolLM2 the fitted probes did, the error on the next queries did not) is not trusted.
     """
-    ok = sc.bound() <= eps
+    ok = sc.meets(eps)
     if monotone:
         L = cost.shape[0]
         labels = np.zeros(L, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]

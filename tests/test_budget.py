@@ -478,15 +478,50 @@ def test_gap_error_is_one_for_a_head_whose_every_slot_is_hidden(kind):
     assert g == 128
     if kind == "torch":
         K, V, Qo = (torch.from_numpy(x) for x in (K, V, Qo))
-    # margin 1e-3: every level meets eps 0.9, so the search judges the whole ladder
-    d = balancekv.compress(K, V, 0.9, method="streaming", sink=0, queries=Qo, seed=0, margin=1e-3).diagnostics
-    keeps = [lv["keep"] if lv else 1.0 for lv in d["levels"]]
-    gaps = np.asarray(d["error_gap_levels"])
+    seen = {}
+    real = budget.eps_search
+
+    def spy(work, name, meth, opts, levels, cv, eps, progress=None):
+        seen.update(work=work, meth=meth, opts=opts, levels=levels)
+        return real(work, name, meth, opts, levels, cv, eps, progress)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(budget, "eps_search", spy)
+    try:
+        balancekv.compress(K, V, 0.9, method="streaming", sink=0, queries=Qo, seed=0)
+    finally:
+        mp.undo()
+    work, levels = seen["work"], seen["levels"]
+    keeps = [lv["keep"] if lv else 1.0 for lv in levels]
+    # every level's gap error (a level with gap error 1 is never chosen, so the search stops before the deep ones)
+    gaps = np.stack(
+        [np.zeros(work.H)]
+        + [
+            work.final_errors(work.build("streaming", seen["meth"], seen["opts"], lv), g)[1].mean(-1)
+            for lv in levels[1:]
+        ]
+    )
     assert np.isfinite(gaps).all()
     deep = [i for i, k in enumerate(keeps) if k * n <= g]
     shallow = [i for i, k in enumerate(keeps) if 0 < i and k * n > 2 * g]
     assert deep and shallow and np.all(gaps[shallow] < 1)
     np.testing.assert_array_equal(gaps[deep], 1.0)
+
+
+@pytest.mark.parametrize("method", ["uniform", "streaming", "h2o", "subgen"])
+def test_eps_never_chooses_an_estimate_worse_than_returning_zero(method):
+    """A level whose measured error is 1 or more never meets eps, whatever the margin. Without queries the
+    calibrated margin is 0.6, and at eps 0.99 the rule ``0.6 x error <= eps`` chose one token per head with
+    probe errors 0.98-1.24 (and as much on fresh queries); controls: the rule without the check
+    (``Scores.worse_than_zero`` made all False) chooses those levels again here."""
+    rng = np.random.default_rng(0)
+    K, V = 0.5 * rng.standard_normal((2, 512, 32)), rng.standard_normal((2, 512, 32)) + 1
+    d = balancekv.compress(K, V, 0.99, method=method, seed=0).diagnostics
+    assert np.all(np.asarray(d["error_per_head"]) < 1.0)
+    assert np.all(np.asarray(d["error_bound_per_head"]) <= 0.99)
+    sc = budget.Scores(np.array([[0.0], [1.2], [0.5]]), np.zeros((3, 1)), np.zeros((3, 1)), False, "t", 1.0, 0.6)
+    cost = np.array([[3.0], [1.0], [2.0]])
+    assert budget.cheapest_meeting(sc, cost, 0.99, monotone=False)[0] == 2  # row 1 is cheaper but worse than 0
 
 
 def test_predicted_error_ranks_by_the_rule_auto_rank_names(monkeypatch):
