@@ -678,6 +678,12 @@ class TorchSubGenState:
     def cap(self) -> int:
         return int(self.C.shape[1])
 
+    def hold_tokens_as(self, key_dtype: torch.dtype, value_dtype: torch.dtype) -> None:
+        """Hold the sampled keys and values (``tok_k``/``num_k``, ``tok_v``/``num_v``) in storage dtypes (a model's
+        fp16/bf16); the centres, weights and every computation stay in the compute dtype ``self.dtype``."""
+        self.tok_k, self.num_k = self.tok_k.to(key_dtype), self.num_k.to(key_dtype)
+        self.tok_v, self.num_v = self.tok_v.to(value_dtype), self.num_v.to(value_dtype)
+
     def _grow(self, need: int) -> None:
         # small steps: the state's memory is billed, and new clusters are rare once the stream is clustered
         cap = max(need, self.cap + max(1, self.cap // 8))
@@ -705,6 +711,7 @@ class TorchSubGenState:
 
     def _update(self, k, v, pos, u):
         H, dev = self.H, self.device
+        ks, vs = k.to(self.tok_k.dtype), v.to(self.tok_v.dtype)  # what the slots hold (hold_tokens_as)
         hr = torch.arange(H, device=dev)
         x = self.scale * k
         M = int(self.k.max())
@@ -743,8 +750,8 @@ class TorchSubGenState:
         if mem.numel():
             cm, jm = c[mem], cnt[mem] - 1
             self.tok_pos[mem, cm, jm] = pos
-            self.tok_k[mem, cm, jm] = k[mem]
-            self.tok_v[mem, cm, jm] = v[mem]
+            self.tok_k[mem, cm, jm] = ks[mem]
+            self.tok_v[mem, cm, jm] = vs[mem]
         slots_ok = torch.arange(self.t_max, device=dev)[None, :] < th[:, None]
         take = (u[:, : self.t_max] < 1.0 / cnt.to(torch.float64)[:, None]) & slots_ok  # (H, t_max)
         in_mem = (cnt <= th)[:, None]
@@ -754,8 +761,8 @@ class TorchSubGenState:
         ht, it = (take & ~in_mem).nonzero(as_tuple=True)
         if ht.numel():
             self.tok_pos[ht, c[ht], it] = pos
-            self.tok_k[ht, c[ht], it] = k[ht]
-            self.tok_v[ht, c[ht], it] = v[ht]
+            self.tok_k[ht, c[ht], it] = ks[ht]
+            self.tok_v[ht, c[ht], it] = vs[ht]
         vu = v.to(torch.float64) * self.inv_unit[:, None]
         sq = _pairwise_sum(vu * vu)
         self.mu += sq
@@ -764,8 +771,8 @@ class TorchSubGenState:
             hn, jn = take.nonzero(as_tuple=True)
             if hn.numel():
                 self.num_pos[hn, jn] = pos
-                self.num_k[hn, jn] = k[hn]
-                self.num_v[hn, jn] = v[hn]
+                self.num_k[hn, jn] = ks[hn]
+                self.num_v[hn, jn] = vs[hn]
                 self.num_sq[hn, jn] = sq[hn]
         self.n_seen += 1
 

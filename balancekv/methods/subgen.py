@@ -132,13 +132,36 @@ class SubGenStream:
         #: ``factory(K, V)`` builds the sketch from the first tokens leaving the window when ``state`` is None
         self.factory = factory
 
+    def to_kind(self, kind) -> None:
+        """Hold the state in the cache's kind, once, after the build: sinks, window and (torch) the sketch's sampled
+        tokens in its storage dtypes, so the cache's segments are views of the sketch (nothing held twice; the
+        reference sketch, NumPy float64, is read through a padded copy). A cache of another kind than the working
+        one (NumPy input on the torch backend) keeps the state as it is: its segments are converted when read."""
+        held = next((x[0] for x in (self.sinks, self.window) if x is not None), None)
+        torch_state = self.state is not None and not isinstance(self.state, SubGenState)
+        if (is_torch(held) if held is not None else torch_state) != kind.is_torch:
+            return
+        if self.sinks is not None:
+            self.sinks = self._in_kind(self.sinks, kind)
+        if self.window is not None:
+            self.window = self._in_kind(self.window, kind)
+        if kind.is_torch and self.state is not None and not isinstance(self.state, SubGenState):
+            self.state.hold_tokens_as(kind.dtype, kind.value_dtype)
+
+    @staticmethod
+    def _in_kind(kvp, kind):
+        k, v, p = kvp
+        sg = exact_segment(k, v, np.zeros(k.shape[-2], np.int64)).to_kind(kind)
+        return sg.keys.x, sg.values.x, p  # (the positions stay the stream's (m,) ints)
+
     def append(self, k, v, pos):
         t = is_torch(k)
         cat = (lambda xs, ax: torch.cat(xs, ax)) if t else (lambda xs, ax: np.concatenate(xs, ax))
         if self.window is None:
             wk, wv, wp = k, v, pos
-        else:
-            wk, wv, wp = (cat([a, b], -2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self.window, (k, v, pos))))
+        else:  # the new tokens in the window's dtypes (the cache's, after to_kind)
+            new = [x.to(w.dtype) if t else np.asarray(x, w.dtype) for w, x in zip(self.window, (k, v, pos))]
+            wk, wv, wp = (cat([a, b], -2 if i < 2 else -1) for i, (a, b) in enumerate(zip(self.window, new)))
         ev = int(wk.shape[-2]) - self.W
         if ev > 0:  # the oldest tokens leave the window for the sketch
             if self.state is None:  # (a capped sketch of a short prompt starts with the first evicted tokens)
