@@ -82,14 +82,17 @@ def check_kv(K: Any, V: Any, k_name: str = "K", v_name: str = "V", allow_empty: 
         raise ValueError(f"{k_name} and {v_name} must have a positive feature dimension, got {ks[-1]} and {vs[-1]}")
 
 
-def check_queries(name: str, Q: Any, lead: tuple[int, ...], d: int, like: Any = None) -> None:
-    """Queries ``(..., m, d)`` with the cache's leading dims and key dimension ``d``."""
+def check_queries(
+    name: str, Q: Any, lead: tuple[int, ...], d: int, like: Any = None, against: str = "the cache"
+) -> None:
+    """Queries ``(..., m, d)`` with the leading dims and key dimension ``d`` of ``against`` (the cache, or the keys
+    of :func:`balancekv.attention`), of ``like``'s kind."""
     check_array(name, Q)
     if like is not None:
-        check_same_kind((name, "the cache"), (Q, like))
+        check_same_kind((name, against), (Q, like))
     qs = tuple(Q.shape)
     if qs[:-2] != tuple(lead):
-        raise ValueError(f"{name} must have the cache's leading (batch, head) dims {tuple(lead)}, got {qs[:-2]}")
+        raise ValueError(f"{name} must have {against}'s leading (batch, head) dims {tuple(lead)}, got {qs[:-2]}")
     if qs[-1] != d:
         raise ValueError(f"{name} must have the key dimension d={d}, got {qs[-1]}")
     if qs[-2] == 0:

@@ -610,6 +610,8 @@ def compress(
         raise TypeError(f"margin must be a real number or None, got {type(margin).__name__}")
     if margin is not None and not (math.isfinite(margin) and margin > 0):
         raise ValueError(f"margin must be finite and positive, got {margin!r}")
+    if margin is not None and eps is None:
+        raise ValueError("margin is the eps rule's: give it with eps (keep, ratio and cap take no margin)")
     V_.check_choice("guarantee", guarantee, GUARANTEES)
     if guarantee == "theorem" and eps is None:
         raise ValueError("guarantee='theorem' certifies an error: give eps (keep and ratio are not error targets)")
@@ -806,7 +808,7 @@ def attention(Q, K, V, scale: float | None = None, causal: bool = False, backend
     aligns the last query with the last key. NumPy in, NumPy out; torch in, torch out.
     """
     V_.check_kv(K, V)
-    V_.check_queries("Q", Q, tuple(K.shape[:-2]), K.shape[-1], like=K)
+    V_.check_queries("Q", Q, tuple(K.shape[:-2]), K.shape[-1], like=K, against="K")
     V_.check_scale(scale)
     V_.check_choice("backend", backend, BACKENDS)
     causal = V_.check_bool("causal", causal)

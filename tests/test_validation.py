@@ -97,6 +97,14 @@ def test_attention_and_attend_reject_bad_queries():
         balancekv.attention(Q[..., :2], K, V)
     with pytest.raises(ValueError, match="K and V must have the same number of tokens"):
         balancekv.attention(Q, K, V[:, :3])
+    # attention has no cache: its errors name the keys
+    with pytest.raises(ValueError, match="Q must have K's leading"):
+        balancekv.attention(Q[None], K, V)
+    with pytest.raises(TypeError, match="Q and K must all be numpy arrays or all torch tensors"):
+        balancekv.attention(Q, torch.from_numpy(K), torch.from_numpy(V))
+    # margin belongs to the eps rule: refused with keep (hf.CompressedCache refuses it too)
+    with pytest.raises(ValueError, match="margin is the eps rule's"):
+        balancekv.compress(K, V, keep=0.5, margin=5.0)
     with pytest.raises(ValueError, match="backend must be"):
         c.attend(Q, backend="gpu")
 
