@@ -120,6 +120,7 @@ def cmd_errors(args):
     for layer in args.layers:
         P = problem(args.text, args.n, layer)
         for rate in RATES:
+            base = None  # (uniform, StreamingLLM) at the first method's bytes, for --shared-baselines
             for name in names:
                 method = name.split(":")[0]
                 opts = dict(CONFIGS.get(name, {}))
@@ -131,9 +132,13 @@ def cmd_errors(args):
                 got = [run(P, method, rate, opts, seed) for seed in range(args.seeds)]
                 c, dt = got[0][0], got[0][2]
                 e = float(np.mean([g[1] for g in got]))
-                us = [uniform_at_bytes(P, g[0].nbytes, seed) for seed, g in enumerate(got)]
-                eu, ub = float(np.mean([u[0] for u in us])), max(u[1] for u in us)
-                es, sb = baseline_at_bytes(P, "streaming", min(g[0].nbytes for g in got))
+                if args.shared_baselines and base is not None:
+                    (eu, ub), (es, sb) = base  # exploration: the first method's baselines (its bytes)
+                else:
+                    us = [uniform_at_bytes(P, g[0].nbytes, seed) for seed, g in enumerate(got)]
+                    eu, ub = float(np.mean([u[0] for u in us])), max(u[1] for u in us)
+                    es, sb = baseline_at_bytes(P, "streaming", min(g[0].nbytes for g in got))
+                    base = (eu, ub), (es, sb)
                 ur, sr = ub / c.input_nbytes, sb / c.input_nbytes
                 rows.append((layer, rate, name, e, c.ratio, eu, ur, es, sr, dt))
                 print(f"L{layer:<3d} 1/{round(1 / rate)}  {name:24s} err {e:8.3f}  ratio {c.ratio:.3f}   "
@@ -234,6 +239,11 @@ def main():
     e.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     e.add_argument("--methods", default="")
     e.add_argument("--seeds", type=int, default=1, help="seeds averaged for the method and uniform (default 1)")
+    e.add_argument(
+        "--shared-baselines",
+        action="store_true",
+        help="exploration: every method is compared with the first method's baselines (at its bytes)",
+    )
     e.add_argument("--opt", action="append", help="method.option=value, e.g. subgen.window_frac=0.5")
     m = sub.add_parser("memory")
     m.add_argument("--n-mem", type=int, default=1024)
