@@ -759,11 +759,21 @@ def compress(
     if "error_per_head" in diag:
         diag["error_per_head"] = np.asarray(diag["error_per_head"]).reshape(lead)
     c = work.finalize(builts, choice, method, diag)
-    if cap is None and not meth.selects_tokens and c.nbytes > H * n * exact_slot_bytes(K, V):
-        # never larger than the exact cache, by what the caches hold in the caller's kind: a quantized store's
-        # scales and zeros do not shrink with the input's dtype (the working-kind checks above cannot see it)
-        diag.update(fallback="exact", level_per_head=np.zeros(lead, dtype=int))
-        c = work.finalize([work.build(method, meth, opts, None)], np.zeros(H, dtype=int), method, diag)
+    # (the theory stream's MergeAndReduce instances are a known extra, as above; so is what a theorem certifies)
+    theory = opts.get("variant") == "theory" or guarantee == "theorem"
+    if cap is None and not theory and c.nbytes > H * n * exact_slot_bytes(K, V):
+        # never larger than the exact cache, by what the caches hold in the caller's kind (the working-kind checks
+        # above cannot see it): a quantized store's scales and zeros do not shrink with the input's dtype, and the
+        # NumPy reference SubGen sketch stays float64 beside its segments in a float16 input's dtype
+        diag["fallback_reason"] = f"{c.nbytes} bytes held, more than the exact cache's {H * n * exact_slot_bytes(K, V)}"
+        if keep is not None and meth.selects_tokens and meth.token_budget(keep, n, opts) < n:
+            sm = get_method("streaming")  # at the keep budget, as above: never over it
+            built = work.build("streaming", sm, sm.resolve_options({}), {"keep": keep})
+            diag.update(fallback="streaming")
+        else:
+            built = work.build(method, meth, opts, None)
+            diag.update(fallback="exact", level_per_head=np.zeros(lead, dtype=int))
+        c = work.finalize([built], np.zeros(H, dtype=int), method, diag)
     return c
 
 

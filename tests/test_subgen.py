@@ -315,6 +315,23 @@ def test_half_precision_cache_holds_its_tokens_once_in_their_dtype(dtype, cap):
     assert c16.nbytes == before and c16.keys.dtype == dtype
 
 
+def test_never_larger_than_the_exact_cache_in_the_callers_dtype():
+    """No cache holds more than the exact cache of the same input, by the bytes held in the caller's dtype. NumPy
+    float16 input runs the reference, whose SubGen sketch stays float64 beside its float16 segments: at keep 0.5 it
+    held 86736 bytes against the exact cache's 56000. Such a build is replaced by StreamingLLM at the keep budget,
+    said in the diagnostics; the torch path holds its sketch in the input's dtype and compresses."""
+    rng = np.random.default_rng(0)
+    K = (0.5 * rng.standard_normal((2, 200, 32))).astype(np.float16)
+    V = rng.standard_normal((2, 200, 32)).astype(np.float16)
+    exact = balancekv.compress(K, V, keep=1.0, method="subgen").nbytes
+    c = balancekv.compress(K, V, keep=0.5, method="subgen", seed=0)
+    assert c.nbytes <= exact and c.diagnostics["fallback"] == "streaming"
+    assert "more than the exact cache" in c.diagnostics["fallback_reason"]
+    assert c.kept().max() <= 100  # never over the keep budget either
+    t = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=0.5, method="subgen", seed=0)
+    assert "fallback" not in t.diagnostics and t.nbytes < 0.7 * exact
+
+
 def test_eps_mode_meets_eps_on_probes():
     """Empirical mode: each head's chosen level has mean probe error <= eps (SPEC 8); on easy data (small
     logits, values near a common vector) SubGen compresses every head, and decoding appends keep working."""
