@@ -557,6 +557,10 @@ def compress(
     the next 128 queries was at most 1.04 eps with observed queries (0.27 and 0.17 of the fp16 cache's
     bytes at eps 0.2), and without queries at most 1.07 eps except ``balance`` at eps 0.2 (1.64 eps).
 
+    A level whose measured error (validated, in-sample or the gap check's) is 1 or more never meets ``eps``,
+    whatever the margin: it estimates no better than returning zero (without queries the margin is 0.6, and at
+    eps 0.99 the rule alone chose one-token caches with errors 0.98-1.24).
+
     The search (:func:`balancekv.budget.eps_search`) judges the levels least compressed first and a head
     stops at the first level it fails (so an estimate that dips at a deeper level is not trusted); the
     search ends once every head has stopped, and levels past that are neither judged nor built
