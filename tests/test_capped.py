@@ -120,6 +120,24 @@ def test_a_stream_that_fits_the_cap_is_exact(method, kind):
     np.testing.assert_allclose(z, exact, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("method", CAPPED)
+@pytest.mark.parametrize("n,cap", [(400, 512), (300, 400)])
+def test_a_prompt_under_the_cap_is_held_exactly(method, kind, n, cap):
+    """``compress(..., cap=C)`` holds a prompt under the cap exactly (the compress docstring; the balance streams
+    within two sets of slack, so here 100 or more tokens under it), its estimate exact attention. Control: capped
+    ``balance`` compressed the prompt's middle to its sets' room, which leaves out the heavy-hitter share, so a
+    400-token prompt under cap 512 was held as 369 tokens."""
+    K, V = _stream(n, seed=7)
+    Qp = np.random.default_rng(6).standard_normal((2, 16, 16))
+    ckv = balancekv.compress(_as(kind, K), _as(kind, V), cap=cap, method=method, queries=_as(kind, Qp), scale=SCALE)
+    assert ckv.kept().tolist() == [n, n], method
+    Q = np.random.default_rng(5).standard_normal((2, 4, 16))
+    z = ckv.attend(_as(kind, Q))
+    z = np.asarray(z.tolist() if torch.is_tensor(z) else z)
+    np.testing.assert_allclose(z, balancekv.attention(Q, K, V, scale=SCALE), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", CAPPED)
 def test_torch_float64_keeps_the_reference_tokens(method):
     K, V = _stream(180, seed=3)

@@ -358,23 +358,32 @@ class Balance(Method):
         tp = is_torch(K)
         pos = torch.arange(n, device=K.device) if tp else np.arange(n)
         s0 = min(stream.sink, n)
-        w0 = min(stream.window, n - s0)
+        # a prompt under the cap is held exactly: its window takes the buffer's whole room (the window and one
+        # block less a token) and what the sets cannot hold fills the heavy-hitter slots, which decode then ranks
+        short = n <= cap
+        w0 = min(stream.window + (stream.t - 1 if short else 0), n - s0)
         M, room = n - s0 - w0, stream.max_sets * stream.t
+        over = min(M - room, stream.heavy) if short and M > room else 0
+        M -= over
         info = {"cap": int(cap), "sink": s0, "window": stream.window, "t": stream.t, "prefill_middle": M}
         if s0:
             stream.extend(K[:, :s0], V[:, :s0], pos[:s0])
         if M > room:  # the middle compressed by this method to at most the sets' room
             mid_ctx = replace(ctx, opts={**ctx.opts, "sink": 0, "window": 0})
             level = self.level_for_keep(room / M, M, ctx.opts)
-            built = self.build(K[:, s0 : n - w0], V[:, s0 : n - w0], level, mid_ctx)
+            built = self.build(K[:, s0 : s0 + M], V[:, s0 : s0 + M], level, mid_ctx)
             (sg,) = built.segments
             stream.seed(sg.keys.dense(), sg.values.dense(), sg.num_logw, sg.positions + s0, M)
             info.update(prefill_rounds=built.info.get("rounds"), prefill_kept=built.info.get("kept"))
         elif M:
             zero = K.new_zeros((H, M)) if tp else np.zeros((H, M))
-            mid_pos = pos[s0 : n - w0]
+            mid_pos = pos[s0 : s0 + M]
             mid_pos = mid_pos.expand(H, M) if tp else np.broadcast_to(mid_pos, (H, M))
-            stream.seed(K[:, s0 : n - w0], V[:, s0 : n - w0], zero, mid_pos, M)
+            stream.seed(K[:, s0 : s0 + M], V[:, s0 : s0 + M], zero, mid_pos, M)
+        if over:
+            hp = pos[s0 + M : n - w0]
+            hp = hp.expand(H, over) if tp else np.broadcast_to(hp, (H, over))
+            stream.seed_heavy(K[:, s0 + M : n - w0], V[:, s0 + M : n - w0], hp)
         if w0:
             stream.extend(K[:, n - w0 :], V[:, n - w0 :], pos[n - w0 :])
         return Built(stream.segments(), stream=stream, info=info)

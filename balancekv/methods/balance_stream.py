@@ -246,6 +246,23 @@ class JointBalanceStream:
             self._push(tuple(parts), self.rounds, count=max(1, round(float(w))))
         self.n_seen += int(n_tokens)
 
+    def seed_heavy(self, K, V, pos) -> None:
+        """Hold tokens ``K (H, m, d)``, ``V``, ``pos (H, m)`` exactly in free heavy-hitter slots (accumulated score
+        0: the decode queries' attention decides from then on); ``m`` at most the free slots. A prompt under the
+        cap is held exactly with them where the sets' room alone would have compressed it."""
+        m = int(K.shape[1])
+        if m == 0:
+            return
+        free = int(self.heavy) - int((self.hv_pos[0] >= 0).sum())
+        if m > free:
+            raise ValueError(f"seed_heavy: {m} tokens for {free} free heavy-hitter slots")
+        a = self.heavy - free
+        self.hv_k[:, a : a + m], self.hv_v[:, a : a + m] = self._held(K, 0), self._held(V, 1)
+        self.hv_lw[:, a : a + m] = 0.0
+        self.hv_pos[:, a : a + m] = pos
+        self.hv_score[:, a : a + m] = 0.0
+        self.n_seen += m
+
     def extend(self, K, V, positions):
         T = int(K.shape[1])
         j = 0
