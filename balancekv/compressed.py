@@ -291,8 +291,13 @@ class CompressedKV:
     @property
     def nbytes(self) -> int:
         """Bytes of every array and tensor the cache holds (slots, weights, positions, codes, scales,
-        spare capacity, decode-stream state), each storage counted once."""
-        return held_nbytes(self._other, self._arena, self._stream)
+        spare capacity, decode-stream state), each storage counted once. The ``diagnostics`` dict, host-side
+        metadata about the build, is not billed."""
+        return self.nbytes_with()
+
+    def nbytes_with(self, *others) -> int:
+        """:attr:`nbytes` together with the arrays reachable from ``others``, each storage counted once."""
+        return held_nbytes(self._other, self._arena, self._stream, *others)
 
     @property
     def input_nbytes(self) -> int:
@@ -682,7 +687,11 @@ class RaggedKV(CompressedKV):
     @property
     def nbytes(self) -> int:
         """Bytes of every array each group holds (and the groups' head indices), each storage once."""
-        return held_nbytes(self._groups, self._index, self._inv)
+        return self.nbytes_with()
+
+    def nbytes_with(self, *others) -> int:
+        groups = [(h, (c._other, c._arena, c._stream)) for h, c in self._groups]
+        return held_nbytes(groups, self._index, self._inv, *others)
 
     @property
     def single_set(self) -> bool:

@@ -45,10 +45,13 @@ What happens, per attention layer:
    :meth:`CompressedKV.observe` (online H2O accumulates their attention; the other
    policies ignore them).
 
-Memory: a layer holds its :class:`CompressedKV` and nothing else (kept tokens
-in the model's dtype, packed codes and scales, weights, positions, spare slot
-capacity); ``nbytes`` is exactly what it holds and ``ratio`` compares it with
-the full cache in the model's dtype (:mod:`balancekv.storage`).
+Memory: a layer holds its :class:`CompressedKV` (kept tokens in the model's dtype,
+packed codes and scales, weights, positions, spare slot capacity) and, with
+``retain_prefill=True``, the prompt's keys, values and probes; ``nbytes`` is exactly
+what it holds (the retained prompt included: such a cache bills more than the full
+cache) and ``ratio`` compares it with the full cache in the model's dtype
+(:mod:`balancekv.storage`). Host-side metadata (the ``diagnostics`` dicts, the per-layer
+budgets) is not billed.
 
 Grouped-query attention: a :class:`CompressedKV` is per KV head; the ``g`` query
 heads of a group share it (query head ``h`` reads KV head ``h // g``, the order
@@ -270,7 +273,10 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.ckv is None else int(self.ckv.nbytes)
+        """The layer's compressed cache and, with ``retain_prefill``, the retained prompt (each storage once)."""
+        if self.ckv is None:
+            return 0
+        return int(self.ckv.nbytes_with(self.retained))
 
     @property
     def input_nbytes(self) -> int:

@@ -112,6 +112,20 @@ def test_cache_holds_at_most_what_it_bills(prompt, method):
         assert cache.ratio < 1
 
 
+@pytest.mark.parametrize("method", ["balance", "exact"])
+def test_a_cache_retaining_its_prompt_bills_it(prompt, method):
+    """``retain_prefill=True`` keeps the prompt's keys, values and probes (for ``recompress``): ``nbytes`` bills them
+    too, so it is within 1.10 of every tensor reachable from the cache (an independent gc walk) and above the full
+    cache's bytes. Control: ``nbytes`` billed the compressed caches only (211200 against 448816 held)."""
+    model = tiny("sdpa", torch.bfloat16)
+    with hf.compressed(model, method=method, keep=0.25 if method != "exact" else 1.0, retain_prefill=True) as cache:
+        with torch.no_grad():
+            model(prompt, cache=cache)
+    held = reachable_array_bytes(cache, stop=(model,))
+    assert cache.nbytes <= held <= 1.10 * cache.nbytes, (held, cache.nbytes)
+    assert cache.ratio > 1.0
+
+
 def test_a_second_prompt_needs_a_reset(prompt):
     """A cache serves one prompt (like transformers' own caches, a later forward continues it): a forward
     whose positions restart at 0 is refused with what to do, and after reset() the cache serves it."""
