@@ -114,7 +114,8 @@ def layer_keeps(keep: float, layers: int, budgets="uniform", beta: float = 20.0)
     ``budgets="uniform"``: every layer keeps ``keep``. ``"pyramid"``: the PyramidKV /
     MiniKV schedule of SPEC section 7 (:func:`balancekv.reference.selection.pyramid_budgets`):
     linear from ``2*keep - keep/beta`` at layer 0 down to ``keep/beta`` at the last layer,
-    clipped to ``[0, 1]`` (MiniKV ``beta = 7``, PyramidKV ``beta = 20``). A sequence of
+    clipped to ``[0, 1]`` (MiniKV ``beta = 7``, PyramidKV ``beta = 20``); where clipping at 1 would lower the
+    mean below ``keep``, the other layers get the clipped budget (:func:`_keep_mean`). A sequence of
     floats gives each layer's fraction directly. Fractions are later raised to at least one
     token per head.
     """
@@ -125,11 +126,25 @@ def layer_keeps(keep: float, layers: int, budgets="uniform", beta: float = 20.0)
             raise ValueError(f"budgets must be one of {BUDGETS} or a sequence of per-layer fractions, got {budgets!r}")
         if budgets == "uniform":
             return np.full(layers, float(keep))
-        return np.asarray(pyramid_budgets(float(keep), int(layers), float(beta)), np.float64)
+        return _keep_mean(np.asarray(pyramid_budgets(float(keep), int(layers), float(beta)), np.float64), float(keep))
     arr = np.asarray(budgets, dtype=np.float64)
     if arr.shape != (layers,) or not np.all((arr > 0) & (arr <= 1)):
         raise ValueError(f"budgets as a sequence must hold {layers} fractions in (0, 1], got {budgets!r}")
     return arr
+
+
+def _keep_mean(ratios: np.ndarray, keep: float) -> np.ndarray:
+    """``min(1, ratios + c)`` with the shift ``c >= 0`` that brings the mean back to ``keep`` (bisection): the
+    pyramid clipped at 1 in its first layers (``keep > 1 / (2 - 1/beta)``) would keep less than asked on average
+    (0.726 for keep 0.9 over 30 layers), so the budget clipped there goes to the other layers, and the schedule
+    still decreases with depth."""
+    if ratios.mean() >= keep - 1e-12:
+        return ratios
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.minimum(1.0, ratios + mid).mean() < keep else (lo, mid)
+    return np.minimum(1.0, ratios + hi)
 
 
 # ---------------------------------------------------------------------- one layer
@@ -241,6 +256,8 @@ class CompressedLayer(CacheLayerMixin):
                 kw["margin"] = p.margin
         elif p.cap is not None:
             kw["cap"] = p.cap
+        elif p.byte_ratio is not None:
+            kw["ratio"] = p.byte_ratio
         else:
             kw["keep"] = float(min(1.0, max(p.keeps[self.layer_idx], 1.0 / n)))
         self.ckv = compress(K, V, **kw)
@@ -321,7 +338,10 @@ class CompressedCache(Cache):
     cap : instead of ``keep``, a memory cap: every layer holds at most ``cap`` tokens per KV head through
         prefill and generation (``compress(..., cap=)``: ``streaming``, ``h2o`` (online, fed each decode
         step's queries), ``balance``, ``balance-stream``, ``subgen``).
-    budgets : ``"uniform"``, ``"pyramid"`` (SPEC 7, with ``beta``) or per-layer fractions.
+    ratio : instead of ``keep``, a byte budget: every layer's prompt cache holds at most ``ratio`` of its full
+        cache's bytes at prefill (``compress(..., ratio=)``); decode tokens are then appended by the method's policy.
+    budgets : ``"uniform"``, ``"pyramid"`` (SPEC 7, with ``beta``; its mean is ``keep``) or per-layer fractions;
+        with ``keep`` only.
     probe_window : prompt queries per query head used as probes (default 32, SnapKV's window).
     seed : layer ``l`` compresses with seed ``seed + l``.
     backend : as for :func:`balancekv.compress` (``"auto"``: torch, Triton kernels on CUDA).
@@ -339,6 +359,7 @@ class CompressedCache(Cache):
         eps: float | None = None,
         margin: float | None = None,
         cap: int | None = None,
+        ratio: float | None = None,
         budgets="uniform",
         beta: float = 20.0,
         probe_window: int = 32,
@@ -359,15 +380,23 @@ class CompressedCache(Cache):
         self.sliding_window = int(sw) if (sliding and sw) else None
         meth = get_method(method)  # ValueError for an unknown name
         meth.resolve_options(options)  # TypeError/ValueError for a bad option, before any forward pass
-        if sum(x is not None for x in (keep, eps, cap)) > 1:
-            raise ValueError("give at most one of keep, eps and cap")
+        if sum(x is not None for x in (keep, eps, cap, ratio)) > 1:
+            raise ValueError("give at most one of keep, eps, cap and ratio")
+        if ratio is not None:
+            ratio = _check_real("ratio", ratio, 0.0, float("inf"), hi_open=True)
+        if not (isinstance(budgets, str) and budgets == "uniform") and keep is None:
+            raise ValueError("budgets spread keep across the layers: give keep (eps, cap and ratio are per layer)")
+        from .compressed import BACKENDS  # noqa: PLC0415
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1:
                 raise ValueError(f"cap must be a positive int (tokens per KV head), got {cap!r}")
             if not meth.supports_cap:
                 raise ValueError(f"method {method!r} has no decode policy under a memory cap; use one of {CAPPED}")
             cap = int(cap)
-        elif keep is None and eps is None:
+        elif keep is None and eps is None and ratio is None:
             keep = 1.0
         if keep is not None:
             keep = _check_real("keep", keep, 0.0, 1.0)
@@ -385,6 +414,7 @@ class CompressedCache(Cache):
         if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.method, self.keep, self.eps, self.cap, self.options = method, keep, eps, cap, dict(options)
+        self.byte_ratio = ratio  # (``ratio`` is the held bytes over the full cache)
         self.budgets, self.beta = budgets, float(beta)
         self.keeps = layer_keeps(keep if keep is not None else 1.0, n_layers, budgets, beta)
         self.probe_window, self.seed, self.backend = int(probe_window), int(seed), backend

@@ -159,6 +159,36 @@ def test_pyramid_budgets_give_early_layers_more_tokens(model, prompt):
     assert kept == want and kept[0] > kept[1]
 
 
+@pytest.mark.parametrize("keep,layers", [(0.9, 30), (0.9, 2), (0.6, 30), (0.75, 30)])
+def test_pyramid_budgets_keep_the_mean_when_the_first_layers_clip(keep, layers):
+    """Above keep = 1 / (2 - 1/beta) the pyramid's first layers clip at 1; the clipped budget goes to the other
+    layers, so the mean stays keep and the schedule still does not increase with depth. Control: without the
+    redistribution keep 0.9 gave a mean of 0.726 over 30 layers (0.522 over 2)."""
+    keeps = hf.layer_keeps(keep, layers, "pyramid")
+    assert keeps.mean() == pytest.approx(keep, abs=1e-9)
+    assert np.all(np.diff(keeps) <= 1e-12) and keeps.max() <= 1.0
+
+
+def test_budget_arguments_are_checked_at_construction(model, prompt):
+    """``budgets`` spreads ``keep`` only (it was silently unused with eps or cap); an unknown backend is refused
+    before any forward pass (it failed at the first generate); ``ratio=`` is a byte budget per layer at prefill
+    (it was taken for a method option: "got unknown option(s) ['ratio']")."""
+    for bad in (dict(eps=0.1, budgets="pyramid"), dict(cap=64, budgets="pyramid")):
+        with pytest.raises(ValueError, match="budgets spread keep"):
+            hf.CompressedCache(model, "balance", **bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        hf.CompressedCache(model, "balance", backend="bogus")
+    with pytest.raises(ValueError, match="at most one of keep, eps, cap and ratio"):
+        hf.CompressedCache(model, "balance", keep=0.5, ratio=0.2)
+    hf.enable(model)
+    cache = hf.CompressedCache(model, "balance", ratio=0.3)
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.ckv.nbytes <= 0.3 * layer.ckv.input_nbytes
+        assert layer.ckv.diagnostics["budget_bytes"] == int(0.3 * layer.ckv.input_nbytes)
+
+
 def test_eps_budget_picks_levels_per_head(model, prompt):
     """With eps, every (batch, KV head) of every layer reports its achieved probe error <= eps or is exact."""
     hf.enable(model)
