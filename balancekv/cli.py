@@ -133,8 +133,19 @@ def _fig1_config(args):
     )
 
 
+def _check_replot(args, what: str) -> None:
+    """``--replot`` names something a run wrote: a missing one is a usage error (it was a traceback, exit 1)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(args.replot)
+    target = path / what if what else path
+    if not target.is_file():
+        args.parser.error(f"argument --replot: {str(target)!r} does not exist (give what a run wrote)")
+
+
 def _check_fig1(args):
     if args.replot:
+        _check_replot(args, "")
         return
     try:
         _fig1_config(args).validate()
@@ -172,7 +183,7 @@ def _add_reproduce_fig1(rsub):
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help="names or name:key=value,... configurations; unregistered ones are skipped with a note",
+        help="names or name:key=value,... configurations (an unknown name or option is a usage error)",
     )
     p.add_argument(
         "--text", default="python-docs", help=f"a text of balancekv.texts ({', '.join(TEXTS)}) or the text itself"
@@ -288,7 +299,14 @@ def _add_eval(sub):
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the pass keys and the compressors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_eval, parser=p, run_name="eval")
+    p.set_defaults(func=_eval, check=_check_eval, parser=p, run_name="eval")
+
+
+def _check_eval(args):
+    if args.replot:
+        from balancekv.experiments.eval_report import RESULTS  # noqa: PLC0415
+
+        _check_replot(args, RESULTS)
 
 
 COMMANDS = [_add_demo, _add_reproduce, _add_eval]

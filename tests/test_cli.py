@@ -42,6 +42,10 @@ def _usage_error(argv, capsys, *needles):
         (["eval", "--n-prefix", "-1"], "--n-prefix: must be an integer >= 128, got -1"),
         (["eval", "--n-cont", "1"], "--n-cont: must be an integer >= 2"),
         (["eval", "--depths", "1.5"], "--depths: must lie in [0, 1]"),
+        (["reproduce", "fig1", "--synthetic", "--methods", "nope"], "'nope' is not a registered method"),
+        (["reproduce", "fig1", "--synthetic", "--methods", "balance:foo=1"], "unknown option"),
+        (["reproduce", "fig1", "--replot", "missing.json"], "--replot: 'missing.json' does not exist"),
+        (["eval", "--replot", "no-such-dir"], "--replot: 'no-such-dir/eval_smollm2.json' does not exist"),
     ],
 )
 def test_bad_values_are_usage_errors(argv, needle, capsys, monkeypatch, tmp_path):

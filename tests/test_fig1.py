@@ -46,12 +46,14 @@ def test_fig1_tiny_synthetic_run_is_finite_and_exact_is_exact():
         assert [rate for m, rate in rows if m == "quant"] == [1.0]
 
 
-def test_unregistered_method_is_skipped_with_a_note():
-    notes = []
-    cfg = Fig1Config(methods=("uniform", "no-such-method"), rates=(0.5,), **TINY)
-    rows = run_fig1(cfg, problems=synthetic_problems, progress=False, log=notes.append)
-    assert [r["method"] for r in rows] == ["uniform"]
-    assert any("no-such-method" in s and "skipped" in s for s in notes)
+def test_unknown_methods_and_options_are_refused_before_the_run():
+    """A method that is not registered, or an option it does not take, is a ValueError before any layer runs (the
+    run skipped unknown names, so a typo gave an empty report, and ran every layer for a bad option, then failed
+    every point); through the CLI it is a usage error."""
+    for spec, msg in (("no-such-method", "not a registered method"), ("balance:foo=1", "unknown option")):
+        cfg = Fig1Config(methods=("uniform", spec), rates=(0.5,), **TINY)
+        with pytest.raises(ValueError, match=msg):
+            run_fig1(cfg, problems=synthetic_problems, progress=False, log=lambda s: None)
 
 
 def test_compress_middle_keeps_ends_exact_and_is_causal():
@@ -118,7 +120,6 @@ def test_write_results_and_cli(tmp_path, capsys):
             "0",
             "--methods",
             "uniform",
-            "not-a-method",
             "--no-progress",
             "--no-plot",
             "--out",
@@ -127,7 +128,7 @@ def test_write_results_and_cli(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "not-a-method" in out and (tmp_path / "cli" / "fig1_synthetic_n640.md").exists()
+    assert "uniform" in out and (tmp_path / "cli" / "fig1_synthetic_n640.md").exists()
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ methods (SnapKV, MiniKV's H2O scores) and the methods' internal probes get the
 
 Methods that keep every token (``quant``, 2 bits) are run once, at kept
 fraction 1; the "error vs bytes" plot puts every method on one axis. A method
-that is not registered is skipped with a note; a method that fails is reported
-as failed in the table, and the run goes on.
+that is not registered, or an option it does not take, is refused before anything
+runs (``Fig1Config.validate``); a method that fails is reported as failed in the
+table, and the run goes on.
 
 Paper reference (Llama-3.1-8B, layer 1, rate 1/2): BalanceKV 0.104, uniform
 0.149, ratio 0.70 (:data:`PAPER`).
@@ -95,6 +96,15 @@ class Fig1Config:
             raise ValueError("layers must name at least one layer")
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        registered = set(available_methods())
+        for spec in self.methods:  # a typo must not cost a whole run (it ran every layer, then failed every point)
+            name, opts = parse_method_spec(spec)
+            if name not in registered:
+                raise ValueError(f"methods: {spec!r} is not a registered method; available: {sorted(registered)}")
+            try:
+                get_method(name).resolve_options(opts)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"methods: {spec!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------- data
@@ -180,11 +190,7 @@ def run_fig1(
     """
     cfg = cfg or Fig1Config()
     cfg.validate()
-    registered = set(available_methods())
-    methods = [m for m in cfg.methods if parse_method_spec(m)[0] in registered]
-    for m in cfg.methods:
-        if parse_method_spec(m)[0] not in registered:
-            log(f"note: method {m!r} is not registered (yet); skipped")
+    methods = list(cfg.methods)
     if problems is None:
         problems = real_problems(cfg)
     elif callable(problems):
