@@ -56,7 +56,7 @@ budgets) is not billed.
 Grouped-query attention: a :class:`CompressedKV` is per KV head; the ``g`` query
 heads of a group share it (query head ``h`` reads KV head ``h // g``, the order
 of transformers' ``repeat_kv``). The probe queries of a KV head are the last
-``probe_window`` queries of each of its ``g`` query heads, stacked head by head.
+``probe_window`` queries of each of its ``g`` query heads, in position order (:func:`group_probes`).
 
 Limits: batches must be unpadded (a padded prefill raises
 ``NotImplementedError``); beam search and cropping (assisted decoding) are
@@ -301,15 +301,20 @@ class CompressedLayer(CacheLayerMixin):
 
 
 def group_probes(query, n_kv_heads: int, window: int):
-    """Probe queries per KV head: the last ``window`` queries of each of its query heads, head by head.
+    """Probe queries per KV head: the last ``window`` queries of each of its query heads, in position order.
 
-    ``query (B, Hq, n, d)`` -> ``(B, Hkv, g * w, d)`` with ``w = min(window, n)``: a prompt shorter
-    than the window gives all of its queries.
+    ``query (B, Hq, n, d)`` -> ``(B, Hkv, w * g, d)`` with ``w = min(window, n)`` (a prompt shorter than the
+    window gives all of its queries); row ``j * g + i`` is query head ``kv * g + i`` at the ``j``-th of the ``w``
+    positions, the layout of the fig1 protocol (:func:`balancekv.experiments.real_data.kv_head_problem`).
+    ``compress`` reads its queries as a stream in position order: the cross-fitting folds are then blocks of
+    positions, H2O's causal alignment is off by less than a position per row, and SnapKV's window (its last
+    ``window`` rows) holds every query head of the group. (Stacked head by head, the window held the last query
+    head only, and the folds split the heads instead of the positions.)
     """
     B, Hq, n, d = query.shape
     g = Hq // n_kv_heads
     w = max(1, min(int(window), n))
-    return query[:, :, n - w :].reshape(B, n_kv_heads, g * w, d)
+    return query[:, :, n - w :].reshape(B, n_kv_heads, g, w, d).transpose(2, 3).reshape(B, n_kv_heads, w * g, d)
 
 
 # ---------------------------------------------------------------------- the cache

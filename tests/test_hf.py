@@ -159,6 +159,32 @@ def test_pyramid_budgets_give_early_layers_more_tokens(model, prompt):
     assert kept == want and kept[0] > kept[1]
 
 
+def test_probes_are_in_position_order_so_snapkv_sees_every_query_head():
+    """``group_probes`` gives a KV head's probes in position order (row ``j g + i``: query head ``i`` of the group at
+    the ``j``-th position), which ``compress`` reads as a query stream. SnapKV then scores with every query head of
+    the group. Here query head 0 of KV head 0 attends to keys 50-59 and head 1 to keys 110-119: SnapKV keeps head
+    0's keys (10 of 10). Control (in the test): stacked head by head, SnapKV's window of 32 rows holds head 1's
+    queries only and keeps none of head 0's keys."""
+    g = torch.Generator().manual_seed(0)
+    n, d, w = 200, 16, 32
+    K = torch.randn(1, 1, n, d, generator=g)
+    V = torch.randn(1, 1, n, d, generator=g)
+    q = 0.1 * torch.randn(1, 2, n, d, generator=g)
+    q[0, 0, n - w :] += 3.0 * K[0, 0, 50:60].mean(0)  # head 0's last queries point at keys 50-59
+    q[0, 1, n - w :] += 3.0 * K[0, 0, 110:120].mean(0)  # head 1's at keys 110-119
+    P = hf.group_probes(q, 1, w)
+    assert P.shape == (1, 1, 2 * w, d)
+    for j in (0, 5, w - 1):
+        for i in range(2):
+            assert torch.equal(P[0, 0, j * 2 + i], q[0, i, n - w + j])
+    c = balancekv.compress(K, V, keep=0.3, method="snapkv", queries=P, seed=0)
+    kept = set(np.asarray(c.positions).ravel().tolist())
+    assert len(kept & set(range(50, 60))) >= 7
+    head_major = q[:, :, n - w :].reshape(1, 1, 2 * w, d)  # the control: the old layout
+    c = balancekv.compress(K, V, keep=0.3, method="snapkv", queries=head_major, seed=0)
+    assert len(set(np.asarray(c.positions).ravel().tolist()) & set(range(50, 60))) < 4
+
+
 @pytest.mark.parametrize("keep,layers", [(0.9, 30), (0.9, 2), (0.6, 30), (0.75, 30)])
 def test_pyramid_budgets_keep_the_mean_when_the_first_layers_clip(keep, layers):
     """Above keep = 1 / (2 - 1/beta) the pyramid's first layers clip at 1; the clipped budget goes to the other
