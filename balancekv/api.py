@@ -744,7 +744,10 @@ def compress(
         # alike, so a level's bytes per head are its bytes / H; a level not built is never chosen); ties go
         # to the more compressed index
         per_head = np.array([np.inf if b is None else held_nbytes(b.segments, b.stream) / H for b in builts])
-        choice = budget.cheapest_meeting(sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0)
+        groups, rank = budget.ladder_groups(meth, levels)  # monotone along the search's ladders, as it judged
+        choice = budget.cheapest_meeting(
+            sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0, groups=groups, rank=rank
+        )
         choice = budget.uniform_if_not_dearer(work, builts, choice, per_head, sc.meets(eps))
         diag.update(sc.diagnostics(choice))
         diag["levels_built"] = [i for i, b in enumerate(builts) if b is not None]

@@ -327,6 +327,18 @@ def level_chains(meth, levels: list) -> list[list[int]]:
     return [[i + 1 for i in chain] for chain in f(levels[1:])]
 
 
+def ladder_groups(meth, levels: list) -> tuple[np.ndarray, np.ndarray]:
+    """``(groups, rank)`` per row of ``levels`` (row 0 the exact cache): the ladder of :func:`level_chains` each
+    level is on and its position there, for :func:`cheapest_meeting` (a level on no ladder is a group alone)."""
+    L = len(levels)
+    groups, rank = np.arange(L) + L, np.zeros(L)
+    for c, chain in enumerate(level_chains(meth, levels)):
+        for r, i in enumerate(chain):
+            groups[i], rank[i] = c, r
+    groups[0] = -1
+    return groups, rank
+
+
 def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, eps: float, progress=None):
     """The empirical ``eps`` search of :func:`balancekv.compress`: ``(scores, builts)`` over ``levels``
     (``levels[0] = None``, the exact cache; then the method's levels).
@@ -417,7 +429,13 @@ def eps_search(work, name: str, meth, opts: dict, levels: list, cv: CrossFit, ep
 
 
 def cheapest_meeting(
-    sc: Scores, cost: np.ndarray, eps: float, exact_index: int | None = 0, groups=None, monotone: bool = True
+    sc: Scores,
+    cost: np.ndarray,
+    eps: float,
+    exact_index: int | None = 0,
+    groups=None,
+    monotone: bool = True,
+    rank=None,
 ) -> np.ndarray:
     """Per head, the index of the fewest bytes (``cost (L, H)``) among the rows meeting ``eps``; the exact
     row always qualifies; ties go to the later (more compressed) index. A row whose measured error is 1 or more
@@ -426,7 +444,10 @@ def cheapest_meeting(
     ``monotone`` (default): a row meets ``eps`` only when every row of its group (``groups``: one label per
     row, e.g. the method of each candidate; default one group) holding more bytes on that head meets it
     too: the search stops at the first level that fails, so an estimate that dips at a deeper level (on
-    SmolLM2 the fitted probes did, the error on the next queries did not) is not trusted.
+    SmolLM2 the fitted probes did, the error on the next queries did not) is not trusted. ``rank`` (one number per
+    row) orders a group instead of the bytes: the ladders of :func:`eps_search` (:func:`ladder_groups`), whose
+    order is the search's (a level of fewer tokens may hold more bytes: ``balance+quant`` below one quantization
+    group keeps its tokens unquantized, and by bytes it vetoed every cheaper level of every bit width).
     """
     ok = sc.meets(eps)
     if monotone:
@@ -435,10 +456,13 @@ def cheapest_meeting(
         for g in np.unique(labels):
             rows = np.flatnonzero((labels == g) & (np.arange(L) != (-1 if exact_index is None else exact_index)))
             for h in range(cost.shape[1]):
-                # most bytes first, ties by index; a row priced at infinity (judged, never built: it failed for
-                # every head still searching, eps_search) ranks as the cheapest, after every built row
-                c_h = np.where(np.isfinite(cost[rows, h]), cost[rows, h], -1.0)
-                order = rows[np.lexsort((rows, -c_h))]
+                if rank is not None:
+                    order = rows[np.lexsort((rows, np.asarray(rank)[rows]))]
+                else:
+                    # most bytes first, ties by index; a row priced at infinity (judged, never built: it failed for
+                    # every head still searching, eps_search) ranks as the cheapest, after every built row
+                    c_h = np.where(np.isfinite(cost[rows, h]), cost[rows, h], -1.0)
+                    order = rows[np.lexsort((rows, -c_h))]
                 ok[order, h] = np.logical_and.accumulate(ok[order, h])
     if exact_index is not None:
         ok[exact_index] = True

@@ -192,3 +192,17 @@ def test_eps_search_on_torch_never_converts_to_numpy(data, method, opts, eps):
     finally:
         torch.Tensor.numpy, torch.Tensor.__array__ = saved
     assert torch.is_tensor(c.positions)
+
+
+def test_balance_quant_eps_is_monotone_along_its_ladders_not_across_them():
+    """``balance+quant``'s eps search judges one ladder per bit width; the choice is monotone along each ladder,
+    as judged. Below one quantization group a level keeps its tokens unquantized (keep 1/32 of 512 tokens: 16
+    tokens, 16768 bytes), and ranked by bytes across every ladder that failing level vetoed every cheaper level of
+    every bit width: the cache held 18432 bytes where levels of 4608-6656 bytes met eps on both heads."""
+    rng = np.random.default_rng(0)
+    K, V = 0.5 * rng.normal(size=(2, 512, 32)), rng.normal(size=(2, 512, 32)) + 1
+    Q = 0.5 * rng.normal(size=(2, 32, 32)) + 0.5 * K[:, -32:]
+    c = balancekv.compress(K, V, 0.3, method="balance+quant", queries=Q, seed=0)
+    d = c.diagnostics
+    assert np.all(np.asarray(d["error_bound_per_head"]) <= 0.3)
+    assert c.nbytes <= 6656, c.nbytes
