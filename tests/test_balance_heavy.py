@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from balancekv.reference.blocked_balance import blocked_balance
 from balancekv.reference.softmax_attention import attention, relative_error
 
@@ -82,3 +83,24 @@ def test_bad_heavy_options(llm):
         balancekv.compress(K, V, keep=0.5, method="balance", heavy_rounds=-1)
     with pytest.raises(ValueError, match="heavy_pool"):
         balancekv.compress(K, V, keep=0.5, method="balance", heavy_pool=4)
+
+
+def test_published_estimator_protects_heavy_hitters_per_head_on_both_paths():
+    """``estimator="published"`` bills a walked token ``R log 2`` in the denominator and a heavy hitter 0. The
+    heavy hitters are a head's own: every walked token of every head has ``R log 2``, and the torch path keeps the
+    reference's tokens and weights. Controls (the old code): the protection test ran on the heavy hitters of all
+    heads flattened (3 walked tokens of head 1 had denominator 0: head 0's heavy hitters), and on torch it raised
+    (``torch.isin`` on an expanded view)."""
+    rng = np.random.default_rng(0)
+    K, V = rng.normal(size=(2, 512, 32)), rng.normal(size=(2, 512, 32))
+    Q = rng.normal(size=(2, 32, 32)) + K[:, -32:]
+    for kw in (dict(keep=0.05), dict(keep=0.3, queries=Q)):
+        a = balancekv.compress(K, V, method="balance", estimator="published", seed=0, **kw)
+        tkw = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+        b = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), method="balance", estimator="published",
+                               seed=0, **tkw)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a.positions), b.positions.numpy())
+        np.testing.assert_allclose(np.asarray(a.den_logw), b.den_logw.numpy())
+        nl, dl = np.asarray(a.num_logw), np.asarray(a.den_logw)
+        R = a.diagnostics["level_info"][0]["rounds"]
+        np.testing.assert_allclose(dl[nl > 0], R * np.log(2.0))

@@ -223,15 +223,13 @@ class Balance(Method):
         den = lw
         if opts["estimator"] == "published":  # numerator by token weight, denominator 2^R (comparison only)
             mid = (idx >= s0) & (idx < n - w0)
+            if protect is not None:  # per head: a token another head holds as a heavy hitter is walked here
+                mid = mid & ~(idx[..., :, None] == protect[..., None, :]).any(-1)
             if is_torch(idx):
                 import torch  # noqa: PLC0415  (torch path only)
 
-                if protect is not None:
-                    mid = mid & ~torch.isin(idx, protect)
                 den = torch.where(mid, torch.full_like(lw, R * float(np.log(2.0))), torch.zeros_like(lw))
             else:
-                if protect is not None:
-                    mid = mid & ~np.isin(idx, protect)
                 den = np.where(mid, R * np.log(2.0), 0.0)
         den = den.clone() if is_torch(den) else den.copy()
         seg = input_rows_segment(K, V, idx, lw, den, self.name)
