@@ -184,7 +184,10 @@ def test_history_keeping_policies_beat_streamingllm_on_a_drifting_stream(kind):
     Q = 0.3 * np.random.default_rng(7).standard_normal((2, 16, 16))
     errs = {}
     for method in ("streaming", "balance", "balance-stream", "subgen"):
-        ckv = balancekv.compress(_as(kind, K[:, :n0]), _as(kind, V[:, :n0]), cap=128, method=method, scale=SCALE)
+        # seeded: a drawn seed made this test random (it failed once in a full run); seeds 0-29 all pass (torch)
+        ckv = balancekv.compress(
+            _as(kind, K[:, :n0]), _as(kind, V[:, :n0]), cap=128, method=method, scale=SCALE, seed=0
+        )
         for a in range(n0, n, 8):
             ckv.append(_as(kind, K[:, a : a + 8]), _as(kind, V[:, a : a + 8]))
         errs[method] = _rel_err(ckv, Q, K, V, kind)
