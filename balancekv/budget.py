@@ -25,7 +25,7 @@ With queries the prediction for them is the larger of the validated error and th
 (:data:`MARGIN_GAP` x the error of the queries with the cache's last :func:`gap_tokens` tokens
 hidden: the next queries read the cache from further away than the observed ones); the ``margin``
 (:data:`MARGIN_QUERIES`, :data:`MARGIN_FITTED`, calibrated on the tuning text) scales it.
-:func:`cheapest_meeting` stops at the first level, in decreasing bytes, whose prediction fails, and
+:func:`cheapest_meeting` stops at the first level, along its ladder (:func:`ladder_groups`), whose prediction fails, and
 :func:`uniform_if_not_dearer` gives every head one level when the per-head mix would bill more bytes
 (rare since mixes are held ragged).
 
