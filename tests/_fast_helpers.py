@@ -80,3 +80,25 @@ def slot_table(c, h):
         ra, rb = rows.get(p, (0.0, 0.0))
         rows[p] = (ra + a, rb + b)
     return np.array([(p, *rows[p]) for p in sorted(rows)])
+
+
+def captured_eps_search(K, V, eps, **kwargs):
+    """``balancekv.compress(K, V, eps, **kwargs)`` with its eps search captured: ``(cache, seen)``, ``seen`` holding
+    the search's arguments (``work``, ``name``, ``meth``, ``opts``, ``levels``, ``cv``) and results (``scores``,
+    ``builts``)."""
+    import balancekv
+    from balancekv import budget
+
+    seen = {}
+    real = budget.eps_search
+
+    def spy(work, name, meth, opts, levels, cv, e, progress=None):
+        seen.update(work=work, name=name, meth=meth, opts=opts, levels=levels, cv=cv)
+        out = real(work, name, meth, opts, levels, cv, e, progress)
+        seen["scores"], seen["builts"] = out
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(budget, "eps_search", spy)
+        c = balancekv.compress(K, V, eps, **kwargs)
+    return c, seen

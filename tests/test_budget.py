@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import captured_eps_search
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -478,19 +479,7 @@ def test_gap_error_is_one_for_a_head_whose_every_slot_is_hidden(kind):
     assert g == 128
     if kind == "torch":
         K, V, Qo = (torch.from_numpy(x) for x in (K, V, Qo))
-    seen = {}
-    real = budget.eps_search
-
-    def spy(work, name, meth, opts, levels, cv, eps, progress=None):
-        seen.update(work=work, meth=meth, opts=opts, levels=levels)
-        return real(work, name, meth, opts, levels, cv, eps, progress)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(budget, "eps_search", spy)
-    try:
-        balancekv.compress(K, V, 0.9, method="streaming", sink=0, queries=Qo, seed=0)
-    finally:
-        mp.undo()
+    seen = captured_eps_search(K, V, 0.9, method="streaming", sink=0, queries=Qo, seed=0)[1]
     work, levels = seen["work"], seen["levels"]
     keeps = [lv["keep"] if lv else 1.0 for lv in levels]
     # every level's gap error (a level with gap error 1 is never chosen, so the search stops before the deep ones)

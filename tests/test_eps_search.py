@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _fast_helpers import slot_table
+from _fast_helpers import captured_eps_search, slot_table
 
 import balancekv
 from balancekv import budget
@@ -94,28 +94,17 @@ def test_chosen_level_meets_the_rule_and_the_search_stopped_after_it(data, path,
     assert set(choice.tolist()) <= set(built) == set(d["levels_built"])
 
 
-def _captured_search(monkeypatch, K, V, Q, eps, method, **opts):
+def _captured_search(K, V, Q, eps, method, **opts):
     """Run compress and capture the arguments of its eps search (the Work, the levels, the rule)."""
-    seen = {}
-    real = budget.eps_search
-
-    def spy(work, name, meth, o, levels, cv, e, progress=None):
-        seen.update(work=work, name=name, meth=meth, opts=o, levels=levels, cv=cv)
-        out = real(work, name, meth, o, levels, cv, e, progress)
-        seen["scores"], seen["builts"] = out
-        return out
-
-    monkeypatch.setattr(budget, "eps_search", spy)
-    c = balancekv.compress(K, V, eps, method=method, queries=Q, seed=4, margin=1.0, **opts)
-    return c, seen
+    return captured_eps_search(K, V, eps, method=method, queries=Q, seed=4, margin=1.0, **opts)
 
 
 @pytest.mark.parametrize("path", ["torch", "reference"])
 @pytest.mark.parametrize("method,opts", [("balance", {}), ("quant", {"group": 16})])
-def test_early_stopping_chooses_what_judging_every_level_would(monkeypatch, data, path, method, opts):
+def test_early_stopping_chooses_what_judging_every_level_would(data, path, method, opts):
     K, V, Q = kinds(data, path)
     eps = 0.2 if method == "balance" else 0.05
-    c, s = _captured_search(monkeypatch, K, V, Q, eps, method, **opts)
+    c, s = _captured_search(K, V, Q, eps, method, **opts)
     work, levels = s["work"], s["levels"]
     builts = [work.build(s["name"], s["meth"], s["opts"], lv) for lv in levels]
     full = budget.score(work, s["name"], s["meth"], s["opts"], levels, builts, s["cv"])

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import captured_eps_search
 from balancekv.reference import softmax_attention as ra
 
-import balancekv
 from balancekv import budget
 from balancekv.storage import KEY_ROWS
 from balancekv.synthetic import make_kv
@@ -41,20 +41,7 @@ def captured_work(data, method, kind, queries=True, **opts):
     K, V, Q = data
     if kind == "torch":
         K, V, Q = (torch.from_numpy(x) for x in (K, V, Q))  # float64: the torch path computes in float64
-    seen = {}
-    real = budget.eps_search
-
-    def spy(work, name, meth, opts, levels, cv, eps, progress=None):
-        seen.update(work=work, meth=meth, opts=opts, levels=levels)
-        return real(work, name, meth, opts, levels, cv, eps, progress)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(budget, "eps_search", spy)
-    try:
-        balancekv.compress(K, V, 0.2, method=method, queries=Q if queries else None, seed=1, **opts)
-    finally:
-        mp.undo()
-    return seen
+    return captured_eps_search(K, V, 0.2, method=method, queries=Q if queries else None, seed=1, **opts)[1]
 
 
 def host(x):
