@@ -715,17 +715,9 @@ def compress(
             over = bounded and max_distinct_tokens(built.segments) > budget_n
             if too_big or over:
                 # never larger than the exact cache, never over the keep budget: a build that cannot meet
-                # both is replaced by the exact cache when the budget is every token, else by StreamingLLM
-                # (sink + recent window, exact tokens) at the budget, which always meets both
+                # both is replaced by one that always meets both
                 tried = built.info
-                if budget_n >= n:
-                    built, level = work.build(method, meth, opts, None), None
-                    diag["fallback"] = "exact"
-                else:
-                    level = {"keep": keep}
-                    sm = get_method("streaming")
-                    built = work.build("streaming", sm, sm.resolve_options({}), level)
-                    diag["fallback"] = "streaming"
+                built, level, diag["fallback"] = _fallback_build(work, method, meth, opts, keep, budget_n)
                 built.info.update({k: tried[k] for k in ("retries", "fallbacks") if k in tried})
         levels, choice, builts = [level], np.zeros(H, dtype=int), [built]
         if measure:
@@ -769,20 +761,28 @@ def compress(
     c = work.finalize(builts, choice, method, diag)
     # (the theory stream's MergeAndReduce instances are a known extra, as above; so is what a theorem certifies)
     theory = opts.get("variant") == "theory" or guarantee == "theorem"
-    if cap is None and not theory and c.nbytes > H * n * exact_slot_bytes(K, V):
+    exact_bytes = H * n * exact_slot_bytes(K, V)
+    if cap is None and not theory and c.nbytes > exact_bytes:
         # never larger than the exact cache, by what the caches hold in the caller's kind (the working-kind checks
         # above cannot see it): a quantized store's scales and zeros do not shrink with the input's dtype, and the
         # NumPy reference SubGen sketch stays float64 beside its segments in a float16 input's dtype
-        diag["fallback_reason"] = f"{c.nbytes} bytes held, more than the exact cache's {H * n * exact_slot_bytes(K, V)}"
-        if keep is not None and meth.selects_tokens and meth.token_budget(keep, n, opts) < n:
-            sm = get_method("streaming")  # at the keep budget, as above: never over it
-            built = work.build("streaming", sm, sm.resolve_options({}), {"keep": keep})
-            diag.update(fallback="streaming")
-        else:
-            built = work.build(method, meth, opts, None)
-            diag.update(fallback="exact", level_per_head=np.zeros(lead, dtype=int))
+        diag["fallback_reason"] = f"{c.nbytes} bytes held, more than the exact cache's {exact_bytes}"
+        budget_n = meth.token_budget(keep, n, opts) if keep is not None and meth.selects_tokens else n
+        built, _, diag["fallback"] = _fallback_build(work, method, meth, opts, keep, budget_n)
+        if diag["fallback"] == "exact":
+            diag["level_per_head"] = np.zeros(lead, dtype=int)
         c = work.finalize([built], np.zeros(H, dtype=int), method, diag)
     return c
+
+
+def _fallback_build(work, method: str, meth, opts: dict, keep, budget_n: int):
+    """``(built, level, name)`` of the cache that is never larger than the exact cache and never over the keep budget
+    of ``budget_n`` tokens per head: the exact cache when that budget is every token, else StreamingLLM (sink and
+    recent window, exact tokens) at the budget."""
+    if budget_n >= work.n:
+        return work.build(method, meth, opts, None), None, "exact"
+    sm, level = get_method("streaming"), {"keep": keep}
+    return work.build("streaming", sm, sm.resolve_options({}), level), level, "streaming"
 
 
 class _LeadStream:

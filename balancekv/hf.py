@@ -87,7 +87,9 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
+from ._validate import check_choice
 from .api import compress
+from .compressed import BACKENDS
 from .methods import get_method
 from .methods.base import CAPPED
 
@@ -391,10 +393,7 @@ class CompressedCache(Cache):
             ratio = _check_real("ratio", ratio, 0.0, float("inf"), hi_open=True)
         if not (isinstance(budgets, str) and budgets == "uniform") and keep is None:
             raise ValueError("budgets spread keep across the layers: give keep (eps, cap and ratio are per layer)")
-        from .compressed import BACKENDS  # noqa: PLC0415
-
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, BACKENDS)
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, Integral) or cap < 1:
                 raise ValueError(f"cap must be a positive int (tokens per KV head), got {cap!r}")

@@ -58,7 +58,7 @@ from balancekv.reference import softmax_attention as ra
 from balancekv.reference.subgen import ESTIMATORS, SubGenState, fold_scale
 
 from .._arrays import held_nbytes, is_torch, torch
-from ..storage import dense_segment, exact_segment
+from ..storage import DenseStore, dense_segment, exact_segment
 from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error
 
 VARIANTS = ("offline", "stream")
@@ -150,9 +150,8 @@ class SubGenStream:
 
     @staticmethod
     def _in_kind(kvp, kind):
-        k, v, p = kvp
-        sg = exact_segment(k, v, np.zeros(k.shape[-2], np.int64)).to_kind(kind)
-        return sg.keys.x, sg.values.x, p  # (the positions stay the stream's (m,) ints)
+        k, v, p = kvp  # (the positions stay the stream's (m,) ints)
+        return DenseStore(k).to_kind(kind).x, DenseStore(v).to_kind(kind.for_values()).x, p
 
     def append(self, k, v, pos):
         t = is_torch(k)
