@@ -815,6 +815,11 @@ class _LeadStream:
         return self.stream.flat_parts()
 
     @property
+    def segments_are_copies(self) -> bool:
+        """The stream builds new arrays for its segments (the cache reads them when needed, keeps none)."""
+        return bool(getattr(self.stream, "segments_are_copies", False))
+
+    @property
     def observes(self) -> bool:
         return hasattr(self.stream, "observe")
 

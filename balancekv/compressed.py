@@ -210,8 +210,14 @@ class CompressedKV:
     def _other(self) -> list[Segment]:
         """The segments outside the arena (a stream's, built on first use after an append)."""
         if self._other_segs is None:
+            if self._copies:  # built for this read, not kept: the stream's state is what the cache holds
+                return [sg.to_kind(self.kind) for sg in self._stream.segments()]
             self._other_segs = list(self._stream.segments())
         return self._other_segs
+
+    @property
+    def _copies(self) -> bool:
+        return self._stream is not None and getattr(self._stream, "segments_are_copies", False)
 
     @_other.setter
     def _other(self, segments: list[Segment]) -> None:
@@ -223,7 +229,7 @@ class CompressedKV:
         A cache with a decode stream keeps the stream's segments as they are (the stream owns them)."""
         segments = list(segments)  # already in the cache's kind (see compress)
         if self._stream is not None:  # the stream owns its storage: its segments are used as they are
-            self._other = segments
+            self._other = None if self._copies else segments
             if getattr(self, "_arena", None) is None or self._arena.used:
                 self._arena = SlotArena([], self.kind, self.lead, self.d, self.s)
             return  # (an empty arena is kept from step to step)
@@ -297,7 +303,8 @@ class CompressedKV:
 
     def nbytes_with(self, *others) -> int:
         """:attr:`nbytes` together with the arrays reachable from ``others``, each storage counted once."""
-        return held_nbytes(self._other, self._arena, self._stream, *others)
+        # (segments the stream builds on a read are not held; its state is, through the stream)
+        return held_nbytes(self._other_segs or [], self._arena, self._stream, *others)
 
     @property
     def input_nbytes(self) -> int:
@@ -493,7 +500,7 @@ class CompressedKV:
                 pw = as_positions(pos, like=kw)  # ints, never through the float working dtype
             else:
                 kw, vw, pw = to_numpy(ks), to_numpy(vs), to_numpy(pos, POSITION_NP)
-            if getattr(self._stream, "in_kind", False) and hasattr(self._stream, "push"):
+            if (getattr(self._stream, "in_kind", False) or self._copies) and hasattr(self._stream, "push"):
                 # a stream holding its state in the cache's kind: its segments are built when asked for (a decode
                 # step's attention reads the stream's flat parts, :meth:`parts`), not reshaped every step
                 self._stream.push(kw, vw, pw)
@@ -690,7 +697,7 @@ class RaggedKV(CompressedKV):
         return self.nbytes_with()
 
     def nbytes_with(self, *others) -> int:
-        groups = [(h, (c._other, c._arena, c._stream)) for h, c in self._groups]
+        groups = [(h, (c._other_segs or [], c._arena, c._stream)) for h, c in self._groups]
         return held_nbytes(groups, self._index, self._inv, *others)
 
     @property

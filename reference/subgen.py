@@ -176,6 +176,18 @@ class SubGenHead:
         self.num_k = np.zeros((s_num, d))
         self.num_v = np.zeros((s_num, s))
         self.num_sq = np.zeros(s_num)  # ||v_j||^2 of the token in slot j
+        #: storage dtypes of the held keys and values (float64 unless :meth:`hold_tokens_as`); sums are float64
+        self.kdt, self.vdt = np.dtype(np.float64), np.dtype(np.float64)
+
+    def hold_tokens_as(self, key_dtype, value_dtype) -> None:
+        """Hold the sampled keys and values (slots, members, numerator slots) in storage dtypes (an fp16 cache's);
+        every computation still runs in float64 on them."""
+        self.kdt, self.vdt = np.dtype(key_dtype), np.dtype(value_dtype)
+        self.num_k, self.num_v = self.num_k.astype(self.kdt), self.num_v.astype(self.vdt)
+        for cl in self.clusters:
+            cl.slot_k, cl.slot_v = cl.slot_k.astype(self.kdt), cl.slot_v.astype(self.vdt)
+            if cl.members is not None:
+                cl.members = [(p, k.astype(self.kdt), v.astype(self.vdt)) for p, k, v in cl.members]
 
     # ------------------------------------------------------------------ update
     def assign(self, k: np.ndarray) -> tuple[int, float]:
@@ -193,7 +205,13 @@ class SubGenHead:
             t = self.t
             self.clusters.append(
                 _Cluster(
-                    self.scale * k, 0, 0.0, np.full(t, -1, np.int64), np.zeros((t, self.d)), np.zeros((t, self.s)), []
+                    self.scale * k,
+                    0,
+                    0.0,
+                    np.full(t, -1, np.int64),
+                    np.zeros((t, self.d), self.kdt),
+                    np.zeros((t, self.s), self.vdt),
+                    [],
                 )
             )
             self._C = np.vstack([self._C, (self.scale * k)[None]])
@@ -203,7 +221,7 @@ class SubGenHead:
         cl.radius = max(cl.radius, dist)
         if cl.members is not None:
             if cl.count <= self.t:
-                cl.members.append((int(pos), k.copy(), v.copy()))
+                cl.members.append((int(pos), k.astype(self.kdt), v.astype(self.vdt)))
             else:
                 cl.members = None  # outgrew t: from now on the reservoir slots stand for the cluster
         take = u_res[: self.t] < 1.0 / cl.count  # reservoir: each slot uniform over the members
@@ -321,6 +339,10 @@ class SubGenState:
     @property
     def H(self) -> int:
         return len(self.heads)
+
+    def hold_tokens_as(self, key_dtype, value_dtype) -> None:
+        for head in self.heads:
+            head.hold_tokens_as(key_dtype, value_dtype)
 
     def draw_uniforms(self, rng: np.random.Generator, T: int) -> np.ndarray:
         """``(T, H, t_max + s_num)`` uniforms in the streaming layout (see module docstring)."""

@@ -315,21 +315,46 @@ def test_half_precision_cache_holds_its_tokens_once_in_their_dtype(dtype, cap):
     assert c16.nbytes == before and c16.keys.dtype == dtype
 
 
-def test_never_larger_than_the_exact_cache_in_the_callers_dtype():
-    """No cache holds more than the exact cache of the same input, by the bytes held in the caller's dtype. NumPy
-    float16 input runs the reference, whose SubGen sketch stays float64 beside its float16 segments: at keep 0.5 it
-    held 86736 bytes against the exact cache's 56000. Such a build is replaced by StreamingLLM at the keep budget,
-    said in the diagnostics; the torch path holds its sketch in the input's dtype and compresses."""
+def test_numpy_sketch_is_held_once_in_the_callers_dtype():
+    """NumPy float16 input runs the reference, whose sketch now holds its sampled tokens in float16 and whose padded
+    segments are built per read, not kept: the bytes held (walking the object graph) equal ``nbytes`` and are within
+    1.15x of the torch path's. Before, the float64 sketch sat beside float16 segments: 0.85 of the full cache at
+    keep 0.25 (torch: 0.27)."""
+    from _memory import reachable_array_bytes
+
+    rng = np.random.default_rng(0)
+    K = (0.5 * rng.standard_normal((2, 400, 32))).astype(np.float16)
+    V = rng.standard_normal((2, 400, 32)).astype(np.float16)
+    Q = (0.5 * rng.standard_normal((2, 8, 32))).astype(np.float16)
+    c = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0)
+    t = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=0.25, method="subgen", seed=0)
+    held = lambda: reachable_array_bytes(c, stop=(c.diagnostics,)) - c.nbytes  # (+16: the stream rng's seed)
+    assert "fallback" not in c.diagnostics and 0 <= held() <= 64
+    assert c.nbytes <= 1.15 * t.nbytes and c.ratio < 0.4
+    before = c.attend(Q)
+    c.append(K[:, :40], V[:, :40])  # the stream keeps working, still held once
+    assert 0 <= held() <= 64 and c.ratio < 0.4
+    assert np.isfinite(before).all() and np.isfinite(c.attend(Q)).all()
+
+
+def test_never_larger_than_the_exact_cache_in_the_callers_dtype(monkeypatch):
+    """No cache holds more than the exact cache of the same input, by the bytes held in the caller's dtype. Forced
+    here by a reference sketch that keeps float64 tokens for float16 input (``hold_tokens_as`` a no-op, what the
+    reference did before): at keep 0.5 that holds more than the exact cache, so the build is replaced by
+    StreamingLLM at the keep budget, said in the diagnostics. Control: without the patch it compresses."""
+    from balancekv.reference import subgen as ref_subgen
+
     rng = np.random.default_rng(0)
     K = (0.5 * rng.standard_normal((2, 200, 32))).astype(np.float16)
     V = rng.standard_normal((2, 200, 32)).astype(np.float16)
     exact = balancekv.compress(K, V, keep=1.0, method="subgen").nbytes
+    ok = balancekv.compress(K, V, keep=0.5, method="subgen", seed=0)
+    assert "fallback" not in ok.diagnostics and ok.nbytes < 0.8 * exact
+    monkeypatch.setattr(ref_subgen.SubGenState, "hold_tokens_as", lambda self, kd, vd: None)
     c = balancekv.compress(K, V, keep=0.5, method="subgen", seed=0)
     assert c.nbytes <= exact and c.diagnostics["fallback"] == "streaming"
     assert "more than the exact cache" in c.diagnostics["fallback_reason"]
     assert c.kept().max() <= 100  # never over the keep budget either
-    t = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=0.5, method="subgen", seed=0)
-    assert "fallback" not in t.diagnostics and t.nbytes < 0.7 * exact
 
 
 def test_eps_mode_meets_eps_on_probes():

@@ -140,13 +140,25 @@ class SubGenStream:
         held = next((x[0] for x in (self.sinks, self.window) if x is not None), None)
         torch_state = self.state is not None and not isinstance(self.state, SubGenState)
         if (is_torch(held) if held is not None else torch_state) != kind.is_torch:
+            self._other_kind = True
             return
         if self.sinks is not None:
             self.sinks = self._in_kind(self.sinks, kind)
         if self.window is not None:
             self.window = self._in_kind(self.window, kind)
-        if kind.is_torch and self.state is not None and not isinstance(self.state, SubGenState):
+        if self.state is not None:  # (the reference sketch in NumPy dtypes, the torch one in torch dtypes)
             self.state.hold_tokens_as(kind.dtype, kind.value_dtype)
+
+    @property
+    def segments_are_copies(self) -> bool:
+        """True when :meth:`segments` builds new arrays: the reference sketch's are a padded copy of its slots, and
+        a cache of another kind converts the state's. The cache then reads them when it needs them and does not
+        keep them, so nothing is held twice (a torch sketch's segments in its own kind are views)."""
+        return isinstance(self.state, SubGenState) or getattr(self, "_other_kind", False)
+
+    def push(self, k, v, pos) -> None:
+        """:meth:`append` without building the segments."""
+        self._take(k, v, pos)
 
     @staticmethod
     def _in_kind(kvp, kind):
@@ -154,6 +166,10 @@ class SubGenStream:
         return DenseStore(k).to_kind(kind).x, DenseStore(v).to_kind(kind.for_values()).x, p
 
     def append(self, k, v, pos):
+        self._take(k, v, pos)
+        return self.segments()
+
+    def _take(self, k, v, pos) -> None:
         t = is_torch(k)
         cat = (lambda xs, ax: torch.cat(xs, ax)) if t else (lambda xs, ax: np.concatenate(xs, ax))
         if self.window is None:
@@ -170,7 +186,6 @@ class SubGenStream:
             cp = (lambda x: x.clone()) if t else (lambda x: x.copy())
             wk, wv, wp = cp(wk[:, ev:]), cp(wv[:, ev:]), cp(wp[ev:])  # own storage: not a view of the chunk
         self.window = (wk, wv, wp) if int(wk.shape[-2]) else None
-        return self.segments()
 
     def segments(self):
         out = []
