@@ -684,6 +684,17 @@ class TorchSubGenState:
         self.tok_k, self.num_k = self.tok_k.to(key_dtype), self.num_k.to(key_dtype)
         self.tok_v, self.num_v = self.tok_v.to(value_dtype), self.num_v.to(value_dtype)
 
+    def remap_positions(self, where: torch.Tensor) -> None:
+        """Per head, stored position ``i`` becomes ``where[h, i]`` (``where (H, n_seen)`` ints; see
+        :meth:`balancekv.reference.subgen.SubGenHead.remap_positions`)."""
+        where = where.to(device=self.device, dtype=torch.int64)
+
+        def f(p):
+            g = torch.gather(where, 1, p.clamp(min=0).reshape(self.H, -1)).reshape(p.shape)
+            return torch.where(p >= 0, g, p)
+
+        self.tok_pos, self.num_pos = f(self.tok_pos), f(self.num_pos)
+
     def _grow(self, need: int) -> None:
         # small steps: the state's memory is billed, and new clusters are rare once the stream is clustered
         cap = max(need, self.cap + max(1, self.cap // 8))

@@ -189,6 +189,17 @@ class SubGenHead:
             if cl.members is not None:
                 cl.members = [(p, k.astype(self.kdt), v.astype(self.vdt)) for p, k, v in cl.members]
 
+    def remap_positions(self, where: np.ndarray) -> None:
+        """Token ``i`` of the tokens streamed so far becomes position ``where[i]`` (a sketch built on a subset of a
+        cache, e.g. its middle without the heavy hitters, keeps the cache's positions)."""
+        where = np.asarray(where, np.int64)
+        f = lambda p: np.where(p >= 0, where[np.maximum(p, 0)], -1)
+        self.num_pos = f(self.num_pos)
+        for cl in self.clusters:
+            cl.slot_pos = f(cl.slot_pos)
+            if cl.members is not None:
+                cl.members = [(int(where[p]), k, v) for p, k, v in cl.members]
+
     # ------------------------------------------------------------------ update
     def assign(self, k: np.ndarray) -> tuple[int, float]:
         """The cluster that key ``k`` joins, ``(-1, 0)`` for a new one, and its folded distance."""
@@ -343,6 +354,11 @@ class SubGenState:
     def hold_tokens_as(self, key_dtype, value_dtype) -> None:
         for head in self.heads:
             head.hold_tokens_as(key_dtype, value_dtype)
+
+    def remap_positions(self, where) -> None:
+        """Per head, stored position ``i`` becomes ``where[h, i]`` (:meth:`SubGenHead.remap_positions`)."""
+        for head, w in zip(self.heads, np.asarray(where)):
+            head.remap_positions(w)
 
     def draw_uniforms(self, rng: np.random.Generator, T: int) -> np.ndarray:
         """``(T, H, t_max + s_num)`` uniforms in the streaming layout (see module docstring)."""

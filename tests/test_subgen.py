@@ -473,3 +473,64 @@ def test_bad_options_are_rejected(opts, err):
     K, V, _ = make_kv("gaussian", heads=1, n=32, d=4, seed=0)
     with pytest.raises(err, match=next(iter(opts))):
         balancekv.compress(K, V, keep=0.5, method="subgen", **opts)
+
+
+def _planted(seed=0, H=2, n=512, d=16, planted=8):
+    """Keys of norm ~0.3 with ``planted`` middle tokens along one direction that the probes (and the test queries)
+    point at: the attention reads those few tokens, the rest is background."""
+    rng = np.random.default_rng(seed)
+    K = 0.3 * rng.standard_normal((H, n, d))
+    V = rng.standard_normal((H, n, d))
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    P = np.sort(rng.choice(np.arange(100, 400), planted, replace=False))
+    K[:, P] = 6.0 * u + 0.1 * rng.standard_normal((H, planted, d))
+    Qp = 6.0 * u + 0.3 * rng.standard_normal((H, 24, d))
+    Qt = 6.0 * u + 0.3 * rng.standard_normal((H, 32, d))
+    return K, V, Qp, Qt, P
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_heavy_hitters_are_exact_and_the_sample_stands_for_the_rest(kind):
+    """With observed queries, subgen keeps ``heavy_frac`` of the budget as the middle's heavy hitters (largest summed
+    probe attention), exactly, and its one-stratum sample stands for the rest of the middle only. Checked: every
+    planted token the probes read is held in the heavy segment; every held slot's key is its position's input row
+    (the sketch built on the middle without them reports the cache's positions); the sample's weights sum to the
+    size of the rest (each middle token counted once, the unbiased total: counting the heavy hitters in the sample
+    too would make it the whole middle); and on fresh queries like the probes the error is far below the same
+    budget without heavy hitters (control ``heavy_frac=0``)."""
+    K, V, Qp, Qt, P = _planted()
+    conv = (lambda x: torch.from_numpy(x)) if kind == "torch" else (lambda x: x)
+    n = K.shape[1]
+    c = balancekv.compress(conv(K), conv(V), keep=0.25, queries=conv(Qp), method="subgen", seed=0)
+    info_heavy = round(0.2 * 128)
+    segs = {sg.label: sg for sg in c.segments}
+    hpos = np.asarray(segs["heavy"].positions.tolist())
+    assert hpos.shape == (2, info_heavy) and all(np.isin(P, hpos[h]).all() for h in range(2))
+    rest = n - 4 - round(0.4 * 128) - info_heavy
+    for sg in c.segments:
+        pos, ok = np.asarray(sg.positions.tolist()), np.asarray(sg.valid().tolist())
+        keys = np.asarray(sg.keys.dense().tolist())
+        for h in range(2):
+            np.testing.assert_allclose(keys[h][ok[h]], K[h, pos[h][ok[h]]], rtol=0, atol=1e-6)
+        if sg.label == "subgen":
+            w = np.exp(np.asarray(sg.den_logw.tolist()))
+            np.testing.assert_allclose(np.where(ok, w, 0).sum(-1), rest, rtol=1e-9)
+    assert int(np.asarray(c.kept().tolist()).max()) <= 128
+    off = balancekv.compress(conv(K), conv(V), keep=0.25, queries=conv(Qp), method="subgen", seed=0, heavy_frac=0.0)
+    assert "heavy" not in {sg.label for sg in off.segments}
+    exact = balancekv.attention(conv(Qt), conv(K), conv(V))
+    err = lambda x: float(np.mean(np.asarray(balancekv.api.relative_error(x.attend(conv(Qt)), exact).tolist())))
+    assert err(c) < 0.3 * err(off)
+
+
+def test_heavy_hitters_need_queries():
+    """Without observed queries there is nothing to rank by, so the heavy share goes to the sample (no heavy
+    segment, the sample's slots grow by that share) and the build equals ``heavy_frac=0``'s."""
+    K, V, _, Qt, _ = _planted()
+    a = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0)
+    b = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0, heavy_frac=0.0)
+    assert "heavy" not in {sg.label for sg in a.segments}
+    np.testing.assert_array_equal(a.attend(Qt), b.attend(Qt))
+    with pytest.raises(ValueError, match="window_frac \\+ heavy_frac"):
+        balancekv.compress(K, V, keep=0.25, method="subgen", window_frac=0.5, heavy_frac=0.5)

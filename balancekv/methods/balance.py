@@ -50,7 +50,7 @@ from balancekv.reference.blocked_balance import (
 from .._arrays import is_torch, torch
 from ..storage import input_rows_segment
 from .balance_stream import BalanceStream, capped_stream, check_cap_options
-from .base import Built, Method, check_float_option, check_int_option, halving_levels
+from .base import Built, Method, check_float_option, check_int_option, halving_levels, top_tokens
 
 ESTIMATORS = ("consistent", "published")
 
@@ -394,37 +394,6 @@ class Balance(Method):
             return 2 if queries_given else 0
         return int(r)
 
-    @staticmethod
-    def memo(ctx, tag, K, compute):
-        """``compute()``, once per ``(tag, probes, keys, scale)`` for the builds of one call (``ctx.shared``):
-        what depends on the probes and keys only (not on the level) is shared by every level and fold."""
-        if ctx.shared is None:
-            return compute()
-        key = (tag, id(ctx.probes), id(K), float(ctx.scale))
-        hit = ctx.shared.get(key)
-        if hit is not None and hit[0] is ctx.probes and hit[1] is K:
-            return hit[2]
-        out = compute()
-        ctx.shared[key] = (ctx.probes, K, out)  # the objects are kept with it: their ids stay theirs
-        return out
-
-    @staticmethod
-    def _probe_columns(K, ctx, which: int):
-        """Torch: the call's probe logits (``which=0``) or softmax weights (``1``), ``(H, n, p)``
-        (:func:`balancekv.fast.softmax_attention.probe_softmax`, shared with the exact attention of the
-        probes), the columns of ``ctx.probe_rows`` for a fold; ``None`` when ``ctx.probes`` are not the call's."""
-        from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
-
-        full = None if ctx.shared is None else ctx.shared.get("probes")
-        if full is None or (ctx.probe_rows is None and full is not ctx.probes):
-            return None
-        x = probe_softmax(K, full, ctx.scale, ctx.shared)[which]
-        if ctx.probe_rows is None:
-            return x
-        import torch  # noqa: PLC0415
-
-        return x.index_select(-1, torch.as_tensor(ctx.probe_rows, dtype=torch.int64, device=x.device))
-
     def _logits(self, K, ctx, temp):
         """``temp * scale * <k_i, q_l>`` ``(H, n, L)`` of the walk's query-aware kernel."""
         from balancekv.fast.blocked_balance import query_logits  # noqa: PLC0415  (torch path only)
@@ -433,25 +402,6 @@ class Balance(Method):
         if x is None:
             return query_logits(K, ctx.probes.to(K.dtype), scale=ctx.scale, temp=temp)
         return x if float(temp) == 1.0 else float(temp) * x
-
-    def heavy_scores(self, K, ctx):
-        """``(H, n)``: ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens (shared by
-        the builds of one call, :meth:`memo`; torch: the call's probe softmax, columns for a fold)."""
-
-        def compute():
-            if is_torch(K):
-                import torch  # noqa: PLC0415  (torch path only)
-
-                w = self._probe_columns(K, ctx, 1)
-                if w is not None:
-                    return w.sum(-1)
-                return torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)
-            a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
-            a -= a.max(axis=-1, keepdims=True)
-            p = np.exp(a)
-            return (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)
-
-        return self.memo(ctx, "balance.heavy_scores", K, compute)
 
     def extra_exact(self, K, s0: int, w0: int, h: int, ctx):
         """``(H, h)`` middle tokens kept exactly. With observed queries and ``heavy_rounds > 0``: the heavy
@@ -477,14 +427,12 @@ class Balance(Method):
 
             if k > 1:
                 score = F.max_pool1d(score[:, None], k, stride=1, padding=k // 2)[:, 0]
-            top = torch.sort(-score, dim=1, stable=True).indices[:, :h] + s0
-            return torch.sort(top, dim=1).values
+            return top_tokens(score, h) + s0
         if k > 1:
             pad = np.full((H, k // 2), -np.inf)
             sp = np.concatenate([pad, score, pad], axis=1)
             score = np.max(np.stack([sp[:, t : t + M] for t in range(k)], axis=-1), axis=-1)
-        top = np.argsort(-score, axis=1, kind="stable")[:, :h] + s0
-        return np.sort(top, axis=1)
+        return top_tokens(score, h) + s0
 
 
 class UniformHalving(Balance):

@@ -88,6 +88,15 @@ class DecodeStream(Protocol):
     # appends write into them in place.
 
 
+def top_tokens(score, h: int):
+    """``(H, h)`` indices of each row's ``h`` largest ``score`` entries (lowest index on ties), in increasing order."""
+    if is_torch(score):
+        import torch  # noqa: PLC0415  (torch path only)
+
+        return torch.sort(torch.sort(-score, dim=1, stable=True).indices[:, :h], dim=1).values
+    return np.sort(np.argsort(-score, axis=1, kind="stable")[:, :h], axis=1)
+
+
 class Method:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict] = {}
@@ -149,6 +158,57 @@ class Method:
         alone. The default builds them one after the other; a method that can share work between them (one
         sign loop for several walks) overrides it."""
         return [self.build(K, V, level, ctx) for level, ctx in requests]
+
+    # ----------------------------------------------------------------- shared by the builds of one call
+    @staticmethod
+    def memo(ctx, tag, K, compute):
+        """``compute()``, once per ``(tag, probes, keys, scale)`` for the builds of one call (``ctx.shared``):
+        what depends on the probes and keys only (not on the level) is shared by every level and fold."""
+        if ctx.shared is None:
+            return compute()
+        key = (tag, id(ctx.probes), id(K), float(ctx.scale))
+        hit = ctx.shared.get(key)
+        if hit is not None and hit[0] is ctx.probes and hit[1] is K:
+            return hit[2]
+        out = compute()
+        ctx.shared[key] = (ctx.probes, K, out)  # the objects are kept with it: their ids stay theirs
+        return out
+
+    @staticmethod
+    def _probe_columns(K, ctx, which: int):
+        """Torch: the call's probe logits (``which=0``) or softmax weights (``1``), ``(H, n, p)``
+        (:func:`balancekv.fast.softmax_attention.probe_softmax`, shared with the exact attention of the
+        probes), the columns of ``ctx.probe_rows`` for a fold; ``None`` when ``ctx.probes`` are not the call's."""
+        from balancekv.fast.softmax_attention import probe_softmax  # noqa: PLC0415  (torch path only)
+
+        full = None if ctx.shared is None else ctx.shared.get("probes")
+        if full is None or (ctx.probe_rows is None and full is not ctx.probes):
+            return None
+        x = probe_softmax(K, full, ctx.scale, ctx.shared)[which]
+        if ctx.probe_rows is None:
+            return x
+        import torch  # noqa: PLC0415
+
+        return x.index_select(-1, torch.as_tensor(ctx.probe_rows, dtype=torch.int64, device=x.device))
+
+    def heavy_scores(self, K, ctx):
+        """``(H, n)``: ``sum_l softmax(scale <p_l, k_i>)`` over the probes, softmax over all tokens (shared by
+        the builds of one call, :meth:`memo`; torch: the call's probe softmax, columns for a fold)."""
+
+        def compute():
+            if is_torch(K):
+                import torch  # noqa: PLC0415  (torch path only)
+
+                w = self._probe_columns(K, ctx, 1)
+                if w is not None:
+                    return w.sum(-1)
+                return torch.softmax(ctx.scale * (ctx.probes @ K.transpose(-1, -2)), dim=-1).sum(1)
+            a = ctx.scale * np.einsum("hld,hnd->hln", ctx.probes, K)
+            a -= a.max(axis=-1, keepdims=True)
+            p = np.exp(a)
+            return (p / p.sum(axis=-1, keepdims=True)).sum(axis=1)
+
+        return self.memo(ctx, "heavy_scores", K, compute)
 
     def build_reference(self, K: np.ndarray, V: np.ndarray, level: dict, ctx: Context) -> Built:
         raise NotImplementedError

@@ -10,7 +10,12 @@ Two estimators (option ``estimator``), both built on the same clustering and res
   first ``sink`` tokens and an exact recent window (``window_frac`` of the budget) that slides during
   decoding (tokens leaving it enter the sketch). With the default ``m = 1`` this is one stratum:
   a reservoir sample of the middle (more centres with equal slots per cluster measured worse; a
-  proportional allocation is not implemented).
+  proportional allocation is not implemented). With observed ``queries``, the ``heavy_frac`` share of
+  the budget keeps the middle's heavy hitters exactly (largest ``sum_l softmax(scale <q_l, k_i>)``,
+  balance's scores) and the sample stands for the rest of the middle only (a second stratum held
+  exactly): on real caches the attention reads single middle tokens that a sample weights by
+  ``n_c / t`` or misses (``benchmarks/README.md``, session 9). Without queries that share goes to the
+  sample.
 - ``"l2"`` (the paper's, two-set, SPEC 5): numerator slots by l2 value sampling,
   ``num_logw = log(mu / (s_num ||v||^2))``, denominator from the clusters; default ``m = 16``;
   ``guarantee="theorem"`` always uses it. Numerator tokens absent from the denominator set enter it
@@ -38,9 +43,12 @@ num_frac : ``l2``: share of the kept budget given to numerator slots (default 0.
 t, s_num : fix the reservoir slots per cluster / the numerator slots at every level.
 sink, window_frac : ``cluster``: exact first tokens (default 4) and the exact recent window's share
     of the budget (default 0.4).
+heavy_frac : ``cluster`` with observed queries: the share of the budget kept as exact heavy hitters
+    (default 0.2, chosen on the tuning text; 0 turns them off).
 
 Budget for a kept fraction ``keep`` (``B = round(keep * n)`` slots): ``cluster``: ``sink`` +
-``round(window_frac B)`` exact, ``t = B_den // m`` per cluster with the rest; ``l2``: ``s_num =
+``round(window_frac B)`` exact (and ``round(heavy_frac B)`` heavy hitters with queries), ``t = B_den // m``
+per cluster with the rest; ``l2``: ``s_num =
 round(num_frac B)`` and ``t = (B - s_num) // m`` (offline: ``m`` capped at the budget; stream:
 ``m`` is each head's number of prompt clusters, so ``t`` may differ per head). ``info["kept"]``
 reports the slots held (torch: slots, a token drawn twice counts twice; NumPy: distinct tokens).
@@ -58,8 +66,8 @@ from balancekv.reference import softmax_attention as ra
 from balancekv.reference.subgen import ESTIMATORS, SubGenState, fold_scale
 
 from .._arrays import held_nbytes, is_torch, torch
-from ..storage import DenseStore, dense_segment, exact_segment
-from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error
+from ..storage import DenseStore, dense_segment, exact_segment, gather_tokens
+from .base import Built, Method, check_float_option, check_int_option, flag_probe_error, probe_error, top_tokens
 
 VARIANTS = ("offline", "stream")
 
@@ -69,6 +77,17 @@ def _unit(V) -> np.ndarray:
     ``v / u`` cannot overflow, and dividing by a power of two is exact (issue 15 item 4)."""
     m = (V.abs().amax(dim=(-1, -2)).tolist()) if is_torch(V) else np.abs(V).max(axis=(-1, -2)).tolist()
     return np.asarray([2.0 ** math.ceil(math.log2(x)) if x > 2.0**400 else 1.0 for x in m])
+
+
+def _complement(top, n: int):
+    """``(H, n - h)``: per row, the indices in ``range(n)`` not in ``top (H, h)``, in increasing order."""
+    H, h = (int(x) for x in top.shape)
+    if is_torch(top):
+        keep = torch.ones((H, n), dtype=torch.bool, device=top.device).scatter_(1, top, False)
+        return keep.nonzero()[:, 1].reshape(H, n - h)
+    keep = np.ones((H, n), dtype=bool)
+    np.put_along_axis(keep, top, False, axis=1)
+    return np.nonzero(keep)[1].reshape(H, n - h)
 
 
 #: relative weight of the numerator-only slots in the denominator of the two-set (``l2``) estimate
@@ -125,10 +144,21 @@ class SubGenStream:
     """
 
     def __init__(
-        self, state, rng: np.random.Generator, *, sinks=None, window=None, window_size=0, offset=0, factory=None
+        self,
+        state,
+        rng: np.random.Generator,
+        *,
+        sinks=None,
+        window=None,
+        window_size=0,
+        offset=0,
+        factory=None,
+        heavy=None,
     ):
         self.state, self.rng = state, rng
         self.sinks, self.window, self.W, self.offset = sinks, window, int(window_size), int(offset)
+        #: ``(K, V, positions (H, h))``: the prompt's heavy hitters, exact (fixed while decoding)
+        self.heavy = heavy
         #: ``factory(K, V)`` builds the sketch from the first tokens leaving the window when ``state`` is None
         self.factory = factory
 
@@ -144,6 +174,8 @@ class SubGenStream:
             return
         if self.sinks is not None:
             self.sinks = self._in_kind(self.sinks, kind)
+        if self.heavy is not None:
+            self.heavy = self._in_kind(self.heavy, kind)
         if self.window is not None:
             self.window = self._in_kind(self.window, kind)
         if self.state is not None:  # (the reference sketch in NumPy dtypes, the torch one in torch dtypes)
@@ -191,6 +223,8 @@ class SubGenStream:
         out = []
         if self.sinks is not None:
             out.append(exact_segment(*self.sinks, label="sink"))
+        if self.heavy is not None:
+            out.append(exact_segment(*self.heavy, label="heavy"))
         if self.state is not None:
             out += state_segments(self.state, self.offset)
         if self.window is not None:
@@ -210,8 +244,17 @@ class SubGen(Method):
         "s_num": None,
         "sink": 4,
         "window_frac": 0.4,
+        "heavy_frac": 0.2,
     }
     has_theorem = True
+
+    def rng_level(self, level):
+        """The level without its heavy-hitter sizes: without queries (no heavy hitters) a build draws what
+        ``heavy_frac=0``'s does."""
+        return {k: v for k, v in level.items() if not k.startswith("heavy")}
+
+    def uses_queries(self, opts, queries_given):
+        return bool(queries_given and opts["estimator"] == "cluster" and opts["heavy_frac"] > 0)
 
     def check_options(self, opts):
         if opts["variant"] not in VARIANTS:
@@ -232,6 +275,12 @@ class SubGen(Method):
         check_float_option(opts, "window_frac", 0.0, 1.0)
         if opts["window_frac"] >= 1.0:
             raise ValueError(f"option window_frac must lie in [0, 1), got {opts['window_frac']}")
+        check_float_option(opts, "heavy_frac", 0.0, 1.0)
+        if opts["window_frac"] + opts["heavy_frac"] >= 1.0:
+            raise ValueError(
+                f"options window_frac + heavy_frac must be < 1 (shares of the budget), got {opts['window_frac']} + "
+                f"{opts['heavy_frac']}"
+            )
 
     # ------------------------------------------------------------------ levels
     def level_for_keep(self, keep, n, opts):
@@ -242,22 +291,31 @@ class SubGen(Method):
         if opts["estimator"] == "cluster":
             sink = min(opts["sink"], max(0, B - 1), n - 1)
             window = min(int(round(opts["window_frac"] * B)), max(0, B - sink - 1), n - sink - 1)
+            heavy = min(int(round(opts["heavy_frac"] * B)), max(0, B - sink - window - 1), n - sink - window - 1)
             level.update(sink=int(sink), window=int(window), s_num=0)
             b_den = max(1, B - sink - window)
             n_sk = n - sink - window
+            if heavy > 0:  # (with queries: exact heavy hitters, the sample has the rest; without: the sample has it)
+                hl = self._sample_level(opts, n_sk - heavy, b_den - heavy)
+                level.update(heavy=int(heavy), **{"heavy_" + k: v for k, v in hl.items()})
         else:
             s_num = opts["s_num"] if opts["s_num"] is not None else max(1, int(round(opts["num_frac"] * B)))
             level["s_num"] = int(s_num)
             b_den = max(1, B - s_num)
             n_sk = n
+        level.update(self._sample_level(opts, n_sk, b_den))
+        return level
+
+    @staticmethod
+    def _sample_level(opts, n_sk: int, b_den: int) -> dict:
+        """The sketch's sizes for ``b_den`` slots over ``n_sk`` tokens: ``m`` and ``t`` (offline), else ``t`` or
+        the slot budget ``den_budget`` that the prompt's clusters share."""
         if opts["variant"] == "offline":
             m = min(centres(opts), n_sk, b_den)
-            level.update(m=int(m), t=int(opts["t"] if opts["t"] is not None else max(1, b_den // m)))
-        elif opts["t"] is not None:
-            level["t"] = int(opts["t"])
-        else:
-            level["den_budget"] = int(b_den)
-        return level
+            return dict(m=int(m), t=int(opts["t"] if opts["t"] is not None else max(1, b_den // m)))
+        if opts["t"] is not None:
+            return dict(t=int(opts["t"]))
+        return dict(den_budget=int(b_den))
 
     def levels(self, n, opts):
         out, seen, j = [], set(), 1
@@ -358,12 +416,21 @@ class SubGen(Method):
         est = o["estimator"] if "sink" in level else "l2"
         sink, window = int(level.get("sink", 0)), int(level.get("window", 0))
         Ks, Vs = K[:, sink : n - window], V[:, sink : n - window]
+        heavy = int(level.get("heavy", 0)) if est == "cluster" and ctx.queries_given else 0
+        hv = rest = None
+        if heavy:  # exact heavy hitters; the sample stands for the rest of the middle, at its own sizes
+            level = {**level, **{k[len("heavy_") :]: v for k, v in level.items() if k.startswith("heavy_")}}
+            top = top_tokens(self.heavy_scores(K, ctx)[:, sink : n - window], heavy)  # (H, heavy), from the sink
+            rest = _complement(top, int(Ks.shape[1]))
+            hv = (gather_tokens(Ks, top), gather_tokens(Vs, top), top + sink)
+            Ks, Vs = gather_tokens(Ks, rest), gather_tokens(Vs, rest)
         # a reservoir holds at most the tokens it samples from: t and s_num are capped by the middle's size
         # (t = 10**9 would otherwise allocate 10**9 slots per cluster)
         nm = max(1, int(Ks.shape[1]))
         s_num = min(int(level["s_num"]), nm)
         unit = _unit(Vs)
         info: dict = {"variant": o["variant"], "estimator": est, "s_num": s_num, "sink": sink, "window": window}
+        info["heavy"] = heavy
         backend = "torch" if tp and ctx.backend == "reference" else ctx.backend
         kw = dict(s_num=s_num, scale=ctx.scale, rng=ctx.rng, estimator=est, unit=unit)
         if o["variant"] == "offline":
@@ -386,12 +453,14 @@ class SubGen(Method):
                 t = [max(1, level["den_budget"] // c) for c in clusters]
             state = resolve("subgen_stream", backend)(Ks, Vs, t=t, threshold=thr, **kw)
             info["threshold"] = thr.tolist()
+        if rest is not None:
+            state.remap_positions(rest)  # the sketch's tokens at their positions in the middle
         if centres(o, est) == 1:
             one_stratum(state)
         cl = (lambda x: x.clone()) if tp else (lambda x: x.copy())
         sinks = (cl(K[:, :sink]), cl(V[:, :sink]), cl(positions[:sink])) if sink else None
         win = (cl(K[:, n - window :]), cl(V[:, n - window :]), cl(positions[n - window :])) if window else None
-        stream = SubGenStream(state, ctx.rng, sinks=sinks, window=win, window_size=window, offset=sink)
+        stream = SubGenStream(state, ctx.rng, sinks=sinks, window=win, window_size=window, offset=sink, heavy=hv)
         segs = stream.segments()
         if tp:
             info.update(t=state.ts, clusters=state.m, cluster_radius=state.cluster_radius())
