@@ -102,3 +102,18 @@ def captured_eps_search(K, V, eps, **kwargs):
         mp.setattr(budget, "eps_search", spy)
         c = balancekv.compress(K, V, eps, **kwargs)
     return c, seen
+
+
+def planted_heavy_hitters(seed=0, H=2, n=512, d=16, planted=8):
+    """Keys of norm ~0.3 with ``planted`` middle tokens along one direction that the probes (and the test queries)
+    point at: the attention reads those few tokens, the rest is background."""
+    rng = np.random.default_rng(seed)
+    K = 0.3 * rng.standard_normal((H, n, d))
+    V = rng.standard_normal((H, n, d))
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    P = np.sort(rng.choice(np.arange(100, 400), planted, replace=False))
+    K[:, P] = 6.0 * u + 0.1 * rng.standard_normal((H, planted, d))
+    Qp = 6.0 * u + 0.3 * rng.standard_normal((H, 24, d))
+    Qt = 6.0 * u + 0.3 * rng.standard_normal((H, 32, d))
+    return K, V, Qp, Qt, P

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _fast_helpers import planted_heavy_hitters
 from balancekv.reference.softmax_attention import attention, relative_error, weighted_attention
 from balancekv.reference.subgen import fold_scale, greedy_k_center, online_clusters, subgen_offline, subgen_stream
 from hypothesis import given, settings
@@ -475,21 +476,6 @@ def test_bad_options_are_rejected(opts, err):
         balancekv.compress(K, V, keep=0.5, method="subgen", **opts)
 
 
-def _planted(seed=0, H=2, n=512, d=16, planted=8):
-    """Keys of norm ~0.3 with ``planted`` middle tokens along one direction that the probes (and the test queries)
-    point at: the attention reads those few tokens, the rest is background."""
-    rng = np.random.default_rng(seed)
-    K = 0.3 * rng.standard_normal((H, n, d))
-    V = rng.standard_normal((H, n, d))
-    u = rng.standard_normal(d)
-    u /= np.linalg.norm(u)
-    P = np.sort(rng.choice(np.arange(100, 400), planted, replace=False))
-    K[:, P] = 6.0 * u + 0.1 * rng.standard_normal((H, planted, d))
-    Qp = 6.0 * u + 0.3 * rng.standard_normal((H, 24, d))
-    Qt = 6.0 * u + 0.3 * rng.standard_normal((H, 32, d))
-    return K, V, Qp, Qt, P
-
-
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_heavy_hitters_are_exact_and_the_sample_stands_for_the_rest(kind):
     """With observed queries, subgen keeps ``heavy_frac`` of the budget as the middle's heavy hitters (largest summed
@@ -499,11 +485,11 @@ def test_heavy_hitters_are_exact_and_the_sample_stands_for_the_rest(kind):
     size of the rest (each middle token counted once, the unbiased total: counting the heavy hitters in the sample
     too would make it the whole middle); and on fresh queries like the probes the error is far below the same
     budget without heavy hitters (control ``heavy_frac=0``)."""
-    K, V, Qp, Qt, P = _planted()
+    K, V, Qp, Qt, P = planted_heavy_hitters()
     conv = (lambda x: torch.from_numpy(x)) if kind == "torch" else (lambda x: x)
     n = K.shape[1]
     c = balancekv.compress(conv(K), conv(V), keep=0.25, queries=conv(Qp), method="subgen", seed=0)
-    info_heavy = round(0.2 * 128)
+    info_heavy = round(0.3 * 128)
     segs = {sg.label: sg for sg in c.segments}
     hpos = np.asarray(segs["heavy"].positions.tolist())
     assert hpos.shape == (2, info_heavy) and all(np.isin(P, hpos[h]).all() for h in range(2))
@@ -527,7 +513,7 @@ def test_heavy_hitters_are_exact_and_the_sample_stands_for_the_rest(kind):
 def test_heavy_hitters_need_queries():
     """Without observed queries there is nothing to rank by, so the heavy share goes to the sample (no heavy
     segment, the sample's slots grow by that share) and the build equals ``heavy_frac=0``'s."""
-    K, V, _, Qt, _ = _planted()
+    K, V, _, Qt, _ = planted_heavy_hitters()
     a = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0)
     b = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0, heavy_frac=0.0)
     assert "heavy" not in {sg.label for sg in a.segments}

@@ -6,6 +6,13 @@ Two variants (option ``variant``):
   with joint balancing (one weighted set), fixed-size halving, a fixed batch size ``t`` (default
   64), a counter capped at ``rounds`` levels, and exact sinks and recent window; compress time
   ``O(n t)``. ``keep`` picks ``rounds`` and ``t``, the budget left goes to the exact window.
+  With observed ``queries``, ``heavy_frac`` of the budget (default 0.3, chosen on the tuning text) holds
+  exact heavy hitters: the first middle tokens seed the heavy slots, scored by their summed probe
+  attention (balance's scores), and each block leaving the window competes with them, so the slots end
+  with the middle's top-scored tokens and every other token goes through the sets once; decode
+  attention (:meth:`JointBalanceStream.observe`) adds to the scores. On real caches the attention
+  reads single middle tokens that a halving weights by ``2^level`` or drops (``benchmarks/README.md``,
+  session 9). Without queries that share goes to the sets and the window.
 - ``"theory"``: the theory-faithful algorithm below (also what ``guarantee="theorem"`` runs).
 
 Both run on the caller's device for torch input (:mod:`balancekv.fast.merge_reduce`, the torch
@@ -246,9 +253,10 @@ class JointBalanceStream:
             self._push(tuple(parts), self.rounds, count=max(1, round(float(w))))
         self.n_seen += int(n_tokens)
 
-    def seed_heavy(self, K, V, pos) -> None:
+    def seed_heavy(self, K, V, pos, scores=None) -> None:
         """Hold tokens ``K (H, m, d)``, ``V``, ``pos (H, m)`` exactly in free heavy-hitter slots (accumulated score
-        0: the decode queries' attention decides from then on); ``m`` at most the free slots. A prompt under the
+        ``scores (H, m)``, default 0: the decode queries' attention decides from then on); ``m`` at most the free
+        slots. A prompt under the
         cap is held exactly with them where the sets' room alone would have compressed it."""
         m = int(K.shape[1])
         if m == 0:
@@ -260,10 +268,13 @@ class JointBalanceStream:
         self.hv_k[:, a : a + m], self.hv_v[:, a : a + m] = self._held(K, 0), self._held(V, 1)
         self.hv_lw[:, a : a + m] = 0.0
         self.hv_pos[:, a : a + m] = pos
-        self.hv_score[:, a : a + m] = 0.0
+        self.hv_score[:, a : a + m] = 0.0 if scores is None else scores
         self.n_seen += m
 
-    def extend(self, K, V, positions):
+    def extend(self, K, V, positions, scores=None):
+        """Stream tokens ``K (H, T, d)``, ``V``, ``positions (T,)`` in. ``scores (H, T)``: with heavy-hitter slots,
+        the tokens' starting accumulated scores (a prefill build's probe attention; default 0, decode attention
+        then adds to them, :meth:`observe`)."""
         T = int(K.shape[1])
         j = 0
         if self.n_seen < self.sink:  # sinks first
@@ -284,6 +295,8 @@ class JointBalanceStream:
             self.buf_k[:, self.nbuf : self.nbuf + a] = K[:, j : j + a]
             self.buf_v[:, self.nbuf : self.nbuf + a] = V[:, j : j + a]
             self.buf_pos[self.nbuf : self.nbuf + a] = positions[j : j + a]
+            if self.heavy and scores is not None:
+                self.buf_score[:, self.nbuf : self.nbuf + a] = scores[:, j : j + a]
             self.nbuf += a
             self.n_seen += a
             j += a
@@ -654,8 +667,16 @@ class BalanceStream(Method):
         "max_retries": 3,
         "cap_window": 0.25,
         "cap_heavy": 0.0,
+        "heavy_frac": 0.3,
     }
     has_theorem = True
+
+    def uses_queries(self, opts, queries_given):
+        return bool(queries_given and opts["variant"] == "joint" and opts["heavy_frac"] > 0)
+
+    def rng_level(self, level):
+        """The level without its heavy-hitter layout: without queries a build draws what ``heavy_frac=0``'s does."""
+        return {k: v for k, v in level.items() if not k.startswith("heavy")}
 
     def meets_keep_budget(self, opts):
         return opts.get("variant") != "theory"  # MergeAndReduce's size is predicted, not chosen
@@ -671,6 +692,9 @@ class BalanceStream(Method):
             check_float_option(opts, "c", 0.0, lo_open=True)
         check_int_option(opts, "max_retries", 0)
         check_cap_options(opts)
+        check_float_option(opts, "heavy_frac", 0.0, 1.0)
+        if opts["heavy_frac"] >= 1.0:
+            raise ValueError(f"option heavy_frac must lie in [0, 1), got {opts['heavy_frac']}")
 
     # ------------------------------------------------------------------ levels
     @staticmethod
@@ -693,7 +717,7 @@ class BalanceStream(Method):
             lv = {"rounds": L, "t": t}
             if out and joint_slots(n, t, L, opts["sink"]) == joint_slots(n, t, L - 1, opts["sink"]):
                 break
-            out.append(lv)
+            out.append(self._with_heavy(lv, joint_slots(n, t, L, opts["sink"]), n, opts))
             L += 1
         return out
 
@@ -702,7 +726,23 @@ class BalanceStream(Method):
             return {"exact": True}  # every token, exactly (issue 15 item 9)
         if opts["variant"] == "theory":
             return {"keep": float(keep)}
-        budget = keep * n
+        lv = self._joint_layout(keep * n, n, opts)
+        return {"exact": True} if lv is None else self._with_heavy(lv, keep * n, n, opts)
+
+    def _with_heavy(self, level: dict, budget: float, n: int, opts) -> dict:
+        """``level`` plus, for builds with observed queries, the layout that keeps ``heavy_frac`` of ``budget``
+        as exact heavy hitters (``heavy``) and gives the sets and window the rest (``heavy_rounds`` …)."""
+        h = int(round(opts["heavy_frac"] * budget))
+        if h < 1:
+            return level
+        lv = self._joint_layout(budget - h, n - h, opts)
+        if lv is None:
+            return level
+        return {**level, "heavy": h, **{"heavy_" + k: v for k, v in lv.items()}}
+
+    def _joint_layout(self, budget: float, n: int, opts) -> dict | None:
+        """The largest-``t``, fewest-rounds joint layout of ``n`` tokens within ``budget`` slots, the rest of the
+        budget as the exact window; ``None`` when no layout is smaller than the exact cache."""
         t = self._joint_t(n, opts)
         sink = opts["sink"]
         while True:
@@ -718,7 +758,7 @@ class BalanceStream(Method):
                             hi = mid - 1
                     return {"rounds": L, "t": t, "window": int(lo)}
             if t == 1:
-                return {"exact": True}  # no configuration is smaller: never larger than exact
+                return None  # no configuration is smaller: never larger than exact
             t //= 2
 
     def _t_for_keep(self, keep, V):
@@ -760,11 +800,22 @@ class BalanceStream(Method):
             return Built([], info={"exact": True, "kept": n})
         if "rounds" in level:
             o = ctx.opts
+            heavy = int(level.get("heavy", 0)) if ctx.queries_given else 0
+            if heavy:  # the layout with exact heavy hitters: they win their slots as blocks leave the window
+                level = {**level, **{k[len("heavy_") :]: v for k, v in level.items() if k.startswith("heavy_")}}
             stream = JointBalanceStream(
                 H, d, s, t=level["t"], rounds=level["rounds"], sink=o["sink"], scale=ctx.scale, rng=ctx.rng,
                 like=K, backend=ctx.backend, walk={"gamma": o["gamma"], "a2": o["a2"]}, window=level.get("window", 0),
+                heavy=heavy,
             )  # fmt: skip
-            stream.extend(K, V, pos)
+            if heavy:  # sinks, then the first middle tokens straight into the heavy slots, then the rest streams
+                sc, a, b = self.heavy_scores(K, ctx), min(o["sink"], n), min(o["sink"], n) + heavy
+                stream.extend(K[:, :a], V[:, :a], pos[:a])
+                hp = pos[a:b][None].expand(H, -1) if is_torch(K) else np.broadcast_to(pos[a:b], (H, heavy))
+                stream.seed_heavy(K[:, a:b], V[:, a:b], hp, scores=sc[:, a:b])
+                stream.extend(K[:, b:], V[:, b:], pos[b:], scores=sc[:, b:])
+            else:
+                stream.extend(K, V, pos)
             info = {"variant": "joint", **level, "kept": int(stream.memory()[0])}
             return Built(stream.segments(), stream=stream, info=info)
         t = level["t"] if "t" in level else self._t_for_keep(level["keep"], V)

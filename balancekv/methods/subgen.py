@@ -44,7 +44,7 @@ t, s_num : fix the reservoir slots per cluster / the numerator slots at every le
 sink, window_frac : ``cluster``: exact first tokens (default 4) and the exact recent window's share
     of the budget (default 0.4).
 heavy_frac : ``cluster`` with observed queries: the share of the budget kept as exact heavy hitters
-    (default 0.2, chosen on the tuning text; 0 turns them off).
+    (default 0.3, chosen on the tuning text at equal bytes; 0 turns them off).
 
 Budget for a kept fraction ``keep`` (``B = round(keep * n)`` slots): ``cluster``: ``sink`` +
 ``round(window_frac B)`` exact (and ``round(heavy_frac B)`` heavy hitters with queries), ``t = B_den // m``
@@ -244,7 +244,7 @@ class SubGen(Method):
         "s_num": None,
         "sink": 4,
         "window_frac": 0.4,
-        "heavy_frac": 0.2,
+        "heavy_frac": 0.3,
     }
     has_theorem = True
 
