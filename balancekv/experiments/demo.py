@@ -74,5 +74,12 @@ def run_demo(keep: float = 0.25, eps: float = 0.05, n: int = 2048, seed: int = 0
             "error": err,
         }
         rows.append(row)
-        print(f"{name:<16} {row['mode']:<12} {row['kept']:>11} {ckv.nbytes:>10} {ckv.ratio:>7.3f} {err:>8.4f}")
+        mark = " *" if err >= 1.0 else ""
+        print(f"{name:<16} {row['mode']:<12} {row['kept']:>11} {ckv.nbytes:>10} {ckv.ratio:>7.3f} {err:>8.4f}{mark}")
+    bad = [r["method"] for r in rows if r["error"] >= 1.0]
+    if bad:  # never silent: an error of 1 or more is no better than returning zero
+        print(
+            f"* error >= 1: {', '.join(bad)} did worse on these queries than returning zero (an all-zero output has "
+            "error 1); keep more tokens or use another method"
+        )
     return rows
