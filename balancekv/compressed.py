@@ -387,16 +387,19 @@ class CompressedKV:
                 )
         return self._attend(Q, qpos, backend)
 
-    def attend_rows(self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto"):
+    def attend_rows(
+        self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto", extra=()
+    ):
         """:func:`balancekv.fast.attend_parts` over this (torch) cache for queries ``Qr (L, R, d)``, row block
         ``l`` read by flattened head ``l`` (``L = prod(lead)``; GQA callers put a KV head's query heads in its
         rows); ``query_positions`` ``(R,)`` or ``(L, R)``. What :mod:`balancekv.hf` calls each decode step:
-        no validation, no copy of the cache. Returns ``(L, R, s)``."""
+        no validation, no copy of the cache. ``extra``: more parts ``(K, V, num_logw, den_logw, positions)``
+        with ``(L, …)`` leading dims, attended beside the cache's (tokens not appended yet). Returns ``(L, R, s)``."""
         from balancekv.fast.decode_attention import attend_parts  # noqa: PLC0415  (torch path only)
 
         return attend_parts(
             Qr,
-            self.parts(),
+            self.parts() + list(extra),
             self.scale if scale is None else scale,
             query_positions=query_positions,
             dtype=dtype,
@@ -473,6 +476,12 @@ class CompressedKV:
             )
         self.append_rows(self._working(k, "k"), self._working(v, "v"))
         return self
+
+    @property
+    def has_stream(self) -> bool:
+        """True when appended tokens go through a decode policy (a window that slides, a sketch, sets that merge,
+        a quantized residual) rather than straight into exact slots: an append can then move or drop older tokens."""
+        return self._stream is not None
 
     def append_rows(self, k, v) -> None:
         """:meth:`append` without its validation (what :mod:`balancekv.hf`'s decode steps call: the model's tensors
@@ -715,9 +724,11 @@ class RaggedKV(CompressedKV):
         r = lambda x: x.reshape((L,) + tuple(x.shape[len(self.lead) :]))
         return [(r(w.keys.dense()), r(w.values.dense()), r(w.num_logw), r(w.den_logw), r(w.positions))]
 
-    def attend_rows(self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto"):
-        """One :func:`~balancekv.fast.attend_parts` call per group over its rows of ``Qr (L, R, d)``; outputs in
-        head order."""
+    def attend_rows(
+        self, Qr, scale: float | None = None, *, query_positions=None, dtype=None, backend: str = "auto", extra=()
+    ):
+        """One :func:`~balancekv.fast.attend_parts` call per group over its rows of ``Qr (L, R, d)`` (and of each
+        ``extra`` part's tensors); outputs in head order."""
         qp = None
         if query_positions is not None:
             qp = torch.as_tensor(query_positions, device=Qr.device)
@@ -726,7 +737,10 @@ class RaggedKV(CompressedKV):
         outs = []
         for j, (_, c) in enumerate(self._groups):
             qj = qp if qp is None or qp.ndim == 1 else self._rows(qp, j)
-            outs.append(c.attend_rows(self._rows(Qr, j), scale, query_positions=qj, dtype=dtype, backend=backend))
+            ex = [tuple(None if x is None else self._rows(x, j) for x in part) for part in extra]
+            outs.append(
+                c.attend_rows(self._rows(Qr, j), scale, query_positions=qj, dtype=dtype, backend=backend, extra=ex)
+            )
         return self._stitch(outs)
 
     def _attend(self, Q, qpos, backend: str):
@@ -747,6 +761,10 @@ class RaggedKV(CompressedKV):
         return self._stitch(outs).reshape(tuple(Q.shape[:-1]) + (self.s,))
 
     # ------------------------------------------------------------------ decoding
+    @property
+    def has_stream(self) -> bool:
+        return any(c.has_stream for _, c in self._groups)
+
     def _append_stored(self, ks, vs, t: int) -> None:
         L = int(math.prod(self.lead)) if self.lead else 1
         kf, vf = ks.reshape(L, t, self.d), vs.reshape(L, t, self.s)

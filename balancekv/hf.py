@@ -164,6 +164,7 @@ class CompressedLayer(CacheLayerMixin):
         self.n_seen = 0  # tokens of the stream seen (RoPE positions), not slots held
         self._prefill = None  # (K, V) of the prompt until the attention function compresses it
         self.retained = None  # (K, V, probes, scale) when the cache keeps the prompt for re-compression
+        self._pending = None  # (K, V) of a multi-token forward, appended after its attention (see attend)
 
     # -- transformers' layer protocol --------------------------------------------------
     def lazy_initialization(self, key_states, value_states=None) -> None:
@@ -199,8 +200,16 @@ class CompressedLayer(CacheLayerMixin):
                 f"position {int(pos.reshape(-1)[0])}: a cache serves one prompt. Call cache.reset() (or make a new "
                 "CompressedCache) before the next prompt"
             )
-        self.ckv.append_rows(key_states.detach(), value_states.detach())
-        self.n_seen = self.ckv.n_seen
+        if key_states.shape[-2] > 1 and self.ckv.has_stream:
+            # a forward of several tokens (chunked prefill, teacher forcing) through a decode policy: its queries
+            # attend to the cache as it stood before plus its own tokens exactly, and the policy takes them after
+            # (appended first, they would push each other and the prompt's recent window into the sketch or sets
+            # before the early ones attend)
+            self._pending = (key_states.detach(), value_states.detach())
+            self.n_seen += key_states.shape[-2]
+        else:
+            self.ckv.append_rows(key_states.detach(), value_states.detach())
+            self.n_seen = self.ckv.n_seen
         keys = key_states.view_as(key_states)
         setattr(keys, _TAG, (self, "decode"))
         return keys, value_states
@@ -215,7 +224,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.ckv, self.n_seen, self._prefill, self.retained = None, 0, None, None
+        self.ckv, self.n_seen, self._prefill, self.retained, self._pending = None, 0, None, None, None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -280,13 +289,25 @@ class CompressedLayer(CacheLayerMixin):
         if t > 1:  # causal inside the new tokens: slot position <= query position
             qpos = torch.arange(self.n_seen - t, self.n_seen, device=query.device).repeat(g)
             qpos = qpos.expand(B * Hkv, g * t)
+        extra = ()
+        if self._pending is not None:  # this forward's own tokens, exact, beside the cache as it stood before
+            k, v = self._pending
+            L = B * Hkv
+            wdt = torch.float64 if query.dtype == torch.float64 else torch.float32
+            z = torch.zeros((L, t), dtype=wdt, device=query.device)
+            kpos = torch.arange(self.n_seen - t, self.n_seen, device=query.device).expand(L, t)
+            extra = ((k.reshape(L, t, -1), v.reshape(L, t, -1), z, z, kpos),)
         out = ckv.attend_rows(  # attend_parts over the cache's parts (one call per group of heads if ragged)
             q,
             scaling,
             query_positions=qpos,
             dtype=query.dtype,
             backend=self.parent.backend if self.parent.backend != "reference" else "torch",
+            extra=extra,
         )
+        if self._pending is not None:
+            ckv.append_rows(*self._pending)
+            self._pending = None
         ckv.observe(q.reshape(ckv.lead + (g * t, d)))  # online H2O accumulates attention (others: nothing)
         return out.to(query.dtype).reshape(B, Hq, t, -1).transpose(1, 2).contiguous()
 
