@@ -37,7 +37,11 @@ What happens, per attention layer:
    packed low-bit stores read by the Triton split-K kernel on CUDA and
    dequantized on the fly on CPU. Queries attend causally by the stream
    position of each slot, so a multi-token forward (teacher forcing) is causal
-   inside the new tokens.
+   inside the new tokens. Through a cache with a decode policy
+   (:attr:`CompressedKV.has_stream`) a multi-token forward attends to the cache as it
+   stood before plus its own tokens exactly, and the policy takes them after the
+   attention (appended first they would push each other and the prompt's window
+   into the sketch or sets before the early ones attend); one token appends first.
 3. **Under a memory cap** (``CompressedCache(model, method, cap=C)``): the prompt is
    compressed with ``compress(..., cap=C)`` and every later append goes through the
    method's capped decode policy, so no layer ever holds more than ``C`` tokens per KV
