@@ -708,7 +708,7 @@ def compress(
             # what the cache will hold: the slots and the decode stream's state (the theory stream's instances
             # are a known extra, see balancekv.methods.balance_stream: there the slots attended over)
             theory = opts.get("variant") == "theory"
-            held = held_nbytes(built.segments) if theory else held_nbytes(built.segments, built.stream)
+            held = held_nbytes(built.segments) if theory else built.held_nbytes()
             too_big = held > H * n * exact_slot_bytes(Kw, Vw)
             # (a theory variant only predicts its size, and a walk FAIL stores its set exactly: SPEC 2)
             bounded = meth.meets_keep_budget(opts) and not built.info.get("fallbacks", 0)
@@ -736,7 +736,7 @@ def compress(
         # per head, the fewest held bytes among the levels meeting eps (every level builds every head
         # alike, so a level's bytes per head are its bytes / H; a level not built is never chosen); ties go
         # to the more compressed index
-        per_head = np.array([np.inf if b is None else held_nbytes(b.segments, b.stream) / H for b in builts])
+        per_head = np.array([np.inf if b is None else b.held_nbytes() / H for b in builts])
         groups, rank = budget.ladder_groups(meth, levels)  # monotone along the search's ladders, as it judged
         choice = budget.cheapest_meeting(
             sc, per_head[:, None] * np.ones((1, H)), eps, exact_index=0, groups=groups, rank=rank

@@ -257,8 +257,8 @@ class CompressedKV:
     def segments(self) -> list[Segment]:
         return self._other + self._arena.segments()
 
-    def _cat(self, f, axis):
-        return cat([f(sg) for sg in self.segments], axis)
+    def _cat(self, f, axis, segments=None):
+        return cat([f(sg) for sg in (self.segments if segments is None else segments)], axis)
 
     @property
     def keys(self):
@@ -321,7 +321,11 @@ class CompressedKV:
     @property
     def single_set(self) -> bool:
         """True when one log-weight set serves numerator and denominator (an attention bias)."""
-        for sg in self.segments:
+        return self._single_set(self.segments)
+
+    @staticmethod
+    def _single_set(segments) -> bool:
+        for sg in segments:
             same = (
                 torch.equal(sg.num_logw, sg.den_logw)
                 if is_torch(sg.num_logw)
@@ -338,10 +342,10 @@ class CompressedKV:
         from balancekv.quantized import store_parts  # noqa: PLC0415  (quantized imports this module)
 
         L = int(math.prod(self.lead)) if self.lead else 1
-        if self._other_segs is None:  # an in-kind stream after an append: its parts, cut from its own buffers
+        if self._other_segs is None and not self._copies:  # an in-kind stream after an append: its own buffers
             out = self._stream.flat_parts()
-        else:
-            out = [p for sg in self._other_segs for p in store_parts(sg, L)]
+        else:  # (a stream whose segments are copies builds them for this read)
+            out = [p for sg in self._other for p in store_parts(sg, L)]
         if self._arena.used:
             w = self._arena.whole()
             r = lambda x: x.reshape((L,) + tuple(x.shape[len(self.lead) :]))
@@ -427,17 +431,20 @@ class CompressedKV:
             return out.reshape(tuple(Q.shape[:-1]) + (self.s,)).to(torch.promote_types(Q.dtype, self.kind.value_dtype))
         from balancekv.reference import softmax_attention as ra  # noqa: PLC0415  (reference path only)
 
+        segs = self.segments  # once (a stream whose segments are copies builds them per read)
+        f = lambda get, axis: self._cat(get, axis, segs)
+        K, Vv = f(lambda sg: sg.keys.dense(), -2), f(lambda sg: sg.values.dense(), -2)
+        nl, dl = f(lambda sg: sg.num_logw, -1), f(lambda sg: sg.den_logw, -1)
         mask = None
         if qpos is not None:
-            mask = self.positions[..., None, :] <= np.asarray(qpos)[..., :, None]
-        out = ra.weighted_attention(
-            to_numpy(Q), to_numpy(self.keys), to_numpy(self.values), self.num_logw, self.den_logw, self.scale, mask=mask
-        )
+            mask = f(lambda sg: sg.positions, -1)[..., None, :] <= np.asarray(qpos)[..., :, None]
+        out = ra.weighted_attention(to_numpy(Q), to_numpy(K), to_numpy(Vv), nl, dl, self.scale, mask=mask)
         return out.astype(np.result_type(Q.dtype, np.float32))
 
     def _first_position(self) -> int:
         """The largest, over heads, of each head's earliest held position (a query before it sees nothing)."""
-        pos, valid = self.positions, cat([sg.valid() for sg in self.segments], -1)
+        segs = self.segments
+        pos, valid = self._cat(lambda sg: sg.positions, -1, segs), cat([sg.valid() for sg in segs], -1)
         if is_torch(pos):
             big = torch.iinfo(pos.dtype).max
             return int(torch.where(valid, pos, torch.full_like(pos, big)).amin(-1).max())
@@ -552,9 +559,12 @@ class CompressedKV:
         denominator slots ``(0, 1)``: with ``o = softmax(scale * q K^T + bias) @ values_aug``
         the estimate is ``o[..., :-1] / o[..., -1:]`` (works for single-set caches too).
         """
-        K, Vv, nl, dl = self.keys, self.values, self.num_logw, self.den_logw
+        segs = self.segments
+        f = lambda get, axis: self._cat(get, axis, segs)
+        K, Vv = f(lambda sg: sg.keys.dense(), -2), f(lambda sg: sg.values.dense(), -2)
+        nl, dl = f(lambda sg: sg.num_logw, -1), f(lambda sg: sg.den_logw, -1)
         if not augmented:
-            if not self.single_set:
+            if not self._single_set(segs):
                 raise ValueError(
                     "this cache has separate numerator and denominator weights (a two-set "
                     "method); use to_dense(augmented=True)"

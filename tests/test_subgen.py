@@ -518,5 +518,39 @@ def test_heavy_hitters_need_queries():
     b = balancekv.compress(K, V, keep=0.25, method="subgen", seed=0, heavy_frac=0.0)
     assert "heavy" not in {sg.label for sg in a.segments}
     np.testing.assert_array_equal(a.attend(Qt), b.attend(Qt))
-    with pytest.raises(ValueError, match="window_frac \\+ heavy_frac"):
-        balancekv.compress(K, V, keep=0.25, method="subgen", window_frac=0.5, heavy_frac=0.5)
+    with pytest.raises(ValueError, match="heavy_frac"):
+        balancekv.compress(K, V, keep=0.25, method="subgen", heavy_frac=1.0)
+
+
+def test_sizes_and_kinds_the_heavy_hitters_must_not_break():
+    """Regressions found in review. (1) A torch cache over a reference sketch (torch input, ``backend="reference"``)
+    attends. (2) ``window_frac=0.8`` is accepted with the default ``heavy_frac``: the heavy hitters take at most what
+    the window leaves. (3) A fixed ``t`` and the online variant keep their slots with queries (no heavy hitters on
+    top, so no StreamingLLM fallback). (4) NumPy input at keep 0.8 compresses: the size check bills the sketch
+    once, not its padded copy besides (it fell back at base)."""
+    rng = np.random.default_rng(0)
+    K, V, Q = (rng.standard_normal((2, n, 16)) for n in (128, 128, 8))
+    t = balancekv.compress(torch.from_numpy(K), torch.from_numpy(V), keep=0.25, method="subgen", backend="reference")
+    assert tuple(t.attend(torch.from_numpy(Q)).shape) == (2, 8, 16)
+    assert balancekv.compress(K, V, keep=0.25, method="subgen", queries=Q, window_frac=0.8).kept().max() <= 32
+    for opts in ({"t": 5}, {"variant": "stream", "m": 3}):
+        c = balancekv.compress(K[:, :64], V[:, :64], keep=0.3, method="subgen", queries=Q, seed=0, **opts)
+        assert "fallback" not in c.diagnostics and "heavy" not in {sg.label for sg in c.segments}
+    c = balancekv.compress(K, V, keep=0.8, method="subgen", seed=0)
+    assert "fallback" not in c.diagnostics and c.ratio < 0.9
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_capped_sketch_built_while_decoding_holds_the_caches_dtype(kind):
+    """A prompt shorter than the window is held exactly; the sketch the capped policy builds later from the first
+    evicted tokens holds them in the cache's float16, like a sketch built at compress (it stayed in the compute
+    dtype, and bytes doubled). Control: the same stream compressed from a long prompt."""
+    rng = np.random.default_rng(0)
+    K, V = (rng.standard_normal((2, 600, 32)).astype(np.float16) for _ in range(2))
+    conv = (lambda x: torch.from_numpy(x)) if kind == "torch" else (lambda x: x)
+    short = balancekv.compress(conv(K[:, :20]), conv(V[:, :20]), cap=128, method="subgen", seed=0)
+    assert short._stream.stream.state is None  # (shorter than the window: no sketch yet)
+    short.append(conv(K[:, 20:]), conv(V[:, 20:]))
+    long = balancekv.compress(conv(K[:, :300]), conv(V[:, :300]), cap=128, method="subgen", seed=0)
+    long.append(conv(K[:, 300:]), conv(V[:, 300:]))
+    assert short.nbytes <= 1.1 * long.nbytes

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from .._arrays import is_torch
+from .._arrays import held_nbytes, is_torch
 from ..storage import Segment
 
 
@@ -66,6 +66,14 @@ class Built:
     segments: list[Segment]
     stream: Any = None
     info: dict = field(default_factory=dict)
+
+    def held_nbytes(self) -> int:
+        """Bytes the cache of this build holds: its segments and its stream's state, each storage once; a stream
+        whose segments are copies (:attr:`balancekv.methods.subgen.SubGenStream.segments_are_copies`) holds its
+        state only, the cache builds the segments per read."""
+        if self.stream is not None and getattr(self.stream, "segments_are_copies", False):
+            return held_nbytes(self.stream)
+        return held_nbytes(self.segments, self.stream)
 
 
 class DecodeStream(Protocol):

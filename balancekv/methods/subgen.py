@@ -26,8 +26,9 @@ Two estimators (option ``estimator``), both built on the same clustering and res
 Squared value norms are taken of ``v / u`` with ``u`` a power of two per head (1 unless
 ``max |v| > 2^400``), so values near 1e154 do not overflow. ``keep=1`` stores every token exactly;
 a result that would hold more bytes than the exact cache is the exact cache. On the torch path
-the cache's segments are views of the sketch's tensors (nothing held twice); the NumPy reference
-returns a padded copy.
+the cache's segments are views of the sketch's tensors (nothing held twice). The NumPy reference
+sketch holds its tokens in the cache's dtypes and its segments are a padded copy, built for each read
+and not kept (:attr:`SubGenStream.segments_are_copies`).
 
 Options
 -------
@@ -43,8 +44,9 @@ num_frac : ``l2``: share of the kept budget given to numerator slots (default 0.
 t, s_num : fix the reservoir slots per cluster / the numerator slots at every level.
 sink, window_frac : ``cluster``: exact first tokens (default 4) and the exact recent window's share
     of the budget (default 0.4).
-heavy_frac : ``cluster`` with observed queries: the share of the budget kept as exact heavy hitters
-    (default 0.3, chosen on the tuning text at equal bytes; 0 turns them off).
+heavy_frac : ``cluster``, offline with its automatic ``t``, with observed queries: the share of the budget
+    kept as exact heavy hitters (default 0.3, chosen on the tuning text at equal bytes; 0 turns them off).
+    They take at most what the window leaves, so the sample keeps at least one slot.
 
 Budget for a kept fraction ``keep`` (``B = round(keep * n)`` slots): ``cluster``: ``sink`` +
 ``round(window_frac B)`` exact (and ``round(heavy_frac B)`` heavy hitters with queries), ``t = B_den // m``
@@ -163,10 +165,11 @@ class SubGenStream:
         self.factory = factory
 
     def to_kind(self, kind) -> None:
-        """Hold the state in the cache's kind, once, after the build: sinks, window and (torch) the sketch's sampled
-        tokens in its storage dtypes, so the cache's segments are views of the sketch (nothing held twice; the
-        reference sketch, NumPy float64, is read through a padded copy). A cache of another kind than the working
-        one (NumPy input on the torch backend) keeps the state as it is: its segments are converted when read."""
+        """Hold the state in the cache's kind, once, after the build: sinks, heavy hitters, window and the sketch's
+        sampled tokens in its storage dtypes (a sketch the capped policy builds later too). A torch cache's segments
+        are then views of the sketch; the reference sketch's are a padded copy, built per read and not kept. A cache
+        of another kind than the working one (NumPy input on the torch backend) keeps the state as it is: its
+        segments are converted when read."""
         held = next((x[0] for x in (self.sinks, self.window) if x is not None), None)
         torch_state = self.state is not None and not isinstance(self.state, SubGenState)
         if (is_torch(held) if held is not None else torch_state) != kind.is_torch:
@@ -178,8 +181,9 @@ class SubGenStream:
             self.heavy = self._in_kind(self.heavy, kind)
         if self.window is not None:
             self.window = self._in_kind(self.window, kind)
+        self._hold = (kind.dtype, kind.value_dtype)  # (a sketch built later, from the first evicted tokens, too)
         if self.state is not None:  # (the reference sketch in NumPy dtypes, the torch one in torch dtypes)
-            self.state.hold_tokens_as(kind.dtype, kind.value_dtype)
+            self.state.hold_tokens_as(*self._hold)
 
     @property
     def segments_are_copies(self) -> bool:
@@ -213,6 +217,8 @@ class SubGenStream:
         if ev > 0:  # the oldest tokens leave the window for the sketch
             if self.state is None:  # (a capped sketch of a short prompt starts with the first evicted tokens)
                 self.state = self.factory(wk[:, :ev], wv[:, :ev])
+                if getattr(self, "_hold", None) is not None:  # in the cache's storage dtypes, like a built one
+                    self.state.hold_tokens_as(*self._hold)
             else:
                 self.state.append(wk[:, :ev], wv[:, :ev], wp[:ev] - self.offset, rng=self.rng)
             cp = (lambda x: x.clone()) if t else (lambda x: x.copy())
@@ -254,7 +260,8 @@ class SubGen(Method):
         return {k: v for k, v in level.items() if not k.startswith("heavy")}
 
     def uses_queries(self, opts, queries_given):
-        return bool(queries_given and opts["estimator"] == "cluster" and opts["heavy_frac"] > 0)
+        heavy = opts["heavy_frac"] > 0 and opts["variant"] == "offline" and opts["t"] is None
+        return bool(queries_given and opts["estimator"] == "cluster" and heavy)
 
     def check_options(self, opts):
         if opts["variant"] not in VARIANTS:
@@ -276,11 +283,8 @@ class SubGen(Method):
         if opts["window_frac"] >= 1.0:
             raise ValueError(f"option window_frac must lie in [0, 1), got {opts['window_frac']}")
         check_float_option(opts, "heavy_frac", 0.0, 1.0)
-        if opts["window_frac"] + opts["heavy_frac"] >= 1.0:
-            raise ValueError(
-                f"options window_frac + heavy_frac must be < 1 (shares of the budget), got {opts['window_frac']} + "
-                f"{opts['heavy_frac']}"
-            )
+        if opts["heavy_frac"] >= 1.0:
+            raise ValueError(f"option heavy_frac must lie in [0, 1), got {opts['heavy_frac']}")
 
     # ------------------------------------------------------------------ levels
     def level_for_keep(self, keep, n, opts):
@@ -291,7 +295,10 @@ class SubGen(Method):
         if opts["estimator"] == "cluster":
             sink = min(opts["sink"], max(0, B - 1), n - 1)
             window = min(int(round(opts["window_frac"] * B)), max(0, B - sink - 1), n - sink - 1)
+            # (the heavy hitters take at most heavy_frac of what the window leaves, and need the sizes to be the
+            # budget's: the offline sketch with its t chosen here; a fixed t or online clusters keep their slots)
             heavy = min(int(round(opts["heavy_frac"] * B)), max(0, B - sink - window - 1), n - sink - window - 1)
+            heavy = heavy if opts["variant"] == "offline" and opts["t"] is None else 0
             level.update(sink=int(sink), window=int(window), s_num=0)
             b_den = max(1, B - sink - window)
             n_sk = n - sink - window
@@ -476,7 +483,7 @@ class SubGen(Method):
             kept = kept + np.asarray(c.tolist() if tp else c)
         info.update(kept=np.asarray(kept).tolist(), state_floats=np.asarray(state.stored_floats()).tolist())
         exact = Built([exact_segment(cl(K), cl(V), positions)], info={**info, "exact": True, "kept": n})
-        if held_nbytes(segs, stream) >= held_nbytes(exact.segments):
+        if Built(segs, stream).held_nbytes() >= held_nbytes(exact.segments):
             return exact  # never larger than the exact cache (issue 15 item 8): store every token instead
         if est == "l2":
             flag_probe_error(info, probe_error(segs, K, V, ctx.probes, ctx.scale), self.name)
