@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 
+import numpy as np
 import pytest
 
 import balancekv
@@ -198,7 +199,9 @@ def test_kvpress_orchestration_with_a_stand_in_worker(tmp_path, capsys):
     spec.loader.exec_module(kv)
     assert kv.main([str(run), "--kvpress-python", str(fake)]) == 0
     fr = json.loads((run / "fractions.json").read_text())
-    assert fr["nll"]["0.25"] == pytest.approx(0.296875) and set(fr["needle"]) == {"512", "1024"}
+    realised = [r["kept"] for r in d["nll"] if r["method"] == "balance" and r["keep"] == 0.25]
+    assert realised and fr["nll"]["0.25"] == pytest.approx(float(np.mean(realised)))
+    assert set(fr["needle"]) == {"512", "1024"}
     assert (run / "eval_smollm2.md").read_text() == (res / "eval_smollm2.md").read_text()
     assert len(json.loads((run / "eval_smollm2.json").read_text())["kvpress"]) == len(
         json.loads((res / "eval_kvpress_raw.json").read_text())
