@@ -3,7 +3,7 @@
 Quick start::
 
     import balancekv
-    ckv = balancekv.compress(K, V, 0.05)          # BalanceKV, <= 5% error on probe queries
+    ckv = balancekv.compress(K, V, 0.05)          # BalanceKV, target: 5% mean error on the next queries
     out = ckv.attend(Q)                           # estimated attention
     ckv.nbytes, ckv.ratio, ckv.diagnostics
 
@@ -11,9 +11,9 @@ See ``balancekv.compress`` for methods and options, ``proofs/`` for the theorems
 """
 
 from . import synthetic  # noqa: F401  (balancekv.synthetic: the data families)
-from .api import attention, compress
+from .api import KeepBudgetWarning, attention, compress
 from .compressed import CompressedKV
 from .methods import available_methods, get_method
 
-__all__ = ["CompressedKV", "attention", "available_methods", "compress", "get_method"]
+__all__ = ["CompressedKV", "KeepBudgetWarning", "attention", "available_methods", "compress", "get_method"]
 __version__ = "0.1.0"

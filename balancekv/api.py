@@ -30,6 +30,7 @@ the same level.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from numbers import Integral, Real
 from typing import Any
@@ -712,7 +713,26 @@ def compress(
             too_big = held > H * n * exact_slot_bytes(Kw, Vw)
             # (a theory variant only predicts its size, and a walk FAIL stores its set exactly: SPEC 2)
             bounded = meth.meets_keep_budget(opts) and not built.info.get("fallbacks", 0)
-            over = bounded and max_distinct_tokens(built.segments) > budget_n
+            kept_n = max_distinct_tokens(built.segments)
+            over = bounded and kept_n > budget_n
+            exact_b, all_held = H * n * exact_slot_bytes(Kw, Vw), built.held_nbytes()
+            if not bounded and (all_held > exact_b or kept_n > budget_n):
+                # the theorem's algorithm is returned as it ran (its size is random), but never silently
+                held = all_held
+                diag["over_budget"] = {
+                    "kept": int(kept_n),
+                    "budget": int(budget_n),
+                    "held": int(held),
+                    "exact": exact_b,
+                }
+                warnings.warn(
+                    f"{method} ({'variant=theory' if theory else 'a walk FAIL stored its set exactly'}): keep={keep} "
+                    f"allows {budget_n} tokens per head, the build holds {kept_n} ({held} bytes against the exact "
+                    f"cache's {exact_b}); its size is predicted, not bounded (diagnostics['over_budget']); use the "
+                    f"default variant for a hard keep bound",
+                    KeepBudgetWarning,
+                    stacklevel=2,
+                )
             if too_big or over:
                 # never larger than the exact cache, never over the keep budget: a build that cannot meet
                 # both is replaced by one that always meets both
@@ -773,6 +793,12 @@ def compress(
             diag["level_per_head"] = np.zeros(lead, dtype=int)
         c = work.finalize([built], np.zeros(H, dtype=int), method, diag)
     return c
+
+
+class KeepBudgetWarning(UserWarning):
+    """A ``keep`` build that holds more tokens than ``keep`` allows, or more bytes than the exact cache: only the
+    theorem-backed ``balance-stream`` variant (``variant="theory"``), whose size is predicted, not chosen, or a
+    build whose walk failed and stored its set exactly (SPEC 2), is returned so."""
 
 
 def _fallback_build(work, method: str, meth, opts: dict, keep, budget_n: int):

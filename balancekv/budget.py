@@ -498,8 +498,8 @@ def families(meth, n: int, opts: dict) -> list[tuple[str, object]]:
     """The budget axes of a method: ``(label, level_of)`` with ``level_of(B)`` the level keeping at most
     ``B`` tokens (token-selecting methods; one family per bits for the quantized ones), or
     ``(label, [levels])`` for methods that keep every token (their discrete levels)."""
-    if not meth.selects_tokens:
-        return [("levels", [*meth.levels(n, opts)])]
+    if not meth.selects_tokens:  # the exact cache (level None) too, as a token-selecting family's B = n
+        return [("levels", [None, *meth.levels(n, opts)])]
     bits = sorted({lv["bits"] for lv in meth.levels(n, opts) if "bits" in lv}, reverse=True)
 
     def keep_level(B):

@@ -553,7 +553,26 @@ def enable(model):
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:  # pragma: no cover - models without the interface
         raise TypeError(f"{type(model).__name__} does not accept a custom attention implementation")
+    if getattr(model, "_balancekv_hook", None) is None:
+        model._balancekv_hook = model.register_forward_pre_hook(_check_new_tokens, with_kwargs=True)
     return model
+
+
+def _check_new_tokens(module, args, kwargs):
+    """A forward through a :class:`CompressedCache` with no new tokens: ``generate`` slices away the prompt's
+    first ``cache.get_seq_length()`` tokens as cached, so a cache reused for a prompt no longer than what it
+    holds reaches the model with none, and the model fails deep inside its attention. Say why instead."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if not isinstance(cache, CompressedCache):
+        return
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = kwargs.get("inputs_embeds") if x is None else x
+    if x is not None and x.ndim >= 2 and x.shape[1] == 0:
+        raise ValueError(
+            f"this CompressedCache already holds a stream of {cache.get_seq_length()} tokens, at least as long as "
+            "the prompt, so no new token reached the model: a cache serves one stream (a prompt and what follows "
+            "it); call cache.reset() or use a new cache to generate from another prompt"
+        )
 
 
 def disable(model):
@@ -561,6 +580,10 @@ def disable(model):
     current = getattr(model.config, "_attn_implementation", None) or ""
     if current.startswith(PREFIX):
         model.set_attn_implementation(current[len(PREFIX) :])
+    hook = getattr(model, "_balancekv_hook", None)
+    if hook is not None:
+        hook.remove()
+        model._balancekv_hook = None
     return model
 
 
@@ -587,6 +610,7 @@ def generate(
     eps: float | None = None,
     margin: float | None = None,
     cap: int | None = None,
+    ratio: float | None = None,
     budgets="uniform",
     seed: int = 0,
     probe_window: int = 32,
@@ -595,7 +619,7 @@ def generate(
 ):
     """``model.generate`` from a compressed prompt cache; returns ``(token ids, cache)``.
 
-    ``keep``, ``eps`` (with ``margin``) or ``cap`` as for :class:`CompressedCache`; ``cache_options`` are the
+    ``keep``, ``eps`` (with ``margin``), ``cap`` or ``ratio`` as for :class:`CompressedCache`; ``cache_options`` are the
     method's options. ``generate_kwargs`` go to ``model.generate`` (e.g. ``max_new_tokens``, ``do_sample``).
     The model's attention is restored afterwards.
     """
@@ -606,6 +630,7 @@ def generate(
         eps=eps,
         margin=margin,
         cap=cap,
+        ratio=ratio,
         budgets=budgets,
         seed=seed,
         probe_window=probe_window,

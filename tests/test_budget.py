@@ -271,10 +271,11 @@ def test_no_query_eps_uses_fitted_probes_and_compresses_where_last_keys_would_no
 
 def test_keep_mode_measures_on_fitted_probes_and_builds_as_before():
     """keep mode: the build does not depend on the probes (selection without queries is unchanged: SnapKV
-    still scores with the last keys), ``measure=True`` reports the error on the fitted probes."""
+    still scores with the last keys, and keeps the four sinks of ``sink="auto"``), ``measure=True`` reports
+    the error on the fitted probes."""
     K, V = self_attending(1, n=256)
     a = balancekv.compress(K, V, keep=0.25, method="snapkv", seed=0, measure=True)
-    b = balancekv.compress(K, V, keep=0.25, method="snapkv", seed=0, queries=K[:, -64:])
+    b = balancekv.compress(K, V, keep=0.25, method="snapkv", seed=0, queries=K[:, -64:], sink=4)
     np.testing.assert_array_equal(np.sort(a.positions, -1), np.sort(b.positions, -1))
     np.testing.assert_allclose(a.diagnostics["error_per_head"], rel_err(a, no_query_probes(K, 0), K, V), rtol=1e-9)
 
@@ -299,7 +300,7 @@ def budget_tag():
 
 # ---------------------------------------------------------------------- item 4: ratio
 RATIO_METHODS = ["balance", "uniform-halving", "snapkv", "h2o", "uniform", "streaming", "quant", "minikv"]
-RATIO_METHODS += ["balance+quant", "balance-stream", "subgen"]
+RATIO_METHODS += ["balance+quant", "balance-stream", "subgen", "exact"]  # exact: ratio= crashed (OverflowError)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -360,6 +361,12 @@ def test_ratio_quant_chooses_bits_and_too_small_raises():
     c8 = balancekv.compress(K, V, ratio=0.5, method="quant", residual=32, seed=0)
     c2 = balancekv.compress(K, V, ratio=0.15, method="quant", residual=32, seed=0)
     assert c8.diagnostics["levels"] == [{"bits": 8}] and c2.diagnostics["levels"] == [{"bits": 2}]
+    # a budget the exact cache fits in gets the exact cache, as a token-selecting method's does (every token)
+    ce = balancekv.compress(K, V, ratio=2.0, method="quant", residual=32, seed=0)
+    assert ce.diagnostics["levels"] == [None] and np.array_equal(ce.to_dense()[0], K)
+    assert balancekv.compress(K, V, ratio=1.2, method="exact").kept().min() == 256
+    with pytest.raises(ValueError, match=r"ratio=0.5 .*smallest achievable ratio"):
+        balancekv.compress(K, V, ratio=0.5, method="exact")
     with pytest.raises(ValueError, match=r"ratio=0.001 .*smallest achievable ratio"):
         balancekv.compress(K, V, ratio=0.001, method="snapkv", seed=0)
     with pytest.raises(ValueError, match="exactly one of eps"):

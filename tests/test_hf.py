@@ -270,6 +270,30 @@ def test_bad_input(model, prompt):
         )
 
 
+def test_a_cache_reused_for_a_shorter_prompt_says_so(model, prompt):
+    """A cache serves one stream. ``generate`` treats a cache's tokens as the prompt's first ones, so a second
+    prompt no longer than the stream reaches the model with no new token: a ``ValueError`` naming ``reset``,
+    not a reshape error inside the model. Controls: after ``cache.reset()`` the same call generates as a fresh
+    cache does, and ``disable`` removes the check with the wrapper."""
+    with torch.no_grad(), hf.compressed(model, "balance", keep=0.5) as cache:
+        model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+        with pytest.raises(ValueError, match="reset"):
+            model.generate(prompt[:, :8], cache=cache, max_new_tokens=4, do_sample=False)
+        cache.reset()
+        again = model.generate(prompt[:, :8], cache=cache, max_new_tokens=4, do_sample=False)
+    fresh, _ = hf.generate(model, prompt[:, :8], "balance", keep=0.5, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, fresh)
+    assert getattr(_plain(model), "_balancekv_hook", None) is None
+
+
+def test_generate_takes_a_byte_budget(model, prompt):
+    """``hf.generate(..., ratio=r)`` as ``CompressedCache(..., ratio=r)``: the prefill cache within ``r`` of the
+    full cache's bytes (it was passed on to ``model.generate`` and refused there)."""
+    with torch.no_grad():
+        _, cache = hf.generate(model, prompt, "snapkv", ratio=0.5, max_new_tokens=1, do_sample=False)
+    assert cache.nbytes <= 0.5 * cache.input_nbytes
+
+
 @pytest.mark.slow
 @pytest.mark.hf
 def test_smollm2_exact_and_compressed_generation():

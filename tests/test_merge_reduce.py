@@ -145,6 +145,27 @@ def test_stream_two_set_layout_append_and_reproducible():
     assert np.all(np.isfinite(a.attend(Q)))
 
 
+def test_theory_variant_over_the_keep_budget_warns():
+    """``keep`` is an upper bound for every token-selecting build except the theorem's MergeAndReduce, whose size is
+    random (README, the budget): such a build is returned as it ran, with a :class:`balancekv.KeepBudgetWarning` and
+    ``diagnostics["over_budget"]`` -- never silently. Control: the default variant at the same keep holds at most
+    ``ceil(keep n)`` tokens and does not warn."""
+    import math
+    import warnings
+
+    rng = np.random.default_rng(6)
+    K = 0.3 * rng.normal(size=(2, 1024, 32))
+    V = rng.normal(size=(2, 1024, 32)) + rng.normal(size=(2, 1, 32))
+    with pytest.warns(balancekv.KeepBudgetWarning, match="variant=theory"):
+        c = balancekv.compress(K, V, keep=0.1, method="balance-stream", variant="theory", seed=0)
+    ob = c.diagnostics["over_budget"]
+    assert ob["budget"] == math.ceil(0.1 * 1024) and ob["kept"] > ob["budget"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", balancekv.KeepBudgetWarning)
+        d = balancekv.compress(K, V, keep=0.1, method="balance-stream", seed=0)
+    assert "over_budget" not in d.diagnostics and d.kept().max() <= math.ceil(0.1 * 1024)
+
+
 def test_fail_falls_back_to_exact_storage():
     """c tiny: every walk FAILs, every set is kept exactly, the estimate equals exact attention."""
     K, V, Q = make_kv("gaussian", heads=1, n=64, d=4, q=3, seed=1)

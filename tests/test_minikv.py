@@ -20,7 +20,7 @@ def test_minikv_keeps_h2o_selection_and_bills_four_bits():
     for every quantized token plus fp16 for the remainder m % 16, to the byte (SPEC 7)."""
     H, n, d = 2, 200, 32
     K, V, Q = make_kv("llm", heads=H, n=n, d=d, q=8, seed=1)
-    c = bk.compress(K, V, keep=0.5, method="minikv", seed=0)
+    c = bk.compress(K, V, keep=0.5, method="minikv", seed=0, sink=0)  # no sink: H2O's published selection
     m = 100
     np.testing.assert_array_equal(c.positions, select_top(h2o_scores(K, K), m, 50))
     assert set(range(150, 200)) <= set(c.positions[1].tolist())

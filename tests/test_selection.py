@@ -136,13 +136,72 @@ def test_streaming_indices():
     np.testing.assert_array_equal(streaming_indices(4, 3, 3), [0, 1, 2, 3])
 
 
+def with_sinks(scores, m, recent, s):
+    """The expected selection with the first ``s`` tokens kept: those, plus ``select_top`` of the rest."""
+    rest = select_top(scores[..., s:], m - s, recent) + s
+    return np.concatenate([np.broadcast_to(np.arange(s), rest.shape[:-1] + (s,)), rest], -1)
+
+
+def sink_problem(seed=0, H=2, n=256, d=16):
+    """Keys that attend to themselves (orthogonal to the first axis, norm ~12), and queries that read token 0,
+    the only key along that axis, whose value is large: what an attention sink looks like to a stand-in scorer."""
+    rng = np.random.default_rng(seed)
+    K = 3.0 * rng.standard_normal((H, n, d))
+    K[:, :, 0] = 0.0
+    K[:, 0] = 0.0
+    K[:, 0, 0] = 8.0
+    V = rng.standard_normal((H, n, d))
+    V[:, 0] = 0.0
+    V[:, 0, 1] = 10.0
+    Q = 0.3 * rng.standard_normal((H, 64, d))
+    Q[:, :, 0] = 8.0
+    return K, V, Q
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "minikv"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_without_queries_the_selections_keep_the_attention_sink(method, kind):
+    """Without queries, H2O, SnapKV and MiniKV rank tokens with stand-in queries (the keys), which attend to
+    themselves and not to the first tokens that real queries read [STREAMINGLLM, arXiv 2309.17453]. With the
+    default ``sink="auto"`` the first four tokens are kept, so queries reading token 0 are served (error < 0.01);
+    the control ``sink=0`` drops token 0 on every head and the estimate is no better than returning zero
+    (error > 0.9). Given queries, ``auto`` keeps no sink: the published selections."""
+    K, V, Q = sink_problem()
+    ex = bk.attention(Q, K, V)
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        K, V, Qa = (torch.from_numpy(x) for x in (K, V, Q))
+    else:
+        Qa = Q
+    errs = {}
+    for sink in ("auto", 0):
+        c = bk.compress(K, V, keep=0.25, method=method, sink=sink, seed=0)
+        z = np.asarray(c.attend(Qa))
+        errs[sink] = float((np.linalg.norm(z - ex, axis=-1) / np.linalg.norm(ex, axis=-1)).mean())
+        held0 = (np.asarray(c.positions) == 0) & np.isfinite(np.asarray(c.num_logw))
+        assert held0.any(-1).all() == (sink == "auto"), (sink, held0.any(-1))
+        assert c.kept().max() <= 64
+    assert errs["auto"] < 0.01 and errs[0] > 0.9, errs
+    # with queries, auto adds no sink: the same tokens as sink=0
+    a = bk.compress(K, V, keep=0.25, method=method, queries=Qa, seed=0)
+    b = bk.compress(K, V, keep=0.25, method=method, queries=Qa, sink=0, seed=0)
+    np.testing.assert_array_equal(np.asarray(a.positions), np.asarray(b.positions))
+    with pytest.raises(TypeError, match="sink"):
+        bk.compress(K, V, keep=0.25, method=method, sink=1.5)
+    with pytest.raises(ValueError, match="sink"):
+        bk.compress(K, V, keep=0.25, method=method, sink=-1)
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.25])
 def test_h2o_method_keeps_exactly_the_top_positions(keep):
     K, V, Q = make_kv("llm", heads=3, n=128, d=16, q=8, seed=2)
     c = bk.compress(K, V, keep=keep, method="h2o", seed=0)
     m = int(round(keep * 128))
-    expect = select_top(h2o_scores(K, K), m, m // 2)  # no queries given: keys stand in for queries
+    # no queries given: keys stand in for queries, and the first four tokens are kept (sink="auto")
+    expect = with_sinks(h2o_scores(K, K), m, m // 2, 4)
     np.testing.assert_array_equal(np.sort(c.positions, -1), expect)
+    c0 = bk.compress(K, V, keep=keep, method="h2o", seed=0, sink=0)
+    np.testing.assert_array_equal(np.sort(c0.positions, -1), select_top(h2o_scores(K, K), m, m // 2))
     # with queries given, they are the scorers
     c2 = bk.compress(K, V, keep=keep, method="h2o", queries=Q, seed=0)
     np.testing.assert_array_equal(np.sort(c2.positions, -1), select_top(h2o_scores(Q, K), m, m // 2))
@@ -158,7 +217,7 @@ def test_snapkv_method_keeps_window_and_top_pooled():
     assert set(range(184, 200)) <= set(c.positions[0].tolist())
     # default probes: the last 64 keys
     c2 = bk.compress(K, V, keep=0.25, method="snapkv", seed=0)
-    np.testing.assert_array_equal(np.sort(c2.positions, -1), select_top(snapkv_scores(K[:, -64:], K), m, 32))
+    np.testing.assert_array_equal(np.sort(c2.positions, -1), with_sinks(snapkv_scores(K[:, -64:], K), m, 32, 4))
     with pytest.raises(ValueError, match="kernel"):
         bk.compress(K, V, keep=0.25, method="snapkv", kernel=4)
     with pytest.raises(ValueError, match="pool"):

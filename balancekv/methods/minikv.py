@@ -30,7 +30,7 @@ from balancekv.reference.selection import pyramid_budgets
 from ..quantized import QuantizedStream, check_policy_options
 from ..storage import gather_tokens
 from .base import Built, Method, check_float_option, check_int_option, halving_levels, kept_count
-from .h2o import h2o_scores_once, select_top
+from .h2o import check_sink_option, h2o_scores_once, select_top, sink_count
 
 
 def bits_budget_levels(keeps: list[float], group: int, key: str = "keep") -> list[dict]:
@@ -52,6 +52,7 @@ class MiniKV(Method):
         "layers": None,
         "beta": 7.0,
         "scale_dtype": "float16",
+        "sink": "auto",
     }
 
     def check_options(self, opts):
@@ -61,6 +62,7 @@ class MiniKV(Method):
             raise ValueError(f"options heavy + recent must lie in (0, 1], got {opts['heavy'] + opts['recent']}")
         check_policy_options(opts["bits"], opts["group"], opts["residual"], "minikv", opts["scale_dtype"])
         check_float_option(opts, "beta", 1.0)
+        check_sink_option(opts)
         if (opts["layer"] is None) != (opts["layers"] is None):
             raise ValueError("options layer and layers must be given together (or neither)")
         if opts["layers"] is not None:
@@ -92,7 +94,8 @@ class MiniKV(Method):
         h = level.get("keep", o["heavy"] + o["recent"])
         m = kept_count(self.layer_ratio(h, o), n)
         recent = min(m, int(round(m * o["recent"] / (o["heavy"] + o["recent"]))))
-        idx = select_top(h2o_scores_once(K, ctx), m, recent)
+        sink = sink_count(ctx)
+        idx = select_top(h2o_scores_once(K, ctx), m, recent, sink)
         stream = QuantizedStream(
             gather_tokens(K, idx),
             gather_tokens(V, idx),
@@ -108,7 +111,7 @@ class MiniKV(Method):
         return Built(
             stream.segments(),
             stream=stream,
-            info={"kept": m, "recent": recent, "bits": level["bits"], "quantized_keys": stream.nk},
+            info={"kept": m, "recent": recent, "sink": sink, "bits": level["bits"], "quantized_keys": stream.nk},
         )
 
     build_reference = _build

@@ -23,14 +23,14 @@ from balancekv.reference import selection as rs
 
 from .._arrays import is_torch
 from .base import Built, Method, check_int_option, kept_count
-from .h2o import scoring_queries, select_top, selected_segment, shared_memo
+from .h2o import check_sink_option, scoring_queries, select_top, selected_segment, shared_memo, sink_count
 
 POOLS = rs.POOLS
 
 
 class SnapKV(Method):
     name = "snapkv"
-    defaults = {"window": 32, "kernel": 7, "pool": "max"}
+    defaults = {"window": 32, "kernel": 7, "pool": "max", "sink": "auto"}
 
     def check_options(self, opts):
         check_int_option(opts, "window", 1)
@@ -39,6 +39,7 @@ class SnapKV(Method):
             raise ValueError(f"option kernel must be odd (same-length pooling), got {opts['kernel']}")
         if opts["pool"] not in POOLS:
             raise ValueError(f"option pool must be one of {POOLS}, got {opts['pool']!r}")
+        check_sink_option(opts)
 
     def uses_queries(self, opts, queries_given):
         return True  # scores with the probes (the queries, or the last keys standing in for them)
@@ -60,8 +61,9 @@ class SnapKV(Method):
         # the scores depend on the probes and the window only: the levels (and folds) of one call share them
         tag = ("snapkv_scores", float(ctx.scale), ctx.backend, tuple(sorted(args.items())))
         scores = compute() if ctx.shared is None else shared_memo(ctx.shared, tag, ctx.probes, K, compute)
-        idx = select_top(scores, m, w)
-        return Built([selected_segment(K, V, idx, "snapkv")], info={"kept": m, "window": w})
+        sink = sink_count(ctx)
+        idx = select_top(scores, m, w, sink)
+        return Built([selected_segment(K, V, idx, "snapkv")], info={"kept": m, "window": w, "sink": sink})
 
     build_reference = _build
     build_torch = _build
