@@ -116,7 +116,19 @@ def _add_demo(sub):
         default="auto",
         help="auto: a SmolLM2 layer when the hf extra is installed, else synthetic",
     )
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, check=_check_demo, parser=p)
+
+
+def _check_demo(args):
+    if args.data in ("auto", "smollm2"):
+        from balancekv.models import get_spec  # noqa: PLC0415
+
+        top = get_spec("smollm2").max_tokens
+        if args.n > top:
+            args.parser.error(
+                f"argument --n: the SmolLM2 layer of --data {args.data} takes at most {top} tokens, got {args.n} "
+                "(--data synthetic takes any n)"
+            )
 
 
 # ---------------------------------------------------------------------- reproduce fig1
@@ -153,6 +165,14 @@ def _check_fig1(args):
         args.parser.error(str(err))
     if not args.synthetic:
         from balancekv.models import get_spec  # noqa: PLC0415
+        from balancekv.texts import TEXTS  # noqa: PLC0415
+
+        if args.text not in TEXTS and len(args.text.encode()) < args.n:
+            # taken as the text itself: a byte-level BPE token covers at least one byte, so it has < n tokens
+            args.parser.error(
+                f"argument --text: {args.text[:40]!r} is not one of the texts ({', '.join(TEXTS)}), and as the "
+                f"text itself it is shorter than --n {args.n} tokens"
+            )
 
         spec = get_spec(args.model)
         bad = [L for L in args.layers if L >= spec.n_layers]
@@ -339,7 +359,10 @@ def main(argv=None) -> int:
         # what the experiment modules record: the command without --out / --no-progress
         args.argv = recorded_argv(argv)
         args.recorded = command_line(argv)
-        args.out = str(run_dir(args.run_name, args.out))
+        try:
+            args.out = str(run_dir(args.run_name, args.out))
+        except OSError as err:  # a folder that cannot be made: a usage error, not a traceback
+            args.parser.error(f"argument --out: cannot write to {args.out or 'runs/'!r}: {err.strerror or err}")
     return args.func(args) or 0
 
 
