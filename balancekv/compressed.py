@@ -359,9 +359,9 @@ class CompressedKV:
         each query; slots holding later tokens are masked out (causal attention).
         Returns ``(…, mq, s)`` in ``Q``'s kind and device. Torch: ``Q``'s dtype promoted with the values' (fp16
         queries over fp32 values give fp32, so large values do not overflow; bf16 over bf16 gives bf16). NumPy: at
-        least float32 (the reference computes in float64; float16 in and out would overflow at moderate norms). Torch caches run the torch
-        estimator (SDPA for one dense single-set buffer, split partial sums otherwise; the
-        Triton split-K kernel on CUDA); NumPy caches the NumPy reference.
+        least float32 (the reference computes in float64; float16 in and out would overflow at moderate norms).
+        Torch caches run the torch estimator (SDPA for one dense single-set buffer, split partial sums otherwise;
+        the Triton split-K kernel on CUDA); NumPy caches the NumPy reference.
         """
         V_.check_queries("Q", Q, self.lead, self.d, like=self._like)
         V_.check_choice("backend", backend, BACKENDS)
