@@ -255,6 +255,17 @@ def choose_path(kind: Kind, backend: str) -> tuple[str, str]:
     torch input runs the torch path (Triton kernels on CUDA) unless ``backend="reference"``."""
     if backend == "reference":
         return "reference", "reference"
+    if backend == "triton":
+        from balancekv.fast._triton import interpreting, triton_importable  # noqa: PLC0415  (triton asked for)
+
+        on_cuda = kind.is_torch and str(kind.device).startswith("cuda")
+        if not triton_importable() or not (on_cuda or interpreting()):
+            # every method, not only those with a kernel: a silent torch run would not be what was asked for
+            raise ValueError(
+                "backend='triton' needs CUDA tensors and an installed triton (or TRITON_INTERPRET=1 for CPU "
+                f"tensors); got {'NumPy arrays' if not kind.is_torch else f'tensors on {kind.device}'}: use "
+                "backend='torch' or 'auto'"
+            )
     if backend == "auto":
         if not kind.is_torch:
             return "reference", "reference"

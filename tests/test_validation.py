@@ -107,6 +107,13 @@ def test_attention_and_attend_reject_bad_queries():
         balancekv.compress(K, V, keep=0.5, margin=5.0)
     with pytest.raises(ValueError, match="backend must be"):
         c.attend(Q, backend="gpu")
+    # backend="triton" where no kernel can run: refused for every method (uniform has no kernel and ran torch)
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        for arrays in ((K, V), (torch.from_numpy(K), torch.from_numpy(V))):
+            with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+                balancekv.compress(*arrays, keep=0.5, method="uniform", backend="triton")
 
 
 def test_append_rejects_bad_tokens():
