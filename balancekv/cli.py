@@ -163,6 +163,10 @@ def _check_fig1(args):
         _fig1_config(args).validate()
     except (TypeError, ValueError) as err:
         args.parser.error(str(err))
+    given = {a.split("=", 1)[0] for a in getattr(args, "argv", [])}
+    ignored = sorted(given & {"--text", "--model"})
+    if args.synthetic and ignored:  # they choose a real model's capture (--layers seeds the synthetic caches)
+        args.parser.error(f"argument --synthetic: {', '.join(ignored)} choose a real model's cache and do not apply")
     if not args.synthetic:
         from balancekv.models import get_spec  # noqa: PLC0415
         from balancekv.texts import TEXTS  # noqa: PLC0415

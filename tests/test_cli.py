@@ -47,6 +47,7 @@ def _usage_error(argv, capsys, *needles):
         (["reproduce", "fig1", "--synthetic", "--methods", "balance:foo=1"], "unknown option"),
         (["reproduce", "fig1", "--replot", "missing.json"], "--replot: 'missing.json' does not exist"),
         (["eval", "--replot", "no-such-dir"], "--replot: 'no-such-dir/eval_smollm2.json' does not exist"),
+        (["reproduce", "fig1", "--synthetic", "--text", "numpy-license"], "--synthetic: --text choose a real model's"),
         (["demo", "--n", "100000"], "--n: the SmolLM2 layer of --data auto takes at most 8192 tokens"),
         (["reproduce", "fig1", "--text", "hello world", "--n", "600"], "--text: 'hello world' is not one of"),
         (["reproduce", "bounds", "--out", "/proc/no-such/x"], "--out: cannot write to '/proc/no-such/x'"),
