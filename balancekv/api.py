@@ -723,26 +723,27 @@ def compress(
             # are a known extra, see balancekv.methods.balance_stream: there the slots attended over)
             theory = opts.get("variant") == "theory"
             held = held_nbytes(built.segments) if theory else built.held_nbytes()
-            too_big = held > H * n * exact_slot_bytes(Kw, Vw)
+            exact_b = H * n * exact_slot_bytes(Kw, Vw)
+            too_big = held > exact_b
             # (a theory variant only predicts its size, and a walk FAIL stores its set exactly: SPEC 2)
             bounded = meth.meets_keep_budget(opts) and not built.info.get("fallbacks", 0)
             kept_n = max_distinct_tokens(built.segments)
             over = bounded and kept_n > budget_n
-            exact_b, all_held = H * n * exact_slot_bytes(Kw, Vw), built.held_nbytes()
-            if not bounded and (all_held > exact_b or kept_n > budget_n):
-                # the theorem's algorithm is returned as it ran (its size is random), but never silently
-                held = all_held
+            all_held = built.held_nbytes()
+            if not (bounded or too_big) and (all_held > exact_b or kept_n > budget_n):
+                # returned as it ran (the theorem's algorithm: its size is random), but never silently; a build
+                # whose slots alone pass the exact cache is replaced below instead
                 diag["over_budget"] = {
                     "kept": int(kept_n),
                     "budget": int(budget_n),
-                    "held": int(held),
+                    "held": int(all_held),
                     "exact": exact_b,
                 }
                 warnings.warn(
                     f"{method} ({'variant=theory' if theory else 'a walk FAIL stored its set exactly'}): keep={keep} "
-                    f"allows {budget_n} tokens per head, the build holds {kept_n} ({held} bytes against the exact "
-                    f"cache's {exact_b}); its size is predicted, not bounded (diagnostics['over_budget']); use the "
-                    f"default variant for a hard keep bound",
+                    f"allows {budget_n} tokens per head, the build holds {kept_n} ({all_held} bytes against the "
+                    f"exact cache's {exact_b}); its size is predicted, not bounded (diagnostics['over_budget']); use "
+                    "the default variant for a hard keep bound",
                     KeepBudgetWarning,
                     stacklevel=2,
                 )
